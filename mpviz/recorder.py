@@ -1,0 +1,470 @@
+"""``Recorder``: turns an AMP training loop into per-step, per-layer records on disk.
+
+    rec = mpviz.Recorder(model, optimizer=opt, scaler=scaler, run_dir="runs/exp1")
+    with rec:
+        for x, y in loader:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = loss_fn(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt); scaler.update(); opt.zero_grad()
+            rec.step(loss=loss, samples=len(x))
+
+What it costs, and where the host syncs are:
+- every step: one forward hook per module (dtypes: a few microseconds each), one tensor hook on the
+  model output, one ``_foreach_norm`` over the gradients at the end of backward (non-finite check),
+  and ONE host copy in :meth:`Recorder.step` (loss, loss scale, non-finite flags, and on recorded
+  steps all layer statistics, concatenated). Runs without an enabled GradScaler add one small sync
+  in the optimizer's step pre-hook, to find an overflow's culprit before the weights are updated.
+- every ``every`` steps: activation, gradient and weight statistics, a few kernels in total
+  (see :mod:`mpviz.stats`).
+- steps with inf/nan: the forward of that step is replayed once with checks on (:mod:`mpviz.overflow`).
+Rows go to a background writer thread (:mod:`mpviz.store`); nothing is written on this thread.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import compat, overflow
+from .run import Run
+from .stats import segment_stats, summarize
+from .store import RunWriter, db_path
+
+
+def _first_float(obj: Any) -> torch.Tensor | None:
+    """The first floating-point tensor in a (nested) output or argument structure."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.is_floating_point() else None
+    if isinstance(obj, (tuple, list)):
+        for o in obj:
+            t = _first_float(o)
+            if t is not None:
+                return t
+    elif isinstance(obj, dict):
+        return _first_float(list(obj.values()))
+    return None
+
+
+def _dtype_name(dt: torch.dtype | None) -> str | None:
+    return None if dt is None else str(dt).replace("torch.", "")
+
+
+class Recorder:
+    """Record a mixed-precision training run, per layer and per step, to ``run_dir``.
+
+    Args:
+        model: the ``nn.Module`` being trained.
+        optimizer: optional; used to know which steps GradScaler skipped.
+        scaler: optional ``torch.amp.GradScaler``; gradients are recorded *unscaled*.
+        run_dir: where the run is written (default ``runs/<time>``); must not hold a run yet.
+        every: per-layer tensor statistics every ``every`` steps (loss, scale, skips, overflow
+            events, dtypes and timing are recorded every step).
+        policy: an :class:`mpviz.PrecisionPolicy` (or its rules dict) to apply while recording;
+            its changes are recorded in ``run.policy_changes``.
+        meta: extra JSON-able facts stored in ``run.meta``.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                 scaler: Any = None, run_dir: str | os.PathLike | None = None, every: int = 10,
+                 policy: Any = None, name: str | None = None, flush_every_s: float = 2.0,
+                 meta: dict[str, Any] | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Recorder needs an nn.Module, got {type(model).__name__}")
+        if int(every) < 1:
+            raise ValueError(f"every must be >= 1 (statistics every N steps), got {every}")
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.every = int(every)
+        self.flush_every_s = flush_every_s
+        self.name = name or type(model).__name__
+        self._extra_meta = dict(meta or {})
+        self._policy_arg = policy
+        if run_dir is None:
+            run_dir = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        self.run_dir = Path(run_dir)
+        self.rank, self.world_size = compat.dist_rank_world()
+        self.policy = None  # PolicyHandle while attached
+        self._writer: RunWriter | None = None
+        self._handles: list[Any] = []
+        self._run: Run | None = None
+        self._attached = False
+        self._closed = False
+
+    # ----------------------------------------------------------------- attach / detach
+    def __enter__(self) -> "Recorder":
+        self.attach()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(error=exc)
+
+    def attach(self) -> "Recorder":
+        if self._attached:
+            return self
+        if self._closed:
+            raise RuntimeError("this Recorder was closed; create a new one (with a new run_dir)")
+        model = self.model
+        self._modules = [m for _, m in model.named_modules()]
+        self._names = [n for n, _ in model.named_modules()]
+        self._mod_idx = {id(m): i for i, m in enumerate(self._modules)}
+        # Each parameter belongs to the first module (in named_modules order) that owns it.
+        self._params: list[nn.Parameter] = []
+        self._param_layer: list[int] = []
+        seen: set[int] = set()
+        for i, m in enumerate(self._modules):
+            for p in m.parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    self._params.append(p)
+                    self._param_layer.append(i)
+        self._param_layers = sorted(set(self._param_layer))
+        self._seg_of_layer = {l: s for s, l in enumerate(self._param_layers)}
+        first = next(iter(model.parameters()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+
+        layers = []
+        for i, (name, m) in enumerate(zip(self._names, self._modules)):
+            ps = list(m.parameters(recurse=False))
+            layers.append((i, name, type(m).__name__, sum(p.numel() for p in ps),
+                           _dtype_name(ps[0].dtype) if ps else None,
+                           0 if name == "" else name.count(".") + 1,
+                           int(not any(True for _ in m.children()))))
+        meta = {
+            "model": self.name, "device": str(self.device), "torch_version": torch.__version__,
+            "autocast_dtype": None, "scaler": compat.scaler_settings(self.scaler),
+            "optimizer": type(self.optimizer).__name__ if self.optimizer else None,
+            "every": self.every, "start_time": time.time(), "end_time": None, "status": "running",
+            "host": socket.gethostname(), "pid": os.getpid(), "python": platform.python_version(),
+            "rank": self.rank, "world_size": self.world_size, **self._extra_meta,
+        }
+        self._writer = RunWriter(db_path(self.run_dir, self.rank), meta, layers,
+                                 flush_every_s=self.flush_every_s)
+
+        # step state
+        self._step = 0
+        self._t_last = time.perf_counter()
+        self._optim_steps = 0
+        self._last_dtypes: dict[tuple[int, str], str] = {}
+        self._fwd_dtypes: dict[int, tuple[str | None, str | None]] = {}
+        self._fwd_order: list[int] | None = None
+        self._order_acc: list[int] | None = []
+        self._inputs: tuple | None = None
+        self._autocast: tuple[bool, torch.dtype] | None = None
+        self._rng: Any = None
+        self._acts: list[tuple[int, torch.Tensor]] = []
+        self._act_stats: torch.Tensor | None = None
+        self._act_layers: list[int] = []
+        self._grad_stats: torch.Tensor | None = None
+        self._weight_stats: torch.Tensor | None = None
+        self._grads: list[torch.Tensor | None] | None = None
+        self._grad_bad: torch.Tensor | None = None
+        self._scale_used: torch.Tensor | None = None
+        self._precheck: dict[str, Any] | None = None
+        self._replaying = False
+        self._backward_queued = False
+
+        self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True,
+                                                             prepend=True))
+        for i, m in enumerate(self._modules):
+            self._handles.append(m.register_forward_hook(self._make_hook(i)))
+        self._handles.append(model.register_forward_hook(self._root_hook))
+        if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_pre_hook(self._optim_pre_hook))
+            self._handles.append(self.optimizer.register_step_post_hook(self._optim_post_hook))
+        if self._policy_arg is not None:
+            from .precision import PrecisionPolicy, apply_policy
+
+            pol = self._policy_arg
+            if isinstance(pol, dict):
+                pol = PrecisionPolicy(pol)
+            self.policy = apply_policy(model, pol, device_type=self.device.type)
+            self.policy.add_listener(self._on_policy_change)
+        self._attached = True
+        return self
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Detach every hook, restore the model, and finish the run on disk. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self.policy is not None:
+            self.policy.remove()
+        self._inputs = self._grads = None
+        self._acts = []
+        if self._writer is not None:
+            status = "finished" if error is None else "failed"
+            extra = {} if error is None else {"error": f"{type(error).__name__}: {error}"}
+            self._writer.set_meta(status=status, end_time=time.time(), **extra)
+            self._writer.close()
+        self._attached = False
+
+    # ----------------------------------------------------------------- reading
+    @property
+    def run(self) -> Run:
+        """The live :class:`mpviz.Run` of this recording (pending rows are flushed before reads)."""
+        if self._run is None:
+            if self._writer is None:
+                raise RuntimeError("the recorder has not been attached yet: use `with rec:` first")
+            self._run = Run(self._writer.path, before_read=self.flush)
+        return self._run
+
+    def flush(self) -> None:
+        if self._writer is not None and not self._closed:
+            self._writer.flush()
+
+    def set_precision(self, rules: dict[str, str]) -> None:
+        """Change per-layer precision from now on (same as ``rec.policy.update(rules)``)."""
+        if self.policy is None:
+            raise RuntimeError("this Recorder was created without a policy: pass "
+                               "policy=mpviz.PrecisionPolicy({}) to steer precision while recording")
+        self.policy.update(rules)
+
+    # ----------------------------------------------------------------- hooks
+    def _recording_stats(self) -> bool:
+        return self._step % self.every == 0
+
+    def _root_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._replaying or not torch.is_grad_enabled():
+            return
+        # Kept for replaying this step's forward if it produces inf/nan.
+        self._inputs = (args, kwargs)
+        self._autocast = compat.autocast_state(self.device.type)
+        self._rng = compat.get_rng_state(self.device)
+        self._acts = []
+
+    def _make_hook(self, idx: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if self._replaying:
+                return
+            out = _first_float(output)
+            inp = _first_float(args)
+            self._fwd_dtypes[idx] = (inp.dtype if inp is not None else None,
+                                     out.dtype if out is not None else None)
+            if self._order_acc is not None:
+                self._order_acc.append(idx)
+            if out is not None and torch.is_grad_enabled() and self._recording_stats():
+                self._acts.append((idx, out))
+        return hook
+
+    def _root_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._replaying or not torch.is_grad_enabled():
+            return
+        if self._order_acc is not None:
+            self._fwd_order, self._order_acc = self._order_acc, None
+        if self._acts:
+            self._act_layers = [i for i, _ in self._acts]
+            tensors = [t for _, t in self._acts]
+            self._act_stats = segment_stats(tensors, list(range(len(tensors))), len(tensors))
+            self._acts = []
+        out = output if isinstance(output, torch.Tensor) else _first_float(output)
+        if out is not None and out.requires_grad:
+            out.register_hook(self._on_backward_start)
+
+    def _on_backward_start(self, grad: torch.Tensor) -> None:
+        if not self._backward_queued:
+            self._backward_queued = True
+            compat.queue_backward_callback(self._on_backward_end)
+
+    def _on_backward_end(self) -> None:
+        """All ``.grad`` are accumulated (and still scaled by the loss scale)."""
+        self._backward_queued = False
+        grads = [p.grad for p in self._params]
+        self._grads = grads
+        present = [g for g in grads if g is not None]
+        scale = compat.scaler_scale(self.scaler)
+        self._scale_used = scale.detach().clone() if scale is not None else None
+        if not present:
+            return
+        norms = torch.stack(torch._foreach_norm(present))
+        bad = ~torch.isfinite(norms)
+        self._grad_bad = bad if self._grad_bad is None else self._grad_bad | bad
+        if self._recording_stats():
+            segs = [self._seg_of_layer[self._param_layer[i]] for i, g in enumerate(grads)
+                    if g is not None]
+            self._grad_stats = segment_stats(present, segs, len(self._param_layers),
+                                             divisor=self._scale_used)
+            self._weight_stats = segment_stats(self._params,
+                                               [self._seg_of_layer[l] for l in self._param_layer],
+                                               len(self._param_layers))
+
+    def _optim_pre_hook(self, *args: Any) -> None:
+        # Without GradScaler nothing stops a non-finite update: find the culprit while the
+        # weights are still the ones the bad forward ran with.
+        if compat.scaler_scale(self.scaler) is None and self._grad_bad is not None:
+            if bool(self._grad_bad.any()):
+                self._precheck = self._find_forward_culprits()
+
+    def _optim_post_hook(self, *args: Any) -> None:
+        self._optim_steps += 1
+
+    def _on_policy_change(self, changes: list[tuple[str, str | None, str | None]]) -> None:
+        idx = {n: i for i, n in enumerate(self._names)}
+        rows = [(self._step, idx[layer], prec, rule) for layer, prec, rule in changes
+                if layer in idx]
+        if self._writer is not None:
+            self._writer.put("policy_changes", rows)
+
+    def _find_forward_culprits(self) -> list[tuple[int, int]]:
+        if self._inputs is None:
+            return []
+        self._replaying = True
+        try:
+            return overflow.replay_forward(self.model, self._modules, self._inputs,
+                                           self._autocast, self._rng, self.device)
+        finally:
+            self._replaying = False
+
+    # ----------------------------------------------------------------- the step
+    def step(self, loss: Any = None, samples: int | None = None) -> int:
+        """Close the current training step and record it. Returns its index.
+
+        One host copy: loss, loss scale, non-finite flags and this step's statistics together.
+        """
+        if not self._attached:
+            raise RuntimeError("Recorder.step() called outside the recorder: use `with rec:` "
+                               "(or rec.attach()) before training")
+        now = time.perf_counter()
+        step_time = now - self._t_last
+        step = self._step
+        recorded = self._recording_stats()
+
+        # ---- gather everything that lives on the device into one tensor, copy once
+        parts: list[torch.Tensor] = []
+        nan = torch.tensor([float("nan")], device=self.device)
+        loss_t = loss.detach().reshape(-1)[:1].float() if isinstance(loss, torch.Tensor) else \
+            torch.tensor([float("nan") if loss is None else float(loss)], device=self.device)
+        parts.append(loss_t.to(self.device))
+        parts.append(self._scale_used.reshape(1).float() if self._scale_used is not None else nan)
+        scale_now = compat.scaler_scale(self.scaler)
+        parts.append(scale_now.reshape(1).float() if scale_now is not None else nan)
+        n_bad = len(self._params) if self._grad_bad is not None else 0
+        if n_bad:
+            parts.append(self._grad_bad.float())
+        stats = [(self._act_stats if recorded else None), (self._grad_stats if recorded else None),
+                 (self._weight_stats if recorded else None)]
+        for s in stats:
+            if s is not None:
+                parts.append(s.reshape(-1))
+        host = torch.cat([p.to(self.device) for p in parts]).cpu().tolist()
+
+        loss_v, scale_used, scale_after = host[0], host[1], host[2]
+        pos = 3
+        # _grad_bad covers only parameters that had a gradient; map back to parameter indices.
+        present_idx = [i for i, g in enumerate(self._grads or []) if g is not None]
+        bad_params = []
+        if n_bad:
+            flags = host[pos:pos + len(present_idx)]
+            pos += len(present_idx)
+            bad_params = [present_idx[k] for k, f in enumerate(flags) if f]
+        stat_rows = []
+        for kind, s, layers in (("activation", stats[0], self._act_layers),
+                                ("grad", stats[1], self._param_layers),
+                                ("weight", stats[2], self._param_layers)):
+            if s is None:
+                continue
+            n = s.shape[0] * s.shape[1]
+            block = host[pos:pos + n]
+            pos += n
+            for k, layer in enumerate(layers):
+                stat_rows.append((kind, layer, block[k * s.shape[1]:(k + 1) * s.shape[1]]))
+
+        if self.optimizer is not None:
+            skipped = self._optim_steps == 0
+        else:
+            skipped = scale_after == scale_after and scale_used == scale_used and \
+                scale_after < scale_used
+        self._optim_steps = 0
+        loss_finite = loss_v == loss_v and abs(loss_v) != float("inf")
+        bad = bool(bad_params) or (loss is not None and not loss_finite)
+
+        # ---- rows
+        dtype_rows = self._dtype_rows(step)
+        w = self._writer
+        assert w is not None
+        w.put("steps", [(step, None if loss is None else loss_v,
+                         None if scale_used != scale_used else scale_used,
+                         None if scale_after != scale_after else scale_after,
+                         int(skipped), int(bool(bad_params)), step_time, samples,
+                         (samples / step_time) if samples and step_time > 0 else None,
+                         time.time())])
+        w.put("dtypes", dtype_rows)
+        if stat_rows:
+            rows = []
+            for kind, layer, vals in stat_rows:
+                d = summarize(vals)
+                rows.append((step, layer, kind, self._last_dtypes.get((layer, self._role(kind))),
+                             d["norm"], d["max_abs"], d["min_abs_nonzero"], d["zeros"],
+                             d["nonfinite"], d["underflow_fp16"], d["overflow_fp16"],
+                             d["underflow_bf16"], d["overflow_bf16"], d["numel"]))
+            w.put("layer_stats", rows)
+        if bad:
+            w.put("overflows", self._overflow_rows(step, bad_params, skipped))
+
+        # ---- reset per-step state
+        self._grad_bad = None
+        self._grads = None
+        self._act_stats = self._grad_stats = self._weight_stats = None
+        self._scale_used = None
+        self._precheck = None
+        self._inputs = None
+        self._step += 1
+        self._t_last = time.perf_counter()
+        return step
+
+    @staticmethod
+    def _role(kind: str) -> str:
+        return {"activation": "output", "grad": "grad", "weight": "weight"}[kind]
+
+    def _dtype_rows(self, step: int) -> list[tuple]:
+        current: dict[tuple[int, str], str] = {}
+        for idx, (i_dt, o_dt) in self._fwd_dtypes.items():
+            if i_dt is not None:
+                current[(idx, "input")] = _dtype_name(i_dt)
+            if o_dt is not None:
+                current[(idx, "output")] = _dtype_name(o_dt)
+        grads = self._grads or []
+        for i, p in enumerate(self._params):
+            layer = self._param_layer[i]
+            current.setdefault((layer, "weight"), _dtype_name(p.dtype))
+            g = grads[i] if i < len(grads) else None
+            if g is not None:
+                current.setdefault((layer, "grad"), _dtype_name(g.dtype))
+        rows = []
+        for key, dt in current.items():
+            if self._last_dtypes.get(key) != dt:
+                self._last_dtypes[key] = dt
+                rows.append((step, key[0], key[1], dt))
+        if step == 0 and self._writer is not None and self._autocast is not None:
+            enabled, dt = self._autocast
+            self._writer.set_meta(autocast_dtype=_dtype_name(dt) if enabled else None)
+        return rows
+
+    def _overflow_rows(self, step: int, bad_params: list[int], skipped: bool) -> list[tuple]:
+        rows = []
+        culprits = self._precheck if self._precheck is not None else self._find_forward_culprits()
+        for k, (layer, count) in enumerate(culprits):
+            rows.append((step, layer, "activation", "forward", int(k == 0), count, int(skipped)))
+        if bad_params:
+            counts: dict[int, int] = {}
+            grads = self._grads or []
+            for i in bad_params:
+                g = grads[i]
+                n = int((~torch.isfinite(g)).sum()) if g is not None else 0
+                counts[self._param_layer[i]] = counts.get(self._param_layer[i], 0) + n
+            # Backward runs in reverse forward order: the first layer to receive a non-finite
+            # gradient is the one that ran last in the forward pass.
+            order = {l: k for k, l in enumerate(self._fwd_order or [])}
+            layers = sorted(counts, key=lambda l: -order.get(l, -1))
+            for k, layer in enumerate(layers):
+                rows.append((step, layer, "grad", "backward", int(k == 0), counts[layer],
+                             int(skipped)))
+        return rows

@@ -1,0 +1,184 @@
+"""The on-disk run format: one SQLite file in WAL mode, written by a background thread.
+
+Why SQLite/WAL: no server, readers in other processes see committed steps while the run is being
+written (the dashboard tails it), and a process killed with SIGKILL loses only the rows not yet
+committed (at most ``flush_every_s`` seconds). No torch import here.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+SCHEMA_VERSION = 1
+DB_NAME = "run.db"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS layers (
+    idx INTEGER PRIMARY KEY, layer TEXT, type TEXT, n_params INTEGER, param_dtype TEXT,
+    depth INTEGER, is_leaf INTEGER);
+CREATE TABLE IF NOT EXISTS steps (
+    step INTEGER PRIMARY KEY, loss REAL, loss_scale REAL, loss_scale_after REAL, skipped INTEGER,
+    nonfinite_grads INTEGER, step_time_s REAL, samples INTEGER, samples_per_s REAL, wall_time REAL);
+CREATE TABLE IF NOT EXISTS layer_stats (
+    step INTEGER, layer_idx INTEGER, tensor TEXT, dtype TEXT, norm REAL, max_abs REAL,
+    min_abs_nonzero REAL, zeros INTEGER, nonfinite INTEGER, underflow_fp16 INTEGER,
+    overflow_fp16 INTEGER, underflow_bf16 INTEGER, overflow_bf16 INTEGER, numel INTEGER);
+CREATE INDEX IF NOT EXISTS layer_stats_step ON layer_stats (step);
+CREATE INDEX IF NOT EXISTS layer_stats_layer ON layer_stats (layer_idx, tensor, step);
+CREATE TABLE IF NOT EXISTS dtypes (step INTEGER, layer_idx INTEGER, tensor TEXT, dtype TEXT);
+CREATE TABLE IF NOT EXISTS overflows (
+    step INTEGER, layer_idx INTEGER, tensor TEXT, phase TEXT, first INTEGER, nonfinite INTEGER,
+    skipped INTEGER);
+CREATE TABLE IF NOT EXISTS policy_changes (step INTEGER, layer_idx INTEGER, precision TEXT, rule TEXT);
+"""
+
+COLUMNS = {
+    "steps": ("step", "loss", "loss_scale", "loss_scale_after", "skipped", "nonfinite_grads",
+              "step_time_s", "samples", "samples_per_s", "wall_time"),
+    "layer_stats": ("step", "layer_idx", "tensor", "dtype", "norm", "max_abs", "min_abs_nonzero",
+                    "zeros", "nonfinite", "underflow_fp16", "overflow_fp16", "underflow_bf16",
+                    "overflow_bf16", "numel"),
+    "dtypes": ("step", "layer_idx", "tensor", "dtype"),
+    "overflows": ("step", "layer_idx", "tensor", "phase", "first", "nonfinite", "skipped"),
+    "policy_changes": ("step", "layer_idx", "precision", "rule"),
+    "layers": ("idx", "layer", "type", "n_params", "param_dtype", "depth", "is_leaf"),
+}
+
+
+class RunStoreError(Exception):
+    """A run directory that cannot be read: missing, corrupt, or written by a newer mpviz."""
+
+
+def db_path(run_dir: str | Path, rank: int = 0) -> Path:
+    """The store file of ``run_dir`` (a path to the file itself is accepted too)."""
+    p = Path(run_dir)
+    if p.suffix == ".db":
+        return p
+    return p / (DB_NAME if rank == 0 else f"run-rank{rank}.db")
+
+
+def connect_readonly(path: Path) -> sqlite3.Connection:
+    """Open a store for reading and check its schema version."""
+    if not path.exists():
+        raise RunStoreError(f"no mpviz run at {path.parent}: {path.name} does not exist "
+                            f"(pass the run_dir given to mpviz.Recorder)")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    except sqlite3.DatabaseError as e:
+        raise RunStoreError(f"{path} is not a readable mpviz run ({e}); the file is corrupt or "
+                            f"not written by mpviz") from None
+    if row is None:
+        raise RunStoreError(f"{path} has no schema version: not an mpviz run, or it was killed "
+                            f"before its first write")
+    version = json.loads(row[0])
+    if version > SCHEMA_VERSION:
+        raise RunStoreError(f"{path} was written with run format v{version}, newer than this "
+                            f"mpviz reads (v{SCHEMA_VERSION}): upgrade mpviz (pip install -U mpviz)")
+    return con
+
+
+class RunWriter:
+    """Appends rows to a store from a background thread.
+
+    ``put`` never blocks on disk; rows are committed at least every ``flush_every_s`` seconds,
+    on ``flush()`` and on ``close()``.
+    """
+
+    def __init__(self, path: Path, meta: dict[str, Any], layers: Iterable[tuple],
+                 flush_every_s: float = 2.0) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            raise RunStoreError(f"{path} already holds a run: choose a new run_dir "
+                                f"(or delete the old one)")
+        self.path = path
+        self.flush_every_s = flush_every_s
+        self._q: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        con = sqlite3.connect(path)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.executescript(SCHEMA)
+        with con:
+            self._write_meta(con, {**meta, "schema_version": SCHEMA_VERSION})
+            con.executemany(f"INSERT INTO layers VALUES ({','.join('?' * 7)})", list(layers))
+        con.close()
+        self._thread = threading.Thread(target=self._loop, name="mpviz-writer", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _write_meta(con: sqlite3.Connection, meta: dict[str, Any]) -> None:
+        con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                        [(k, json.dumps(v, default=str)) for k, v in meta.items()])
+
+    def put(self, table: str, rows: list[tuple]) -> None:
+        if self._error is not None:
+            raise RunStoreError(f"the run writer failed: {self._error!r}")
+        if rows:
+            self._q.put((table, rows))
+
+    def set_meta(self, **meta: Any) -> None:
+        self._q.put(("meta", meta))
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Block until every row put so far is committed."""
+        done = threading.Event()
+        self._q.put(("flush", done))
+        if self._thread.is_alive():
+            done.wait(timeout)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(("close", None))
+            self._thread.join()
+
+    def _loop(self) -> None:
+        con = sqlite3.connect(self.path)
+        con.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process kill
+        pending: dict[str, list] = {}
+        waiters: list[threading.Event] = []
+        last = time.monotonic()
+        closing = False
+        while not closing:
+            try:
+                kind, item = self._q.get(timeout=self.flush_every_s)
+            except queue.Empty:
+                kind, item = None, None
+            if kind == "close":
+                closing = True
+            elif kind == "flush":
+                waiters.append(item)
+            elif kind == "meta":
+                pending.setdefault("meta", []).append(item)
+            elif kind is not None:
+                pending.setdefault(kind, []).extend(item)
+            due = time.monotonic() - last >= self.flush_every_s
+            if closing or waiters or (due and pending):
+                try:
+                    self._commit(con, pending)
+                except BaseException as e:  # keep serving flush() so no caller hangs
+                    self._error = e
+                pending = {}
+                last = time.monotonic()
+                for w in waiters:
+                    w.set()
+                waiters = []
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        con.close()
+
+    @staticmethod
+    def _commit(con: sqlite3.Connection, pending: dict[str, list]) -> None:
+        with con:
+            for table, rows in pending.items():
+                if table == "meta":
+                    for meta in rows:
+                        RunWriter._write_meta(con, meta)
+                    continue
+                cols = COLUMNS[table]
+                con.executemany(f"INSERT INTO {table} ({','.join(cols)}) "
+                                f"VALUES ({','.join('?' * len(cols))})", rows)
