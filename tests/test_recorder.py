@@ -1,0 +1,326 @@
+"""The recorder's promises, each checked against an independent reference on real training steps."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+import mpviz
+
+F = nn.functional
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(d.target)
+    return x, y
+
+
+
+class Net(nn.Module):
+    """A small real classifier for the digits, with named layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 64)
+        self.act = nn.ReLU()
+        self.norm = nn.LayerNorm(64)
+        self.fc2 = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(F.relu(self.fc2(self.norm(self.act(self.fc1(x))))))
+
+
+def batches(x, y, n, bs=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        idx = torch.randint(0, len(x), (bs,), generator=g)
+        yield x[idx], y[idx]
+
+
+def train(model, data, rec, opt, scaler=None, dtype=None, on_grads=None):
+    """A plain AMP loop with the recorder's one added line; ``on_grads`` sees unscaled grads."""
+    losses = []
+    for x, y in data:
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            if on_grads:
+                on_grads()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            if on_grads:
+                on_grads()
+            opt.step()
+        opt.zero_grad()
+        rec.step(loss=loss, samples=len(x))
+        losses.append(loss.item())
+    return losses
+
+
+def test_steps_loss_and_learning(digits, tmp_path):
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    with mpviz.Recorder(model, optimizer=opt, run_dir=tmp_path / "r", every=5) as rec:
+        losses = train(model, batches(*digits, 40), rec, opt)
+    run = mpviz.load_run(tmp_path / "r")
+    steps = run.steps
+    assert list(steps["step"]) == list(range(40))
+    assert steps["loss"].tolist() == pytest.approx(losses, rel=1e-6)
+    assert steps["loss"].iloc[-5:].mean() < 0.6 * steps["loss"].iloc[:5].mean()  # it learned
+    assert (steps["samples"] == 64).all() and (steps["step_time_s"] > 0).all()
+    assert steps["samples_per_s"].tolist() == pytest.approx((64 / steps["step_time_s"]).tolist())
+    assert not steps["skipped"].any()
+    # per-layer statistics only every 5th step; everything else every step
+    assert sorted(run.layer_stats["step"].unique()) == list(range(0, 40, 5))
+    layers = run.layers.set_index("layer")
+    assert layers.loc["fc1", "n_params"] == 64 * 64 + 64
+    assert layers.loc["head", "type"] == "Linear" and layers.loc["head", "param_dtype"] == "float32"
+    meta = run.meta
+    assert meta["status"] == "finished" and meta["model"] == "Net" and meta["every"] == 5
+    assert meta["torch_version"] == torch.__version__ and meta["autocast_dtype"] is None
+
+
+def test_grad_stats_are_unscaled_and_match_reference(digits, tmp_path):
+    """fp16 + GradScaler: recorded gradient norms are of the unscaled gradient."""
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    ref = []
+
+    def grab():  # after unscale_: the true gradients, computed by hand
+        ref.append({n: (p.grad.norm().item(), p.grad.abs().max().item())
+                    for n, p in model.named_parameters()})
+
+    with mpviz.Recorder(model, optimizer=opt, scaler=scaler, run_dir=tmp_path / "r", every=1) as rec:
+        train(model, batches(*digits, 4), rec, opt, scaler, torch.float16, on_grads=grab)
+    stats = mpviz.load_run(tmp_path / "r").layer_stats
+    grads = stats[stats.tensor == "grad"]
+    assert len(grads) == 4 * 4  # four layers with parameters, every step
+    for step, r in enumerate(ref):
+        for layer in ("fc1", "norm", "fc2", "head"):
+            row = grads[(grads.step == step) & (grads.layer == layer)].iloc[0]
+            want = math.sqrt(r[f"{layer}.weight"][0] ** 2 + r[f"{layer}.bias"][0] ** 2)
+            assert row["norm"] == pytest.approx(want, rel=1e-4)
+            assert row["max_abs"] == pytest.approx(max(r[f"{layer}.weight"][1],
+                                                       r[f"{layer}.bias"][1]), rel=1e-5)
+            assert row["dtype"] == "float32"
+    # the scaled gradient would be 4096x larger: make sure that is not what we have
+    assert grads["norm"].max() < 100
+
+
+def test_fused_optimizer_keeps_grads_scaled_but_stats_are_unscaled(digits, tmp_path):
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    assert getattr(opt, "_step_supports_amp_scaling", False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    ref = []
+    with mpviz.Recorder(model, optimizer=opt, scaler=scaler, run_dir=tmp_path / "r", every=1) as rec:
+        for x, y in batches(*digits, 3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            scale = scaler.get_scale()
+            ref.append(model.head.weight.grad.norm().item() / scale)
+            ref[-1] = math.hypot(ref[-1], model.head.bias.grad.norm().item() / scale)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            rec.step(loss=loss, samples=len(x))
+    g = mpviz.load_run(tmp_path / "r").layer_stats
+    got = g[(g.tensor == "grad") & (g.layer == "head")].sort_values("step")["norm"].tolist()
+    assert got == pytest.approx(ref, rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, None])
+def test_recorded_dtypes_are_what_ran(digits, tmp_path, dtype):
+    model = Net()
+    seen = {}
+    mine = [m.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, (a[0].dtype, o.dtype)))
+            for n, m in model.named_modules()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with mpviz.Recorder(model, optimizer=opt, run_dir=tmp_path / "r") as rec:
+        train(model, batches(*digits, 2), rec, opt, None, dtype)
+    for h in mine:
+        h.remove()
+    dmap = mpviz.load_run(tmp_path / "r").dtype_map()
+    for name, (i_dt, o_dt) in seen.items():
+        assert dmap.loc[name, "input"] == str(i_dt).replace("torch.", "")
+        assert dmap.loc[name, "output"] == str(o_dt).replace("torch.", "")
+    low = str(dtype or torch.float32).replace("torch.", "")
+    assert dmap.loc["fc1", "output"] == low  # a Linear under autocast runs in the low dtype
+    assert dmap.loc["fc1", "weight"] == "float32" and dmap.loc["fc1", "grad"] == "float32"
+
+
+class Boom(nn.Module):
+    """A named layer whose output we can push past fp16's max on purpose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+        self.gain = 1.0
+
+    def forward(self, x):
+        return self.lin(x) * self.gain
+
+
+class BoomNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 64)
+        self.boom = Boom()
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(F.relu(self.boom(F.relu(self.fc1(x)))))
+
+
+def test_forward_overflow_names_the_layer_and_the_step_is_skipped(digits, tmp_path):
+    torch.manual_seed(0)
+    model = BoomNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    with mpviz.Recorder(model, optimizer=opt, scaler=scaler, run_dir=tmp_path / "r") as rec:
+        for step, (x, y) in enumerate(batches(*digits, 6)):
+            model.boom.gain = 1e6 if step == 3 else 1.0
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            rec.step(loss=loss, samples=len(x))
+    run = mpviz.load_run(tmp_path / "r")
+    steps = run.steps.set_index("step")
+    assert steps["skipped"].tolist() == [False, False, False, True, False, False]
+    assert steps.loc[3, "loss_scale_after"] == steps.loc[3, "loss_scale"] / 2
+    ov = run.overflows
+    assert set(ov["step"]) == {3}
+    fwd = ov[ov.phase == "forward"]
+    first = fwd[fwd["first"]]
+    assert first["layer"].tolist() == ["boom"] and first["skipped"].all()
+    assert "fc1" not in set(fwd["layer"]) and "boom.lin" not in set(fwd["layer"])
+
+
+def test_backward_overflow_names_first_layer_in_backward_order(digits, tmp_path):
+    """A huge loss scale overflows fp16 gradients; compare with a hand check of every grad."""
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, growth_interval=1000)
+    bad_by_step = []
+
+    def check():  # independent: which layers have non-finite gradients (inf survives unscale)
+        bad_by_step.append({n.rsplit(".", 1)[0] for n, p in model.named_parameters()
+                            if not torch.isfinite(p.grad).all()})
+
+    with mpviz.Recorder(model, optimizer=opt, scaler=scaler, run_dir=tmp_path / "r") as rec:
+        train(model, batches(*digits, 6), rec, opt, scaler, torch.float16, on_grads=check)
+    run = mpviz.load_run(tmp_path / "r")
+    steps = run.steps
+    skipped = steps[steps.skipped]["step"].tolist()
+    assert skipped == [s for s, b in enumerate(bad_by_step) if b] and skipped
+    ov = run.overflows
+    for s in skipped:
+        back = ov[(ov.step == s) & (ov.phase == "backward")]
+        assert set(back["layer"]) == bad_by_step[s]
+        assert back[back["first"]]["layer"].tolist() == ["head"]  # last in forward = first back
+    # the scale backs off at every skipped step
+    used, after = steps["loss_scale"].tolist(), steps["loss_scale_after"].tolist()
+    assert used[0] == 2.0**40 and after[0] == 2.0**39
+
+
+def test_loss_scale_history_matches_the_scaler(digits, tmp_path):
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14, growth_interval=2)
+    used, after = [], []
+    with mpviz.Recorder(model, optimizer=opt, scaler=scaler, run_dir=tmp_path / "r") as rec:
+        for step, (x, y) in enumerate(batches(*digits, 12)):
+            if step == 7:
+                x = x.clone()
+                x[0, 0] = float("inf")  # backoff
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(x), y)
+            used.append(scaler.get_scale())
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            after.append(scaler.get_scale())
+            opt.zero_grad()
+            rec.step(loss=loss, samples=len(x))
+    steps = mpviz.load_run(tmp_path / "r").steps
+    assert steps["loss_scale"].tolist() == used
+    assert steps["loss_scale_after"].tolist() == after
+    assert max(after) > used[0] and min(after[7:]) < max(after)  # growth and backoff both seen
+    assert steps["skipped"].tolist() == [a < u for u, a in zip(used, after)]
+
+
+def test_model_is_exactly_restored_after_normal_exit_and_exception(digits, tmp_path):
+    model = Net()
+    x = digits[0][:16]
+    before = model(x)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with pytest.raises(ZeroDivisionError):
+        with mpviz.Recorder(model, optimizer=opt, run_dir=tmp_path / "a") as rec:
+            train(model, batches(*digits, 2), rec, opt)
+            1 / 0
+    assert torch.equal(model(x), before)
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+        assert not m._backward_hooks and not m._backward_pre_hooks
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    run = mpviz.load_run(tmp_path / "a")
+    assert run.meta["status"] == "failed" and "ZeroDivisionError" in run.meta["error"]
+    assert run.last_step == 1  # what was recorded before the error is kept
+
+
+def test_activation_stats_match_reference(digits, tmp_path):
+    model = Net()
+    outs = {}
+    h = model.fc2.register_forward_hook(lambda m, a, o: outs.__setitem__("fc2", o.detach().float()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with mpviz.Recorder(model, optimizer=opt, run_dir=tmp_path / "r", every=1) as rec:
+        train(model, batches(*digits, 1), rec, opt, None, torch.bfloat16)
+    h.remove()
+    st = mpviz.load_run(tmp_path / "r").layer_stats
+    row = st[(st.layer == "fc2") & (st.tensor == "activation")].iloc[0]
+    o = outs["fc2"]
+    assert row["dtype"] == "bfloat16"
+    assert row["norm"] == pytest.approx(o.norm().item(), rel=1e-5)
+    assert row["max_abs"] == pytest.approx(o.abs().max().item())
+    assert row["zero_frac"] == pytest.approx((o == 0).float().mean().item())
+    assert row["numel"] == o.numel() and row["nonfinite"] == 0
+
+
+def test_live_run_reads_while_training(digits, tmp_path):
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with mpviz.Recorder(model, optimizer=opt, run_dir=tmp_path / "r") as rec:
+        train(model, batches(*digits, 3), rec, opt)
+        assert rec.run.last_step == 2 and rec.run.is_live
+        train(model, batches(*digits, 2), rec, opt)
+        assert len(rec.run.steps_since(2)) == 2
+
+
+def test_bad_input_errors(tmp_path):
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        mpviz.Recorder(Net(), every=0)
+    with pytest.raises(TypeError, match="nn.Module"):
+        mpviz.Recorder("not a model")
+    rec = mpviz.Recorder(Net(), run_dir=tmp_path / "r")
+    with pytest.raises(RuntimeError, match="with rec:"):
+        rec.step(loss=1.0)
+    with rec:
+        pass
+    with pytest.raises(mpviz.RunStoreError, match="already holds a run"):
+        mpviz.Recorder(Net(), run_dir=tmp_path / "r").attach()
