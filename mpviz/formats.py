@@ -33,3 +33,18 @@ FORMATS: dict[str, FloatFormat] = {
     "fp8_e4m3": FloatFormat("fp8_e4m3", 4, 3, 448.0, 2.0**-6, 2.0**-9),
     "fp8_e5m2": FloatFormat("fp8_e5m2", 5, 2, 57344.0, 2.0**-14, 2.0**-16),
 }
+
+
+# The log2 magnitude histogram recorded per layer (bins documented in mpviz.stats).
+N_BINS = 257
+
+
+def bin_edges(k: int) -> tuple[float, float]:
+    """The magnitude range ``[lo, hi)`` of histogram bin ``k`` (bins 0 and 256 are special)."""
+    if k == 0:
+        return 0.0, 0.0
+    if k == 1:
+        return 0.0, 2.0 ** -126
+    if k == 256:
+        return float("inf"), float("inf")
+    return 2.0 ** (k - 128), 2.0 ** (k - 127)

@@ -34,8 +34,8 @@ from torch import nn
 
 from . import compat, overflow
 from .run import Run
-from .stats import segment_stats, summarize
-from .store import RunWriter, db_path
+from .stats import ROW, by_layer, tensor_stats
+from .store import RunWriter, db_path, pack_hist
 
 
 def _first_float(obj: Any) -> torch.Tensor | None:
@@ -123,8 +123,6 @@ class Recorder:
                     seen.add(id(p))
                     self._params.append(p)
                     self._param_layer.append(i)
-        self._param_layers = sorted(set(self._param_layer))
-        self._seg_of_layer = {l: s for s, l in enumerate(self._param_layers)}
         first = next(iter(model.parameters()), None)
         self.device = first.device if first is not None else torch.device("cpu")
 
@@ -262,8 +260,7 @@ class Recorder:
             self._fwd_order, self._order_acc = self._order_acc, None
         if self._acts:
             self._act_layers = [i for i, _ in self._acts]
-            tensors = [t for _, t in self._acts]
-            self._act_stats = segment_stats(tensors, list(range(len(tensors))), len(tensors))
+            self._act_stats = tensor_stats([t for _, t in self._acts])
             self._acts = []
         out = output if isinstance(output, torch.Tensor) else _first_float(output)
         if out is not None and out.requires_grad:
@@ -288,13 +285,8 @@ class Recorder:
         bad = ~torch.isfinite(norms)
         self._grad_bad = bad if self._grad_bad is None else self._grad_bad | bad
         if self._recording_stats():
-            segs = [self._seg_of_layer[self._param_layer[i]] for i, g in enumerate(grads)
-                    if g is not None]
-            self._grad_stats = segment_stats(present, segs, len(self._param_layers),
-                                             divisor=self._scale_used)
-            self._weight_stats = segment_stats(self._params,
-                                               [self._seg_of_layer[l] for l in self._param_layer],
-                                               len(self._param_layers))
+            self._grad_stats = tensor_stats(present, divisor=self._scale_used)
+            self._weight_stats = tensor_stats(self._params)
 
     def _optim_pre_hook(self, *args: Any) -> None:
         # Without GradScaler nothing stops a non-finite update: find the culprit while the
@@ -346,7 +338,7 @@ class Recorder:
         parts.append(self._scale_used.reshape(1).float() if self._scale_used is not None else nan)
         scale_now = compat.scaler_scale(self.scaler)
         parts.append(scale_now.reshape(1).float() if scale_now is not None else nan)
-        n_bad = len(self._params) if self._grad_bad is not None else 0
+        n_bad = len(self._grad_bad) if self._grad_bad is not None else 0
         if n_bad:
             parts.append(self._grad_bad.float())
         stats = [(self._act_stats if recorded else None), (self._grad_stats if recorded else None),
@@ -354,7 +346,8 @@ class Recorder:
         for s in stats:
             if s is not None:
                 parts.append(s.reshape(-1))
-        host = torch.cat([p.to(self.device) for p in parts]).cpu().tolist()
+        host_np = torch.cat([p.to(self.device) for p in parts]).cpu().double().numpy()
+        host = host_np[:3 + n_bad].tolist()
 
         loss_v, scale_used, scale_after = host[0], host[1], host[2]
         pos = 3
@@ -365,17 +358,17 @@ class Recorder:
             flags = host[pos:pos + len(present_idx)]
             pos += len(present_idx)
             bad_params = [present_idx[k] for k, f in enumerate(flags) if f]
-        stat_rows = []
-        for kind, s, layers in (("activation", stats[0], self._act_layers),
-                                ("grad", stats[1], self._param_layers),
-                                ("weight", stats[2], self._param_layers)):
+        # per-tensor rows -> per-layer records (a layer's weight and bias are merged)
+        grad_layers = [self._param_layer[i] for i in present_idx]
+        stat_rows: list[tuple[str, list[int], dict]] = []
+        for kind, s, owners in (("activation", stats[0], self._act_layers),
+                                ("grad", stats[1], grad_layers),
+                                ("weight", stats[2], self._param_layer)):
             if s is None:
                 continue
-            n = s.shape[0] * s.shape[1]
-            block = host[pos:pos + n]
-            pos += n
-            for k, layer in enumerate(layers):
-                stat_rows.append((kind, layer, block[k * s.shape[1]:(k + 1) * s.shape[1]]))
+            block = host_np[pos:pos + len(owners) * ROW].reshape(len(owners), ROW)
+            pos += len(owners) * ROW
+            stat_rows.append((kind, *by_layer(block, owners)))
 
         if self.optimizer is not None:
             skipped = self._optim_steps == 0
@@ -397,15 +390,20 @@ class Recorder:
                          (samples / step_time) if samples and step_time > 0 else None,
                          time.time())])
         w.put("dtypes", dtype_rows)
-        if stat_rows:
+        for kind, layers, d in stat_rows:
+            role = self._role(kind)
+            cols = [d[c].tolist() for c in ("norm", "max_abs", "min_abs_nonzero", "zeros",
+                                            "nonfinite", "underflow_fp16", "overflow_fp16",
+                                            "underflow_bf16", "overflow_bf16", "numel")]
             rows = []
-            for kind, layer, vals in stat_rows:
-                d = summarize(vals)
-                rows.append((step, layer, kind, self._last_dtypes.get((layer, self._role(kind))),
-                             d["norm"], d["max_abs"], d["min_abs_nonzero"], d["zeros"],
-                             d["nonfinite"], d["underflow_fp16"], d["overflow_fp16"],
-                             d["underflow_bf16"], d["overflow_bf16"], d["numel"]))
+            for k, layer in enumerate(layers):
+                v = [c[k] for c in cols]
+                v[2] = None if v[2] == float("inf") else v[2]
+                rows.append((step, layer, kind, self._last_dtypes.get((layer, role)), v[0], v[1],
+                             v[2], *(int(x) for x in v[3:])))
             w.put("layer_stats", rows)
+            w.put("histograms", [(step, layer, kind, *pack_hist(d["hist"][k]))
+                                 for k, layer in enumerate(layers)])
         if bad:
             w.put("overflows", self._overflow_rows(step, bad_params, skipped))
 

@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from .store import db_path, connect_readonly
+from .formats import bin_edges
+from .store import connect_readonly, db_path, unpack_hist
 
 _STATS_SELECT = """
 SELECT s.step, l.layer, s.tensor, s.dtype, s.norm, s.max_abs, s.min_abs_nonzero,
@@ -105,6 +106,25 @@ class Run:
         """One layer's statistics over time (the explorer's drill-down)."""
         return self.query(_STATS_SELECT + " WHERE l.layer = ? AND s.tensor = ? ORDER BY s.step",
                           (layer, tensor))
+
+    def histogram(self, layer: str, tensor: str = "grad", step: int | None = None) -> pd.DataFrame:
+        """The log2 magnitude histogram of one layer's tensor at ``step`` (default: the last
+        recorded): columns ``lo, hi`` (magnitude range of the bin) and ``count``. Zeros have
+        ``lo == hi == 0`` and inf/nan ``lo == hi == inf`` (see mpviz.stats for the bins)."""
+        sql = ("SELECT h.step, h.lo, h.counts FROM histograms h JOIN layers l ON l.idx = h.layer_idx "
+               "WHERE l.layer = ? AND h.tensor = ?")
+        params: tuple = (layer, tensor)
+        if step is not None:
+            sql += " AND h.step <= ?"
+            params += (int(step),)
+        df = self.query(sql + " ORDER BY h.step DESC LIMIT 1", params)
+        if df.empty:
+            return pd.DataFrame({"lo": [], "hi": [], "count": []})
+        counts = unpack_hist(int(df["lo"].iloc[0]), df["counts"].iloc[0])
+        rows = [(*bin_edges(k), c) for k, c in enumerate(counts) if c]
+        out = pd.DataFrame(rows, columns=["lo", "hi", "count"])
+        out.attrs["step"] = int(df["step"].iloc[0])
+        return out
 
     @property
     def overflows(self) -> pd.DataFrame:

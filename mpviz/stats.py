@@ -1,81 +1,109 @@
-"""Per-layer tensor statistics computed on the tensors' device, all layers at once.
+"""Tensor statistics, computed on the tensors' device for many tensors at once.
 
-The tensors of all layers are flattened into one vector and reduced per segment (one segment per
-layer), so a recorded step costs a fixed handful of kernels whatever the number of layers, and the
-result is a single small tensor that the recorder copies to the host once per step.
+One recorded step costs a fixed handful of kernels whatever the number of tensors: multi-tensor
+(``torch._foreach_*``) norms and maxima on the full tensors, and one ``bincount`` of the float32
+exponent bits for a log2 histogram per tensor, from which the zero / underflow / overflow /
+non-finite counts are read. The result is one small tensor per call; the recorder copies all of a
+step's results to the host in one transfer.
+
+The histogram has ``N_BINS`` bins per tensor:
+    bin 0: exact zeros
+    bin 1: fp32 subnormals, 0 < |x| < 2**-126
+    bin k (2..255): 2**(k-128) <= |x| < 2**(k-127)
+    bin 256: inf or nan
+Thresholds read from it are powers of two: fp16 underflow is 0 < |x| < 2**-24 (exact: fp16's
+smallest subnormal), fp16 overflow is |x| >= 2**16 (fp16's max is 65504 and values from 65520 up
+round to inf, so a band of 16 units under 2**16 is not counted), bf16 underflow is 0 < |x| < 2**-126
+(bf16 subnormals, down to 2**-133, are counted as underflowing: fp32 holds them only as subnormals
+too), bf16 overflow is |x| >= 2**128, i.e. never for a finite fp32 value.
+
+Tensors above ``SAMPLE_CAP`` elements have their histogram (and so their fractions) taken from
+evenly strided elements; norm, max and min are always over every element.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from .formats import FORMATS
+from .formats import N_BINS
 
-# Columns of the [n_segments, N_COLS] result.
-COLS = ("sumsq", "max_abs", "min_abs_nonzero", "zeros", "underflow_bf16_only",
-        "underflow_fp16_only", "normal", "overflow_fp16_only", "overflow_bf16", "nonfinite")
-N_COLS = len(COLS)
-_N_BUCKETS = 7  # zeros, <bf16 subnormal, <fp16 subnormal, normal, >fp16 max, >bf16 max, non-finite
+SAMPLE_CAP = 1 << 16
+# per-tensor row: norm, max_abs, min_abs_nonzero, numel, sampled, then the histogram
+N_HEAD = 5
+ROW = N_HEAD + N_BINS
 
-# Magnitude bucket edges (right-closed on the left: edges[i-1] <= |x| < edges[i]).
-# "Underflow" = nonzero but below the format's smallest subnormal; "overflow" = above its max.
-_EDGES = (
-    FORMATS["fp32"].min_subnormal,
-    FORMATS["bf16"].min_subnormal,
-    FORMATS["fp16"].min_subnormal,
-    float(torch.nextafter(torch.tensor(FORMATS["fp16"].max), torch.tensor(float("inf")))),
-    float(torch.nextafter(torch.tensor(FORMATS["bf16"].max, dtype=torch.float32),
-                          torch.tensor(float("inf")))),
-)
+_FP16_UNDER = (1, 104)    # bins with upper edge <= 2**-24
+_FP16_OVER = (144, 256)   # bins with lower edge >= 2**16
+_BF16_UNDER = (1, 2)
 
 
-def segment_stats(tensors: list[torch.Tensor], segments: list[int], n_segments: int,
-                  divisor: torch.Tensor | None = None) -> torch.Tensor:
-    """Statistics of ``tensors`` grouped into segments.
+def tensor_stats(tensors: list[torch.Tensor], divisor: torch.Tensor | None = None) -> torch.Tensor:
+    """Statistics of each tensor: float32 ``[len(tensors), ROW]`` on the tensors' device.
 
-    ``segments[i]`` is the segment (0..n_segments-1) of ``tensors[i]``; tensors of one segment
-    must be adjacent. ``divisor`` (a 0-d device tensor, e.g. the loss scale) divides the
-    magnitudes first, so scaled gradients are measured unscaled. Returns float32
-    ``[n_segments, N_COLS]`` on the tensors' device; segments with no elements get zeros
-    (min_abs_nonzero = inf).
+    ``divisor`` (a 0-d device tensor such as the loss scale) divides every value first, so scaled
+    gradients are measured unscaled.
     """
     device = tensors[0].device
-    flat = torch.cat([t.detach().reshape(-1) for t in tensors]).float()
-    lengths = torch.zeros(n_segments, dtype=torch.long)
-    for t, s in zip(tensors, segments):
-        lengths[s] += t.numel()
-    lengths = lengths.to(device, non_blocking=True)
-    a = flat.abs_()
-    finite = torch.isfinite(a)
-    a = torch.where(finite, a, 0.0)
+    flat = [t.detach().reshape(-1) for t in tensors]
+    numel = [f.numel() for f in flat]
+    samples = [f if n <= SAMPLE_CAP else f[:: -(-n // SAMPLE_CAP)] for f, n in zip(flat, numel)]
+    lengths = [s.numel() for s in samples]
+    # The exponent histogram needs float32 bits; sampled elements only.
+    a = torch.cat(samples).float().abs_()
     if divisor is not None:
         a = a / divisor
-    out = torch.zeros(n_segments, N_COLS, device=device)
-    out[:, 0] = torch.segment_reduce(a * a, "sum", lengths=lengths, unsafe=True)
-    out[:, 1] = torch.segment_reduce(a, "max", lengths=lengths, unsafe=True, initial=0.0)
-    out[:, 2] = torch.segment_reduce(torch.where(a > 0, a, float("inf")), "min", lengths=lengths,
-                                     unsafe=True, initial=float("inf"))
-    edges = torch.tensor(_EDGES, device=device, dtype=torch.float32)
-    bucket = torch.bucketize(a, edges, right=True)
-    bucket = torch.where(finite, bucket, _N_BUCKETS - 1)
-    seg = torch.repeat_interleave(torch.arange(n_segments, device=device), lengths,
-                                  output_size=flat.numel())
-    counts = torch.bincount(seg * _N_BUCKETS + bucket, minlength=n_segments * _N_BUCKETS)
-    out[:, 3:] = counts.view(n_segments, _N_BUCKETS).float()
-    return out
+    bits = a.view(torch.int32)
+    key = (bits >> 23) + 1
+    key -= (bits == 0).to(torch.int32)
+    base = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int32) * N_BINS,
+                                   torch.tensor(lengths)).to(device, non_blocking=True)
+    hist = torch.bincount(key + base, minlength=len(tensors) * N_BINS).view(len(tensors), N_BINS)
+    # Norms and maxima over every element (fp32 accumulation, no copy of the data).
+    norms = torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float32))
+    maxes = torch.stack(torch._foreach_max(torch._foreach_abs(flat))).float()
+    # Smallest nonzero magnitude, on the int32 bits (same order as the magnitudes): x - 1 sends
+    # zero to the largest int32, so the minimum skips zeros.
+    m = (bits - 1) & 0x7FFFFFFF
+    mins = -torch.stack(torch._foreach_max(torch._foreach_neg(list(m.split(lengths)))))
+    for i, (f, n) in enumerate(zip(flat, numel)):
+        if n > SAMPLE_CAP:  # the sample may miss the smallest value: take it over every element
+            full = f.float().abs()
+            if divisor is not None:
+                full = full / divisor
+            mins[i] = ((full.view(torch.int32) - 1) & 0x7FFFFFFF).amin()
+    mins = (mins + 1).view(torch.float32)
+    mins = torch.where((mins > 0) & torch.isfinite(mins), mins, float("inf"))
+    if divisor is not None:
+        norms, maxes = norms / divisor, maxes / divisor
+    head = torch.stack([norms, maxes, mins,
+                        torch.tensor(numel, device=device, dtype=torch.float32),
+                        torch.tensor(lengths, device=device, dtype=torch.float32)], dim=1)
+    return torch.cat([head, hist.float()], dim=1)
 
 
-def summarize(row: list[float]) -> dict[str, float]:
-    """Turn one host-side row of :func:`segment_stats` into the recorded quantities."""
-    sumsq, max_abs, min_nz, zeros, uf_bf16, uf_fp16, normal, of_fp16, of_bf16, nonfinite = row
-    return {
-        "norm": sumsq ** 0.5,
-        "max_abs": max_abs,
-        "min_abs_nonzero": None if min_nz == float("inf") else min_nz,
-        "zeros": int(zeros),
-        "nonfinite": int(nonfinite),
-        "underflow_fp16": int(uf_bf16 + uf_fp16),
-        "overflow_fp16": int(of_fp16 + of_bf16),
-        "underflow_bf16": int(uf_bf16),
-        "overflow_bf16": int(of_bf16),
-        "numel": int(zeros + uf_bf16 + uf_fp16 + normal + of_fp16 + of_bf16 + nonfinite),
+def by_layer(block: np.ndarray, owners: list[int]) -> tuple[list[int], dict[str, np.ndarray]]:
+    """Merge host-side rows of :func:`tensor_stats` per layer (a layer's weight and bias are
+    adjacent rows with the same owner). Counts are scaled up from samples.
+
+    Returns the layers and, per quantity, an array with one value per layer; ``hist`` is
+    ``[n_layers, N_BINS]``.
+    """
+    owners_a = np.asarray(owners)
+    starts = np.flatnonzero(np.r_[True, owners_a[1:] != owners_a[:-1]])
+    layers = owners_a[starts].tolist()
+    scale = np.divide(block[:, 3], block[:, 4], out=np.zeros(len(block)), where=block[:, 4] > 0)
+    hist = np.rint(np.add.reduceat(block[:, N_HEAD:] * scale[:, None], starts, axis=0))
+    mins = np.where(block[:, 2] > 0, block[:, 2], np.inf)
+    out = {
+        "norm": np.sqrt(np.add.reduceat(block[:, 0] ** 2, starts)),
+        "max_abs": np.maximum.reduceat(block[:, 1], starts),
+        "min_abs_nonzero": np.minimum.reduceat(mins, starts),
+        "numel": np.add.reduceat(block[:, 3], starts),
+        "zeros": hist[:, 0], "nonfinite": hist[:, 256],
+        "underflow_fp16": hist[:, slice(*_FP16_UNDER)].sum(1),
+        "overflow_fp16": hist[:, slice(*_FP16_OVER)].sum(1),
+        "underflow_bf16": hist[:, slice(*_BF16_UNDER)].sum(1),
+        "overflow_bf16": np.zeros(len(starts)),
+        "hist": hist,
     }
+    return layers, out

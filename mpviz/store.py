@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import queue
+from array import array
 import sqlite3
 import threading
 import time
@@ -35,6 +36,9 @@ CREATE TABLE IF NOT EXISTS dtypes (step INTEGER, layer_idx INTEGER, tensor TEXT,
 CREATE TABLE IF NOT EXISTS overflows (
     step INTEGER, layer_idx INTEGER, tensor TEXT, phase TEXT, first INTEGER, nonfinite INTEGER,
     skipped INTEGER);
+CREATE TABLE IF NOT EXISTS histograms (
+    step INTEGER, layer_idx INTEGER, tensor TEXT, lo INTEGER, counts BLOB);
+CREATE INDEX IF NOT EXISTS histograms_layer ON histograms (layer_idx, tensor, step);
 CREATE TABLE IF NOT EXISTS policy_changes (step INTEGER, layer_idx INTEGER, precision TEXT, rule TEXT);
 """
 
@@ -46,9 +50,23 @@ COLUMNS = {
                     "overflow_bf16", "numel"),
     "dtypes": ("step", "layer_idx", "tensor", "dtype"),
     "overflows": ("step", "layer_idx", "tensor", "phase", "first", "nonfinite", "skipped"),
+    "histograms": ("step", "layer_idx", "tensor", "lo", "counts"),
     "policy_changes": ("step", "layer_idx", "precision", "rule"),
     "layers": ("idx", "layer", "type", "n_params", "param_dtype", "depth", "is_leaf"),
 }
+
+
+def pack_hist(hist: Any) -> tuple[int, bytes]:
+    """A log2 histogram (a numpy row, see mpviz.stats) trimmed to its nonzero bins:
+    (first bin, int64 bytes)."""
+    nz = hist.nonzero()[0]
+    if not len(nz):
+        return 0, b""
+    return int(nz[0]), hist[nz[0]:nz[-1] + 1].astype("<i8").tobytes()
+
+
+def unpack_hist(lo: int, blob: bytes) -> list[int]:
+    return [0] * lo + list(array("q", blob))  # little-endian int64, as written
 
 
 class RunStoreError(Exception):
