@@ -324,3 +324,31 @@ def test_bad_input_errors(tmp_path):
         pass
     with pytest.raises(mpviz.RunStoreError, match="already holds a run"):
         mpviz.Recorder(Net(), run_dir=tmp_path / "r").attach()
+
+
+def test_log2_histogram_matches_frexp_reference(digits, tmp_path):
+    model = Net()
+    outs = {}
+    h = model.fc1.register_forward_hook(lambda m, a, o: outs.__setitem__("fc1", o.detach().float()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with mpviz.Recorder(model, optimizer=opt, run_dir=tmp_path / "r", every=1) as rec:
+        train(model, batches(*digits, 1), rec, opt, None, torch.float16)
+    h.remove()
+    hist = mpviz.load_run(tmp_path / "r").histogram("fc1", "activation", step=0)
+    o = outs["fc1"].abs().flatten()
+    nz = o[o > 0]
+    _, exp = torch.frexp(nz)  # nz = m * 2**exp with 0.5 <= m < 1, so 2**(exp-1) <= nz < 2**exp
+    want = {(2.0 ** (e - 1), 2.0 ** e): c
+            for e, c in zip(*(v.tolist() for v in torch.unique(exp, return_counts=True)))}
+    got = {(r.lo, r.hi): int(r.count) for r in hist.itertuples() if r.hi > 0}
+    assert got == want
+    zeros = hist[(hist.lo == 0) & (hist.hi == 0)]["count"].sum()
+    assert zeros == int((o == 0).sum())
+
+
+def test_reading_runs_does_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import sys, mpviz; mpviz.load_run; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
