@@ -269,7 +269,10 @@ class Recorder:
     def _on_backward_start(self, grad: torch.Tensor) -> None:
         if not self._backward_queued:
             self._backward_queued = True
-            compat.queue_backward_callback(self._on_backward_end)
+            # Re-queue from inside the first final callback so ours runs after every callback
+            # queued during backward, e.g. DDP's, which writes the all-reduced gradients.
+            compat.queue_backward_callback(
+                lambda: compat.queue_backward_callback(self._on_backward_end))
 
     def _on_backward_end(self) -> None:
         """All ``.grad`` are accumulated (and still scaled by the loss scale)."""
