@@ -22,6 +22,7 @@ Rows go to a background writer thread (:mod:`mpviz.store`); nothing is written o
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 import socket
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -156,10 +158,8 @@ class Recorder:
         self._autocast: tuple[bool, torch.dtype] | None = None
         self._rng: Any = None
         self._acts: list[tuple[int, torch.Tensor]] = []
-        self._act_stats: torch.Tensor | None = None
-        self._act_layers: list[int] = []
-        self._grad_stats: torch.Tensor | None = None
-        self._weight_stats: torch.Tensor | None = None
+        self._stats: torch.Tensor | None = None
+        self._stats_owners: dict[str, list[int]] = {}
         self._grads: list[torch.Tensor | None] | None = None
         self._grad_bad: torch.Tensor | None = None
         self._scale_used: torch.Tensor | None = None
@@ -258,10 +258,6 @@ class Recorder:
             return
         if self._order_acc is not None:
             self._fwd_order, self._order_acc = self._order_acc, None
-        if self._acts:
-            self._act_layers = [i for i, _ in self._acts]
-            self._act_stats = tensor_stats([t for _, t in self._acts])
-            self._acts = []
         out = output if isinstance(output, torch.Tensor) else _first_float(output)
         if out is not None and out.requires_grad:
             out.register_hook(self._on_backward_start)
@@ -275,21 +271,30 @@ class Recorder:
                 lambda: compat.queue_backward_callback(self._on_backward_end))
 
     def _on_backward_end(self) -> None:
-        """All ``.grad`` are accumulated (and still scaled by the loss scale)."""
+        """All ``.grad`` are accumulated (and still multiplied by the loss scale)."""
         self._backward_queued = False
-        grads = [p.grad for p in self._params]
-        self._grads = grads
-        present = [g for g in grads if g is not None]
+        self._grads = [p.grad for p in self._params]
+        present = [g for g in self._grads if g is not None]
         scale = compat.scaler_scale(self.scaler)
         self._scale_used = scale.detach().clone() if scale is not None else None
-        if not present:
-            return
-        norms = torch.stack(torch._foreach_norm(present))
-        bad = ~torch.isfinite(norms)
-        self._grad_bad = bad if self._grad_bad is None else self._grad_bad | bad
+        if present and scale is None:
+            # No GradScaler watches for inf/nan: check the gradients here (on device, no sync).
+            bad = ~torch.isfinite(torch.stack(torch._foreach_norm(present)))
+            self._grad_bad = bad if self._grad_bad is None else self._grad_bad | bad
         if self._recording_stats():
-            self._grad_stats = tensor_stats(present, divisor=self._scale_used)
-            self._weight_stats = tensor_stats(self._params)
+            self._compute_stats(present)
+
+    def _compute_stats(self, present: list[torch.Tensor]) -> None:
+        """Activations, (unscaled) gradients and weights of this step: one batched computation."""
+        acts, self._acts = self._acts, []
+        grads_of = [self._param_layer[i] for i, g in enumerate(self._grads or []) if g is not None]
+        self._stats_owners = {"activation": [i for i, _ in acts], "grad": grads_of,
+                              "weight": self._param_layer if present else []}
+        tensors = [t for _, t in acts] + present + (self._params if present else [])
+        if tensors:
+            scaled = (len(acts), len(acts) + len(present), self._scale_used)
+            self._stats = tensor_stats(tensors, scaled=scaled if self._scale_used is not None
+                                       else None)
 
     def _optim_pre_hook(self, *args: Any) -> None:
         # Without GradScaler nothing stops a non-finite update: find the culprit while the
@@ -330,69 +335,59 @@ class Recorder:
         now = time.perf_counter()
         step_time = now - self._t_last
         step = self._step
-        recorded = self._recording_stats()
+        if self._acts and self._recording_stats():  # a forward with no backward this step
+            self._compute_stats([])
 
-        # ---- gather everything that lives on the device into one tensor, copy once
+        # ---- everything that lives on the device goes into one tensor: one host copy
         parts: list[torch.Tensor] = []
-        nan = torch.tensor([float("nan")], device=self.device)
-        loss_t = loss.detach().reshape(-1)[:1].float() if isinstance(loss, torch.Tensor) else \
-            torch.tensor([float("nan") if loss is None else float(loss)], device=self.device)
-        parts.append(loss_t.to(self.device))
-        parts.append(self._scale_used.reshape(1).float() if self._scale_used is not None else nan)
+        loss_is_t = isinstance(loss, torch.Tensor)
+        if loss_is_t:
+            parts.append(loss.detach().reshape(-1)[:1].float())
         scale_now = compat.scaler_scale(self.scaler)
-        parts.append(scale_now.reshape(1).float() if scale_now is not None else nan)
+        if self._scale_used is not None and scale_now is not None:
+            parts += [self._scale_used.reshape(1).float(), scale_now.reshape(1).float()]
         n_bad = len(self._grad_bad) if self._grad_bad is not None else 0
         if n_bad:
             parts.append(self._grad_bad.float())
-        stats = [(self._act_stats if recorded else None), (self._grad_stats if recorded else None),
-                 (self._weight_stats if recorded else None)]
-        for s in stats:
-            if s is not None:
-                parts.append(s.reshape(-1))
-        host_np = torch.cat([p.to(self.device) for p in parts]).cpu().double().numpy()
-        host = host_np[:3 + n_bad].tolist()
-
-        loss_v, scale_used, scale_after = host[0], host[1], host[2]
-        pos = 3
-        # _grad_bad covers only parameters that had a gradient; map back to parameter indices.
+        if self._stats is not None:
+            parts.append(self._stats.reshape(-1))
+        host = torch.cat([p.to(self.device) for p in parts]).cpu().numpy() if parts else None
+        pos = 0
+        if loss_is_t:
+            loss_v, pos = float(host[0]), 1
+        else:
+            loss_v = None if loss is None else float(loss)
+        scale_used = scale_after = None
+        if self._scale_used is not None and scale_now is not None:
+            scale_used, scale_after, pos = float(host[pos]), float(host[pos + 1]), pos + 2
         present_idx = [i for i, g in enumerate(self._grads or []) if g is not None]
-        bad_params = []
-        if n_bad:
-            flags = host[pos:pos + len(present_idx)]
-            pos += len(present_idx)
-            bad_params = [present_idx[k] for k, f in enumerate(flags) if f]
-        # per-tensor rows -> per-layer records (a layer's weight and bias are merged)
-        grad_layers = [self._param_layer[i] for i in present_idx]
-        stat_rows: list[tuple[str, list[int], dict]] = []
-        for kind, s, owners in (("activation", stats[0], self._act_layers),
-                                ("grad", stats[1], grad_layers),
-                                ("weight", stats[2], self._param_layer)):
-            if s is None:
-                continue
-            block = host_np[pos:pos + len(owners) * ROW].reshape(len(owners), ROW)
-            pos += len(owners) * ROW
-            stat_rows.append((kind, *by_layer(block, owners)))
+        bad_params = [present_idx[k] for k in np.flatnonzero(host[pos:pos + n_bad])]
+        pos += n_bad
+        stat_rows = []
+        if self._stats is not None:
+            for kind, owners in self._stats_owners.items():
+                if owners:
+                    block = host[pos:pos + len(owners) * ROW].astype(np.float64)
+                    stat_rows.append((kind, *by_layer(block.reshape(len(owners), ROW), owners)))
+                    pos += len(owners) * ROW
 
         if self.optimizer is not None:
             skipped = self._optim_steps == 0
         else:
-            skipped = scale_after == scale_after and scale_used == scale_used and \
-                scale_after < scale_used
+            skipped = scale_used is not None and scale_after < scale_used
         self._optim_steps = 0
-        loss_finite = loss_v == loss_v and abs(loss_v) != float("inf")
-        bad = bool(bad_params) or (loss is not None and not loss_finite)
+        if skipped and scale_used is not None and not bad_params:
+            bad_params = self._nonfinite_params()  # GradScaler found inf/nan: where? (bad steps only)
+        loss_bad = loss_v is not None and not math.isfinite(loss_v)
 
-        # ---- rows
-        dtype_rows = self._dtype_rows(step)
+        # ---- rows, to the writer thread
         w = self._writer
         assert w is not None
-        w.put("steps", [(step, None if loss is None else loss_v,
-                         None if scale_used != scale_used else scale_used,
-                         None if scale_after != scale_after else scale_after,
-                         int(skipped), int(bool(bad_params)), step_time, samples,
+        w.put("steps", [(step, loss_v, scale_used, scale_after, int(skipped),
+                         int(bool(bad_params)), step_time, samples,
                          (samples / step_time) if samples and step_time > 0 else None,
                          time.time())])
-        w.put("dtypes", dtype_rows)
+        w.put("dtypes", self._dtype_rows(step))
         for kind, layers, d in stat_rows:
             role = self._role(kind)
             cols = [d[c].tolist() for c in ("norm", "max_abs", "min_abs_nonzero", "zeros",
@@ -407,19 +402,23 @@ class Recorder:
             w.put("layer_stats", rows)
             w.put("histograms", [(step, layer, kind, *pack_hist(d["hist"][k]))
                                  for k, layer in enumerate(layers)])
-        if bad:
+        if bad_params or loss_bad:
             w.put("overflows", self._overflow_rows(step, bad_params, skipped))
 
         # ---- reset per-step state
-        self._grad_bad = None
-        self._grads = None
-        self._act_stats = self._grad_stats = self._weight_stats = None
-        self._scale_used = None
-        self._precheck = None
-        self._inputs = None
+        self._grad_bad = self._grads = self._stats = self._scale_used = None
+        self._precheck = self._inputs = None
         self._step += 1
         self._t_last = time.perf_counter()
         return step
+
+    def _nonfinite_params(self) -> list[int]:
+        grads = self._grads or []
+        present = [i for i, g in enumerate(grads) if g is not None]
+        if not present:
+            return []
+        flags = ~torch.isfinite(torch.stack(torch._foreach_norm([grads[i] for i in present])))
+        return [present[k] for k in flags.nonzero().flatten().tolist()]
 
     @staticmethod
     def _role(kind: str) -> str:

@@ -22,12 +22,14 @@ evenly strided elements; norm, max and min are always over every element.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
 from .formats import N_BINS
 
-SAMPLE_CAP = 1 << 16
+SAMPLE_CAP = 1 << 15
 # per-tensor row: norm, max_abs, min_abs_nonzero, numel, sampled, then the histogram
 N_HEAD = 5
 ROW = N_HEAD + N_BINS
@@ -37,11 +39,12 @@ _FP16_OVER = (144, 256)   # bins with lower edge >= 2**16
 _BF16_UNDER = (1, 2)
 
 
-def tensor_stats(tensors: list[torch.Tensor], divisor: torch.Tensor | None = None) -> torch.Tensor:
+def tensor_stats(tensors: list[torch.Tensor],
+                 scaled: tuple[int, int, torch.Tensor] | None = None) -> torch.Tensor:
     """Statistics of each tensor: float32 ``[len(tensors), ROW]`` on the tensors' device.
 
-    ``divisor`` (a 0-d device tensor such as the loss scale) divides every value first, so scaled
-    gradients are measured unscaled.
+    ``scaled=(i, j, scale)``: tensors ``i..j-1`` are multiplied by ``scale`` (a 0-d device
+    tensor: GradScaler's loss scale) and are measured divided by it, i.e. unscaled.
     """
     device = tensors[0].device
     flat = [t.detach().reshape(-1) for t in tensors]
@@ -50,14 +53,14 @@ def tensor_stats(tensors: list[torch.Tensor], divisor: torch.Tensor | None = Non
     lengths = [s.numel() for s in samples]
     # The exponent histogram needs float32 bits; sampled elements only.
     a = torch.cat(samples).float().abs_()
-    if divisor is not None:
-        a = a / divisor
+    if scaled is not None:
+        i, j, scale = scaled
+        a[sum(lengths[:i]):sum(lengths[:j])] /= scale
     bits = a.view(torch.int32)
-    key = (bits >> 23) + 1
+    key = bits >> 23
     key -= (bits == 0).to(torch.int32)
-    base = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int32) * N_BINS,
-                                   torch.tensor(lengths)).to(device, non_blocking=True)
-    hist = torch.bincount(key + base, minlength=len(tensors) * N_BINS).view(len(tensors), N_BINS)
+    key += _bin_base(tuple(lengths), device)
+    hist = torch.bincount(key, minlength=len(tensors) * N_BINS).view(len(tensors), N_BINS)
     # Norms and maxima over every element (fp32 accumulation, no copy of the data).
     norms = torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float32))
     maxes = torch.stack(torch._foreach_max(torch._foreach_abs(flat))).float()
@@ -65,20 +68,32 @@ def tensor_stats(tensors: list[torch.Tensor], divisor: torch.Tensor | None = Non
     # zero to the largest int32, so the minimum skips zeros.
     m = (bits - 1) & 0x7FFFFFFF
     mins = -torch.stack(torch._foreach_max(torch._foreach_neg(list(m.split(lengths)))))
-    for i, (f, n) in enumerate(zip(flat, numel)):
+    for k, (f, n) in enumerate(zip(flat, numel)):
         if n > SAMPLE_CAP:  # the sample may miss the smallest value: take it over every element
             full = f.float().abs()
-            if divisor is not None:
-                full = full / divisor
-            mins[i] = ((full.view(torch.int32) - 1) & 0x7FFFFFFF).amin()
+            if scaled is not None and scaled[0] <= k < scaled[1]:
+                full /= scaled[2]
+            mins[k] = ((full.view(torch.int32) - 1) & 0x7FFFFFFF).amin()
     mins = (mins + 1).view(torch.float32)
     mins = torch.where((mins > 0) & torch.isfinite(mins), mins, float("inf"))
-    if divisor is not None:
-        norms, maxes = norms / divisor, maxes / divisor
-    head = torch.stack([norms, maxes, mins,
-                        torch.tensor(numel, device=device, dtype=torch.float32),
-                        torch.tensor(lengths, device=device, dtype=torch.float32)], dim=1)
+    if scaled is not None:
+        norms[i:j] /= scale
+        maxes[i:j] /= scale
+    head = torch.stack([norms, maxes, mins, _const(tuple(numel), device),
+                        _const(tuple(lengths), device)], dim=1)
     return torch.cat([head, hist.float()], dim=1)
+
+
+@functools.lru_cache(maxsize=64)
+def _bin_base(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Per element, the offset of its tensor's histogram in the flat bincount (+1, see bins)."""
+    starts = torch.arange(len(lengths), dtype=torch.int32) * N_BINS + 1
+    return torch.repeat_interleave(starts, torch.tensor(lengths)).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _const(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def by_layer(block: np.ndarray, owners: list[int]) -> tuple[list[int], dict[str, np.ndarray]]:
