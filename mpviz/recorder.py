@@ -351,7 +351,7 @@ class Recorder:
             parts.append(self._grad_bad.float())
         if self._stats is not None:
             parts.append(self._stats.reshape(-1))
-        host = torch.cat([p.to(self.device) for p in parts]).cpu().numpy() if parts else None
+        host = torch.cat([p.to(self.device) for p in parts]).cpu().numpy() if parts else np.zeros(0)
         pos = 0
         if loss_is_t:
             loss_v, pos = float(host[0]), 1

@@ -7,11 +7,9 @@ committed (at most ``flush_every_s`` seconds). No torch import here.
 from __future__ import annotations
 
 import json
-import queue
 from array import array
 import sqlite3
 import threading
-import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -117,7 +115,13 @@ class RunWriter:
                                 f"(or delete the old one)")
         self.path = path
         self.flush_every_s = flush_every_s
-        self._q: queue.Queue = queue.Queue()
+        # Rows wait in memory and the writer wakes every flush_every_s (or on flush/close):
+        # waking it on every put would make it fight the training thread for the GIL.
+        self._lock = threading.Lock()
+        self._pending: list[tuple[str, Any]] = []
+        self._wake = threading.Event()
+        self._waiters: list[threading.Event] = []
+        self._closing = False
         self._error: BaseException | None = None
         con = sqlite3.connect(path)
         con.execute("PRAGMA journal_mode=WAL")
@@ -138,61 +142,53 @@ class RunWriter:
         if self._error is not None:
             raise RunStoreError(f"the run writer failed: {self._error!r}")
         if rows:
-            self._q.put((table, rows))
+            with self._lock:
+                self._pending.append((table, rows))
 
     def set_meta(self, **meta: Any) -> None:
-        self._q.put(("meta", meta))
+        with self._lock:
+            self._pending.append(("meta", [meta]))
 
     def flush(self, timeout: float = 30.0) -> None:
         """Block until every row put so far is committed."""
         done = threading.Event()
-        self._q.put(("flush", done))
+        with self._lock:
+            self._waiters.append(done)
+        self._wake.set()
         if self._thread.is_alive():
             done.wait(timeout)
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            self._q.put(("close", None))
-            self._thread.join()
+        self._closing = True
+        self._wake.set()
+        self._thread.join()
 
     def _loop(self) -> None:
         con = sqlite3.connect(self.path)
         con.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process kill
-        pending: dict[str, list] = {}
-        waiters: list[threading.Event] = []
-        last = time.monotonic()
-        closing = False
-        while not closing:
-            try:
-                kind, item = self._q.get(timeout=self.flush_every_s)
-            except queue.Empty:
-                kind, item = None, None
-            if kind == "close":
-                closing = True
-            elif kind == "flush":
-                waiters.append(item)
-            elif kind == "meta":
-                pending.setdefault("meta", []).append(item)
-            elif kind is not None:
-                pending.setdefault(kind, []).extend(item)
-            due = time.monotonic() - last >= self.flush_every_s
-            if closing or waiters or (due and pending):
+        while True:
+            self._wake.wait(self.flush_every_s)
+            self._wake.clear()
+            closing = self._closing
+            with self._lock:
+                pending, self._pending = self._pending, []
+                waiters, self._waiters = self._waiters, []
+            if pending:
                 try:
                     self._commit(con, pending)
                 except BaseException as e:  # keep serving flush() so no caller hangs
                     self._error = e
-                pending = {}
-                last = time.monotonic()
-                for w in waiters:
-                    w.set()
-                waiters = []
+            for w in waiters:
+                w.set()
+            if closing:
+                break
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         con.close()
 
     @staticmethod
-    def _commit(con: sqlite3.Connection, pending: dict[str, list]) -> None:
+    def _commit(con: sqlite3.Connection, pending: list[tuple[str, Any]]) -> None:
         with con:
-            for table, rows in pending.items():
+            for table, rows in pending:
                 if table == "meta":
                     for meta in rows:
                         RunWriter._write_meta(con, meta)

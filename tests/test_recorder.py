@@ -352,3 +352,12 @@ def test_reading_runs_does_not_import_torch(tmp_path):
 
     code = "import sys, mpviz; mpviz.load_run; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_step_accepts_a_python_float_loss_or_none(tmp_path):
+    model = Net()
+    with mpviz.Recorder(model, run_dir=tmp_path / "r", every=1) as rec:
+        rec.step(loss=0.5, samples=3)
+        rec.step()
+    steps = mpviz.load_run(tmp_path / "r").steps
+    assert steps["loss"].iloc[0] == 0.5 and steps["loss"].isna().iloc[1]
