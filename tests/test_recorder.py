@@ -361,3 +361,34 @@ def test_step_accepts_a_python_float_loss_or_none(tmp_path):
         rec.step()
     steps = mpviz.load_run(tmp_path / "r").steps
     assert steps["loss"].iloc[0] == 0.5 and steps["loss"].isna().iloc[1]
+
+
+def test_policy_changes_are_recorded_at_the_step_they_take_effect(digits, tmp_path):
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu")
+    policy = mpviz.PrecisionPolicy({"*": "fp16", "norm": "fp32"})
+    with mpviz.Recorder(model, optimizer=opt, scaler=scaler, run_dir=tmp_path / "r",
+                        policy=policy) as rec:
+        for step, (x, y) in enumerate(batches(*digits, 6)):
+            if step == 3:
+                rec.set_precision({"head": "bf16"})  # takes effect at the next forward
+            loss = F.cross_entropy(model(x), y)  # no outer autocast: the policy decides
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            rec.step(loss=loss, samples=len(x))
+    for m in model.modules():  # the policy went with the recorder
+        assert not m._forward_hooks and not m._forward_pre_hooks
+    run = mpviz.load_run(tmp_path / "r")
+    pc = run.policy_changes
+    initial = pc[pc.step == 0].set_index("layer")
+    assert initial.loc["", "precision"] == "fp16" and initial.loc["norm", "precision"] == "fp32"
+    later = pc[pc.step > 0]
+    assert later[["step", "layer", "precision"]].values.tolist() == [[3, "head", "bf16"]]
+    d = run.dtypes
+    head_out = d[(d.layer == "head") & (d.tensor == "output")][["step", "dtype"]].values.tolist()
+    assert head_out == [[0, "float16"], [3, "bfloat16"]]
+    norm_out = d[(d.layer == "norm") & (d.tensor == "output")]["dtype"].tolist()
+    assert norm_out == ["float32"]
