@@ -166,11 +166,16 @@ class Recorder:
         self._precheck: dict[str, Any] | None = None
         self._replaying = False
         self._backward_queued = False
+        # Per-module hooks cost microseconds per module per call, so they are only attached on
+        # "watched" steps: statistics steps, and any step where the dtypes may have changed (the
+        # first, after a policy change, or when autocast / the input dtype changed).
+        self._module_handles: list[Any] = []
+        self._watching = False
+        self._watch_next = True
+        self._watch_key: Any = None
 
         self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True,
                                                              prepend=True))
-        for i, m in enumerate(self._modules):
-            self._handles.append(m.register_forward_hook(self._make_hook(i)))
         self._handles.append(model.register_forward_hook(self._root_hook))
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._optim_pre_hook))
@@ -191,9 +196,10 @@ class Recorder:
         if self._closed:
             return
         self._closed = True
-        for h in self._handles:
+        for h in self._handles + self._module_handles:
             h.remove()
         self._handles.clear()
+        self._module_handles.clear()
         if self.policy is not None:
             self.policy.remove()
         self._inputs = self._grads = None
@@ -238,6 +244,15 @@ class Recorder:
         self._autocast = compat.autocast_state(self.device.type)
         self._rng = compat.get_rng_state(self.device)
         self._acts = []
+        first = _first_float(args)
+        key = (self._autocast, first.dtype if first is not None else None)
+        self._watching = self._watch_next or key != self._watch_key or self._recording_stats()
+        if self._watching:
+            self._watch_key, self._watch_next = key, False
+            if not self._module_handles:
+                self._module_handles = [
+                    m.register_forward_hook(self._make_hook(i), prepend=m is self.model)
+                    for i, m in enumerate(self._modules)]
 
     def _make_hook(self, idx: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -307,6 +322,7 @@ class Recorder:
         self._optim_steps += 1
 
     def _on_policy_change(self, changes: list[tuple[str, str | None, str | None]]) -> None:
+        self._watch_next = True
         idx = {n: i for i, n in enumerate(self._names)}
         rows = [(self._step, idx[layer], prec, rule) for layer, prec, rule in changes
                 if layer in idx]
@@ -387,7 +403,8 @@ class Recorder:
                          int(bool(bad_params)), step_time, samples,
                          (samples / step_time) if samples and step_time > 0 else None,
                          time.time())])
-        w.put("dtypes", self._dtype_rows(step))
+        if self._watching:
+            w.put("dtypes", self._dtype_rows(step))
         for kind, layers, d in stat_rows:
             role = self._role(kind)
             cols = [d[c].tolist() for c in ("norm", "max_abs", "min_abs_nonzero", "zeros",
@@ -409,6 +426,11 @@ class Recorder:
         self._grad_bad = self._grads = self._stats = self._scale_used = None
         self._precheck = self._inputs = None
         self._step += 1
+        if self._module_handles and not self._watch_next and not self._recording_stats():
+            for h in self._module_handles:
+                h.remove()
+            self._module_handles = []
+        self._watching = False
         self._t_last = time.perf_counter()
         return step
 
