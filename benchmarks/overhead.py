@@ -1,0 +1,148 @@
+"""How much does recording slow training? Interleaved A/B on the demo tasks, in one process.
+
+For each task and precision, four trainers with the same seed (so the same data and weights)
+take turns, a block of steps at a time, after a warm-up:
+
+- ``bare``: the demo loop with nothing attached (its empty precision policy removed);
+- ``plain``: ``Trainer(record=False)`` -- the loop plus an empty precision policy;
+- ``rec10``: ``Trainer(record=True, every=10)`` -- the default schedule;
+- ``rec1``: ``Trainer(record=True, every=1)`` -- every statistic on every step.
+
+Steps are ``Trainer.step()`` (data, forward, backward, optimizer, recorder); each block of
+steps gives one sample, its mean step time; the ratio is median(recorded) / median(plain) over
+blocks. Blocks are a multiple of 10 steps, so each holds its share of every=10 statistics steps. Interleaving and rotating the block order keep
+slow drifts of a shared machine (other processes, thermal, caches) out of the ratio.
+
+    python benchmarks/overhead.py                  # all tasks, fp32 and fp16 + GradScaler
+    python benchmarks/overhead.py --quick          # a smoke run (fewer steps)
+    python benchmarks/overhead.py --tasks digits,mlp --precisions fp32,bf16,fp16 --steps 600
+
+Prints a markdown table and writes ``benchmarks/results.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mpviz.demos import TASKS, Trainer
+
+ARMS = ("bare", "plain", "rec10", "rec1")
+
+
+def _make(arm: str, task: str, precision: str, seed: int, root: Path) -> Trainer:
+    if arm in ("bare", "plain"):
+        t = Trainer(task=task, precision=precision, seed=seed, record=False)
+        if arm == "bare" and t.policy_handle is not None:
+            t.policy_handle.remove()  # a training loop with nothing of mpviz attached
+        return t
+    every = 10 if arm == "rec10" else 1
+    return Trainer(task=task, precision=precision, seed=seed, record=True, every=every,
+                   run_dir=root / f"{task}-{precision}-{arm}")
+
+
+def measure(task: str, precision: str, steps: int, block: int, warmup: int, seed: int,
+            root: Path) -> dict[str, Any]:
+    """Median step time (seconds) of each arm over ``steps`` interleaved steps per arm."""
+    trainers = {arm: _make(arm, task, precision, seed, root) for arm in ARMS}
+    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    try:
+        for arm in ARMS:
+            for _ in range(warmup):
+                trainers[arm].step()
+        rounds = max(1, steps // block)
+        for r in range(rounds):
+            order = ARMS[r % len(ARMS):] + ARMS[: r % len(ARMS)]  # rotate who goes first
+            for arm in order:
+                t = trainers[arm]
+                t0 = time.perf_counter()
+                for _ in range(block):
+                    t.step()
+                # One sample per block (its mean step time): with every=10 a block of 10k steps
+                # holds exactly k statistics steps, which a per-step median would ignore.
+                times[arm].append((time.perf_counter() - t0) / block)
+    finally:
+        for t in trainers.values():
+            t.close()
+    med = {arm: statistics.median(ts) for arm, ts in times.items()}
+    return {
+        "task": task, "precision": precision, "steps_per_arm": len(times["plain"]) * block,
+        **{f"{arm}_ms": med[arm] * 1e3 for arm in ARMS},
+        "ratio_every10": med["rec10"] / med["plain"],
+        "ratio_every1": med["rec1"] / med["plain"],
+        "ratio_every10_vs_bare": med["rec10"] / med["bare"],
+        "ratio_every1_vs_bare": med["rec1"] / med["bare"],
+        "policy_ratio": med["plain"] / med["bare"],
+    }
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = ("| task | precision | bare ms | plain ms | recorded ms (every=10) | recorded ms (every=1) "
+            "| ratio every=10 | ratio every=1 |\n|---|---|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['precision']} | {r['bare_ms']:.2f} | {r['plain_ms']:.2f} "
+                     f"| {r['rec10_ms']:.2f} | {r['rec1_ms']:.2f} "
+                     f"| {r['ratio_every10']:.3f}x | {r['ratio_every1']:.3f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
+    p.add_argument("--precisions", default="fp32,fp16", help="comma-separated (default fp32,fp16)")
+    p.add_argument("--steps", type=int, default=400, help="timed steps per arm (default 400)")
+    p.add_argument("--block", type=int, default=20, help="steps per turn (default 20)")
+    p.add_argument("--warmup", type=int, default=30, help="untimed steps per arm first (default 30)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice, recorded in the JSON)")
+    p.add_argument("--quick", action="store_true", help="100 steps per arm, blocks of 10, warm-up 10")
+    p.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.block, args.warmup = 100, 10, 10
+    if args.block < 10 or args.block % 10:
+        p.error(f"--block must be a multiple of 10 (the default schedule's period), got {args.block}")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        p.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    precisions = [q.strip() for q in args.precisions.split(",") if q.strip()]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mpviz-bench-") as tmp:
+        for task in tasks:
+            for prec in precisions:
+                r = measure(task, prec, args.steps, args.block, args.warmup, args.seed, Path(tmp))
+                rows.append(r)
+                print(f"{task:6s} {prec:8s} plain {r['plain_ms']:7.2f} ms  every=10 {r['ratio_every10']:.3f}x  "
+                      f"every=1 {r['ratio_every1']:.3f}x", file=sys.stderr, flush=True)
+    print(markdown(rows))
+    result = {
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "config": {"steps_per_arm": args.steps, "block": args.block, "warmup": args.warmup, "seed": args.seed,
+                   "ratio": "median step time recorded / plain (Trainer(record=False), same seed)"},
+        "results": rows,
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwritten to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

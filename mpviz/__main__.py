@@ -1,0 +1,202 @@
+"""Command line: record a demo run, or summarise a recorded one.
+
+    python -m mpviz demo --task digits --precision fp16 --steps 200 --run-dir runs/demo
+    python -m mpviz demo --task text --precision bf16 --policy 'head=fp32,blocks.*.ln*=fp32'
+    python -m mpviz info runs/demo
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+TASK_NAMES = ("digits", "text", "mlp")  # mirrors mpviz.demos.TASKS without importing torch for --help
+PRECISION_NAMES = ("fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2")
+
+
+def _choice(kind: str, valid: Sequence[str]):
+    """An argparse ``type=`` that rejects unknown names with the valid ones and close matches."""
+
+    def check(value: str) -> str:
+        if value in valid:
+            return value
+        close = difflib.get_close_matches(value, valid, n=2)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise argparse.ArgumentTypeError(f"unknown {kind} {value!r}: choose from {', '.join(valid)}{hint}")
+
+    check.__name__ = kind  # argparse names the type in some messages
+    return check
+
+
+def _precision(value: str) -> str:
+    try:
+        from mpviz.precision import canonical  # accepts aliases (float16, mixed_bfloat16, ...)
+
+        return canonical(value)
+    except ImportError:
+        return _choice("precision", PRECISION_NAMES)(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_policy(text: str) -> dict[str, str]:
+    """``'head=fp32,conv*=bf16'`` -> ``{"head": "fp32", "conv*": "bf16"}`` (order kept).
+
+        >>> parse_policy("head=fp32, conv*=bf16")
+        {'head': 'fp32', 'conv*': 'bf16'}
+    """
+    rules: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        pattern, sep, prec = part.partition("=")
+        if not sep or not pattern.strip() or not prec.strip():
+            raise argparse.ArgumentTypeError(
+                f"bad policy rule {part!r}: write LAYER_PATTERN=PRECISION, e.g. 'head=fp32,conv*=bf16'")
+        rules[pattern.strip()] = _precision(prec.strip())
+    return rules
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mpviz", description="Record and inspect mixed-precision training.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="train and record one demo task",
+                       description="Train a demo task for a few steps and record it with mpviz.Recorder.")
+    d.add_argument("--task", type=_choice("task", TASK_NAMES), default="digits",
+                   help=f"one of {', '.join(TASK_NAMES)} (default digits)")
+    d.add_argument("--precision", type=_precision, default="fp32",
+                   help=f"one of {', '.join(PRECISION_NAMES)} (default fp32)")
+    d.add_argument("--steps", type=_positive, default=200, help="training steps (default 200)")
+    d.add_argument("--run-dir", default=None, help="where to write the run (default runs/<task>-<precision>-<time>)")
+    d.add_argument("--every", type=_positive, default=10, help="per-layer statistics every N steps (default 10)")
+    d.add_argument("--batch-size", type=_positive, default=None, help="default: the task's own")
+    d.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the task's own)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--policy", type=parse_policy, default=None,
+                   help="per-layer precision rules, e.g. 'head=fp32,conv*=bf16'")
+    d.add_argument("--threads", type=_positive, default=None,
+                   help="torch intra-op threads (default: torch's choice; 1 is faster on a busy 2-core machine)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("info", help="summarise a recorded run")
+    i.add_argument("run_dir", help="a run directory (holds run.db)")
+    return p
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    import torch
+
+    from mpviz.demos import Trainer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    trainer = Trainer(task=args.task, precision=args.precision, batch_size=args.batch_size, lr=args.lr,
+                      seed=args.seed, run_dir=args.run_dir, every=args.every, policy=args.policy)
+    run_dir = trainer.recorder.run_dir
+    with trainer:
+        bar = tqdm(range(args.steps), desc=f"{args.task} {trainer.precision}", unit="step",
+                   disable=args.quiet, dynamic_ncols=True)
+        for _ in bar:
+            out = trainer.step()
+            bar.set_postfix(loss=f"{out['loss']:.4f}", refresh=False)
+        metric = trainer.evaluate()
+    wall = time.perf_counter() - t0
+
+    import mpviz
+
+    run = mpviz.load_run(run_dir)
+    steps = run.steps
+    tail = steps["loss"].tail(10)
+    skipped = int(steps["skipped"].sum())
+    sps = steps["samples"].sum() / steps["step_time_s"].sum()
+    print(f"run written to {run_dir}  (open it: python -m mpviz info {run_dir})")
+    print(f"final loss {tail.mean():.4f} (mean of last {len(tail)}), first {steps['loss'].iloc[0]:.4f}; "
+          + ", ".join(f"held-out {k} {v:.4f}" for k, v in metric.items()))
+    print(f"{len(steps)} steps, {skipped} skipped by GradScaler, {sps:.0f} samples/s, {wall:.1f} s wall")
+    run.close()
+    return 0
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def _fmt_scaler(s: object) -> str:
+    if not isinstance(s, dict) or not s.get("enabled", True):
+        return "no GradScaler"
+    return (f"GradScaler(growth x{_fmt(s.get('growth_factor'))} every {s.get('growth_interval')} steps, "
+            f"backoff x{_fmt(s.get('backoff_factor'))})")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import mpviz
+
+    if not (Path(args.run_dir) / "run.db").exists() and not Path(args.run_dir).is_file():
+        print(f"mpviz info: no run at {args.run_dir!r} (expected {args.run_dir}/run.db); "
+              f"runs found under runs/: {', '.join(map(str, mpviz.list_runs('runs')[:5])) or 'none'}",
+              file=sys.stderr)
+        return 2
+    run = mpviz.load_run(args.run_dir)
+    try:
+        meta, steps = run.meta, run.steps
+        layers, overflows, changes = run.layers, run.overflows, run.policy_changes
+        start, end = meta.get("start_time"), meta.get("end_time")
+        dur = f", {end - start:.1f} s" if isinstance(start, (int, float)) and isinstance(end, (int, float)) else ""
+        print(f"run {run.run_dir}: {meta.get('status')}{dur}")
+        print(f"  model {meta.get('model')} on {meta.get('device')}, torch {meta.get('torch_version')}, "
+              f"{len(layers)} modules, {int(layers['n_params'].sum())} parameters")
+        extras = {k: meta[k] for k in ("task", "precision", "batch_size", "lr", "seed") if k in meta}
+        if extras:
+            print("  " + ", ".join(f"{k} {_fmt(v)}" for k, v in extras.items()))
+        print(f"  autocast {_fmt(meta.get('autocast_dtype'))}, {_fmt_scaler(meta.get('scaler'))}, "
+              f"statistics every {meta.get('every')} steps")
+        if len(steps):
+            tail = steps["loss"].tail(10)
+            sps = steps["samples"].sum() / steps["step_time_s"].sum() if steps["samples"].notna().any() else float("nan")
+            print(f"  {len(steps)} steps; loss {_fmt(float(steps['loss'].iloc[0]))} -> {_fmt(float(tail.mean()))} "
+                  f"(mean of last {len(tail)}); {int(steps['skipped'].sum())} skipped; {_fmt(float(sps))} samples/s")
+            scale = steps["loss_scale"].dropna()
+            if len(scale):
+                print(f"  loss scale {scale.iloc[0]:.6g} -> {scale.iloc[-1]:.6g} (min {scale.min():.6g})")
+        else:
+            print("  no steps recorded yet")
+        firsts = overflows[overflows["first"]] if len(overflows) else overflows
+        print(f"  {len(overflows)} overflow events on {overflows['step'].nunique() if len(overflows) else 0} steps"
+              + (f"; first culprit {firsts['layer'].iloc[0]!r} at step {int(firsts['step'].iloc[0])}" if len(firsts) else ""))
+        if len(changes):
+            print(f"  {len(changes)} per-layer precision changes, last at step {int(changes['step'].max())}")
+    finally:
+        run.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m mpviz`` and the ``mpviz`` script.
+
+        >>> main(["info", "runs/does-not-exist"])  # doctest: +SKIP
+    """
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        return cmd_demo(args)
+    return cmd_info(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
