@@ -59,3 +59,14 @@ def dist_rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool device tensor: does any of ``tensors`` hold inf/nan? No host sync.
+
+    ``_foreach_norm`` is one fused kernel on GPUs but a per-tensor loop on the CPU, where
+    concatenating first and testing once is cheaper.
+    """
+    if tensors[0].device.type == "cpu":
+        return ~torch.isfinite(torch.cat([t.reshape(-1) for t in tensors])).all()
+    return ~torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()

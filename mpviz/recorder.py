@@ -294,7 +294,8 @@ class Recorder:
         self._scale_used = scale.detach().clone() if scale is not None else None
         if present and scale is None:
             # No GradScaler watches for inf/nan: check the gradients here (on device, no sync).
-            bad = ~torch.isfinite(torch.stack(torch._foreach_norm(present)))
+            # Which ones are bad is worked out only on a bad step (_nonfinite_params).
+            bad = compat.any_nonfinite(present)
             self._grad_bad = bad if self._grad_bad is None else self._grad_bad | bad
         if self._recording_stats():
             self._compute_stats(present)
@@ -362,9 +363,8 @@ class Recorder:
         scale_now = compat.scaler_scale(self.scaler)
         if self._scale_used is not None and scale_now is not None:
             parts += [self._scale_used.reshape(1).float(), scale_now.reshape(1).float()]
-        n_bad = len(self._grad_bad) if self._grad_bad is not None else 0
-        if n_bad:
-            parts.append(self._grad_bad.float())
+        if self._grad_bad is not None:
+            parts.append(self._grad_bad.reshape(1).float())
         if self._stats is not None:
             parts.append(self._stats.reshape(-1))
         host = torch.cat([p.to(self.device) for p in parts]).cpu().numpy() if parts else np.zeros(0)
@@ -376,9 +376,9 @@ class Recorder:
         scale_used = scale_after = None
         if self._scale_used is not None and scale_now is not None:
             scale_used, scale_after, pos = float(host[pos]), float(host[pos + 1]), pos + 2
-        present_idx = [i for i, g in enumerate(self._grads or []) if g is not None]
-        bad_params = [present_idx[k] for k in np.flatnonzero(host[pos:pos + n_bad])]
-        pos += n_bad
+        any_bad = False
+        if self._grad_bad is not None:
+            any_bad, pos = bool(host[pos]), pos + 1
         stat_rows = []
         if self._stats is not None:
             for kind, owners in self._stats_owners.items():
@@ -392,8 +392,10 @@ class Recorder:
         else:
             skipped = scale_used is not None and scale_after < scale_used
         self._optim_steps = 0
-        if skipped and scale_used is not None and not bad_params:
-            bad_params = self._nonfinite_params()  # GradScaler found inf/nan: where? (bad steps only)
+        # Which parameters went non-finite: worked out on bad steps only (GradScaler skipped the
+        # step, or our own check found inf/nan).
+        bad_params = self._nonfinite_params() if any_bad or (skipped and scale_used is not None) \
+            else []
         loss_bad = loss_v is not None and not math.isfinite(loss_v)
 
         # ---- rows, to the writer thread

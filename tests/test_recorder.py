@@ -392,3 +392,38 @@ def test_policy_changes_are_recorded_at_the_step_they_take_effect(digits, tmp_pa
     assert head_out == [[0, "float16"], [3, "bfloat16"]]
     norm_out = d[(d.layer == "norm") & (d.tensor == "output")]["dtype"].tolist()
     assert norm_out == ["float32"]
+
+
+class SqrtNet(nn.Module):
+    """sqrt(z**2) at z == 0: a finite forward, but inf * 0 = NaN in the backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 10)
+        self.register_buffer("gate", (torch.arange(32) % 2).float())
+
+    def forward(self, x):
+        return self.head(torch.sqrt((self.fc1(x) * self.gate) ** 2))
+
+
+def test_nan_gradients_with_a_finite_loss_are_found_without_a_scaler(digits, tmp_path):
+    torch.manual_seed(0)
+    model = SqrtNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # keep the weights: every step is bad
+    with mpviz.Recorder(model, optimizer=opt, run_dir=tmp_path / "r", every=100) as rec:
+        x, y = next(batches(*digits, 1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        bad = {n.rsplit(".", 1)[0] for n, p in model.named_parameters()
+               if not torch.isfinite(p.grad).all()}
+        opt.step()
+        opt.zero_grad()
+        rec.step(loss=loss, samples=len(x))
+    assert torch.isfinite(loss) and bad == {"fc1"}  # the reference, by hand
+    run = mpviz.load_run(tmp_path / "r")
+    steps = run.steps
+    assert steps["nonfinite_grads"].tolist() == [True] and steps["skipped"].tolist() == [False]
+    ov = run.overflows
+    assert ov[["layer", "phase", "first"]].values.tolist() == [["fc1", "backward", True]]
