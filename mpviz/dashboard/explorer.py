@@ -1,0 +1,285 @@
+"""The run explorer: open any run directory, finished or still being written, and follow it.
+
+>>> from mpviz.dashboard import explorer_app
+>>> ex = explorer_app(runs_dir="runs")          # doctest: +SKIP
+>>> ex.open("runs/exp1"); ex.set_range(0, 500)  # doctest: +SKIP
+
+A follower thread polls `run.steps_since(last)` and, when rows arrived, re-reads decimated views
+(`queries`, SQL GROUP BY buckets) so even 100k steps x 200 layers draw in about a second. It ends
+when the run is finished, after `idle_timeout_s` without new steps, after `max_follow_s`, or on
+`close()`/unticking Follow, so an abandoned page does not pin a kernel forever.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as widgets
+
+from . import queries, ui
+from .plots import RunFigure, layer_history_figure, show_static
+
+DRILL_EVERY_S = 2.0  # the drill-down chart re-renders at most this often while following
+
+
+class Explorer:
+    """Plots of one run, a step range selector, a per-layer drill-down; follows live runs."""
+
+    def __init__(self, run_dir: str | Path | None = None, runs_dir: str | Path | None = None,
+                 follow: bool = True, poll_s: float = 0.5, idle_timeout_s: float = 600.0,
+                 max_follow_s: float = 4 * 3600.0) -> None:
+        self.runs_dir = ui.runs_root(runs_dir)
+        self.poll_s, self.idle_timeout_s, self.max_follow_s = poll_s, idle_timeout_s, max_follow_s
+        self.run: Any = None
+        self.last_seen = -1          # last step the follower has seen
+        self.refresh_cost_s = 0.0
+        self._lock = threading.RLock()   # one refresh at a time (follower vs. callbacks)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._own_slider_change = False
+        self._drill_at = 0.0
+
+        self.picker = widgets.Dropdown(description="run", layout=widgets.Layout(width="60%"))
+        self.picker.add_class("mpviz-run-picker")
+        self.rescan_btn = ui.button("Rescan", "mpviz-rescan")
+        self.follow = widgets.Checkbox(value=follow, description="follow live", indent=False)
+        self.follow.add_class("mpviz-follow")
+        self.info = widgets.HTML()
+        self.info.add_class("mpviz-steps")
+        self.range = widgets.IntRangeSlider(value=(0, 0), min=0, max=0, description="steps",
+                                            continuous_update=False,
+                                            layout=widgets.Layout(width="95%"))
+        self.range.add_class("mpviz-range")
+        self.layer = widgets.Dropdown(description="drill-down", options=[("(pick a layer)", "")])
+        self.layer.add_class("mpviz-layer-pick")
+        self.drill = widgets.Output()
+        self.drill.add_class("mpviz-drill")
+        self.overflows = widgets.HTML()
+        self.overflows.add_class("mpviz-overflows")
+        self.meta = widgets.HTML()
+        self.fig = RunFigure(n_slots=1)
+        self.fig.widget.add_class("mpviz-figure")
+
+        self.rescan_btn.on_click(lambda _: self.rescan())
+        self.picker.observe(self._on_pick, names="value")
+        self.follow.observe(self._on_follow, names="value")
+        self.range.observe(self._on_range, names="value")
+        self.layer.observe(lambda _: self._request_refresh(drill=True), names="value")
+
+        self.widget = widgets.VBox([
+            ui.title("mpviz run explorer", "open a run, finished or still training"),
+            widgets.HBox([self.picker, self.rescan_btn, self.follow]),
+            self.info, self.meta, self.range, self.fig.widget,
+            widgets.HBox([widgets.VBox([self.layer, self.drill], layout=widgets.Layout(width="60%")),
+                          widgets.VBox([self.overflows], layout=widgets.Layout(width="40%"))]),
+        ])
+        self.widget.add_class("mpviz-app")
+        self.widget.add_class("mpviz-explorer")
+        self.rescan(select=run_dir)
+
+    def _repr_mimebundle_(self, **kwargs):
+        self.fig.sync()  # what was drawn before display must be in the state the page loads
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    # ------------------------------------------------------------------ opening
+    def rescan(self, select: str | Path | None = None) -> None:
+        """Re-list the runs under runs_dir; open `select` (default: the newest)."""
+        import mpviz
+
+        runs = [Path(p) for p in mpviz.list_runs(self.runs_dir)]
+        if select is not None and Path(select) not in runs:
+            runs.insert(0, Path(select))
+        options = [(p.name, str(p)) for p in runs]
+        target = str(select) if select is not None else (options[0][1] if options else None)
+        if not options:
+            self.info.value = (f"No runs under <code>{self.runs_dir}</code> yet: train one in the lab "
+                               f"or with <code>python -m mpviz demo --run-dir {self.runs_dir}/demo</code>, "
+                               f"then press Rescan.")
+        self.picker.options = options
+        if target is not None:
+            if self.picker.value == target:
+                self.open(target)
+            else:
+                self.picker.value = target  # fires _on_pick -> open
+
+    def _on_pick(self, change: dict) -> None:
+        if change["new"]:
+            self.open(change["new"])
+
+    def open(self, run_dir: str | Path) -> None:
+        """Show the run in `run_dir` (and follow it if it is still being written)."""
+        import mpviz
+
+        self._stop_follower()
+        with self._lock:
+            if self.run is not None:
+                self.run.close()
+                self.run = None
+            try:
+                self.run = mpviz.load_run(run_dir)
+            except mpviz.RunStoreError as e:  # e.g. created this instant, first commit pending
+                self.info.value = (f"<span class='mpviz-bad'>{html.escape(str(e))}</span> "
+                                   "(a run that just started: press Rescan in a second)")
+                return
+            self.last_seen = self.run.last_step
+            meta = self.run.meta
+            self.meta.value = ui.html_table(
+                ["status", "model", "task", "precision", "autocast", "every", "device", "torch"],
+                [[html.escape(str(meta.get(k, ""))) for k in
+                  ("status", "model", "task", "precision", "autocast_dtype", "every", "device",
+                   "torch_version")]])
+            layers = self.run.layers
+            self.layer.options = [("(pick a layer)", "")] + [
+                (queries.layer_label(n), n) for n in layers["layer"]]
+            self.fig.clear()
+            self._set_slider(0, max(self.last_seen, 0), follow_end=True, reset=True)
+            self.refresh(drill=True)
+        if self.follow.value:
+            self._start_follower()
+
+    # ------------------------------------------------------------------ range
+    def set_range(self, lo: int, hi: int) -> None:
+        """Show steps [lo, hi] (the slider does the same)."""
+        self.range.value = (lo, hi)
+
+    def _set_slider(self, lo: int, hi_max: int, follow_end: bool, reset: bool = False) -> None:
+        """Grow the slider to the run's length; keep the user's window unless it touched the end."""
+        self._own_slider_change = True
+        try:
+            old_lo, old_hi = self.range.value
+            at_end = old_hi >= self.range.max
+            self.range.max = max(hi_max, 0)
+            if reset:
+                self.range.value = (0, self.range.max)
+            elif follow_end and at_end:
+                self.range.value = (old_lo, self.range.max)
+        finally:
+            self._own_slider_change = False
+
+    def _on_range(self, change: dict) -> None:
+        if not self._own_slider_change:
+            self._request_refresh(drill=True)
+
+    def _request_refresh(self, drill: bool = False) -> None:
+        if drill:
+            self._drill_at = 0.0
+        if self._thread is not None and self._thread.is_alive():
+            self._wake.set()   # the follower refreshes on its own thread
+        else:
+            self.refresh(drill=drill)
+
+    # ------------------------------------------------------------------ drawing
+    def refresh(self, drill: bool = False) -> None:
+        """Re-read the run over the selected step range and update every view."""
+        if self.run is None:
+            return
+        with self._lock:
+            t0 = time.perf_counter()
+            run = self.run
+            lo, hi = self.range.value
+            if hi >= self.range.max:
+                hi = max(run.last_step, hi)
+            snap = queries.snapshot(run, lo, hi)
+            self.fig.update(0, snap.steps, snap.skipped, snap.marks, snap.dtypes, snap.heat)
+            df, total = queries.overflow_table(run, limit=20)
+            self.overflows.value = ui.overflow_html(df, total)
+            now = time.monotonic()
+            if self.layer.value and (drill or now - self._drill_at >= DRILL_EVERY_S):
+                self._drill_at = now
+                hist = queries.layer_history(run, self.layer.value, lo, hi)
+                show_static(self.drill, layer_history_figure(hist, self.layer.value))
+            self.refresh_cost_s = time.perf_counter() - t0
+            self._show_info()
+
+    def _show_info(self) -> None:
+        run = self.run
+        n = run.last_step + 1
+        status = run.meta.get("status", "?")
+        following = self._thread is not None and self._thread.is_alive()
+        self.info.value = (f"<b>{run.run_dir.name}</b> · <span class='mpviz-step-count'>{n}</span> steps"
+                           f" · {status}" + (" · following" if following else "")
+                           + f" · drawn in {self.refresh_cost_s * 1000:.0f} ms")
+
+    # ------------------------------------------------------------------ following
+    def _on_follow(self, change: dict) -> None:
+        if change["new"]:
+            self._start_follower()
+        else:
+            self._stop_follower()
+            if self.run is not None:
+                self._show_info()
+
+    def _start_follower(self) -> None:
+        if self.run is None or (self._thread is not None and self._thread.is_alive()):
+            return
+        if not self.run.is_live:
+            return  # a finished run does not grow
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._follow, name="mpviz-explorer-follow", daemon=True)
+        self._thread.start()
+
+    def _stop_follower(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(10)
+        self._thread = None
+
+    def _follow(self) -> None:
+        started = last_new = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                # Poll no faster than 4x the cost of a refresh (<= 4 redraws/s on small runs).
+                self._wake.wait(max(self.poll_s, 4 * self.refresh_cost_s))
+                woken = self._wake.is_set()
+                self._wake.clear()
+                if self._stop.is_set():
+                    break
+                run = self.run
+                new = run.steps_since(self.last_seen)
+                live = run.is_live
+                if len(new):
+                    self.last_seen = int(new["step"].iloc[-1])
+                    last_new = time.monotonic()
+                    with self._lock:
+                        self._set_slider(0, self.last_seen, follow_end=True)
+                if len(new) or woken or not live:
+                    self.refresh(drill=woken)
+                if not live and not len(new):
+                    break  # finished (or failed): nothing more will come
+                now = time.monotonic()
+                if now - last_new > self.idle_timeout_s or now - started > self.max_follow_s:
+                    break
+        except Exception:  # the page keeps what it has; the status line says following stopped
+            traceback.print_exc()
+        finally:
+            if self._thread is threading.current_thread():
+                self._thread = None
+            try:
+                if self.run is not None:
+                    self._show_info()
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        self._stop_follower()
+        if self.run is not None:
+            self.run.close()
+        self.widget.close()
+
+
+def explorer_app(run_dir: str | Path | None = None, runs_dir: str | Path | None = None,
+                 **kwargs: Any) -> Explorer:
+    """The run explorer app. Opens `run_dir`, or the newest run under `runs_dir`
+    (`$MPVIZ_RUNS_DIR` overrides it).
+
+    >>> ex = explorer_app(runs_dir="runs")   # doctest: +SKIP
+    """
+    return Explorer(run_dir=run_dir, runs_dir=runs_dir, **kwargs)

@@ -1,0 +1,292 @@
+"""Figures of the apps: built once, then updated in place under a lock with `batch_update()`.
+
+One `FigureWidget` per app (each one ships plotly's ~5 MB bundle to the page); extra static
+charts are plain `go.Figure`s put into an `Output` with `show_static` (~20 kB each).
+
+>>> from mpviz.dashboard.plots import RunFigure
+>>> fig = RunFigure(n_slots=2)
+>>> [t.meta for t in fig.widget.data][:3]
+['loss:0', 'marks:0', 'speed:0']
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from copy import deepcopy
+
+import numpy as np
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.subplots import make_subplots
+
+from . import queries
+
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+SLOT_TRACES = ("loss", "marks", "speed", "scale", "skips")
+# Discrete colours of the dtype map: fp32, bf16, fp16, fp8 e4m3, fp8 e5m2, other.
+DTYPE_COLORSCALE = [
+    [0.0, "#c6dbef"], [0.1666, "#c6dbef"],
+    [0.1667, "#fdd0a2"], [0.3333, "#fdd0a2"],
+    [0.3334, "#fc9272"], [0.5, "#fc9272"],
+    [0.5001, "#bcbddc"], [0.6666, "#bcbddc"],
+    [0.6667, "#9e9ac8"], [0.8333, "#9e9ac8"],
+    [0.8334, "#d9d9d9"], [1.0, "#d9d9d9"],
+]
+
+
+def _arr(values) -> np.ndarray:
+    # 1-D float arrays travel as binary buffers (4-8 B/point) instead of JSON lists.
+    return np.asarray(values, dtype=float)
+
+
+def _log2(values) -> np.ndarray:
+    # Loss scales are powers of two: log2 reads as "2^k" and keeps tick labels clean.
+    v = _arr(values)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.log2(np.where(v > 0, v, np.nan))
+    return out
+
+
+def _at(x_src: np.ndarray, y_src: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """y of a line at the given x (for placing markers on a curve)."""
+    ok = np.isfinite(y_src)
+    if not ok.any() or len(x) == 0:
+        return np.full(len(x), np.nan)
+    return np.interp(x, x_src[ok], y_src[ok])
+
+
+def sync_figure_state(fig: go.FigureWidget, lock: threading.RLock) -> None:
+    """Copy a FigureWidget's current traces and layout into its synced state.
+
+    Updates made before the page shows the figure travel as one-off messages that nobody
+    receives; a FigureWidget nested in a box is not synced at display (only a top-level one is),
+    so the apps call this when they are displayed.
+    """
+    with lock:
+        fig._widget_layout = deepcopy(fig._layout_obj._props)
+        fig._widget_data = deepcopy(fig._data)
+
+
+class RunFigure:
+    """Loss, samples/s, loss scale (+ skipped steps), dtype map and grad-norm heatmap of up to
+    `n_slots` runs in one FigureWidget. Thread-safe: every mutation holds `self.lock`."""
+
+    def __init__(self, n_slots: int = 1, height: int = 900, width: int | None = None) -> None:
+        self.n_slots = n_slots
+        self.lock = threading.RLock()
+        base = make_subplots(
+            rows=3, cols=2,
+            specs=[[{}, {}], [{}, {}], [{"colspan": 2}, None]],
+            subplot_titles=("loss (★ = precision change)", "samples/s",
+                            "log2 loss scale (× = skipped step, hover: culprit layer)",
+                            "dtype map (blue fp32, orange bf16, red fp16, purple fp8)", "gradient norm, log2 (layers × steps)"),
+            vertical_spacing=0.08, horizontal_spacing=0.12, row_heights=[0.32, 0.32, 0.36],
+        )
+        for slot in range(n_slots):
+            c = COLORS[slot % len(COLORS)]
+            show = slot == 0
+            base.add_trace(go.Scatter(x=[], y=[], mode="lines", name="run", meta=f"loss:{slot}",
+                                      line=dict(color=c), legendgroup=str(slot), visible=show), 1, 1)
+            base.add_trace(go.Scatter(x=[], y=[], mode="markers", name="precision change",
+                                      meta=f"marks:{slot}", hovertemplate="step %{x}<br>%{hovertext}<extra></extra>",
+                                      marker=dict(symbol="star", size=13, color=c, line=dict(width=1, color="black")),
+                                      legendgroup=str(slot), showlegend=False, visible=show), 1, 1)
+            base.add_trace(go.Scatter(x=[], y=[], mode="lines", name="samples/s", meta=f"speed:{slot}",
+                                      line=dict(color=c), legendgroup=str(slot), showlegend=False,
+                                      visible=show), 1, 2)
+            base.add_trace(go.Scatter(x=[], y=[], mode="lines", name="loss scale", meta=f"scale:{slot}",
+                                      line=dict(color=c, shape="hv"), legendgroup=str(slot),
+                                      showlegend=False, visible=show), 2, 1)
+            base.add_trace(go.Scatter(x=[], y=[], mode="markers", name="skipped", meta=f"skips:{slot}",
+                                      hovertemplate="skipped step %{x}<br>%{hovertext}<extra></extra>",
+                                      marker=dict(symbol="x", size=9, color=c), legendgroup=str(slot),
+                                      showlegend=False, visible=show), 2, 1)
+        base.add_trace(go.Heatmap(z=[[None] * 4], x=list(queries.DTYPE_KINDS), y=[""], meta="dtypes",
+                                  colorscale=DTYPE_COLORSCALE, zmin=-0.5, zmax=5.5, showscale=False,
+                                  texttemplate="%{text}", text=[[""] * 4], textfont=dict(size=10),
+                                  hovertemplate="%{y} %{x}: %{text}<extra></extra>"), 2, 2)
+        base.add_trace(go.Heatmap(z=[[None]], x=[0], y=[""], meta="grads", colorscale="Viridis",
+                                  colorbar=dict(title="log2", len=0.33, y=0.16),
+                                  hovertemplate="%{y}<br>step %{x}<br>log2 |g| = %{z:.2f}<extra></extra>"),
+                       3, 1)
+        # Axis types are guessed once, from the first data; the placeholders would make the dtype
+        # map's axes numeric (and its later string labels NaN), so fix them up front.
+        base.update_xaxes(type="category", row=2, col=2)
+        base.update_yaxes(type="category", autorange="reversed", row=2, col=2)  # first layer on top
+        base.update_yaxes(type="category", autorange="reversed", row=3, col=1)
+        base.update_layout(height=height, width=width, margin=dict(l=60, r=20, t=40, b=40),
+                           legend=dict(orientation="h", y=1.06), uirevision="keep")
+        self.widget = go.FigureWidget(base)
+        self._index = {t.meta: i for i, t in enumerate(self.widget.data)}
+
+    def sync(self) -> None:
+        """See `sync_figure_state` (call before the figure is displayed)."""
+        sync_figure_state(self.widget, self.lock)
+
+    def trace(self, name: str, slot: int | None = None):
+        """The trace with meta `name:slot` (or `name` for the shared heatmaps)."""
+        return self.widget.data[self._index[name if slot is None else f"{name}:{slot}"]]
+
+    def set_labels(self, labels: list[str]) -> None:
+        """Name the slots (legend) and hide the unused ones."""
+        with self.lock, self.widget.batch_update():
+            for slot in range(self.n_slots):
+                used = slot < len(labels)
+                for kind in SLOT_TRACES:
+                    t = self.trace(kind, slot)
+                    t.visible = used
+                    if kind == "loss" and used:
+                        t.name = labels[slot]
+
+    def clear(self) -> None:
+        """Empty every trace (a fresh session)."""
+        with self.lock, self.widget.batch_update():
+            for slot in range(self.n_slots):
+                for kind in SLOT_TRACES:
+                    t = self.trace(kind, slot)
+                    t.x, t.y = _arr([]), _arr([])
+            self._set_heatmaps(queries.DtypeMap(), queries.Heatmap())
+
+    def update(self, slot: int, steps, skipped, marks, dtypes: queries.DtypeMap | None = None,
+               heat: queries.Heatmap | None = None) -> None:
+        """Show one run's views (DataFrames from `queries`) in `slot`; dtypes/heat if given."""
+        x = _arr(steps["step"])
+        loss = _arr(steps["loss"])
+        with self.lock, self.widget.batch_update():
+            t = self.trace("loss", slot)
+            t.x, t.y = x, loss
+            t = self.trace("speed", slot)
+            t.x, t.y = x, _arr(steps["samples_per_s"])
+            t = self.trace("scale", slot)
+            t.x, t.y = x, _log2(steps["loss_scale"])
+            t = self.trace("skips", slot)
+            t.x, t.y = _arr(skipped["step"]), _log2(skipped["loss_scale"])
+            t.hovertext = list(skipped["culprit"])
+            mx = _arr(marks["step"])
+            t = self.trace("marks", slot)
+            t.x, t.y = mx, _at(x, loss, mx)
+            t.hovertext = list(marks["text"])
+            if dtypes is not None or heat is not None:
+                self._set_heatmaps(dtypes, heat)
+
+    def set_step_range(self, lo: int | None, hi: int | None) -> None:
+        """Zoom the step axes to [lo, hi] (None: autorange)."""
+        rng = None if lo is None or hi is None else [lo, max(hi, lo + 1)]
+        with self.lock, self.widget.batch_update():
+            for ax in ("xaxis", "xaxis2", "xaxis3", "xaxis5"):
+                axis = self.widget.layout[ax]
+                axis.range = rng
+                axis.autorange = rng is None
+
+    def _set_heatmaps(self, dtypes: queries.DtypeMap | None, heat: queries.Heatmap | None) -> None:
+        if dtypes is not None:
+            t = self.trace("dtypes")
+            if dtypes.layers:
+                # NaN would travel as the string "nan" and break the SVG: missing cells are None.
+                z = np.where(np.isfinite(dtypes.codes), dtypes.codes, None).tolist()
+                t.z, t.x, t.y, t.text = z, list(dtypes.kinds), dtypes.layers, dtypes.names
+                # Labels in the cells only while they fit; colours and hover always.
+                t.texttemplate = "%{text}" if len(dtypes.layers) <= 14 else ""
+            else:
+                t.z, t.x, t.y, t.text = [[None] * 4], list(queries.DTYPE_KINDS), [""], [[""] * 4]
+        if heat is not None:
+            t = self.trace("grads")
+            if heat.layers:
+                z = np.where(np.isfinite(heat.z), np.round(heat.z, 2), None).tolist()
+                t.z, t.x, t.y = z, heat.steps.tolist(), heat.layers
+            else:
+                t.z, t.x, t.y = [[None]], [0], [""]
+
+
+class CompareFigure:
+    """Loss vs step, loss vs wall time, samples/s and loss scale of several runs overlaid."""
+
+    PANELS = (("loss", "step", 1, 1), ("loss", "wall", 1, 2), ("samples_per_s", "step", 2, 1),
+              ("loss_scale", "step", 2, 2))
+
+    def __init__(self, n_slots: int = 6, height: int = 700, width: int | None = None) -> None:
+        self.n_slots = n_slots
+        self.lock = threading.RLock()
+        base = make_subplots(rows=2, cols=2, subplot_titles=(
+            "loss vs step", "loss vs wall time (s)", "samples/s", "log2 loss scale (× = skipped)"),
+            vertical_spacing=0.12, horizontal_spacing=0.1)
+        for slot in range(n_slots):
+            c = COLORS[slot % len(COLORS)]
+            for col, xkind, r, cc in self.PANELS:
+                base.add_trace(go.Scatter(x=[], y=[], mode="lines", name=f"run {slot}",
+                                          meta=f"{col}-{xkind}:{slot}", line=dict(color=c, shape="hv" if col == "loss_scale" else None),
+                                          legendgroup=str(slot), showlegend=(col == "loss" and xkind == "step"),
+                                          visible=False), r, cc)
+            base.add_trace(go.Scatter(x=[], y=[], mode="markers", name="skipped", meta=f"skips:{slot}",
+                                      marker=dict(symbol="x", size=8, color=c), legendgroup=str(slot),
+                                      hovertemplate="skipped step %{x}<br>%{hovertext}<extra></extra>",
+                                      showlegend=False, visible=False), 2, 2)
+        base.update_layout(height=height, width=width, margin=dict(l=60, r=20, t=40, b=40), uirevision="keep",
+                           legend=dict(orientation="h", y=1.08))
+        self.widget = go.FigureWidget(base)
+        self._index = {t.meta: i for i, t in enumerate(self.widget.data)}
+
+    def sync(self) -> None:
+        """See `sync_figure_state` (call before the figure is displayed)."""
+        sync_figure_state(self.widget, self.lock)
+
+    def trace(self, meta: str):
+        return self.widget.data[self._index[meta]]
+
+    def show(self, runs: list[tuple[str, object, object]]) -> None:
+        """runs: [(label, step DataFrame, skipped DataFrame)], at most n_slots of them."""
+        with self.lock, self.widget.batch_update():
+            for slot in range(self.n_slots):
+                used = slot < len(runs)
+                for col, xkind, _, _ in self.PANELS:
+                    t = self.trace(f"{col}-{xkind}:{slot}")
+                    t.visible = used
+                    if not used:
+                        t.x, t.y = _arr([]), _arr([])
+                        continue
+                    label, steps, _ = runs[slot]
+                    t.name = label
+                    if xkind == "wall":
+                        wall = _arr(steps["wall_time"])
+                        x = wall - np.nanmin(wall) if len(wall) and np.isfinite(wall).any() else wall
+                    else:
+                        x = _arr(steps["step"])
+                    t.x, t.y = x, (_log2(steps[col]) if col == "loss_scale" else _arr(steps[col]))
+                t = self.trace(f"skips:{slot}")
+                t.visible = used
+                if used:
+                    skipped = runs[slot][2]
+                    t.x, t.y = _arr(skipped["step"]), _log2(skipped["loss_scale"])
+                    t.hovertext = list(skipped["culprit"])
+                else:
+                    t.x, t.y = _arr([]), _arr([])
+
+
+def layer_history_figure(df, layer: str) -> go.Figure:
+    """Static chart of one layer's statistics over time (drill-down): norms and max |x| per
+    tensor on a log axis, fp16 underflow fraction on a second axis."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+        f"{queries.layer_label(layer)}: norm (solid) and max |x| (dotted)", "fraction below fp16 subnormal"))
+    for i, (tensor, grp) in enumerate(df.groupby("tensor", sort=True)):
+        c = COLORS[i % len(COLORS)]
+        fig.add_trace(go.Scatter(x=grp["step"].tolist(), y=grp["norm"].tolist(), name=f"{tensor} norm",
+                                 line=dict(color=c)), 1, 1)
+        fig.add_trace(go.Scatter(x=grp["step"].tolist(), y=grp["max_abs"].tolist(), name=f"{tensor} max",
+                                 line=dict(color=c, dash="dot")), 1, 1)
+        fig.add_trace(go.Scatter(x=grp["step"].tolist(), y=grp["underflow_fp16"].tolist(),
+                                 name=f"{tensor} underflow", line=dict(color=c), showlegend=False), 1, 2)
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_layout(height=320, margin=dict(l=50, r=20, t=40, b=30))
+    return fig
+
+
+def show_static(out, fig: go.Figure) -> None:
+    """Put a static figure into an ipywidgets Output without `with out:` (safe from threads).
+
+    Only plotly's JSON mimetype is sent (~20 kB): the page's plotly extension draws it, and
+    nothing depends on the kernel's default renderer.
+    """
+    bundle = {"application/vnd.plotly.v1+json": json.loads(pio.to_json(fig, validate=False)),
+              "text/plain": f"<plotly figure: {len(fig.data)} traces>"}
+    out.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)

@@ -1,0 +1,228 @@
+"""Training in a worker thread, bounded by a step limit, a time limit and Stop.
+
+Widget events do not reach a kernel that is busy in a cell, so the lab trains on a daemon
+thread (`torch_thread`, the only thread that runs torch), and the kernel stays free for
+toggles. A kernel whose thread keeps updating widgets is never culled by Voila, so training
+always ends: at `max_steps`, after `max_seconds` of wall time (pauses
+included), or on `stop()`.
+
+Several trainers train interleaved, one step each per round (the lab's race mode), so they see
+the same wall-clock conditions. `on_tick(worker)` is called from this thread at most every
+`tick_s` seconds (stretched to 4x its own cost, so a slow UI cannot eat the training time).
+
+>>> from mpviz.dashboard.worker import TrainingWorker, make_trainer
+>>> t = make_trainer("mlp", "fp32", run_dir="runs/doc-worker")     # doctest: +SKIP
+>>> w = TrainingWorker([t], max_steps=20); w.start(); w.join()      # doctest: +SKIP
+>>> w.state, w.rounds                                               # doctest: +SKIP
+('done', 20)
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import traceback
+from concurrent.futures import Future
+from typing import Any, Callable, Sequence
+
+IDLE, RUNNING, PAUSED, DONE, FAILED = "idle", "running", "paused", "done", "failed"
+
+
+class _TorchThread:
+    """The one thread on which the dashboards run torch: build, step, toggle and close trainers.
+
+    Why one thread: OpenMP keeps a thread pool per calling thread. Once a second thread has run
+    torch ops, the small demo models train 2-2.5x slower on this 2-core CPU (measured: digits
+    fp32 ~26k samples/s on the first torch thread, ~10.5k on a second one). So the kernel's main
+    thread never touches torch. It is a daemon thread that sleeps on a queue when idle (nothing
+    keeps the kernel busy), so Voila's culler still stops an abandoned kernel.
+    """
+
+    def __init__(self) -> None:
+        self._q: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        fut: Future = Future()
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="mpviz-torch", daemon=True)
+                self._thread.start()
+        self._q.put((fut, fn, args, kwargs))
+        return fut
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run fn on the torch thread and return its result (or raise its error)."""
+        if threading.current_thread() is self._thread:
+            return fn(*args, **kwargs)
+        return self.submit(fn, *args, **kwargs).result()
+
+    def _serve(self) -> None:
+        while True:
+            fut, fn, args, kwargs = self._q.get()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as e:
+                fut.set_exception(e)
+
+
+torch_thread = _TorchThread()
+
+
+def make_trainer(task: str, precision: str, run_dir: str, batch_size: int | None = None,
+                 lr: float | None = None, seed: int = 0, every: int = 10,
+                 policy: dict[str, str] | None = None, meta: dict[str, Any] | None = None) -> Any:
+    """A recording `mpviz.demos.Trainer` (imported here: the dashboard never imports torch)."""
+    from mpviz.demos import Trainer
+
+    return Trainer(task=task, precision=precision, batch_size=batch_size, lr=lr, seed=seed,
+                   run_dir=run_dir, every=every, policy=policy or None, record=True,
+                   meta={"source": "mpviz.dashboard", **(meta or {})})
+
+
+class TrainingWorker:
+    """Steps `trainers` round-robin in a daemon thread until a limit or `stop()`.
+
+    The trainers are closed (their runs marked finished) when the thread ends.
+    """
+
+    def __init__(self, trainers: Sequence[Any], max_steps: int = 1000, max_seconds: float = 600.0,
+                 on_tick: Callable[["TrainingWorker"], None] | None = None,
+                 on_done: Callable[["TrainingWorker"], None] | None = None,
+                 tick_s: float = 0.25) -> None:
+        if max_steps < 1 or max_seconds <= 0:
+            raise ValueError(f"max_steps must be >= 1 and max_seconds > 0, got {max_steps}, {max_seconds}")
+        self.trainers = list(trainers)
+        self.max_steps = int(max_steps)
+        self.max_seconds = float(max_seconds)
+        self.on_tick, self.on_done, self.tick_s = on_tick, on_done, tick_s
+        self.state = IDLE
+        self.reason = ""          # why the thread ended: "step limit", "time limit", "stopped", error
+        self.rounds = 0           # steps done by each trainer
+        self.error: BaseException | None = None
+        self.tick_error: str | None = None
+        self.post_error: str | None = None
+        self.tick_cost_s = 0.0
+        self.started_at: float | None = None
+        self._stop = threading.Event()
+        self._resume = threading.Event()
+        self._resume.set()
+        self._future: Future | None = None
+        self._mailbox: queue.Queue = queue.Queue()
+
+    # --------------------------------------------------------------- control (any thread)
+    def start(self) -> None:
+        if self._future is not None:
+            raise RuntimeError("this worker already ran; create a new TrainingWorker to train again")
+        self.state = RUNNING
+        self.started_at = time.monotonic()
+        self._future = torch_thread.submit(self._loop)
+
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run fn on the training thread between two steps (a policy toggle, for instance)."""
+        self._mailbox.put(fn)
+
+    def pause(self) -> None:
+        if self.state == RUNNING:
+            self._resume.clear()
+            self.state = PAUSED
+
+    def resume(self) -> None:
+        if self.state == PAUSED:
+            self.state = RUNNING
+            self._resume.set()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Ask the thread to end after the current step and wait for it."""
+        self._stop.set()
+        self._resume.set()
+        self.join(timeout)
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._future is not None and threading.current_thread() is not torch_thread._thread:
+            try:
+                self._future.exception(timeout)
+            except TimeoutError:
+                pass
+
+    @property
+    def alive(self) -> bool:
+        return self._future is not None and not self._future.done()
+
+    @property
+    def elapsed_s(self) -> float:
+        return 0.0 if self.started_at is None else time.monotonic() - self.started_at
+
+    # --------------------------------------------------------------- the thread
+    def _loop(self) -> None:
+        next_tick = 0.0
+        try:
+            while True:
+                if self._stop.is_set():
+                    self.reason = "stopped"
+                    break
+                if self.rounds >= self.max_steps:
+                    self.reason = "step limit"
+                    break
+                if self.elapsed_s >= self.max_seconds:
+                    self.reason = "time limit"
+                    break
+                self._drain_mailbox()
+                if not self._resume.is_set():
+                    # Paused: the time limit keeps running, so an abandoned tab still ends.
+                    self._resume.wait(0.25)
+                    continue
+                for t in self.trainers:
+                    t.step()
+                self.rounds += 1
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + self._tick()
+            self._drain_mailbox()
+            self.state = DONE   # before the last tick, so it draws everything (tables included)
+            self._tick()
+        except BaseException as e:  # shown in the UI; the runs are still closed below
+            self.error = e
+            self.reason = f"{type(e).__name__}: {e}"
+            self.state = FAILED
+            traceback.print_exc()
+        finally:
+            for t in self.trainers:
+                try:
+                    t.close()
+                except Exception:
+                    traceback.print_exc()
+            if self.on_done is not None:
+                try:
+                    self.on_done(self)
+                except Exception:
+                    traceback.print_exc()
+
+    def _drain_mailbox(self) -> None:
+        while True:
+            try:
+                fn = self._mailbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fn()
+            except Exception as e:  # a bad toggle must not stop training; the status shows it
+                self.post_error = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+
+    def _tick(self) -> float:
+        """Run on_tick; returns how long to wait before the next one."""
+        if self.on_tick is None:
+            return self.tick_s
+        t0 = time.perf_counter()
+        try:
+            self.on_tick(self)
+            self.tick_error = None
+        except Exception as e:  # a UI glitch must not kill training; it shows in the status line
+            self.tick_error = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        self.tick_cost_s = time.perf_counter() - t0
+        return max(self.tick_s, 4 * self.tick_cost_s)

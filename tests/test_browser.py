@@ -1,0 +1,259 @@
+"""The apps in a real browser: Voila serves each notebook on localhost, Playwright drives
+Debian's headless Chromium (never `playwright install`: no downloads here).
+
+One Voila server per app (module-scoped). Screenshots go to docs/ (shown in the README).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import mpviz
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+DOCS = ROOT / "docs"
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="browser tests need Debian's Chromium at /usr/bin/chromium: "
+           "sudo apt-get install -y chromium (or `make browser`)")
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+# Console noise that is not ours (see ../shared/NOTES.md): Voila 0.5.13's JupyterLab 4.6 version
+# warnings, the template's CDN font/MathJax requests failing offline, and plotly's mime renderer
+# warning about setData. Everything else in the console fails the test.
+HARMLESS = re.compile(
+    r"Unsatisfied version|ERR_NAME_NOT_RESOLVED|ERR_INTERNET_DISCONNECTED|ERR_CONNECTION_REFUSED.*(cdn|fonts|mathjax)"
+    r"|font-?awesome|MathJax|r\.setData is not a function", re.I)
+# Requests to outside hosts that Voila's own template makes (the apps must make none).
+TEMPLATE_HOSTS = re.compile(r"cdnjs\.cloudflare\.com|cdn\.jsdelivr\.net|unpkg\.com|fonts\.googleapis")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def voila(notebook: str, runs_dir: Path):
+    """Serve notebooks/<notebook> with Voila on a free port, with kernel culling on."""
+    port = _free_port()
+    env = {**os.environ, "MPVIZ_RUNS_DIR": str(runs_dir)}
+    log = open(runs_dir.parent / f"voila-{Path(notebook).stem}.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "voila", f"notebooks/{notebook}", "--no-browser", f"--port={port}",
+         "--Voila.ip=127.0.0.1", "--MappingKernelManager.cull_idle_timeout=300",
+         "--MappingKernelManager.cull_interval=60"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            assert proc.poll() is None, (runs_dir.parent / f"voila-{Path(notebook).stem}.log").read_text()
+            try:
+                urllib.request.urlopen(url + "api/status", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break   # the server answers (this route may not exist): it is up
+            except OSError:
+                time.sleep(0.3)
+        print(f"  voila up in {time.monotonic() - end + 60:.1f} s")
+        yield url
+    finally:
+        t0 = time.monotonic()
+        proc.terminate()
+        try:
+            proc.wait(20)
+            print(f"  voila stopped in {time.monotonic() - t0:.1f} s")
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class Page:
+    """A page plus what it logged and fetched, for the no-errors / offline assertions."""
+
+    def __init__(self, browser, url: str):
+        self.console: list[str] = []
+        self.outside: list[str] = []
+        self.page = browser.new_page(viewport={"width": 1500, "height": 1000})
+        self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}")
+                     if m.type in ("error", "warning") else None)
+        self.page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
+        self.page.on("request", self._request)
+        t0 = time.monotonic()
+        self.page.goto(url, timeout=120_000)
+        print(f"  page loaded in {time.monotonic() - t0:.1f} s")
+
+    def _request(self, req) -> None:
+        host = re.sub(r"^\w+://([^/:]+).*", r"\1", req.url)
+        if host not in ("127.0.0.1", "localhost") and not req.url.startswith(("data:", "blob:")):
+            self.outside.append(req.url)
+
+    def our_errors(self) -> list[str]:
+        return [m for m in self.console if m.startswith(("error", "pageerror")) and not HARMLESS.search(m)]
+
+    def trace_len(self, meta: str) -> int:
+        return self.page.evaluate(
+            """(meta) => { const gd = document.querySelector('.js-plotly-plot.mpviz-figure, .mpviz-figure .js-plotly-plot');
+                 if (!gd || !gd.data) return -1;
+                 const t = gd.data.find(t => t.meta === meta);
+                 return t && t.x ? t.x.length : -1; }""", meta)
+
+    def trace(self, meta: str):
+        return self.page.evaluate(
+            """(meta) => { const gd = document.querySelector('.js-plotly-plot.mpviz-figure, .mpviz-figure .js-plotly-plot');
+                 const t = gd && gd.data ? gd.data.find(t => t.meta === meta) : null;
+                 return t ? {x: Array.from(t.x || []), hovertext: t.hovertext ? Array.from(t.hovertext) : [],
+                             visible: t.visible} : null; }""", meta)
+
+    def wait(self, cond, timeout: float = 120.0, what: str = "") -> None:
+        t0 = time.monotonic()
+        end = t0 + timeout
+        while time.monotonic() < end:
+            if cond():
+                print(f"  waited {time.monotonic() - t0:5.1f} s for {what}")
+                return
+            self.page.wait_for_timeout(250)
+        raise AssertionError(f"timed out waiting for {what}; console: {self.console[-10:]}")
+
+    def shoot(self, selector: str, name: str) -> None:
+        """Screenshot of the app into docs/ (a tall viewport: Chromium paints only what is in it)."""
+        height = int(self.page.evaluate(f"document.querySelector('{selector}').scrollHeight")) + 100
+        self.page.set_viewport_size({"width": 1500, "height": max(1000, height)})
+        self.page.wait_for_timeout(1000)
+        self.page.locator(selector).screenshot(path=str(DOCS / name))
+
+    def no_python_errors_shown(self) -> None:
+        stderr = self.page.locator("[data-mime-type='application/vnd.jupyter.stderr']")
+        assert stderr.count() == 0, stderr.all_inner_texts()
+        assert self.page.locator(".jp-OutputArea-output [data-mime-type*='error']").count() == 0
+
+    def offline_ok(self) -> None:
+        ours = [u for u in self.outside if not TEMPLATE_HOSTS.search(u)]
+        assert not ours, f"the page fetched from outside: {ours}"
+
+
+def test_lab_trains_live_and_shows_a_layer_toggle(browser, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    with voila("lab.ipynb", runs) as url:
+        p = Page(browser, url)
+        page = p.page
+        page.wait_for_selector(".mpviz-lab", timeout=180_000)
+        p.wait(lambda: p.trace_len("loss:0") == 0, what="the empty loss plot")
+        page.locator(".mpviz-max-steps input").fill("400")
+        page.locator(".mpviz-max-steps input").press("Enter")
+        page.get_by_role("button", name="Start").click()
+
+        p.wait(lambda: p.trace_len("loss:0") >= 5, what="the loss curve to start")
+        n1 = p.trace_len("loss:0")
+        p.wait(lambda: p.trace_len("loss:0") > n1 + 5, what="the loss curve to grow")
+
+        row = page.locator(".mpviz-layer-row", has_text="head")
+        row.locator("select").select_option("fp32")
+        p.wait(lambda: "fp32" in row.locator(".mpviz-cell").inner_text(), what="head's precision cell")
+        p.wait(lambda: any("head → fp32" in h for h in (p.trace("marks:0") or {}).get("hovertext", [])),
+               what="the precision-change marker on the loss curve")
+        marks = p.trace("marks:0")
+        step = marks["x"][[i for i, h in enumerate(marks["hovertext"]) if "head → fp32" in h][0]]
+        assert step > 0   # toggled mid-run, marked where it took effect
+
+        # Recorded run agrees: the change is in run.policy_changes at that step.
+        run_dir = next(runs.glob("lab-*"))
+        changes = mpviz.load_run(run_dir).policy_changes
+        assert ((changes["layer"] == "head") & (changes["precision"] == "fp32")
+                & (changes["step"] == step)).any()
+
+        p.wait(lambda: p.trace_len("loss:0") > 120, what="more steps for the screenshot")
+        page.get_by_role("button", name="Stop").click()
+        p.wait(lambda: "done" in page.locator(".mpviz-status").inner_text(), what="Stop")
+        page.wait_for_timeout(800)
+        p.shoot(".mpviz-lab", "lab.png")
+        p.no_python_errors_shown()
+        assert not p.our_errors(), p.our_errors()
+        p.offline_ok()
+        page.close()
+
+
+def test_explorer_follows_a_run_another_process_writes(browser, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    run_dir = runs / "live-text-bf16"
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "mpviz", "demo", "--task", "text", "--precision", "bf16", "--steps",
+         "100000", "--every", "5", "--run-dir", str(run_dir), "--quiet"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 120
+        while True:
+            try:
+                if mpviz.load_run(run_dir).last_step >= 5:
+                    break
+            except mpviz.RunStoreError:
+                pass   # not created yet, or its first commit is still pending
+            assert trainer.poll() is None and time.monotonic() < end, "the demo process did not start"
+            time.sleep(0.3)
+        with voila("explorer.ipynb", runs) as url:
+            p = Page(browser, url)
+            page = p.page
+            page.wait_for_selector(".mpviz-explorer .mpviz-step-count", timeout=180_000)
+            count = lambda: int(page.locator(".mpviz-step-count").inner_text())  # noqa: E731
+            n1 = count()
+            p.wait(lambda: count() > n1 + 10, what="the step count to grow")
+            assert trainer.poll() is None      # ... while the other process is still writing
+            # The curve follows (decimated to <= 2000 points: compare the last step drawn).
+            p.wait(lambda: max(p.trace("loss:0")["x"] or [0]) >= n1, what="the loss curve to follow")
+            page.locator(".mpviz-layer-pick select").select_option(label="blocks.0.attn.qkv")
+            page.wait_for_selector(".mpviz-drill .js-plotly-plot", timeout=30_000)
+            page.wait_for_timeout(1500)
+            p.shoot(".mpviz-explorer", "explorer.png")
+            p.no_python_errors_shown()
+            assert not p.our_errors(), p.our_errors()
+            p.offline_ok()
+            page.close()
+    finally:
+        trainer.kill()
+        trainer.wait(30)
+
+
+def test_compare_shows_two_runs(browser, dash_two_runs):
+    root, a, b = dash_two_runs
+    with voila("compare.ipynb", root) as url:
+        p = Page(browser, url)
+        page = p.page
+        page.wait_for_selector(".mpviz-compare .mpviz-diff-table table", timeout=180_000)
+        p.wait(lambda: p.trace_len("loss-step:0") == 30 and p.trace_len("loss-step:1") == 30,
+               what="two loss curves of 30 steps")
+        assert p.trace("loss-step:2")["visible"] is False
+        page.wait_for_timeout(800)
+        p.shoot(".mpviz-compare", "compare.png")
+        p.no_python_errors_shown()
+        assert not p.our_errors(), p.our_errors()
+        p.offline_ok()
+        page.close()

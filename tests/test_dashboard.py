@@ -1,0 +1,364 @@
+"""The dashboard apps' logic, without a browser: real training, real runs, real widgets.
+
+References are independent of the code under test: the run store read back with plain pandas,
+a Trainer stepped by hand, GradScaler's own scale, log2 computed by numpy.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import mpviz
+from mpviz.dashboard import compare_app, explorer_app, lab_app, queries
+from mpviz.dashboard.compare import differences
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _wait(cond, timeout=120.0, every=0.1):
+    """Poll `cond` until true (no timing assertion: the timeout only bounds a broken test)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(every)
+    return False
+
+
+# --------------------------------------------------------------------------- no torch
+def test_dashboard_package_never_imports_torch():
+    for path in sorted((ROOT / "mpviz" / "dashboard").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not any(n == "torch" or n.startswith("torch.") for n in names), (path, names)
+    # Importing the apps (and reading runs) must not pull torch in either.
+    code = "import sys, mpviz.dashboard; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# --------------------------------------------------------------------------- the lab
+def test_lab_trains_in_a_thread_and_shows_every_step_and_a_toggle(dash_runs):
+    lab = lab_app(task="digits", precision="fp16", every=2)
+    try:
+        assert "head" in lab._rows and "conv1" in lab._rows
+        lab.start(max_steps=40)
+        assert _wait(lambda: lab.worker.rounds >= 12)
+        lab.set_layer_precision("head", "fp32")   # while the thread trains
+        lab.worker.join(120)
+        assert lab.worker.state == "done" and lab.worker.reason == "step limit"
+        assert not lab.worker.alive
+        run_dir = lab.trainers[0].recorder.run_dir
+
+        run = mpviz.load_run(run_dir)
+        steps = run.steps
+        assert run.meta["status"] == "finished" and len(steps) == 40
+        # The loss curve is exactly the recorded losses (40 points: no decimation).
+        loss = lab.fig.trace("loss", 0)
+        np.testing.assert_array_equal(np.asarray(loss.x), steps["step"].to_numpy(dtype=float))
+        np.testing.assert_allclose(np.asarray(loss.y), steps["loss"].to_numpy(dtype=float))
+        # The toggle took effect at a later step, and is marked there on the curve.
+        changes = run.policy_changes
+        head = changes[(changes["layer"] == "head") & (changes["precision"] == "fp32")]
+        assert len(head) == 1 and 12 <= int(head["step"].iloc[0]) < 40
+        marks = lab.fig.trace("marks", 0)
+        k = int(head["step"].iloc[0])
+        assert k in [int(x) for x in marks.x]
+        i = [int(x) for x in marks.x].index(k)
+        assert "head → fp32" in marks.hovertext[i]
+        assert marks.y[i] == pytest.approx(float(steps.loc[steps["step"] == k, "loss"].iloc[0]))
+        # The layer table shows the new precision for head, the base one elsewhere.
+        assert "<b>fp32</b>" in lab._rows["head"][0].value
+        assert "<b>fp16</b>" in lab._rows["conv1"][0].value
+        # ... and head really ran in fp32 after the change (recorded output dtype).
+        dts = run.dtypes
+        out = dts[(dts["layer"] == "head") & (dts["tensor"] == "output")]
+        assert out["dtype"].iloc[-1].endswith("float32") and out["dtype"].iloc[0].endswith("float16")
+        # Loss scale trace = log2 of the scaler's values recorded each step.
+        np.testing.assert_allclose(np.asarray(lab.fig.trace("scale", 0).y),
+                                   np.log2(steps["loss_scale"].to_numpy(float)))
+        # Heatmap: one row per layer with grads, log2 of the recorded grad norm.
+        heat = lab.fig.trace("grads")
+        stats = run.layer_stats
+        g = stats[(stats["tensor"] == "grad") & (stats["layer"] == "conv1") & (stats["step"] == 0)]
+        row = list(heat.y).index("conv1")
+        assert heat.z[row][0] == pytest.approx(math.log2(float(g["norm"].iloc[0])), abs=0.01)
+        run.close()
+    finally:
+        lab.close()
+
+
+def test_lab_race_trains_the_same_data_interleaved(dash_runs):
+    from mpviz.demos import Trainer
+
+    lab = lab_app(task="mlp", precision="bf16")
+    try:
+        lab.alongside.value = ("fp32", "fp16")
+        lab.start(max_steps=8)
+        lab.worker.join(120)
+        assert [t.precision for t in lab.trainers] == ["bf16", "fp32", "fp16"]
+        runs = [mpviz.load_run(t.recorder.run_dir) for t in lab.trainers]
+        assert [r.last_step for r in runs] == [7, 7, 7]
+        # Same model, seed and data as a plain fp32 Trainer stepped by hand (no recorder, no UI).
+        ref = Trainer(task="mlp", precision="fp32", seed=0, record=False)
+        ref_loss = [ref.step()["loss"] for _ in range(8)]
+        ref.close()
+        np.testing.assert_allclose(runs[1].steps["loss"].to_numpy(float), ref_loss, rtol=1e-6)
+        # Three overlaid curves, one per policy.
+        for slot in range(3):
+            assert len(lab.fig.trace("loss", slot).x) == 8 and lab.fig.trace("loss", slot).visible
+            assert len(lab.fig.trace("speed", slot).y) == 8
+        for r in runs:
+            r.close()
+    finally:
+        lab.close()
+
+
+def test_lab_pause_stop_and_time_limit_end_the_thread(dash_runs):
+    lab = lab_app(task="mlp", precision="fp32")
+    try:
+        lab.start(max_steps=1_000_000, max_seconds=3600)
+        assert _wait(lambda: lab.worker.rounds >= 3)
+        lab.toggle_pause()
+        assert _wait(lambda: lab.worker.state == "paused")
+        time.sleep(0.5)
+        paused_at = lab.worker.rounds
+        time.sleep(1.0)
+        assert lab.worker.rounds == paused_at   # no training while paused
+        lab.toggle_pause()
+        assert _wait(lambda: lab.worker.rounds > paused_at)
+        lab.stop()
+        assert not lab.worker.alive and lab.worker.reason == "stopped"
+        assert mpviz.load_run(lab.trainers[0].recorder.run_dir).meta["status"] == "finished"
+        # A time limit ends a session even when nobody presses anything (or the tab is gone).
+        lab.start(max_steps=1_000_000, max_seconds=1)
+        lab.worker.join(60)
+        assert not lab.worker.alive and lab.worker.reason == "time limit"
+    finally:
+        lab.close()
+
+
+def test_lab_reset_starts_a_fresh_run_and_tidies_unused_ones(dash_runs):
+    lab = lab_app(task="mlp", precision="fp32")
+    try:
+        first = lab.trainers[0].recorder.run_dir
+        lab.task.value = "digits"       # a config change resets: the unused mlp run is removed
+        assert not first.exists()
+        lab.start(max_steps=3)
+        lab.worker.join(60)
+        trained = lab.trainers[0].recorder.run_dir
+        lab.reset()
+        assert trained.exists()         # a run with steps stays on disk
+        assert lab.trainers[0].recorder.run_dir != trained
+        assert len(lab.fig.trace("loss", 0).x) == 0
+    finally:
+        lab.close()
+
+
+# --------------------------------------------------------------------------- queries
+def _overflowing_run(run_dir: Path, bad_steps: set[int], steps: int = 60):
+    """fp16 autocast + GradScaler on a tiny model; on `bad_steps` the input is scaled so fc1's
+    output overflows fp16. Returns the steps GradScaler skipped, from the scaler itself."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("fc1", nn.Linear(4, 8))
+    model.add_module("act", nn.ReLU())
+    model.add_module("fc2", nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    skipped = []
+    with mpviz.Recorder(model, optimizer=opt, scaler=scaler, run_dir=run_dir, every=2) as rec:
+        for i in range(steps):
+            x = torch.randn(16, 4) * (1e6 if i in bad_steps else 1.0)
+            y = torch.randint(0, 2, (16,))
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.cross_entropy(model(x).float(), y)
+            scaler.scale(loss).backward()
+            before = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            if scaler.get_scale() < before:
+                skipped.append(i)
+            opt.zero_grad()
+            rec.step(loss=loss, samples=16)
+    return skipped
+
+
+def test_queries_decimate_lines_but_keep_every_skipped_step(tmp_path):
+    bad = {5, 17, 33, 34, 51}
+    skipped_ref = _overflowing_run(tmp_path / "ovf", bad)
+    assert set(skipped_ref) == bad
+    run = mpviz.load_run(tmp_path / "ovf")
+    steps = run.steps
+
+    view = queries.step_view(run, 0, 59, max_points=10)
+    assert len(view) <= 10
+    # Each point is the mean of its bucket of 6 steps (hand computation with pandas).
+    k = queries.bucket_size(0, 59, 10)
+    ref = steps.assign(b=steps["step"] // k).groupby("b")["samples_per_s"].mean().to_numpy()
+    np.testing.assert_allclose(view["samples_per_s"].to_numpy(float), ref)
+
+    sk = queries.skipped_view(run, 0, 59)
+    assert sorted(sk["step"].astype(int)) == sorted(skipped_ref)      # none dropped
+    assert all("fc1" in c for c in sk["culprit"])                      # the layer that overflowed
+    np.testing.assert_allclose(sk["loss_scale"].to_numpy(float),
+                               steps.set_index("step").loc[sorted(skipped_ref), "loss_scale"].to_numpy(float))
+
+    heat = queries.grad_heatmap(run, 0, 59, max_cells=12)
+    assert heat.z.size <= 12 and set(heat.layers) == {"fc1", "fc2"}
+    # Cell = log2 of the largest recorded grad norm in its bucket (reference in pandas).
+    st = run.layer_stats
+    g = st[(st["tensor"] == "grad") & (st["layer"] == "fc2")]
+    kk = queries.bucket_size(0, 59, 12 // 2)
+    ref = np.log2(g.assign(b=g["step"] // kk).groupby("b")["norm"].max().to_numpy())
+    row = heat.layers.index("fc2")
+    got = heat.z[row]
+    ok = np.isfinite(ref)
+    np.testing.assert_allclose(got[ok], ref[ok], rtol=1e-6)
+
+    # On the figure: one × per skipped step, at log2 of its loss scale, culprit on hover.
+    from mpviz.dashboard.plots import RunFigure
+
+    fig = RunFigure()
+    snap = queries.snapshot(run, max_points=10)
+    fig.update(0, snap.steps, snap.skipped, snap.marks, snap.dtypes, snap.heat)
+    skips = fig.trace("skips", 0)
+    assert sorted(int(x) for x in skips.x) == sorted(skipped_ref)
+    np.testing.assert_allclose(skips.y, np.log2(sk["loss_scale"].to_numpy(float)))
+    assert all("fc1" in h for h in skips.hovertext)
+
+    # Very large runs sample recorded steps per cell instead of scanning: with enough samples
+    # per cell that is the exact answer; with one, each cell is one of its bucket's norms.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(queries, "EXACT_ROWS", 0)
+        mp.setattr(queries, "SAMPLES_PER_CELL", 1000)
+        np.testing.assert_allclose(queries.grad_heatmap(run, 0, 59, max_cells=12).z, heat.z)
+        mp.setattr(queries, "SAMPLES_PER_CELL", 1)
+        sampled = queries.grad_heatmap(run, 0, 59, max_cells=12).z[row]
+        by_bucket = g.assign(b=g["step"] // kk).groupby("b")["norm"]
+        for col, (_, norms) in enumerate(by_bucket):
+            assert any(np.isclose(sampled[col], np.log2(norms.to_numpy(float))))
+
+    table, total = queries.overflow_table(run, limit=3)
+    assert total == len(run.overflows) and len(table) == 3
+    assert int(table["step"].iloc[0]) == max(bad)  # newest first
+    run.close()
+
+
+def test_layer_table_headroom_is_binades_below_the_format_max(dash_two_runs):
+    _, _, fp16_dir = dash_two_runs
+    run = mpviz.load_run(fp16_dir)
+    table = queries.layer_table(run, {}, base="fp16").set_index("layer")
+    st = run.layer_stats
+    act = st[(st["tensor"] == "activation") & (st["layer"] == "fc1")].sort_values("step")
+    expected = math.log2(65504.0 / float(act["max_abs"].iloc[-1]))
+    assert table.loc["fc1", "headroom"] == pytest.approx(expected)
+    grad = st[(st["tensor"] == "grad") & (st["layer"] == "fc1")].sort_values("step")
+    assert table.loc["fc1", "grad_norm"] == pytest.approx(float(grad["norm"].iloc[-1]))
+    assert table.loc["fc1", "precision"] == "fp16" and table.loc["fc1", "n_params"] == 128 * 64 + 64
+    run.close()
+
+
+# --------------------------------------------------------------------------- explorer
+def test_explorer_follows_a_run_written_by_another_process(dash_runs):
+    run_dir = dash_runs / "live"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mpviz", "demo", "--task", "text", "--precision", "fp32", "--steps",
+         "3000", "--every", "5", "--run-dir", str(run_dir), "--quiet"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def started():
+            try:
+                return mpviz.load_run(run_dir).last_step >= 0
+            except mpviz.RunStoreError:   # not created yet, or its first commit not written
+                return False
+
+        assert _wait(started)
+        ex = explorer_app(poll_s=0.2)   # the newest run under $MPVIZ_RUNS_DIR
+        assert Path(ex.picker.value) == run_dir
+        first = ex.run.last_step
+        assert first < 2999 and ex._thread is not None and ex._thread.is_alive()
+        assert _wait(lambda: ex.last_seen > first)   # it grows while the other process writes
+        assert proc.wait(300) == 0, proc.stderr.read().decode()
+        # The follower sees the end of the run and stops by itself.
+        assert _wait(lambda: ex._thread is None)
+        assert ex.last_seen == 2999
+        assert ">3000</span> steps" in ex.info.value
+        # 3000 steps drawn as <= 2000 averaged points, up to the last one.
+        assert len(ex.fig.trace("loss", 0).x) <= 2000
+        assert int(max(ex.fig.trace("loss", 0).x)) == 2998
+        ex.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_explorer_range_and_drill_down(dash_two_runs):
+    _, fp32_dir, _ = dash_two_runs
+    ex = explorer_app(run_dir=fp32_dir, follow=False)
+    try:
+        assert ex.range.value == (0, 29)
+        ex.set_range(10, 20)
+        xs = [int(x) for x in ex.fig.trace("loss", 0).x]
+        assert xs == list(range(10, 21))
+        ex.layer.value = "fc1"
+        assert len(ex.drill.outputs) == 1
+        fig = ex.drill.outputs[0]["data"]["application/vnd.plotly.v1+json"]
+        norms = [t for t in fig["data"] if t["name"] == "grad norm"][0]
+        st = mpviz.load_run(fp32_dir).layer_history("fc1", "grad")
+        ref = st[(st["step"] >= 10) & (st["step"] <= 20)]
+        assert list(norms["x"]) == ref["step"].tolist()
+        np.testing.assert_allclose(norms["y"], ref["norm"].to_numpy(float))
+    finally:
+        ex.close()
+
+
+# --------------------------------------------------------------------------- compare
+def test_compare_overlays_runs_and_ranks_layer_differences(dash_two_runs):
+    root, a, b = dash_two_runs
+    cmp = compare_app(runs=[a, b])
+    try:
+        for slot, d in enumerate((a, b)):
+            steps = mpviz.load_run(d).steps
+            t = cmp.fig.trace(f"loss-step:{slot}")
+            np.testing.assert_allclose(np.asarray(t.y), steps["loss"].to_numpy(float))
+            w = cmp.fig.trace(f"loss-wall:{slot}")
+            np.testing.assert_allclose(np.asarray(w.x), steps["wall_time"] - steps["wall_time"].min())
+            assert not cmp.fig.trace(f"loss-step:{slot + 2}").visible
+        diff = cmp.differences()
+        top = diff.iloc[0]
+        # spread = |log2(mean norm a) - log2(mean norm b)| for that layer and tensor.
+        means = []
+        for d in (a, b):
+            st = mpviz.load_run(d).layer_stats
+            sel = st[(st["layer"] == top["layer"]) & (st["tensor"] == top["tensor"])]
+            means.append(sel["norm"].mean())
+        assert top["spread"] == pytest.approx(abs(math.log2(means[0]) - math.log2(means[1])), abs=1e-3)
+        assert (diff["spread"].dropna().diff().dropna() <= 1e-12).all() or diff["nonfinite"].any()
+        assert top["layer"] in cmp.table.value
+    finally:
+        cmp.close()
+
+
+def test_differences_puts_nonfinite_layers_first():
+    base = pd.DataFrame({"layer": ["a", "b"], "tensor": ["grad", "grad"], "norm": [1.0, 1.0],
+                         "max_abs": [1.0, 1.0], "nonfinite": [0, 0], "underflow_fp16": [0.0, 0.0]})
+    other = base.assign(norm=[8.0, 1.0], nonfinite=[0, 3])
+    d = differences({"x": base, "y": other})
+    assert d["layer"].tolist() == ["b", "a"]
+    assert d.set_index("layer").loc["a", "spread"] == pytest.approx(3.0)
