@@ -138,15 +138,8 @@ def test_every_imported_package_is_pinned_for_binder_within_pyproject_ranges():
         assert Version(md.version(dist)).public == Version(binder[dist]).public
 
 
-def _badge_source() -> Path:
-    readme = ROOT / "README.md"
-    if readme.exists() and BADGE.search(readme.read_text()):
-        return readme
-    return ROOT / "docs" / "DASHBOARD.md"   # the draft, until the README carries the badge
-
-
 def test_binder_badge_opens_an_existing_notebook_in_voila():
-    src = _badge_source()
+    src = ROOT / "README.md"
     links = BADGE.findall(src.read_text())
     assert links, f"no mybinder.org link in {src.name}"
     for link in links:
