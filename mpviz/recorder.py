@@ -37,7 +37,7 @@ from torch import nn
 from . import compat, overflow
 from .run import Run
 from .stats import ROW, by_layer, tensor_stats
-from .store import RunWriter, db_path, pack_hist
+from .store import RunWriter, db_path, pack_hists
 
 
 def _first_float(obj: Any) -> torch.Tensor | None:
@@ -408,19 +408,17 @@ class Recorder:
         if self._watching:
             w.put("dtypes", self._dtype_rows(step))
         for kind, layers, d in stat_rows:
-            role = self._role(kind)
-            cols = [d[c].tolist() for c in ("norm", "max_abs", "min_abs_nonzero", "zeros",
-                                            "nonfinite", "underflow_fp16", "overflow_fp16",
-                                            "underflow_bf16", "overflow_bf16", "numel")]
-            rows = []
-            for k, layer in enumerate(layers):
-                v = [c[k] for c in cols]
-                v[2] = None if v[2] == float("inf") else v[2]
-                rows.append((step, layer, kind, self._last_dtypes.get((layer, role)), v[0], v[1],
-                             v[2], *(int(x) for x in v[3:])))
-            w.put("layer_stats", rows)
-            w.put("histograms", [(step, layer, kind, *pack_hist(d["hist"][k]))
-                                 for k, layer in enumerate(layers)])
+            role, n = self._role(kind), len(layers)
+            ints = [d[c].astype(np.int64).tolist() for c in (
+                "zeros", "nonfinite", "underflow_fp16", "overflow_fp16", "underflow_bf16",
+                "overflow_bf16", "numel")]
+            mins = np.where(np.isfinite(d["min_abs_nonzero"]), d["min_abs_nonzero"], np.nan)
+            w.put("layer_stats", list(zip(
+                [step] * n, layers, [kind] * n,
+                [self._last_dtypes.get((layer, role)) for layer in layers],
+                d["norm"].tolist(), d["max_abs"].tolist(), mins.tolist(), *ints)))
+            w.put("histograms", [(step, layer, kind, lo, blob)
+                                 for layer, (lo, blob) in zip(layers, pack_hists(d["hist"]))])
         if bad_params or loss_bad:
             w.put("overflows", self._overflow_rows(step, bad_params, skipped))
 

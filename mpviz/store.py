@@ -54,13 +54,15 @@ COLUMNS = {
 }
 
 
-def pack_hist(hist: Any) -> tuple[int, bytes]:
-    """A log2 histogram (a numpy row, see mpviz.stats) trimmed to its nonzero bins:
-    (first bin, int64 bytes)."""
-    nz = hist.nonzero()[0]
-    if not len(nz):
-        return 0, b""
-    return int(nz[0]), hist[nz[0]:nz[-1] + 1].astype("<i8").tobytes()
+def pack_hists(hists: Any) -> list[tuple[int, bytes]]:
+    """Log2 histograms (rows of a numpy array, see mpviz.stats), each trimmed to its nonzero
+    bins: (first bin, little-endian int64 bytes) per row."""
+    nz = hists > 0
+    lo = nz.argmax(1)
+    hi = hists.shape[1] - nz[:, ::-1].argmax(1)
+    data = hists.astype("<i8")
+    return [(int(a), data[k, a:b].tobytes()) if nz[k, a] else (0, b"")
+            for k, (a, b) in enumerate(zip(lo.tolist(), hi.tolist()))]
 
 
 def unpack_hist(lo: int, blob: bytes) -> list[int]:
