@@ -58,7 +58,7 @@ def differences(summaries: dict[str, pd.DataFrame], top: int | None = None) -> p
     return out.head(top) if top else out
 
 
-class Compare:
+class Compare(ui.App):
     """Two or more runs side by side."""
 
     def __init__(self, runs: Sequence[str | Path] | None = None, runs_dir: str | Path | None = None) -> None:
@@ -86,10 +86,6 @@ class Compare:
         self.widget.add_class("mpviz-app")
         self.widget.add_class("mpviz-compare")
         self.rescan(select=runs)
-
-    def _repr_mimebundle_(self, **kwargs):
-        self.fig.sync()  # what was drawn before display must be in the state the page loads
-        return self.widget._repr_mimebundle_(**kwargs)
 
     def rescan(self, select: Sequence[str | Path] | None = None, keep: bool = False) -> None:
         """Re-list runs under runs_dir; select `select` (default: the newest two)."""

@@ -27,7 +27,7 @@ from .plots import RunFigure, layer_history_figure, show_static
 DRILL_EVERY_S = 2.0  # the drill-down chart re-renders at most this often while following
 
 
-class Explorer:
+class Explorer(ui.App):
     """Plots of one run, a step range selector, a per-layer drill-down; follows live runs."""
 
     def __init__(self, run_dir: str | Path | None = None, runs_dir: str | Path | None = None,
@@ -82,10 +82,6 @@ class Explorer:
         self.widget.add_class("mpviz-app")
         self.widget.add_class("mpviz-explorer")
         self.rescan(select=run_dir)
-
-    def _repr_mimebundle_(self, **kwargs):
-        self.fig.sync()  # what was drawn before display must be in the state the page loads
-        return self.widget._repr_mimebundle_(**kwargs)
 
     # ------------------------------------------------------------------ opening
     def rescan(self, select: str | Path | None = None) -> None:

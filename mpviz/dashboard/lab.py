@@ -37,7 +37,7 @@ TABLE_EVERY_S = 1.0   # the layer/overflow tables refresh at most this often
 DETAIL_EVERY_S = 2.0  # the dtype map and gradient heatmap too
 
 
-class Lab:
+class Lab(ui.App):
     """The live precision lab. Build with `lab_app()`; `lab.widget` is the app."""
 
     def __init__(self, runs_dir: str | Path | None = None, task: str = "digits",
@@ -114,10 +114,6 @@ class Lab:
         self.widget.add_class("mpviz-app")
         self.widget.add_class("mpviz-lab")
         self.reset()
-
-    def _repr_mimebundle_(self, **kwargs):
-        self.fig.sync()  # what was drawn before display must be in the state the page loads
-        return self.widget._repr_mimebundle_(**kwargs)
 
     # --------------------------------------------------------------------- sessions
     @property

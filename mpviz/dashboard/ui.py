@@ -10,7 +10,7 @@ import html
 import math
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import ipywidgets as widgets
 
@@ -108,3 +108,15 @@ def button(label: str, cls: str, style: str = "", icon: str = "") -> widgets.But
                        layout=widgets.Layout(width="auto"))
     b.add_class(cls)
     return b
+
+
+class App:
+    """Base of the three apps: displaying one shows its ``widget``, with ``fig`` synced first
+    (what was drawn before display must be in the widget state the page loads)."""
+
+    widget: widgets.Box
+    fig: Any
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        self.fig.sync()
+        return self.widget._repr_mimebundle_(**kwargs)
