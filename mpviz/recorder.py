@@ -114,7 +114,7 @@ class Recorder:
         model = self.model
         self._modules = [m for _, m in model.named_modules()]
         self._names = [n for n, _ in model.named_modules()]
-        self._mod_idx = {id(m): i for i, m in enumerate(self._modules)}
+        self._name_idx = {n: i for i, n in enumerate(self._names)}
         # Each parameter belongs to the first module (in named_modules order) that owns it.
         self._params: list[nn.Parameter] = []
         self._param_layer: list[int] = []
@@ -163,7 +163,7 @@ class Recorder:
         self._grads: list[torch.Tensor | None] | None = None
         self._grad_bad: torch.Tensor | None = None
         self._scale_used: torch.Tensor | None = None
-        self._precheck: dict[str, Any] | None = None
+        self._precheck: list[tuple[int, int]] | None = None
         self._replaying = False
         self._backward_queued = False
         # Per-module hooks cost microseconds per module per call, so they are only attached on
@@ -324,9 +324,8 @@ class Recorder:
 
     def _on_policy_change(self, changes: list[tuple[str, str | None, str | None]]) -> None:
         self._watch_next = True
-        idx = {n: i for i, n in enumerate(self._names)}
-        rows = [(self._step, idx[layer], prec, rule) for layer, prec, rule in changes
-                if layer in idx]
+        rows = [(self._step, self._name_idx[layer], prec, rule) for layer, prec, rule in changes
+                if layer in self._name_idx]
         if self._writer is not None:
             self._writer.put("policy_changes", rows)
 

@@ -130,11 +130,10 @@ def by_layer(block: np.ndarray, owners: list[int]) -> tuple[list[int], dict[str,
     # a non-finite norm proves at least one inf/nan even if the sample missed it
     hist[:, 256] = np.where(np.isfinite(block[:, 0]), hist[:, 256], np.maximum(hist[:, 256], 1))
     hist = np.rint(np.add.reduceat(hist, starts, axis=0))
-    mins = np.where(block[:, 2] > 0, block[:, 2], np.inf)
     out = {
         "norm": np.sqrt(np.add.reduceat(block[:, 0] ** 2, starts)),
         "max_abs": np.maximum.reduceat(block[:, 1], starts),
-        "min_abs_nonzero": np.minimum.reduceat(mins, starts),
+        "min_abs_nonzero": np.minimum.reduceat(block[:, 2], starts),
         "numel": np.add.reduceat(block[:, 3], starts),
         "zeros": hist[:, 0], "nonfinite": hist[:, 256],
         "underflow_fp16": hist[:, slice(*_FP16_UNDER)].sum(1),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from array import array
 import sqlite3
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Iterable
@@ -66,7 +67,10 @@ def pack_hists(hists: Any) -> list[tuple[int, bytes]]:
 
 
 def unpack_hist(lo: int, blob: bytes) -> list[int]:
-    return [0] * lo + list(array("q", blob))  # little-endian int64, as written
+    counts = array("q", blob)  # written little-endian (pack_hists)
+    if sys.byteorder == "big":
+        counts.byteswap()
+    return [0] * lo + list(counts)
 
 
 class RunStoreError(Exception):
