@@ -427,3 +427,27 @@ def test_nan_gradients_with_a_finite_loss_are_found_without_a_scaler(digits, tmp
     assert steps["nonfinite_grads"].tolist() == [True] and steps["skipped"].tolist() == [False]
     ov = run.overflows
     assert ov[["layer", "phase", "first"]].values.tolist() == [["fc1", "backward", True]]
+
+
+def test_dtype_change_from_autocast_is_seen_between_statistics_steps(digits, tmp_path):
+    """Per-layer hooks are off between statistics steps; an autocast change must still show."""
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    seen = []
+    mine = model.fc1.register_forward_hook(lambda m, a, o: seen.append(o.dtype))
+    with mpviz.Recorder(model, optimizer=opt, run_dir=tmp_path / "r", every=100) as rec:
+        for step, (x, y) in enumerate(batches(*digits, 6)):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=step >= 3):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            rec.step(loss=loss, samples=len(x))
+        # between changes the per-module hooks are gone again
+        assert not any(m._forward_hooks for m in model.modules() if m is not model
+                       and m is not model.fc1)
+    mine.remove()
+    d = mpviz.load_run(tmp_path / "r").dtypes
+    fc1 = d[(d.layer == "fc1") & (d.tensor == "output")][["step", "dtype"]].values.tolist()
+    assert fc1 == [[0, "float32"], [3, "bfloat16"]]
+    assert [str(t).replace("torch.", "") for t in seen] == ["float32"] * 3 + ["bfloat16"] * 3
