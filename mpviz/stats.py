@@ -25,13 +25,14 @@ the sample is reported as one non-finite value). The overflow events (mpviz.over
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 import torch
 
 from .formats import N_BINS
 
-SAMPLE_CAP = 1 << 12
+SAMPLE_CAP = 1 << 10
 # per-tensor row: norm, max_abs, min_abs_nonzero, numel, sampled, then the histogram
 N_HEAD = 5
 ROW = N_HEAD + N_BINS
@@ -41,8 +42,106 @@ _FP16_OVER = (144, 256)   # bins with lower edge >= 2**16
 _BF16_UNDER = (1, 2)
 
 
-def tensor_stats(tensors: list[torch.Tensor],
-                 scaled: tuple[int, int, torch.Tensor] | None = None) -> torch.Tensor:
+def tensor_stats(tensors: list[torch.Tensor], scaled: tuple[int, int, Any] | None = None,
+                 backend: str | None = None) -> "torch.Tensor | np.ndarray":
+    """Statistics of each tensor: ``[len(tensors), ROW]``, one row per tensor.
+
+    CPU tensors are measured with numpy (a float64 array; their memory is shared, not copied,
+    and numpy's segment reductions cost a fraction of torch's per-op dispatch); tensors on an
+    accelerator on their device (a float32 tensor there; :func:`tensor_stats_device`).
+    ``backend="numpy"`` / ``"torch"`` forces one (tests compare the two on the CPU).
+
+    ``scaled=(i, j, scale)``: tensors ``i..j-1`` are multiplied by ``scale`` (GradScaler's loss
+    scale: a float or a 0-d tensor) and are measured divided by it, i.e. unscaled.
+    """
+    if backend is None:
+        backend = "numpy" if tensors[0].device.type == "cpu" else "torch"
+    if backend == "numpy":
+        return tensor_stats_host(tensors, scaled)
+    if scaled is not None and not isinstance(scaled[2], torch.Tensor):
+        scaled = (scaled[0], scaled[1], torch.tensor(float(scaled[2]), device=tensors[0].device))
+    return tensor_stats_device(tensors, scaled)
+
+
+def _host_array(t: torch.Tensor) -> np.ndarray:
+    """A flat numpy view of a CPU tensor's (sampled) elements; float16/32/64 are not copied."""
+    t = t.detach()
+    k = t.numel()
+    if t.dtype not in (torch.float32, torch.float16, torch.float64):
+        t = t.reshape(-1)[:: -(-k // SAMPLE_CAP)] if k > SAMPLE_CAP else t
+        return t.float().numpy().reshape(-1)  # bfloat16, fp8: numpy has no such dtype
+    a = t.numpy().reshape(-1)
+    return a[:: -(-k // SAMPLE_CAP)] if k > SAMPLE_CAP else a
+
+
+def tensor_stats_host(tensors: list[torch.Tensor],
+                      scaled: tuple[int, int, Any] | None = None) -> np.ndarray:
+    """:func:`tensor_stats` for CPU tensors, with numpy: float64 ``[n, ROW]``.
+
+    The (sampled) elements of all tensors are concatenated once; norm, max and smallest nonzero
+    are segment reductions (``reduceat``), the histograms one ``bincount`` of exponent bits.
+    """
+    n = len(tensors)
+    out = np.zeros((n, ROW))
+    numel = [t.numel() for t in tensors]
+    out[:, 3] = numel
+    out[:, 2] = np.inf
+    keep = [k for k in range(n) if numel[k]]
+    if not keep:
+        return out
+    arrays = [_host_array(tensors[k]) for k in keep]
+    lengths = tuple(a.shape[0] for a in arrays)
+    x = np.concatenate(arrays, dtype=np.float32)
+    np.abs(x, out=x)
+    starts, key_base = _host_layout(lengths)
+    if scaled is not None:
+        i, j, scale = scaled
+        rows = [r for r, k in enumerate(keep) if i <= k < j]
+        if rows:
+            lo = starts[rows[0]]
+            hi = starts[rows[-1]] + lengths[rows[-1]]
+            x[lo:hi] /= np.float32(float(scale))
+    bits = x.view(np.int32)
+    # bin 0: zeros, 1: fp32 subnormals, e + 1: biased exponent e (255: inf/nan)
+    key = bits >> 23
+    key += bits != 0
+    key += key_base
+    # (torch's bincount takes the int32 keys as they are; numpy's converts them first)
+    hist = torch.bincount(torch.from_numpy(key), minlength=len(keep) * N_BINS).numpy()
+    hist = hist.reshape(len(keep), N_BINS)
+    norms = np.sqrt(np.add.reduceat(np.square(x, dtype=np.float64), starts))
+    maxes = np.maximum.reduceat(x, starts)
+    # On the int32 bits (ordered like magnitudes), x - 1 sends zero to the largest int32.
+    mins = ((np.minimum.reduceat((bits - 1) & 0x7FFFFFFF, starts) + 1)
+            .astype(np.int32).view(np.float32).astype(np.float64))
+    mins[~np.isfinite(mins) | (mins <= 0)] = np.inf
+    rows = np.asarray(keep)
+    out[rows, 0], out[rows, 1], out[rows, 2] = norms, maxes, mins
+    out[rows, 4] = lengths
+    out[rows, N_HEAD:] = hist
+    big = [r for r, k in enumerate(keep) if numel[k] > SAMPLE_CAP]
+    if big:  # norm and max over every element, not the sample
+        full = [tensors[keep[r]].detach() for r in big]
+        div = [float(scaled[2]) if scaled is not None and scaled[0] <= keep[r] < scaled[1] else 1.0
+               for r in big]
+        big_norms = torch.stack(torch._foreach_norm(full, 2, dtype=torch.float32)).double()
+        big_maxes = torch.stack([torch.stack(torch.aminmax(f)) for f in full]).double().abs().amax(1)
+        d = np.asarray(div)
+        out[rows[big], 0] = big_norms.numpy() / d
+        out[rows[big], 1] = big_maxes.numpy() / d
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _host_layout(lengths: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Segment starts, and each element's histogram offset (its row times N_BINS)."""
+    starts = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)]).astype(np.intp)
+    base = np.repeat(np.arange(len(lengths), dtype=np.int32) * N_BINS, lengths)
+    return starts, base
+
+
+def tensor_stats_device(tensors: list[torch.Tensor],
+                        scaled: tuple[int, int, torch.Tensor] | None = None) -> torch.Tensor:
     """Statistics of each tensor: float32 ``[len(tensors), ROW]`` on the tensors' device.
 
     ``scaled=(i, j, scale)``: tensors ``i..j-1`` are multiplied by ``scale`` (a 0-d device

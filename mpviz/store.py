@@ -12,7 +12,7 @@ import sqlite3
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 SCHEMA_VERSION = 1
 DB_NAME = "run.db"
@@ -151,6 +151,11 @@ class RunWriter:
             with self._lock:
                 self._pending.append((table, rows))
 
+    def put_later(self, make_rows: Callable[[], list[tuple[str, list[tuple]]]]) -> None:
+        """Queue ``make_rows()``, called on the writer thread: ``[(table, rows), ...]``.
+        Lets the recorder hand over raw numbers and leave turning them into rows to this thread."""
+        self.put("later", [make_rows])
+
     def set_meta(self, **meta: Any) -> None:
         with self._lock:
             self._pending.append(("meta", [meta]))
@@ -192,9 +197,18 @@ class RunWriter:
         con.close()
 
     @staticmethod
+    def _expand(pending: list[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+        for table, rows in pending:
+            if table == "later":
+                for make_rows in rows:
+                    yield from make_rows()
+            else:
+                yield table, rows
+
+    @staticmethod
     def _commit(con: sqlite3.Connection, pending: list[tuple[str, Any]]) -> None:
         with con:
-            for table, rows in pending:
+            for table, rows in RunWriter._expand(pending):
                 if table == "meta":
                     for meta in rows:
                         RunWriter._write_meta(con, meta)

@@ -9,6 +9,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import mpviz
+from mpviz.stats import SAMPLE_CAP
 
 F = nn.functional
 
@@ -332,8 +333,10 @@ def test_log2_histogram_matches_frexp_reference(digits, tmp_path):
     h = model.fc1.register_forward_hook(lambda m, a, o: outs.__setitem__("fc1", o.detach().float()))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with mpviz.Recorder(model, optimizer=opt, run_dir=tmp_path / "r", every=1) as rec:
-        train(model, batches(*digits, 1), rec, opt, None, torch.float16)
+        # 16 x 64 outputs: within SAMPLE_CAP, so every element is counted (no sampling)
+        train(model, batches(*digits, 1, bs=16), rec, opt, None, torch.float16)
     h.remove()
+    assert outs["fc1"].numel() <= SAMPLE_CAP
     hist = mpviz.load_run(tmp_path / "r").histogram("fc1", "activation", step=0)
     o = outs["fc1"].abs().flatten()
     nz = o[o > 0]
