@@ -36,7 +36,7 @@ from torch import nn
 
 from . import compat, overflow
 from .run import Run
-from .stats import ROW, by_layer, tensor_stats
+from .stats import ROW, HostSample, by_layer, tensor_stats_torch
 from .store import RunWriter, db_path, pack_hists
 
 
@@ -162,6 +162,7 @@ class Recorder:
         self._stats: Any = None  # numpy rows (CPU) or a device tensor, see mpviz.stats
         self._stats_owners: dict[str, list[int]] = {}
         self._act_rows: list[int] = []
+        self._views: dict = {}  # the parameters' numpy views (mpviz.stats.tensor_stats_host)
         self._grads: list[torch.Tensor | None] | None = None
         self._grad_bad: torch.Tensor | None = None
         self._found_inf = torch.zeros(1, device=self.device)
@@ -206,7 +207,7 @@ class Recorder:
         if self.policy is not None:
             self.policy.remove()
         self._inputs = self._grads = None
-        self._acts = {}
+        self._acts, self._views = {}, {}
         if self._writer is not None:
             status = "finished" if error is None else "failed"
             extra = {} if error is None else {"error": f"{type(error).__name__}: {error}"}
@@ -320,8 +321,13 @@ class Recorder:
         tensors = act_tensors + present + (self._params if present else [])
         if tensors:
             scaled = (len(act_tensors), len(act_tensors) + len(present), self._scale_used)
-            self._stats = tensor_stats(tensors, scaled=scaled if self._scale_used is not None
-                                       else None)
+            if self._scale_used is None:
+                scaled = None
+            if self.device.type == "cpu":  # the rest is computed on the writer thread
+                self._stats = HostSample.take(tensors, scaled, cache=self._views,
+                                              stable_from=len(act_tensors) + len(present))
+            else:
+                self._stats = tensor_stats_torch(tensors, scaled)
 
     def _optim_pre_hook(self, *args: Any) -> None:
         # Without GradScaler nothing stops a non-finite update: find the culprit while the
@@ -368,7 +374,9 @@ class Recorder:
 
         scale_now = compat.scaler_scale(self.scaler)
         has_scale = self._scale_used is not None and scale_now is not None
-        loss_t = loss.detach().reshape(-1)[0] if isinstance(loss, torch.Tensor) else None
+        loss_t = None
+        if isinstance(loss, torch.Tensor):
+            loss_t = loss if loss.numel() == 1 else loss.detach().reshape(-1)[0]
         (loss_v, scale_used, scale_after, bad), stats = self._to_host(
             [loss_t, self._scale_used if has_scale else None, scale_now if has_scale else None,
              self._grad_bad], self._stats)
@@ -395,14 +403,10 @@ class Recorder:
         if self._watching:
             w.put("dtypes", self._dtype_rows(step))
         if stats is not None:
-            owners = self._stats_owners
-            n_act = max(self._act_rows, default=-1) + 1
-            # activations of a tensor shared by several modules: the same row for each
-            blocks = [("activation", owners["activation"], stats[:n_act][self._act_rows]),
-                      ("grad", owners["grad"], stats[n_act:n_act + len(owners["grad"])]),
-                      ("weight", owners["weight"], stats[n_act + len(owners["grad"]):])]
+            owners, act_rows = self._stats_owners, self._act_rows
             dtypes = self._last_dtypes  # replaced, never changed in place (see _dtype_rows)
-            w.put_later(lambda: _stat_rows(step, blocks, dtypes))
+            w.put_later(lambda: _stat_rows(step, stats, owners, act_rows, dtypes),
+                        nbytes=getattr(stats, "nbytes", 0))
         if bad_params or loss_bad:
             w.put("overflows", self._overflow_rows(step, bad_params, skipped))
 
@@ -418,17 +422,18 @@ class Recorder:
         self._t_last = time.perf_counter()
         return step
 
-    def _to_host(self, values: list[Any], stats: Any) -> tuple[list[Any], np.ndarray | None]:
-        """Floats of ``values`` (0-d tensors, floats or None) and the statistics as numpy rows.
+    def _to_host(self, values: list[Any], stats: Any) -> tuple[list[Any], Any]:
+        """Floats of ``values`` (0-d tensors, floats or None), and the statistics on the host
+        (numpy rows, or a :class:`HostSample` whose rows the writer thread computes).
 
         On the CPU reading a tensor is no copy and no sync. On an accelerator everything goes
         into one tensor and comes back in one copy (one sync per step)."""
         if self.device.type == "cpu" or not any(isinstance(v, torch.Tensor) for v in values):
-            vals = [None if v is None else float(v) for v in values]
-            if stats is not None and not isinstance(stats, np.ndarray):
+            vals = [v.item() if isinstance(v, torch.Tensor) else v for v in values]
+            if isinstance(stats, torch.Tensor):
                 stats = stats.double().cpu().numpy()
             return vals, stats
-        parts = [v.reshape(1).float().to(self.device) if isinstance(v, torch.Tensor)
+        parts = [v.detach().reshape(1).float().to(self.device) if isinstance(v, torch.Tensor)
                  else torch.tensor([float(v)], device=self.device) for v in values if v is not None]
         if stats is not None:
             parts.append(stats.reshape(-1))
@@ -500,24 +505,35 @@ class Recorder:
         return rows
 
 
-def _stat_rows(step: int, blocks: list[tuple[str, list[int], np.ndarray]],
-               dtypes: dict[tuple[int, str], str]) -> list[tuple[str, list[tuple]]]:
-    """``layer_stats`` and ``histograms`` rows of one step, from its statistics rows (run on the
+def _stat_rows(step: int, stats: "np.ndarray | HostSample", owners: dict[str, list[int]],
+               act_rows: list[int], dtypes: dict[tuple[int, str], str]
+               ) -> list[tuple[str, list[tuple]]]:
+    """``layer_stats`` and ``histograms`` rows of one step, from its statistics (run on the
     writer thread: the training thread only hands over the numbers)."""
+    if isinstance(stats, HostSample):
+        stats = stats.rows()
+    n_act = max(act_rows, default=-1) + 1
+    # activations of a tensor shared by several modules: the same row for each
+    block = np.concatenate([stats[:n_act][act_rows], stats[n_act:]])
+    kinds = ("activation", "grad", "weight")
+    # one merge for the three kinds: a layer's rows of one kind share a key
+    keys = [k * _KIND + layer for k, kind in enumerate(kinds) for layer in owners[kind]]
+    if not keys:
+        return []
+    merged, d = by_layer(block, keys)
+    layers = [key % _KIND for key in merged]
+    kind_of = [kinds[key // _KIND] for key in merged]
     role = {"activation": "output", "grad": "grad", "weight": "weight"}
-    stats, hists = [], []
-    for kind, owners, block in blocks:
-        if not owners:
-            continue
-        layers, d = by_layer(block, owners)
-        n = len(layers)
-        ints = [d[c].astype(np.int64).tolist() for c in (
-            "zeros", "nonfinite", "underflow_fp16", "overflow_fp16", "underflow_bf16",
-            "overflow_bf16", "numel")]
-        mins = np.where(np.isfinite(d["min_abs_nonzero"]), d["min_abs_nonzero"], np.nan)
-        stats += zip([step] * n, layers, [kind] * n,
-                     [dtypes.get((layer, role[kind])) for layer in layers],
-                     d["norm"].tolist(), d["max_abs"].tolist(), mins.tolist(), *ints)
-        hists += [(step, layer, kind, lo, blob)
-                  for layer, (lo, blob) in zip(layers, pack_hists(d["hist"]))]
-    return [("layer_stats", stats), ("histograms", hists)]
+    ints = [d[c].astype(np.int64).tolist() for c in (
+        "zeros", "nonfinite", "underflow_fp16", "overflow_fp16", "underflow_bf16",
+        "overflow_bf16", "numel")]
+    mins = np.where(np.isfinite(d["min_abs_nonzero"]), d["min_abs_nonzero"], np.nan)
+    rows = list(zip([step] * len(layers), layers, kind_of,
+                    [dtypes.get((layer, role[kind])) for layer, kind in zip(layers, kind_of)],
+                    d["norm"].tolist(), d["max_abs"].tolist(), mins.tolist(), *ints))
+    hists = [(step, layer, kind, lo, blob)
+             for layer, kind, (lo, blob) in zip(layers, kind_of, pack_hists(d["hist"]))]
+    return [("layer_stats", rows), ("histograms", hists)]
+
+
+_KIND = 1 << 32  # (kind, layer) -> one merge key

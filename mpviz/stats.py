@@ -25,6 +25,7 @@ the sample is reported as one non-finite value). The overflow events (mpviz.over
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ import torch
 
 from .formats import N_BINS
 
-SAMPLE_CAP = 1 << 10
+SAMPLE_CAP = 1 << 12
 # per-tensor row: norm, max_abs, min_abs_nonzero, numel, sampled, then the histogram
 N_HEAD = 5
 ROW = N_HEAD + N_BINS
@@ -46,9 +47,9 @@ def tensor_stats(tensors: list[torch.Tensor], scaled: tuple[int, int, Any] | Non
                  backend: str | None = None) -> "torch.Tensor | np.ndarray":
     """Statistics of each tensor: ``[len(tensors), ROW]``, one row per tensor.
 
-    CPU tensors are measured with numpy (a float64 array; their memory is shared, not copied,
-    and numpy's segment reductions cost a fraction of torch's per-op dispatch); tensors on an
-    accelerator on their device (a float32 tensor there; :func:`tensor_stats_device`).
+    CPU tensors are measured with numpy (a float64 array, see :class:`HostSample`: numpy's
+    segment reductions cost a fraction of torch's per-op dispatch); tensors on an accelerator
+    on their device (a float32 tensor there; :func:`tensor_stats_device`).
     ``backend="numpy"`` / ``"torch"`` forces one (tests compare the two on the CPU).
 
     ``scaled=(i, j, scale)``: tensors ``i..j-1`` are multiplied by ``scale`` (GradScaler's loss
@@ -57,86 +58,156 @@ def tensor_stats(tensors: list[torch.Tensor], scaled: tuple[int, int, Any] | Non
     if backend is None:
         backend = "numpy" if tensors[0].device.type == "cpu" else "torch"
     if backend == "numpy":
-        return tensor_stats_host(tensors, scaled)
+        return HostSample.take(tensors, scaled).rows()
+    return tensor_stats_torch(tensors, scaled)
+
+
+def tensor_stats_torch(tensors: list[torch.Tensor],
+                       scaled: tuple[int, int, Any] | None = None) -> torch.Tensor:
+    """:func:`tensor_stats_device` with a float or tensor scale."""
     if scaled is not None and not isinstance(scaled[2], torch.Tensor):
         scaled = (scaled[0], scaled[1], torch.tensor(float(scaled[2]), device=tensors[0].device))
     return tensor_stats_device(tensors, scaled)
 
 
-def _host_array(t: torch.Tensor) -> np.ndarray:
-    """A flat numpy view of a CPU tensor's (sampled) elements; float16/32/64 are not copied."""
+def _host_views(t: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    """Flat numpy views of a CPU tensor: its (sampled) elements, and for a sampled float32
+    tensor all of them (to measure its norm and max exactly). float16/32/64 are not copied."""
     t = t.detach()
     k = t.numel()
     if t.dtype not in (torch.float32, torch.float16, torch.float64):
         t = t.reshape(-1)[:: -(-k // SAMPLE_CAP)] if k > SAMPLE_CAP else t
-        return t.float().numpy().reshape(-1)  # bfloat16, fp8: numpy has no such dtype
+        return t.float().numpy().reshape(-1), None  # bfloat16, fp8: numpy has no such dtype
     a = t.numpy().reshape(-1)
-    return a[:: -(-k // SAMPLE_CAP)] if k > SAMPLE_CAP else a
+    if k <= SAMPLE_CAP:
+        return a, None
+    return a[:: -(-k // SAMPLE_CAP)], (a if a.dtype == np.float32 else None)
 
 
-def tensor_stats_host(tensors: list[torch.Tensor],
-                      scaled: tuple[int, int, Any] | None = None) -> np.ndarray:
-    """:func:`tensor_stats` for CPU tensors, with numpy: float64 ``[n, ROW]``.
+class HostSample:
+    """What statistics of CPU tensors need, taken at once: a copy of their (sampled) elements,
+    concatenated, and the exact norm and max |x| of the sampled ones. :meth:`rows` computes the
+    rest, on any thread (the recorder leaves it to its writer thread, so the training thread
+    pays only for the copy).
 
-    The (sampled) elements of all tensors are concatenated once; norm, max and smallest nonzero
-    are segment reductions (``reduceat``), the histograms one ``bincount`` of exponent bits.
+    How: norm, max and smallest nonzero are segment reductions (``reduceat``) over the
+    concatenation; the histograms are one ``bincount`` of exponent bits.
     """
-    n = len(tensors)
-    out = np.zeros((n, ROW))
-    numel = [t.numel() for t in tensors]
-    out[:, 3] = numel
-    out[:, 2] = np.inf
-    keep = [k for k in range(n) if numel[k]]
-    if not keep:
+
+    def __init__(self, numel: list[int], keep: list[int], lengths: tuple[int, ...],
+                 groups: list[tuple[list[int], np.ndarray]], scaled: dict[int, float],
+                 exact: dict[int, tuple[float, float]]) -> None:
+        self.numel, self.keep, self.lengths = numel, keep, lengths
+        self.groups = groups  # (kept rows, their samples concatenated) per dtype
+        self.scaled = scaled  # kept row -> the scale it is to be measured divided by
+        self.exact = exact  # kept row -> (norm, max |x|) over every element
+
+    @classmethod
+    def take(cls, tensors: list[torch.Tensor], scaled: tuple[int, int, Any] | None = None,
+             cache: dict | None = None, stable_from: int | None = None) -> "HostSample":
+        """Tensors from ``stable_from`` on (parameters) keep their numpy views in ``cache``."""
+        numel = [t.numel() for t in tensors]
+        keep = [k for k in range(len(tensors)) if numel[k]]
+        if cache is None or stable_from is None:
+            stable_from = len(tensors)
+        views = []
+        for k in keep:
+            t = tensors[k]
+            if k < stable_from:
+                views.append(_host_views(t))
+                continue
+            key = (id(t), t.data_ptr(), t.dtype, t.shape)  # a parameter given new data: anew
+            v = cache.get(key)
+            if v is None or t.dtype not in (torch.float32, torch.float16, torch.float64):
+                v = cache[key] = _host_views(t)  # (other dtypes are converted copies: not kept)
+            views.append(v)
+        lengths = tuple(v[0].shape[0] for v in views)
+        # One copy per dtype (numpy's float16 -> float32 conversion is slow: rows() does it)
+        by_dtype: dict[Any, list[int]] = {}
+        for r, v in enumerate(views):
+            by_dtype.setdefault(v[0].dtype, []).append(r)
+        groups = [(rows, np.concatenate([views[r][0] for r in rows]))
+                  for rows in by_dtype.values()]
+        div = [1.0] * len(keep)
+        if scaled is not None:
+            i, j, scale = scaled
+            for r, k in enumerate(keep):
+                if i <= k < j:
+                    div[r] = float(scale)
+        # Sampled tensors: norm and max over every element, now (the tensors change after the
+        # optimizer step). float32 with numpy (BLAS dot, SIMD max/min); other dtypes with torch
+        # (numpy's float16 math is slow).
+        exact: dict[int, tuple[float, float]] = {}
+        in_torch = []
+        for r, k in enumerate(keep):
+            if numel[k] > SAMPLE_CAP:
+                full = views[r][1]
+                if full is None:
+                    in_torch.append(r)
+                else:
+                    exact[r] = (math.sqrt(float(np.dot(full, full))) / div[r],
+                                max(float(full.max()), -float(full.min())) / div[r])
+        if in_torch:
+            full_t = [tensors[keep[r]].detach() for r in in_torch]
+            norms = torch.stack(torch._foreach_norm(full_t, 2, dtype=torch.float32)).tolist()
+            maxes = torch.stack([torch.stack(torch.aminmax(f)) for f in full_t]).double().abs().amax(1)
+            for r, nm, mx in zip(in_torch, norms, maxes.tolist()):
+                exact[r] = (nm / div[r], mx / div[r])
+        return cls(numel, keep, lengths, groups, {r: d for r, d in enumerate(div) if d != 1.0},
+                   exact)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(buf.nbytes for _, buf in self.groups)
+
+    def rows(self) -> np.ndarray:
+        """Float64 ``[n, ROW]``, as :func:`tensor_stats`."""
+        keep, lengths = self.keep, self.lengths
+        out = np.zeros((len(self.numel), ROW))
+        out[:, 3] = self.numel
+        out[:, 2] = np.inf
+        if not keep:
+            return out
+        pieces: list[Any] = [None] * len(keep)
+        for rows, buf in self.groups:
+            at = 0
+            for r in rows:
+                pieces[r] = buf[at:at + lengths[r]]
+                at += lengths[r]
+        x = np.concatenate(pieces, dtype=np.float32)
+        np.abs(x, out=x)
+        starts, key_base = _host_layout(lengths)
+        for r, scale in self.scaled.items():
+            x[starts[r]:starts[r] + lengths[r]] /= np.float32(scale)
+        bits = x.view(np.int32)
+        # bin 0: zeros, 1: fp32 subnormals, e + 1: biased exponent e (255: inf/nan);
+        # intp keys, as bincount wants them
+        key = np.right_shift(bits, 23, out=np.empty(len(bits), np.intp))
+        key += bits != 0
+        key += key_base
+        # numpy, not torch: a torch op on a second thread starts a second OpenMP team, whose
+        # spinning workers slow the training thread's ops
+        hist = np.bincount(key, minlength=len(keep) * N_BINS)
+        norms = np.sqrt(np.add.reduceat(np.square(x, dtype=np.float64), starts))
+        maxes = np.maximum.reduceat(x, starts).astype(np.float64)
+        # On the int32 bits (ordered like magnitudes), x - 1 sends zero to the largest int32.
+        mins = ((np.minimum.reduceat((bits - 1) & 0x7FFFFFFF, starts) + 1)
+                .astype(np.int32).view(np.float32).astype(np.float64))
+        mins[~np.isfinite(mins) | (mins <= 0)] = np.inf
+        for r, (nm, mx) in self.exact.items():
+            norms[r], maxes[r] = nm, mx
+        rows = np.asarray(keep)
+        out[rows, 0], out[rows, 1], out[rows, 2] = norms, maxes, mins
+        out[rows, 4] = lengths
+        out[rows, N_HEAD:] = hist.reshape(len(keep), N_BINS)
         return out
-    arrays = [_host_array(tensors[k]) for k in keep]
-    lengths = tuple(a.shape[0] for a in arrays)
-    x = np.concatenate(arrays, dtype=np.float32)
-    np.abs(x, out=x)
-    starts, key_base = _host_layout(lengths)
-    if scaled is not None:
-        i, j, scale = scaled
-        rows = [r for r, k in enumerate(keep) if i <= k < j]
-        if rows:
-            lo = starts[rows[0]]
-            hi = starts[rows[-1]] + lengths[rows[-1]]
-            x[lo:hi] /= np.float32(float(scale))
-    bits = x.view(np.int32)
-    # bin 0: zeros, 1: fp32 subnormals, e + 1: biased exponent e (255: inf/nan)
-    key = bits >> 23
-    key += bits != 0
-    key += key_base
-    # (torch's bincount takes the int32 keys as they are; numpy's converts them first)
-    hist = torch.bincount(torch.from_numpy(key), minlength=len(keep) * N_BINS).numpy()
-    hist = hist.reshape(len(keep), N_BINS)
-    norms = np.sqrt(np.add.reduceat(np.square(x, dtype=np.float64), starts))
-    maxes = np.maximum.reduceat(x, starts)
-    # On the int32 bits (ordered like magnitudes), x - 1 sends zero to the largest int32.
-    mins = ((np.minimum.reduceat((bits - 1) & 0x7FFFFFFF, starts) + 1)
-            .astype(np.int32).view(np.float32).astype(np.float64))
-    mins[~np.isfinite(mins) | (mins <= 0)] = np.inf
-    rows = np.asarray(keep)
-    out[rows, 0], out[rows, 1], out[rows, 2] = norms, maxes, mins
-    out[rows, 4] = lengths
-    out[rows, N_HEAD:] = hist
-    big = [r for r, k in enumerate(keep) if numel[k] > SAMPLE_CAP]
-    if big:  # norm and max over every element, not the sample
-        full = [tensors[keep[r]].detach() for r in big]
-        div = [float(scaled[2]) if scaled is not None and scaled[0] <= keep[r] < scaled[1] else 1.0
-               for r in big]
-        big_norms = torch.stack(torch._foreach_norm(full, 2, dtype=torch.float32)).double()
-        big_maxes = torch.stack([torch.stack(torch.aminmax(f)) for f in full]).double().abs().amax(1)
-        d = np.asarray(div)
-        out[rows[big], 0] = big_norms.numpy() / d
-        out[rows[big], 1] = big_maxes.numpy() / d
-    return out
 
 
 @functools.lru_cache(maxsize=64)
 def _host_layout(lengths: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Segment starts, and each element's histogram offset (its row times N_BINS)."""
     starts = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)]).astype(np.intp)
-    base = np.repeat(np.arange(len(lengths), dtype=np.int32) * N_BINS, lengths)
+    base = np.repeat(np.arange(len(lengths), dtype=np.intp) * N_BINS, lengths)
     return starts, base
 
 

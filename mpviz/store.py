@@ -125,6 +125,8 @@ class RunWriter:
         # waking it on every put would make it fight the training thread for the GIL.
         self._lock = threading.Lock()
         self._pending: list[tuple[str, Any]] = []
+        self._pending_bytes = 0
+        self.max_pending_bytes = 256 << 20
         self._wake = threading.Event()
         self._waiters: list[threading.Event] = []
         self._closing = False
@@ -151,10 +153,20 @@ class RunWriter:
             with self._lock:
                 self._pending.append((table, rows))
 
-    def put_later(self, make_rows: Callable[[], list[tuple[str, list[tuple]]]]) -> None:
+    def put_later(self, make_rows: Callable[[], list[tuple[str, list[tuple]]]],
+                  nbytes: int = 0) -> None:
         """Queue ``make_rows()``, called on the writer thread: ``[(table, rows), ...]``.
-        Lets the recorder hand over raw numbers and leave turning them into rows to this thread."""
+        Lets the recorder hand over raw numbers and leave turning them into rows to this thread.
+
+        ``nbytes``: memory the queued call holds. When more than ``max_pending_bytes`` wait,
+        this call blocks until the writer has caught up, so a writer that falls behind slows
+        training instead of filling memory."""
         self.put("later", [make_rows])
+        with self._lock:
+            self._pending_bytes += nbytes
+            behind = self._pending_bytes > self.max_pending_bytes
+        if behind:
+            self.flush()
 
     def set_meta(self, **meta: Any) -> None:
         with self._lock:
@@ -184,6 +196,7 @@ class RunWriter:
             with self._lock:
                 pending, self._pending = self._pending, []
                 waiters, self._waiters = self._waiters, []
+                self._pending_bytes = 0
             if pending:
                 try:
                     self._commit(con, pending)

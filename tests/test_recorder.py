@@ -454,3 +454,20 @@ def test_dtype_change_from_autocast_is_seen_between_statistics_steps(digits, tmp
     fc1 = d[(d.layer == "fc1") & (d.tensor == "output")][["step", "dtype"]].values.tolist()
     assert fc1 == [[0, "float32"], [3, "bfloat16"]]
     assert [str(t).replace("torch.", "") for t in seen] == ["float32"] * 3 + ["bfloat16"] * 3
+
+
+def test_a_container_output_that_is_its_last_childs_tensor_gets_the_same_row(digits, tmp_path):
+    """Measured once, recorded for both: the model's own output is its head's output."""
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with mpviz.Recorder(model, optimizer=opt, run_dir=tmp_path / "r", every=1) as rec:
+        train(model, batches(*digits, 2), rec, opt)
+    run = mpviz.load_run(tmp_path / "r")
+    st = run.layer_stats
+    act = st[st.tensor == "activation"].set_index(["step", "layer"])
+    cols = ["norm", "max_abs", "min_abs_nonzero", "zero_frac", "numel"]
+    for step in (0, 1):
+        assert act.loc[(step, ""), cols].tolist() == act.loc[(step, "head"), cols].tolist()
+        assert (run.histogram("", "activation", step=step)["count"].tolist()
+                == run.histogram("head", "activation", step=step)["count"].tolist())
+    assert act.loc[(0, "fc1"), "norm"] != act.loc[(0, "head"), "norm"]

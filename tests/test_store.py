@@ -108,3 +108,26 @@ def test_list_runs_newest_first(tmp_path):
             pass
         time.sleep(0.05)
     assert [p.name for p in mpviz.list_runs(tmp_path)] == ["b", "a"]
+
+
+def test_a_writer_that_falls_behind_blocks_training_instead_of_filling_memory(tmp_path):
+    """Statistics wait in memory for the writer thread; past max_pending_bytes, step() waits."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    # the timer never fires in this test: only the memory bound makes the writer write
+    with mpviz.Recorder(model, optimizer=opt, run_dir=tmp_path / "r", every=1,
+                        flush_every_s=600) as rec:
+        rec._writer.max_pending_bytes = 1
+        con = sqlite3.connect(tmp_path / "r" / "run.db")
+        for step in range(3):
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward(); opt.step(); opt.zero_grad()
+            rec.step(loss=loss, samples=64)
+            n = con.execute("SELECT COUNT(*) FROM layer_stats WHERE step = ?", (step,)).fetchone()
+            assert n[0] > 0  # already written, without a flush or the timer
+        con.close()
