@@ -10,13 +10,19 @@
             rec.step(loss=loss, samples=len(x))
 
 What it costs, and where the host syncs are:
-- every step: one forward hook per module (dtypes: a few microseconds each), one tensor hook on the
-  model output, one ``_foreach_norm`` over the gradients at the end of backward (non-finite check),
-  and ONE host copy in :meth:`Recorder.step` (loss, loss scale, non-finite flags, and on recorded
-  steps all layer statistics, concatenated). Runs without an enabled GradScaler add one small sync
-  in the optimizer's step pre-hook, to find an overflow's culprit before the weights are updated.
-- every ``every`` steps: activation, gradient and weight statistics, a few kernels in total
-  (see :mod:`mpviz.stats`).
+- every step: a forward pre-hook and hook on the model (inputs, autocast and RNG state kept for a
+  replay), a hook in the optimizer's step (or, with a GradScaler or without an optimizer, a tensor
+  hook at the end of backward) that reads the gradients, and :meth:`Recorder.step`. Without a
+  GradScaler, one fused inf/nan check of all gradients (GradScaler's own kernel) and one sync in
+  the optimizer's step pre-hook, to find an overflow's culprit before the weights change. On an
+  accelerator, ONE host copy per step (loss, loss scale, flags, statistics); on the CPU the values
+  are read where they lie.
+- on "watched" steps (statistics steps, and steps where dtypes may change): a forward hook per
+  module (dtypes, activations).
+- every ``every`` steps: activation, gradient and weight statistics (:mod:`mpviz.stats`): on an
+  accelerator a few kernels for all tensors; on the CPU the training thread copies each tensor's
+  (sampled) elements once and measures norm and max |x| of big tensors, and the writer thread
+  does the rest.
 - steps with inf/nan: the forward of that step is replayed once with checks on (:mod:`mpviz.overflow`).
 Rows go to a background writer thread (:mod:`mpviz.store`); nothing is written on this thread.
 """
@@ -277,6 +283,11 @@ class Recorder:
             return
         if self._order_acc is not None:
             self._fwd_order, self._order_acc = self._order_acc, None
+        if self.optimizer is not None and not self._scaling():
+            return  # gradients are read in the optimizer's step pre-hook (_optim_pre_hook)
+        # A GradScaler may skip the optimizer's step (then the gradients are needed to name the
+        # layers that went non-finite), and without an optimizer there is none: read the
+        # gradients at the end of backward (a tensor hook costs ~10 us a step).
         out = output if isinstance(output, torch.Tensor) else _first_float(output)
         if out is not None and out.requires_grad:
             out.register_hook(self._on_backward_start)
@@ -329,7 +340,14 @@ class Recorder:
             else:
                 self._stats = tensor_stats_torch(tensors, scaled)
 
+    def _scaling(self) -> bool:
+        return self.scaler is not None and self.scaler.is_enabled()
+
     def _optim_pre_hook(self, *args: Any) -> None:
+        # Not read at the end of backward (see _root_hook). (With a GradScaler they were: its
+        # step() has unscaled them by now, or, with a fused optimizer, not.)
+        if self._grads is None and not self._scaling():
+            self._on_backward_end()
         # Without GradScaler nothing stops a non-finite update: find the culprit while the
         # weights are still the ones the bad forward ran with.
         if compat.scaler_scale(self.scaler) is None and self._grad_bad is not None:
@@ -369,6 +387,9 @@ class Recorder:
         now = time.perf_counter()
         step_time = now - self._t_last
         step = self._step
+        if self._grads is None and self._recording_stats() and not self._scaling() and any(
+                p.grad is not None for p in self._params):
+            self._on_backward_end()  # no optimizer step this step: read the gradients now
         if self._acts and self._recording_stats():  # a forward with no backward this step
             self._compute_stats([])
 
@@ -405,7 +426,7 @@ class Recorder:
         if stats is not None:
             owners, act_rows = self._stats_owners, self._act_rows
             dtypes = self._last_dtypes  # replaced, never changed in place (see _dtype_rows)
-            w.put_later(lambda: _stat_rows(step, stats, owners, act_rows, dtypes),
+            w.put_later(_stat_rows, (step, stats, owners, act_rows, dtypes),
                         nbytes=getattr(stats, "nbytes", 0))
         if bad_params or loss_bad:
             w.put("overflows", self._overflow_rows(step, bad_params, skipped))
@@ -505,34 +526,40 @@ class Recorder:
         return rows
 
 
-def _stat_rows(step: int, stats: "np.ndarray | HostSample", owners: dict[str, list[int]],
-               act_rows: list[int], dtypes: dict[tuple[int, str], str]
-               ) -> list[tuple[str, list[tuple]]]:
-    """``layer_stats`` and ``histograms`` rows of one step, from its statistics (run on the
-    writer thread: the training thread only hands over the numbers)."""
-    if isinstance(stats, HostSample):
-        stats = stats.rows()
-    n_act = max(act_rows, default=-1) + 1
-    # activations of a tensor shared by several modules: the same row for each
-    block = np.concatenate([stats[:n_act][act_rows], stats[n_act:]])
+def _stat_rows(items: list[tuple]) -> list[tuple[str, list[tuple]]]:
+    """``layer_stats`` and ``histograms`` rows of many steps, from their statistics (run on the
+    writer thread: the training thread only hands over the numbers). Each item is
+    ``(step, statistics, owners, act_rows, dtypes)``; one merge per layer for all of them."""
     kinds = ("activation", "grad", "weight")
-    # one merge for the three kinds: a layer's rows of one kind share a key
-    keys = [k * _KIND + layer for k, kind in enumerate(kinds) for layer in owners[kind]]
+    role = {"activation": "output", "grad": "grad", "weight": "weight"}
+    blocks, keys, steps, dts = [], [], [], []
+    for n, (step, stats, owners, act_rows, dtypes) in enumerate(items):
+        if isinstance(stats, HostSample):
+            stats = stats.rows()
+        n_act = max(act_rows, default=-1) + 1
+        # activations of a tensor shared by several modules: the same row for each
+        blocks += [stats[:n_act][act_rows], stats[n_act:]]
+        # a (step, kind, layer)'s rows share a key: one merge for everything
+        keys += [(n * 3 + k) * _KIND + layer for k, kind in enumerate(kinds)
+                 for layer in owners[kind]]
+        steps.append(step)
+        dts.append(dtypes)
     if not keys:
         return []
-    merged, d = by_layer(block, keys)
-    layers = [key % _KIND for key in merged]
-    kind_of = [kinds[key // _KIND] for key in merged]
-    role = {"activation": "output", "grad": "grad", "weight": "weight"}
+    merged, d = by_layer(np.concatenate(blocks), keys)
+    item, layers = [key // _KIND for key in merged], [key % _KIND for key in merged]
+    step_of = [steps[i // 3] for i in item]
+    kind_of = [kinds[i % 3] for i in item]
     ints = [d[c].astype(np.int64).tolist() for c in (
         "zeros", "nonfinite", "underflow_fp16", "overflow_fp16", "underflow_bf16",
         "overflow_bf16", "numel")]
     mins = np.where(np.isfinite(d["min_abs_nonzero"]), d["min_abs_nonzero"], np.nan)
-    rows = list(zip([step] * len(layers), layers, kind_of,
-                    [dtypes.get((layer, role[kind])) for layer, kind in zip(layers, kind_of)],
+    rows = list(zip(step_of, layers, kind_of,
+                    [dts[i // 3].get((layer, role[kind]))
+                     for i, layer, kind in zip(item, layers, kind_of)],
                     d["norm"].tolist(), d["max_abs"].tolist(), mins.tolist(), *ints))
-    hists = [(step, layer, kind, lo, blob)
-             for layer, kind, (lo, blob) in zip(layers, kind_of, pack_hists(d["hist"]))]
+    hists = [(st, layer, kind, lo, blob)
+             for st, layer, kind, (lo, blob) in zip(step_of, layers, kind_of, pack_hists(d["hist"]))]
     return [("layer_stats", rows), ("histograms", hists)]
 
 

@@ -153,15 +153,17 @@ class RunWriter:
             with self._lock:
                 self._pending.append((table, rows))
 
-    def put_later(self, make_rows: Callable[[], list[tuple[str, list[tuple]]]],
-                  nbytes: int = 0) -> None:
-        """Queue ``make_rows()``, called on the writer thread: ``[(table, rows), ...]``.
-        Lets the recorder hand over raw numbers and leave turning them into rows to this thread.
+    def put_later(self, make_rows: Callable[[list[Any]], list[tuple[str, list[tuple]]]],
+                  item: Any, nbytes: int = 0) -> None:
+        """Queue ``item`` for ``make_rows``, called on the writer thread with the items queued
+        for it since the last commit (one call for many steps): it returns
+        ``[(table, rows), ...]``. Lets the
+        recorder hand over raw numbers and leave turning them into rows to this thread.
 
-        ``nbytes``: memory the queued call holds. When more than ``max_pending_bytes`` wait,
-        this call blocks until the writer has caught up, so a writer that falls behind slows
-        training instead of filling memory."""
-        self.put("later", [make_rows])
+        ``nbytes``: memory the item holds. When more than ``max_pending_bytes`` wait, this call
+        blocks until the writer has caught up, so a writer that falls behind slows training
+        instead of filling memory."""
+        self.put("later", [(make_rows, item)])
         with self._lock:
             self._pending_bytes += nbytes
             behind = self._pending_bytes > self.max_pending_bytes
@@ -211,12 +213,16 @@ class RunWriter:
 
     @staticmethod
     def _expand(pending: list[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+        later: dict[Any, list[Any]] = {}  # make_rows -> its items, in order
         for table, rows in pending:
             if table == "later":
-                for make_rows in rows:
-                    yield from make_rows()
+                for make_rows, item in rows:
+                    later.setdefault(make_rows, []).append(item)
             else:
                 yield table, rows
+        for make_rows, items in later.items():
+            for i in range(0, len(items), 64):  # bounded temporaries
+                yield from make_rows(items[i:i + 64])
 
     @staticmethod
     def _commit(con: sqlite3.Connection, pending: list[tuple[str, Any]]) -> None:
