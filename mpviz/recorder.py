@@ -164,7 +164,10 @@ class Recorder:
         self._inputs: tuple | None = None
         self._autocast: tuple[bool, torch.dtype] | None = None
         self._rng: Any = None
-        self._acts: dict[int, torch.Tensor] = {}
+        self._acts: dict[int, tuple[torch.Tensor, int]] = {}  # output, its version counter
+        # Modules whose output is changed in place later in the forward (ReLU(inplace=True)
+        # after a conv): their outputs are copied when they are made.
+        self._clone_acts: set[int] = set()
         self._stats: Any = None  # numpy rows (CPU) or a device tensor, see mpviz.stats
         self._stats_owners: dict[str, list[int]] = {}
         self._act_rows: list[int] = []
@@ -275,7 +278,10 @@ class Recorder:
             if self._order_acc is not None:
                 self._order_acc.append(idx)
             if out is not None and torch.is_grad_enabled() and self._recording_stats():
-                self._acts[idx] = out  # a module called twice: its last output
+                if idx in self._clone_acts:
+                    out = out.detach().clone()
+                # a module called twice: its last output
+                self._acts[idx] = (out, out._version)
         return hook
 
     def _root_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -321,7 +327,13 @@ class Recorder:
 
     def _compute_stats(self, present: list[torch.Tensor]) -> None:
         """Activations, (unscaled) gradients and weights of this step: one batched computation."""
-        acts, self._acts = self._acts, {}
+        acts = {}
+        for idx, (t, version) in self._acts.items():
+            if t._version == version:
+                acts[idx] = t
+            else:  # changed in place since: not what the module returned. Copied from now on.
+                self._clone_acts.add(idx)
+        self._acts = {}
         grads_of = [self._param_layer[i] for i, g in enumerate(self._grads or []) if g is not None]
         self._stats_owners = {"activation": list(acts), "grad": grads_of,
                               "weight": self._param_layer if present else []}

@@ -471,3 +471,25 @@ def test_a_container_output_that_is_its_last_childs_tensor_gets_the_same_row(dig
         assert (run.histogram("", "activation", step=step)["count"].tolist()
                 == run.histogram("head", "activation", step=step)["count"].tolist())
     assert act.loc[(0, "fc1"), "norm"] != act.loc[(0, "head"), "norm"]
+
+
+def test_an_output_changed_in_place_later_is_measured_as_the_module_returned_it(digits, tmp_path):
+    """ReLU(inplace=True) after a Linear (as in torchvision's ResNets) rewrites the Linear's
+    output: its statistics must be of what the Linear returned, not of the ReLU's result."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(inplace=True), nn.Linear(64, 10))
+    before = []  # the Linear's output as it returned it, copied by hand
+    h = model[0].register_forward_hook(lambda m, a, o: before.append(o.detach().clone()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with mpviz.Recorder(model, optimizer=opt, run_dir=tmp_path / "r", every=1) as rec:
+        train(model, batches(*digits, 3), rec, opt)
+    h.remove()
+    st = mpviz.load_run(tmp_path / "r").layer_stats
+    fc = st[(st.layer == "0") & (st.tensor == "activation")].set_index("step")
+    # step 0 shows the in-place change (no row rather than a wrong one); later steps copy it
+    assert 0 not in fc.index and list(fc.index) == [1, 2]
+    for step in (1, 2):
+        o = before[step]
+        assert (o < 0).any()  # the ReLU would have zeroed these
+        assert fc.loc[step, "norm"] == pytest.approx(o.norm().item(), rel=1e-5)
+        assert fc.loc[step, "zero_frac"] == pytest.approx((o == 0).float().mean().item())
+        assert fc.loc[step, "min_abs_nonzero"] == pytest.approx(o.abs()[o != 0].min().item())
