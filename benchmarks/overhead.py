@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
     p.add_argument("--precisions", default="fp32,fp16", help="comma-separated (default fp32,fp16)")
-    p.add_argument("--steps", type=int, default=400, help="timed steps per arm (default 400)")
-    p.add_argument("--block", type=int, default=20, help="steps per turn (default 20)")
+    p.add_argument("--steps", type=int, default=600, help="timed steps per arm (default 600)")
+    p.add_argument("--block", type=int, default=50, help="steps per turn (default 50)")
     p.add_argument("--warmup", type=int, default=30, help="untimed steps per arm first (default 30)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,

@@ -1,10 +1,16 @@
-"""Tensor statistics, computed on the tensors' device for many tensors at once.
+"""Tensor statistics for many tensors at once: norm, max |x|, smallest nonzero |x| and a log2
+histogram (one ``bincount`` of the float32 exponent bits), from which the zero / underflow /
+overflow / non-finite counts are read.
 
-A recorded step costs a fixed handful of kernels whatever the number of tensors: the tensors'
-elements are laid out as rows of one zero-padded matrix, and norm, max, smallest nonzero and a
-log2 histogram (one ``bincount`` of the float32 exponent bits) are row-wise reductions. The
-zero / underflow / overflow / non-finite counts are read from the histogram. The result is one
-small tensor per call; the recorder copies all of a step's results to the host in one transfer.
+- On an accelerator (:func:`tensor_stats_device`) a recorded step costs a fixed handful of
+  kernels whatever the number of tensors: the tensors' elements are laid out as rows of one
+  zero-padded matrix and every statistic is a row-wise reduction. The result is one small tensor;
+  the recorder copies a step's results to the host in one transfer.
+- On the CPU (:class:`HostSample`) torch's per-op dispatch (microseconds per op) would dominate, so
+  the training thread only copies each tensor's (sampled) elements, one concatenation per dtype,
+  and measures norm and max |x| of sampled tensors over every element; numpy segment reductions
+  (``reduceat``) finish the rest wherever :meth:`HostSample.rows` is called (the recorder's writer
+  thread).
 
 The histogram has ``N_BINS`` bins per tensor:
     bin 0: exact zeros
