@@ -133,6 +133,9 @@ class Recorder:
                     self._param_layer.append(i)
         first = next(iter(model.parameters()), None)
         self.device = first.device if first is not None else torch.device("cpu")
+        # CPU tensors are read in place and measured with numpy; on an accelerator statistics
+        # are kernels there and one host copy per step (tests switch this off on the CPU).
+        self._on_host = self.device.type == "cpu"
 
         layers = []
         for i, (name, m) in enumerate(zip(self._names, self._modules)):
@@ -168,10 +171,10 @@ class Recorder:
         # Modules whose output is changed in place later in the forward (ReLU(inplace=True)
         # after a conv): their outputs are copied when they are made.
         self._clone_acts: set[int] = set()
-        self._stats: Any = None  # numpy rows (CPU) or a device tensor, see mpviz.stats
+        self._stats: Any = None  # a HostSample (CPU) or a device tensor, see mpviz.stats
         self._stats_owners: dict[str, list[int]] = {}
         self._act_rows: list[int] = []
-        self._views: dict = {}  # the parameters' numpy views (mpviz.stats.tensor_stats_host)
+        self._views: dict = {}  # the parameters' numpy views (mpviz.stats.HostSample.take)
         self._grads: list[torch.Tensor | None] | None = None
         self._grad_bad: torch.Tensor | None = None
         self._found_inf = torch.zeros(1, device=self.device)
@@ -315,7 +318,7 @@ class Recorder:
         if scale is None:
             self._scale_used = None
         else:  # reading a CPU tensor is no sync; elsewhere keep a device copy for step()
-            self._scale_used = float(scale) if scale.device.type == "cpu" else scale.detach().clone()
+            self._scale_used = float(scale) if self._on_host else scale.detach().clone()
         if present and scale is None:
             # No GradScaler watches for inf/nan: check the gradients here (on device, no sync).
             # Which ones are bad is worked out only on a bad step (_nonfinite_params).
@@ -346,7 +349,7 @@ class Recorder:
             scaled = (len(act_tensors), len(act_tensors) + len(present), self._scale_used)
             if self._scale_used is None:
                 scaled = None
-            if self.device.type == "cpu":  # the rest is computed on the writer thread
+            if self._on_host:  # the rest is computed on the writer thread
                 self._stats = HostSample.take(tensors, scaled, cache=self._views,
                                               stable_from=len(act_tensors) + len(present))
             else:
@@ -461,7 +464,7 @@ class Recorder:
 
         On the CPU reading a tensor is no copy and no sync. On an accelerator everything goes
         into one tensor and comes back in one copy (one sync per step)."""
-        if self.device.type == "cpu" or not any(isinstance(v, torch.Tensor) for v in values):
+        if self._on_host or not any(isinstance(v, torch.Tensor) for v in values):
             vals = [v.item() if isinstance(v, torch.Tensor) else v for v in values]
             if isinstance(stats, torch.Tensor):
                 stats = stats.double().cpu().numpy()

@@ -117,16 +117,21 @@ class HostSample:
         if cache is None or stable_from is None:
             stable_from = len(tensors)
         views = []
+        used = {}
         for k in keep:
             t = tensors[k]
             if k < stable_from:
                 views.append(_host_views(t))
                 continue
             key = (id(t), t.data_ptr(), t.dtype, t.shape)  # a parameter given new data: anew
-            v = cache.get(key)
+            v = cache.get(key) if cache is not None else None
             if v is None or t.dtype not in (torch.float32, torch.float16, torch.float64):
-                v = cache[key] = _host_views(t)  # (other dtypes are converted copies: not kept)
+                v = _host_views(t)  # (other dtypes are converted copies: not kept)
             views.append(v)
+            used[key] = v
+        if cache is not None and stable_from < len(tensors):
+            cache.clear()  # views of replaced parameter data would keep that memory alive
+            cache.update(used)
         lengths = tuple(v[0].shape[0] for v in views)
         # One copy per dtype (numpy's float16 -> float32 conversion is slow: rows() does it)
         by_dtype: dict[Any, list[int]] = {}

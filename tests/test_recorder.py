@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -493,3 +494,29 @@ def test_an_output_changed_in_place_later_is_measured_as_the_module_returned_it(
         assert fc.loc[step, "norm"] == pytest.approx(o.norm().item(), rel=1e-5)
         assert fc.loc[step, "zero_frac"] == pytest.approx((o == 0).float().mean().item())
         assert fc.loc[step, "min_abs_nonzero"] == pytest.approx(o.abs()[o != 0].min().item())
+
+
+def test_the_accelerator_path_records_what_the_cpu_path_records(digits, tmp_path):
+    """On a GPU, statistics are device kernels and one host copy per step; here the same code
+    runs on CPU tensors and must give the CPU path's numbers (fp16 + GradScaler, unscaled)."""
+    runs = {}
+    for on_host in (True, False):
+        torch.manual_seed(0)
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        rec = mpviz.Recorder(model, optimizer=opt, scaler=scaler, run_dir=tmp_path / str(on_host),
+                             every=2)
+        with rec:
+            rec._on_host = on_host
+            train(model, batches(*digits, 4), rec, opt, scaler, torch.float16)
+        runs[on_host] = mpviz.load_run(tmp_path / str(on_host))
+    host, device = runs[True], runs[False]
+    cols = ["step", "loss", "loss_scale", "loss_scale_after", "skipped"]
+    assert host.steps[cols].values.tolist() == device.steps[cols].values.tolist()
+    a = host.layer_stats.sort_values(["step", "layer", "tensor"]).reset_index(drop=True)
+    b = device.layer_stats.sort_values(["step", "layer", "tensor"]).reset_index(drop=True)
+    assert len(a) == len(b) > 0 and sorted(set(a.step)) == [0, 2]
+    assert a[["step", "layer", "tensor", "dtype"]].equals(b[["step", "layer", "tensor", "dtype"]])
+    for c in ("norm", "max_abs", "min_abs_nonzero", "zero_frac", "underflow_fp16", "numel"):
+        np.testing.assert_allclose(a[c], b[c], rtol=1e-5, err_msg=c)
