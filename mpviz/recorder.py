@@ -60,6 +60,11 @@ def _first_float(obj: Any) -> torch.Tensor | None:
     return None
 
 
+def _closure(args: tuple, kwargs: dict) -> Any:
+    """The closure given to ``optimizer.step`` (its step hooks see ``args = (optimizer, ...)``)."""
+    return args[1] if len(args) > 1 else kwargs.get("closure")
+
+
 def _dtype_name(dt: torch.dtype | None) -> str | None:
     return None if dt is None else str(dt).replace("torch.", "")
 
@@ -358,7 +363,9 @@ class Recorder:
     def _scaling(self) -> bool:
         return self.scaler is not None and self.scaler.is_enabled()
 
-    def _optim_pre_hook(self, *args: Any) -> None:
+    def _optim_pre_hook(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        if _closure(args, kwargs) is not None:
+            return  # the closure computes the gradients: read them after it (_optim_post_hook)
         # Not read at the end of backward (see _root_hook). (With a GradScaler they were: its
         # step() has unscaled them by now, or, with a fused optimizer, not.)
         if self._grads is None and not self._scaling():
@@ -369,8 +376,12 @@ class Recorder:
             if self._grad_bad.item():
                 self._precheck = self._find_forward_culprits()
 
-    def _optim_post_hook(self, *args: Any) -> None:
+    def _optim_post_hook(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
         self._optim_steps += 1
+        if _closure(args, kwargs) is not None and not self._scaling():
+            # step(closure) (LBFGS): the gradients of its last evaluation; the weights are
+            # already updated, so a culprit is looked for with the new weights.
+            self._on_backward_end()
 
     def _on_policy_change(self, changes: list[tuple[str, str | None, str | None]]) -> None:
         self._watch_next = True

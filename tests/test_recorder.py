@@ -520,3 +520,30 @@ def test_the_accelerator_path_records_what_the_cpu_path_records(digits, tmp_path
     assert a[["step", "layer", "tensor", "dtype"]].equals(b[["step", "layer", "tensor", "dtype"]])
     for c in ("norm", "max_abs", "min_abs_nonzero", "zero_frac", "underflow_fp16", "numel"):
         np.testing.assert_allclose(a[c], b[c], rtol=1e-5, err_msg=c)
+
+
+def test_an_optimizer_step_with_a_closure_records_the_closures_gradients(digits, tmp_path):
+    """LBFGS computes the gradients inside step(closure): they are read after it."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=2)
+    x, y = next(batches(*digits, 1))
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        seen.append(math.hypot(model.head.weight.grad.norm().item(),
+                               model.head.bias.grad.norm().item()))
+        return loss
+
+    last = []  # the gradient norm of each step's last closure call
+    with mpviz.Recorder(model, optimizer=opt, run_dir=tmp_path / "r", every=1) as rec:
+        for _ in range(2):
+            loss = opt.step(closure)
+            last.append(seen[-1])
+            rec.step(loss=loss, samples=len(x))
+    st = mpviz.load_run(tmp_path / "r").layer_stats
+    head = st[(st.layer == "head") & (st.tensor == "grad")].sort_values("step")
+    assert len(seen) > 2 and head["norm"].tolist() == pytest.approx(last, rel=1e-5)
