@@ -356,9 +356,10 @@ class Recorder:
                 scaled = None
             if self._on_host:  # the rest is computed on the writer thread
                 self._stats = HostSample.take(tensors, scaled, cache=self._views,
-                                              stable_from=len(act_tensors) + len(present))
+                                              stable_from=len(act_tensors) + len(present),
+                                              offset=self._step)
             else:
-                self._stats = tensor_stats_torch(tensors, scaled)
+                self._stats = tensor_stats_torch(tensors, scaled, offset=self._step)
 
     def _scaling(self) -> bool:
         return self.scaler is not None and self.scaler.is_enabled()

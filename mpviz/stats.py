@@ -25,8 +25,9 @@ too), bf16 overflow is |x| >= 2**128, i.e. never for a finite fp32 value.
 
 Norm and max |x| are always over every element. Tensors above ``SAMPLE_CAP`` elements have
 their histogram (so zero, underflow, overflow and non-finite counts) and smallest nonzero |x| taken
-from evenly strided elements: those fractions are estimates (a non-finite norm with no inf/nan in
-the sample is reported as one non-finite value). The overflow events (mpviz.overflow) are exact.
+from a fixed number of evenly strided elements, starting one element further each step: those
+fractions are estimates (a non-finite norm with no inf/nan in the sample is reported as one
+non-finite value). The overflow events (mpviz.overflow) are exact.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ _BF16_UNDER = (1, 2)
 
 
 def tensor_stats(tensors: list[torch.Tensor], scaled: tuple[int, int, Any] | None = None,
-                 backend: str | None = None) -> "torch.Tensor | np.ndarray":
+                 backend: str | None = None, offset: int = 0) -> "torch.Tensor | np.ndarray":
     """Statistics of each tensor: ``[len(tensors), ROW]``, one row per tensor.
 
     CPU tensors are measured with numpy (a float64 array, see :class:`HostSample`: numpy's
@@ -60,34 +61,48 @@ def tensor_stats(tensors: list[torch.Tensor], scaled: tuple[int, int, Any] | Non
 
     ``scaled=(i, j, scale)``: tensors ``i..j-1`` are multiplied by ``scale`` (GradScaler's loss
     scale: a float or a 0-d tensor) and are measured divided by it, i.e. unscaled.
+    ``offset``: where the samples of big tensors start (the recorder passes the step).
     """
     if backend is None:
         backend = "numpy" if tensors[0].device.type == "cpu" else "torch"
     if backend == "numpy":
-        return HostSample.take(tensors, scaled).rows()
-    return tensor_stats_torch(tensors, scaled)
+        return HostSample.take(tensors, scaled, offset=offset).rows()
+    return tensor_stats_torch(tensors, scaled, offset)
 
 
-def tensor_stats_torch(tensors: list[torch.Tensor],
-                       scaled: tuple[int, int, Any] | None = None) -> torch.Tensor:
+def tensor_stats_torch(tensors: list[torch.Tensor], scaled: tuple[int, int, Any] | None = None,
+                       offset: int = 0) -> torch.Tensor:
     """:func:`tensor_stats_device` with a float or tensor scale."""
     if scaled is not None and not isinstance(scaled[2], torch.Tensor):
         scaled = (scaled[0], scaled[1], torch.tensor(float(scaled[2]), device=tensors[0].device))
-    return tensor_stats_device(tensors, scaled)
+    return tensor_stats_device(tensors, scaled, offset)
 
 
-def _host_views(t: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-    """Flat numpy views of a CPU tensor: its (sampled) elements, and for a sampled float32
-    tensor all of them (to measure its norm and max exactly). float16/32/64 are not copied."""
-    t = t.detach()
+_NUMPY_DTYPES = (torch.float32, torch.float16, torch.float64)
+
+
+def _strided(flat: Any, k: int, offset: int) -> Any:
+    """Every stride-th of a big tensor's ``k`` elements from ``offset % stride``, a fixed number
+    of them (numpy array or torch tensor): successive steps see different elements."""
+    stride = -(-k // SAMPLE_CAP)
+    return flat[offset % stride::stride][: k // stride]
+
+
+def _host_views(t: torch.Tensor, offset: int = 0,
+                flat: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Numpy views of a CPU tensor: its (sampled) elements, and, for a sampled float32 tensor,
+    all of them (to measure its norm and max exactly). float16/32/64 are not copied (``flat``:
+    the flat view, if known); other dtypes, which numpy lacks, are converted, sample only.
+
+    ``offset``: see :func:`_strided`."""
     k = t.numel()
-    if t.dtype not in (torch.float32, torch.float16, torch.float64):
-        t = t.reshape(-1)[:: -(-k // SAMPLE_CAP)] if k > SAMPLE_CAP else t
-        return t.float().numpy().reshape(-1), None  # bfloat16, fp8: numpy has no such dtype
-    a = t.numpy().reshape(-1)
+    if t.dtype not in _NUMPY_DTYPES:
+        t = t.detach().reshape(-1)
+        return (_strided(t, k, offset) if k > SAMPLE_CAP else t).float().numpy(), None
+    a = t.detach().numpy().reshape(-1) if flat is None else flat
     if k <= SAMPLE_CAP:
         return a, None
-    return a[:: -(-k // SAMPLE_CAP)], (a if a.dtype == np.float32 else None)
+    return _strided(a, k, offset), (a if a.dtype == np.float32 else None)
 
 
 class HostSample:
@@ -110,8 +125,10 @@ class HostSample:
 
     @classmethod
     def take(cls, tensors: list[torch.Tensor], scaled: tuple[int, int, Any] | None = None,
-             cache: dict | None = None, stable_from: int | None = None) -> "HostSample":
-        """Tensors from ``stable_from`` on (parameters) keep their numpy views in ``cache``."""
+             cache: dict | None = None, stable_from: int | None = None,
+             offset: int = 0) -> "HostSample":
+        """Tensors from ``stable_from`` on (parameters) keep their flat numpy views in
+        ``cache``; ``offset`` (the step) moves the samples of big tensors along."""
         numel = [t.numel() for t in tensors]
         keep = [k for k in range(len(tensors)) if numel[k]]
         if cache is None or stable_from is None:
@@ -120,15 +137,14 @@ class HostSample:
         used = {}
         for k in keep:
             t = tensors[k]
-            if k < stable_from:
-                views.append(_host_views(t))
+            if k < stable_from or t.dtype not in _NUMPY_DTYPES:
+                views.append(_host_views(t, offset))
                 continue
             key = (id(t), t.data_ptr(), t.dtype, t.shape)  # a parameter given new data: anew
-            v = cache.get(key) if cache is not None else None
-            if v is None or t.dtype not in (torch.float32, torch.float16, torch.float64):
-                v = _host_views(t)  # (other dtypes are converted copies: not kept)
-            views.append(v)
-            used[key] = v
+            flat = used[key] = cache.get(key)  # type: ignore[union-attr]
+            if flat is None:
+                flat = used[key] = t.detach().numpy().reshape(-1)
+            views.append(_host_views(t, offset, flat))
         if cache is not None and stable_from < len(tensors):
             cache.clear()  # views of replaced parameter data would keep that memory alive
             cache.update(used)
@@ -223,7 +239,8 @@ def _host_layout(lengths: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tensor_stats_device(tensors: list[torch.Tensor],
-                        scaled: tuple[int, int, torch.Tensor] | None = None) -> torch.Tensor:
+                        scaled: tuple[int, int, torch.Tensor] | None = None,
+                        offset: int = 0) -> torch.Tensor:
     """Statistics of each tensor: float32 ``[len(tensors), ROW]`` on the tensors' device.
 
     ``scaled=(i, j, scale)``: tensors ``i..j-1`` are multiplied by ``scale`` (a 0-d device
@@ -239,7 +256,7 @@ def tensor_stats_device(tensors: list[torch.Tensor],
     n = len(tensors)
     flat = [t.detach().reshape(-1) for t in tensors]
     numel = tuple(f.numel() for f in flat)
-    samples = [f if k <= SAMPLE_CAP else f[:: -(-k // SAMPLE_CAP)] for f, k in zip(flat, numel)]
+    samples = [f if k <= SAMPLE_CAP else _strided(f, k, offset) for f, k in zip(flat, numel)]
     lengths = tuple(s.numel() for s in samples)
     width = max(lengths)
     m = torch.zeros(n * width, device=device)

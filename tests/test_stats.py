@@ -60,3 +60,17 @@ def test_rows_match_per_tensor_references(tensors):
             assert row[2] == (pytest.approx(nz.min().item(), rel=1e-6) if nz.numel() else INF)
         else:  # the histogram counts a strided sample of about SAMPLE_CAP elements
             assert SAMPLE_CAP // 2 <= row[4] <= SAMPLE_CAP and row[N_HEAD:].sum() == row[4]
+
+
+def test_samples_of_a_big_tensor_move_along_with_the_step():
+    """Every element of a sampled tensor is seen over `stride` steps, not the same ones each time."""
+    k = 3 * SAMPLE_CAP
+    x = torch.zeros(k)
+    x[1::3] = 1.0  # only elements at positions 1 mod 3 are nonzero
+    zeros = [tensor_stats([x], offset=step)[0, N_HEAD] for step in range(3)]
+    lengths = [tensor_stats([x], offset=step)[0, 4] for step in range(3)]
+    assert lengths == [SAMPLE_CAP] * 3
+    assert zeros == [SAMPLE_CAP, 0, SAMPLE_CAP]  # offset 1 sees only the ones
+    for step in range(3):  # the accelerator path samples the same elements
+        dev = tensor_stats([x], offset=step, backend="torch")
+        assert dev[0, N_HEAD].item() == zeros[step]
