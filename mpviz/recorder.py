@@ -42,7 +42,7 @@ from torch import nn
 
 from . import compat, overflow
 from .run import Run
-from .stats import ROW, HostSample, by_layer, tensor_stats_torch
+from .stats import ROW, HostSample, by_layer, tensor_stats_device
 from .store import RunWriter, db_path, pack_hists
 
 
@@ -359,7 +359,7 @@ class Recorder:
                                               stable_from=len(act_tensors) + len(present),
                                               offset=self._step)
             else:
-                self._stats = tensor_stats_torch(tensors, scaled, offset=self._step)
+                self._stats = tensor_stats_device(tensors, scaled, offset=self._step)
 
     def _scaling(self) -> bool:
         return self.scaler is not None and self.scaler.is_enabled()

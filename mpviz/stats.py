@@ -67,14 +67,6 @@ def tensor_stats(tensors: list[torch.Tensor], scaled: tuple[int, int, Any] | Non
         backend = "numpy" if tensors[0].device.type == "cpu" else "torch"
     if backend == "numpy":
         return HostSample.take(tensors, scaled, offset=offset).rows()
-    return tensor_stats_torch(tensors, scaled, offset)
-
-
-def tensor_stats_torch(tensors: list[torch.Tensor], scaled: tuple[int, int, Any] | None = None,
-                       offset: int = 0) -> torch.Tensor:
-    """:func:`tensor_stats_device` with a float or tensor scale."""
-    if scaled is not None and not isinstance(scaled[2], torch.Tensor):
-        scaled = (scaled[0], scaled[1], torch.tensor(float(scaled[2]), device=tensors[0].device))
     return tensor_stats_device(tensors, scaled, offset)
 
 
@@ -141,9 +133,10 @@ class HostSample:
                 views.append(_host_views(t, offset))
                 continue
             key = (id(t), t.data_ptr(), t.dtype, t.shape)  # a parameter given new data: anew
-            flat = used[key] = cache.get(key)  # type: ignore[union-attr]
+            flat = cache.get(key)  # type: ignore[union-attr]
             if flat is None:
-                flat = used[key] = t.detach().numpy().reshape(-1)
+                flat = t.detach().numpy().reshape(-1)
+            used[key] = flat
             views.append(_host_views(t, offset, flat))
         if cache is not None and stable_from < len(tensors):
             cache.clear()  # views of replaced parameter data would keep that memory alive
@@ -230,7 +223,7 @@ class HostSample:
         return out
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)
 def _host_layout(lengths: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Segment starts, and each element's histogram offset (its row times N_BINS)."""
     starts = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)]).astype(np.intp)
@@ -238,13 +231,12 @@ def _host_layout(lengths: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     return starts, base
 
 
-def tensor_stats_device(tensors: list[torch.Tensor],
-                        scaled: tuple[int, int, torch.Tensor] | None = None,
+def tensor_stats_device(tensors: list[torch.Tensor], scaled: tuple[int, int, Any] | None = None,
                         offset: int = 0) -> torch.Tensor:
     """Statistics of each tensor: float32 ``[len(tensors), ROW]`` on the tensors' device.
 
-    ``scaled=(i, j, scale)``: tensors ``i..j-1`` are multiplied by ``scale`` (a 0-d device
-    tensor: GradScaler's loss scale) and are measured divided by it, i.e. unscaled.
+    ``scaled=(i, j, scale)``: as :func:`tensor_stats` (``scale`` a 0-d device tensor, read
+    there without a sync, or a float). ``offset``: see :func:`_strided`.
 
     How: each tensor's (sampled) elements become one zero-padded row of a matrix, so every
     statistic is one row-wise reduction for all tensors together. A per-tensor loop, which is
@@ -253,6 +245,8 @@ def tensor_stats_device(tensors: list[torch.Tensor],
     Zero padding changes no statistic; its count is taken out of the zero bin.
     """
     device = tensors[0].device
+    if scaled is not None and not isinstance(scaled[2], torch.Tensor):
+        scaled = (scaled[0], scaled[1], torch.tensor(float(scaled[2]), device=device))
     n = len(tensors)
     flat = [t.detach().reshape(-1) for t in tensors]
     numel = tuple(f.numel() for f in flat)

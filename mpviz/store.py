@@ -156,9 +156,9 @@ class RunWriter:
     def put_later(self, make_rows: Callable[[list[Any]], list[tuple[str, list[tuple]]]],
                   item: Any, nbytes: int = 0) -> None:
         """Queue ``item`` for ``make_rows``, called on the writer thread with the items queued
-        for it since the last commit (one call for many steps): it returns
-        ``[(table, rows), ...]``. Lets the
-        recorder hand over raw numbers and leave turning them into rows to this thread.
+        for it since the last commit (one call for many steps), which returns
+        ``[(table, rows), ...]``: the recorder hands over raw numbers and leaves turning them
+        into rows to this thread.
 
         ``nbytes``: memory the item holds. When more than ``max_pending_bytes`` wait, this call
         blocks until the writer has caught up, so a writer that falls behind slows training
