@@ -327,8 +327,7 @@ class Recorder:
         if present and scale is None:
             # No GradScaler watches for inf/nan: check the gradients here (on device, no sync).
             # Which ones are bad is worked out only on a bad step (_nonfinite_params).
-            if self._grad_bad is None:
-                self._grad_bad = self._found_inf.zero_()
+            self._grad_bad = self._found_inf  # zero but after a bad step (reset in step())
             compat.check_nonfinite(present, self._grad_bad)
         if self._recording_stats():
             self._compute_stats(present)
@@ -373,7 +372,7 @@ class Recorder:
             self._on_backward_end()
         # Without GradScaler nothing stops a non-finite update: find the culprit while the
         # weights are still the ones the bad forward ran with.
-        if compat.scaler_scale(self.scaler) is None and self._grad_bad is not None:
+        if self._grad_bad is not None:  # (only set when no GradScaler runs)
             if self._grad_bad.item():
                 self._precheck = self._find_forward_culprits()
 
@@ -459,6 +458,8 @@ class Recorder:
             w.put("overflows", self._overflow_rows(step, bad_params, skipped))
 
         # ---- reset per-step state
+        if any_bad:
+            self._found_inf.zero_()
         self._grad_bad = self._grads = self._stats = self._scale_used = None
         self._precheck = self._inputs = None
         self._step += 1

@@ -168,10 +168,8 @@ class HostSample:
                     exact[r] = (math.sqrt(float(np.dot(full, full))) / div[r],
                                 max(float(full.max()), -float(full.min())) / div[r])
         if in_torch:
-            full_t = [tensors[keep[r]].detach() for r in in_torch]
-            norms = torch.stack(torch._foreach_norm(full_t, 2, dtype=torch.float32)).tolist()
-            maxes = torch.stack([torch.stack(torch.aminmax(f)) for f in full_t]).double().abs().amax(1)
-            for r, nm, mx in zip(in_torch, norms, maxes.tolist()):
+            norms, maxes = _norm_max([tensors[keep[r]].detach() for r in in_torch])
+            for r, nm, mx in zip(in_torch, norms.tolist(), maxes.tolist()):
                 exact[r] = (nm / div[r], mx / div[r])
         return cls(numel, keep, lengths, groups, {r: d for r, d in enumerate(div) if d != 1.0},
                    exact)
@@ -221,6 +219,14 @@ class HostSample:
         out[rows, 4] = lengths
         out[rows, N_HEAD:] = hist.reshape(len(keep), N_BINS)
         return out
+
+
+def _norm_max(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Norm and max |x| of each tensor over every element: float32 tensors on their device."""
+    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    # (an inf-norm is ~20x slower than aminmax on the CPU)
+    maxes = torch.stack([torch.stack(torch.aminmax(t)) for t in tensors]).float().abs().amax(1)
+    return norms, maxes
 
 
 @functools.lru_cache(maxsize=8)
@@ -276,9 +282,7 @@ def tensor_stats_device(tensors: list[torch.Tensor], scaled: tuple[int, int, Any
     if big:  # norm and max over every element, not the sample (fp32 accumulation)
         full = [flat[k] for k in big]
         idx = torch.tensor(big, device=device)
-        big_norms = torch.stack(torch._foreach_norm(full, 2, dtype=torch.float32))
-        # (an inf-norm is ~20x slower than aminmax on the CPU)
-        big_maxes = torch.stack([torch.stack(torch.aminmax(f)) for f in full]).float().abs().amax(1)
+        big_norms, big_maxes = _norm_max(full)
         if scaled is not None:
             d = torch.where((idx >= i) & (idx < j), scale, 1.0)
             big_norms, big_maxes = big_norms / d, big_maxes / d

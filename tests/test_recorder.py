@@ -547,3 +547,22 @@ def test_an_optimizer_step_with_a_closure_records_the_closures_gradients(digits,
     st = mpviz.load_run(tmp_path / "r").layer_stats
     head = st[(st.layer == "head") & (st.tensor == "grad")].sort_values("step")
     assert len(seen) > 2 and head["norm"].tolist() == pytest.approx(last, rel=1e-5)
+
+
+def test_steps_after_a_bad_step_are_clean_again_without_a_scaler(digits, tmp_path):
+    """The inf/nan flag of one step does not leak into the next ones."""
+    import copy
+
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    good = copy.deepcopy(model.state_dict())
+    with mpviz.Recorder(model, optimizer=opt, run_dir=tmp_path / "r", every=100) as rec:
+        for step, (x, y) in enumerate(batches(*digits, 3)):
+            loss = F.cross_entropy(model(x) * (float("nan") if step == 0 else 1.0), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if step == 0:
+                model.load_state_dict(good)  # undo the non-finite update
+            rec.step(loss=loss, samples=len(x))
+    assert mpviz.load_run(tmp_path / "r").steps["nonfinite_grads"].tolist() == [True, False, False]
