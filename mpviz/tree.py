@@ -1,0 +1,107 @@
+"""One walker for every nested structure a model takes or returns.
+
+Models take and return tensors inside tuples, lists, dicts, namedtuples, Hugging Face
+``ModelOutput`` s (dict subclasses that are dataclasses), and plain ``@dataclass`` es. Walking them
+by hand loses container types (a ``ModelOutput`` rebuilt as a ``dict`` has no ``.logits``), so
+every walk in mpviz goes through the three functions here, built on ``torch.utils._pytree``
+(which rebuilds registered containers with their own type) plus ``dataclasses.fields`` and
+copies for what pytree treats as a leaf (unregistered dataclasses and dict / list subclasses).
+
+    >>> import torch
+    >>> from collections import namedtuple
+    >>> Out = namedtuple("Out", "logits aux")
+    >>> out = Out(torch.ones(2, dtype=torch.float16), {"ids": torch.arange(2)})
+    >>> first_float(out).dtype
+    torch.float16
+    >>> map_floats(lambda t: t.float(), out).logits.dtype, type(map_floats(lambda t: t, out)).__name__
+    (torch.float32, 'Out')
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils import _pytree as pytree
+
+__all__ = ["tensors", "first_float", "map_tensors", "map_floats"]
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _is_dataclass_instance(x: Any) -> bool:
+    return dataclasses.is_dataclass(x) and not isinstance(x, type)
+
+
+def tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in ``obj``, in order (containers, dataclass fields, dict values)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+        return
+    for leaf in pytree.tree_leaves(obj):
+        if isinstance(leaf, torch.Tensor):
+            yield leaf
+        elif _is_dataclass_instance(leaf):
+            for f in dataclasses.fields(leaf):
+                yield from tensors(getattr(leaf, f.name, None))
+        elif isinstance(leaf, (dict, list, tuple)):  # subclasses pytree does not know
+            yield from tensors(list(leaf.values()) if isinstance(leaf, dict) else list(leaf))
+
+
+def first_float(obj: Any) -> torch.Tensor | None:
+    """The first floating-point tensor in ``obj``, or None."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.is_floating_point() else None
+    if type(obj) is tuple and obj and isinstance(obj[0], torch.Tensor) and obj[0].is_floating_point():
+        return obj[0]  # the common case, a forward's positional args: no walk
+    for t in tensors(obj):
+        if t.is_floating_point():
+            return t
+    return None
+
+
+def map_tensors(fn: Fn, obj: Any, floats_only: bool = False) -> Any:
+    """``obj`` with each tensor replaced by ``fn(tensor)``, every container keeping its type.
+
+    A container with nothing replaced is returned as it is (the same object)."""
+    def leaf(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return fn(x) if (x.is_floating_point() or not floats_only) else x
+        if _is_dataclass_instance(x):
+            new = {f.name: map_tensors(fn, getattr(x, f.name, None), floats_only)
+                   for f in dataclasses.fields(x) if hasattr(x, f.name)}
+            if all(new[k] is getattr(x, k) for k in new):
+                return x
+            out = copy.copy(x)
+            for k, v in new.items():
+                object.__setattr__(out, k, v)  # frozen dataclasses too
+            return out
+        if isinstance(x, dict):  # a dict subclass pytree does not know: a copy, same type
+            new = {k: map_tensors(fn, v, floats_only) for k, v in x.items()}
+            if all(new[k] is x[k] for k in new):
+                return x
+            out = copy.copy(x)
+            out.update(new)
+            return out
+        if isinstance(x, list):
+            items = [map_tensors(fn, v, floats_only) for v in x]
+            if all(a is b for a, b in zip(items, x)):
+                return x
+            out = copy.copy(x)
+            out[:] = items
+            return out
+        return x
+
+    if isinstance(obj, torch.Tensor):
+        return leaf(obj)
+    flat, spec = pytree.tree_flatten(obj)
+    new = [leaf(x) for x in flat]
+    if all(a is b for a, b in zip(new, flat)):
+        return obj
+    return pytree.tree_unflatten(new, spec)
+
+
+def map_floats(fn: Fn, obj: Any) -> Any:
+    """``obj`` with each floating-point tensor replaced by ``fn(tensor)`` (see map_tensors)."""
+    return map_tensors(fn, obj, floats_only=True)
