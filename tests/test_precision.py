@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import fnmatch
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -456,3 +457,100 @@ def test_precision_the_device_cannot_run_names_those_it_can():
     with pytest.raises(ValueError, match="'bf16' cannot run on device 'cuda'"):
         handle.update({"*": "bf16"})
     handle.remove()
+
+
+# ----------------------------------------------------------------------------- output containers
+
+
+@dataclass
+class DataOut:
+    logits: torch.Tensor
+    ids: torch.Tensor
+    extra: tuple
+
+
+Pair = namedtuple("Pair", "logits ids")
+
+
+class Returns(nn.Module):
+    """A Linear whose output is wrapped in ``kind`` (a plain dataclass or a namedtuple)."""
+
+    def __init__(self, kind) -> None:
+        super().__init__()
+        self.kind = kind
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.lin(x)
+        ids = y.argmax(-1)
+        if self.kind is DataOut:
+            return DataOut(y, ids, (y * 2, ids))
+        return Pair(y, ids)
+
+
+@pytest.mark.parametrize("kind", [DataOut, Pair])
+def test_low_precision_outputs_keep_their_container_type(kind):
+    torch.manual_seed(0)
+    model, x = Returns(kind), torch.randn(5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x)  # by hand: plain autocast, all outputs bf16
+    with apply_policy(model, {"*": "bf16"}, device_type="cpu"):
+        out = model(x)  # no outer autocast: floats come back as fp32
+    assert type(out) is kind
+    assert out.logits.dtype == torch.float32 and torch.equal(out.logits, ref.logits.float())
+    assert out.ids.dtype == torch.int64 and torch.equal(out.ids, ref.ids)
+    if kind is DataOut:
+        assert out.extra[0].dtype == torch.float32 and torch.equal(out.extra[0], ref.extra[0].float())
+        assert out.extra[1].dtype == torch.int64
+
+
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).eval(), torch.randint(0, 100, (2, 8))
+
+
+@pytest.mark.parametrize("policy, dtype", [
+    ({"*": "fp16"}, torch.float16),
+    ({"transformer": "bf16", "lm_head": "bf16"}, torch.bfloat16),  # GPT2Model's output too
+])
+def test_hugging_face_lm_output_keeps_its_type_and_is_fp32(policy, dtype):
+    model, ids = _tiny_gpt2()
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        ref = model(ids, labels=ids)  # by hand: the whole model under plain autocast
+    with torch.no_grad(), apply_policy(model, policy, device_type="cpu"):
+        out = model(ids, labels=ids)
+    assert type(out) is type(ref) and type(out).__name__ == "CausalLMOutputWithCrossAttentions"
+    assert out.logits.dtype == torch.float32 and out[1] is out.logits and out[0] is out.loss
+    assert torch.equal(out.logits, ref.logits.float())
+    assert torch.allclose(out.loss, ref.loss.float(), rtol=1e-3)
+
+
+def test_hugging_face_bert_classifier_under_a_mixed_policy():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=16, num_labels=3,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = transformers.BertForSequenceClassification(cfg)
+    batch = {"input_ids": torch.randint(0, 50, (4, 10)), "attention_mask": torch.ones(4, 10, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 2, 1])}
+    ref = model(**batch)
+    probe = Probe(model)
+    with apply_policy(model, {"*": "bf16", "bert.encoder.layer.*.attention*": "fp32"}) as handle:
+        out = model(**batch)
+        out.loss.backward()
+    probe.remove()
+    assert type(out) is type(ref) and out.logits.dtype == torch.float32 and out.loss.dtype == torch.float32
+    assert probe.calls["bert.encoder.layer.1.attention.self.query"] == [[torch.float32]]
+    assert probe.calls["bert.encoder.layer.1.intermediate.dense"] == [[torch.bfloat16]]
+    assert probe.calls["classifier"] == [[torch.bfloat16]]
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    assert handle.effective()["bert.encoder.layer.0.attention.output.dense"] == \
+        ("fp32", "bert.encoder.layer.*.attention*")
+    after = model(**batch)
+    assert torch.equal(after.logits, ref.logits) and torch.equal(after.loss, ref.loss)
