@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8866
 
-.PHONY: dashboard test venv browser demo bench clean
+.PHONY: dashboard test venv browser screenshots demo bench clean
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,8 +27,14 @@ dashboard: venv
 	  --MappingKernelManager.cull_idle_timeout=600 --MappingKernelManager.cull_interval=60 \
 	  --MappingKernelManager.cull_connected=True
 
+# Without Chromium the browser tests skip; with CI=true (set by CI services) they fail instead.
 test: venv browser
 	$(BIN)/python -m pytest -q
+
+# Refresh docs/*.png (the README's screenshots) from the browser tests; the tests alone never
+# write tracked files.
+screenshots: venv browser
+	MPVIZ_SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/test_browser.py
 
 demo: venv
 	$(BIN)/python -m mpviz demo --task digits --precision fp16 --steps 200 --run-dir runs/demo

@@ -3,11 +3,13 @@
 >>> from mpviz.dashboard import lab_app
 >>> lab = lab_app(runs_dir="runs")            # doctest: +SKIP
 >>> lab                                       # doctest: +SKIP
->>> lab.start(max_steps=50)                   # doctest: +SKIP
+>>> lab.start(max_steps=50, pause_at=20)      # doctest: +SKIP
 >>> lab.set_layer_precision("head", "fp32")   # doctest: +SKIP
+>>> lab.toggle_pause()                        # doctest: +SKIP
 
 In a notebook or Voila, `lab_app(...)` as the last line of a cell displays the app; the Start
-button and the layer menus do what `start` and `set_layer_precision` do.
+button and the layer menus do what `start` and `set_layer_precision` do; "pause at" pauses
+training by itself after that many steps (0: never), so a toggle lands at a step you choose.
 
 Data flow: the worker thread steps the `mpviz.demos.Trainer`(s); a few times a second it reads
 the recorded runs back through `mpviz.load_run` + SQL (`queries`), and updates one FigureWidget
@@ -69,8 +71,11 @@ class Lab(ui.App):
                                                 description="max steps", style=wide)
         self.max_seconds = widgets.BoundedIntText(value=int(max_seconds), min=1, max=86_400,
                                                   description="max seconds", style=wide)
+        self.pause_at = widgets.BoundedIntText(value=0, min=0, max=1_000_000, description="pause at",
+                                               style=wide, tooltip="pause after this many steps (0: never)")
         for w, cls in ((self.task, "mpviz-task"), (self.precision, "mpviz-precision"),
-                       (self.alongside, "mpviz-alongside"), (self.max_steps, "mpviz-max-steps")):
+                       (self.alongside, "mpviz-alongside"), (self.max_steps, "mpviz-max-steps"),
+                       (self.pause_at, "mpviz-pause-at")):
             w.add_class(cls)
         self.start_btn = ui.button("Start", "mpviz-start", "success")
         self.pause_btn = ui.button("Pause", "mpviz-pause")
@@ -84,6 +89,7 @@ class Lab(ui.App):
         self.stop_btn.on_click(lambda _: self.stop())
         for w in (self.task, self.precision, self.batch, self.lr):
             w.observe(lambda _: self.reset(), names="value")
+        self.pause_at.observe(lambda _: self._set_pause_at(), names="value")  # also while training
 
         # ---- figure and tables
         self.fig = RunFigure(n_slots=1 + MAX_ALONGSIDE, width=900)
@@ -100,7 +106,7 @@ class Lab(ui.App):
                           widgets.HTML("<span class='mpviz-muted'>race: also train these, same seed "
                                        "and data,<br>interleaved step by step (ctrl-click, up to "
                                        f"{MAX_ALONGSIDE}; pick fp32 for a baseline)</span>"),
-                          widgets.VBox([self.max_steps, self.max_seconds])]),
+                          widgets.VBox([self.max_steps, self.max_seconds, self.pause_at])]),
             widgets.HBox([self.start_btn, self.pause_btn, self.reset_btn, self.stop_btn, self.status]),
         ])
         side = widgets.VBox([widgets.HTML("<b>Layers</b> <span class='mpviz-muted'>(precision "
@@ -152,9 +158,11 @@ class Lab(ui.App):
                              f"(run {main.recorder.run_dir.name})")
             self._sync_buttons()
 
-    def start(self, max_steps: int | None = None, max_seconds: float | None = None) -> None:
+    def start(self, max_steps: int | None = None, max_seconds: float | None = None,
+              pause_at: int | None = None) -> None:
         """Start training (or resume when paused). After a finished session, a new one begins
-        from fresh weights with the current layer toggles."""
+        from fresh weights with the current layer toggles. `pause_at`: pause by itself after
+        that many steps (0: never; the "pause at" box)."""
         with self._lock:
             if self.state == PAUSED:
                 return self.toggle_pause()
@@ -164,6 +172,8 @@ class Lab(ui.App):
                 self.max_steps.value = int(max_steps)
             if max_seconds is not None:
                 self.max_seconds.value = int(max_seconds)
+            if pause_at is not None:
+                self.pause_at.value = int(pause_at)
             if self.worker is not None:  # the previous session closed its trainers
                 overrides = self.overrides()
                 self._end_session()
@@ -179,7 +189,7 @@ class Lab(ui.App):
             self.worker = TrainingWorker(self.trainers, max_steps=self.max_steps.value,
                                          max_seconds=self.max_seconds.value,
                                          on_tick=self._refresh, on_done=self._on_done,
-                                         tick_s=self.redraw_s)
+                                         tick_s=self.redraw_s, pause_at=self.pause_at.value or None)
             self.worker.start()
             self._sync_buttons()
 
@@ -192,6 +202,10 @@ class Lab(ui.App):
             self.worker.resume()
         self._sync_buttons()
         self._set_status()
+
+    def _set_pause_at(self) -> None:
+        if self.worker is not None:
+            self.worker.pause_at = self.pause_at.value or None
 
     def stop(self) -> None:
         """Stop training; the runs are closed and stay on disk."""
@@ -307,6 +321,8 @@ class Lab(ui.App):
         if now - self._table_at >= TABLE_EVERY_S or final:
             self._table_at = now
             self._refresh_tables(trainers[0], readers[0])
+        if final:
+            self._sync_buttons()   # paused by `pause_at`: the buttons say Resume
         self._set_status()
 
     def _refresh_tables(self, trainer: Any, reader: Any) -> None:

@@ -4,7 +4,8 @@ Widget events do not reach a kernel that is busy in a cell, so the lab trains on
 thread (`torch_thread`, the only thread that runs torch), and the kernel stays free for
 toggles. A kernel whose thread keeps updating widgets is never culled by Voila, so training
 always ends: at `max_steps`, after `max_seconds` of wall time (pauses
-included), or on `stop()`.
+included), or on `stop()`. `pause_at=N` pauses it by itself once N steps are done (to toggle a
+layer at a known step; `resume()` goes on).
 
 Several trainers train interleaved, one step each per round (the lab's race mode), so they see
 the same wall-clock conditions. `on_tick(worker)` is called from this thread at most every
@@ -93,13 +94,16 @@ class TrainingWorker:
     def __init__(self, trainers: Sequence[Any], max_steps: int = 1000, max_seconds: float = 600.0,
                  on_tick: Callable[["TrainingWorker"], None] | None = None,
                  on_done: Callable[["TrainingWorker"], None] | None = None,
-                 tick_s: float = 0.25) -> None:
+                 tick_s: float = 0.25, pause_at: int | None = None) -> None:
         if max_steps < 1 or max_seconds <= 0:
             raise ValueError(f"max_steps must be >= 1 and max_seconds > 0, got {max_steps}, {max_seconds}")
+        if pause_at is not None and pause_at < 1:
+            raise ValueError(f"pause_at must be >= 1 (steps done before pausing) or None, got {pause_at}")
         self.trainers = list(trainers)
         self.max_steps = int(max_steps)
         self.max_seconds = float(max_seconds)
         self.on_tick, self.on_done, self.tick_s = on_tick, on_done, tick_s
+        self.pause_at = pause_at  # pause by itself when this many steps are done
         self.state = IDLE
         self.reason = ""          # why the thread ended: "step limit", "time limit", "stopped", error
         self.rounds = 0           # steps done by each trainer
@@ -179,6 +183,9 @@ class TrainingWorker:
                 for t in self.trainers:
                     t.step()
                 self.rounds += 1
+                if self.rounds == self.pause_at:
+                    self.pause()
+                    next_tick = 0.0   # draw the paused state now
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self._tick()
             self._drain_mailbox()
