@@ -32,9 +32,13 @@ def scaler_scale(scaler: Any) -> torch.Tensor | None:
 
 
 def scaler_settings(scaler: Any) -> dict[str, Any] | None:
+    """A GradScaler's settings. A disabled one (``GradScaler(enabled=False)``, PyTorch's recipe
+    for AMP off) has none: its getters raise AttributeError, so they are read only when enabled."""
     if scaler is None:
         return None
     out: dict[str, Any] = {"enabled": bool(scaler.is_enabled())}
+    if not out["enabled"]:
+        return out
     for name in ("init_scale", "growth_factor", "backoff_factor", "growth_interval"):
         getter = getattr(scaler, f"get_{name}", None)
         if getter is not None:

@@ -130,7 +130,11 @@ class RunWriter:
         self._wake = threading.Event()
         self._waiters: list[threading.Event] = []
         self._closing = False
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None  # the store cannot be written any more
+        # Errors of put_later's row makers: that maker's items are dropped from then on, the
+        # other rows are still written; the recorder records them (take_errors).
+        self.errors: list[BaseException] = []
+        self._failed_makers: set[Any] = set()
         con = sqlite3.connect(path)
         con.execute("PRAGMA journal_mode=WAL")
         con.executescript(SCHEMA)
@@ -147,8 +151,10 @@ class RunWriter:
                         [(k, json.dumps(v, default=str)) for k, v in meta.items()])
 
     def put(self, table: str, rows: list[tuple]) -> None:
+        """Queue rows. Never raises into training: once the store cannot be written (disk full,
+        file removed) rows are dropped and the error is in ``errors``."""
         if self._error is not None:
-            raise RunStoreError(f"the run writer failed: {self._error!r}")
+            return
         if rows:
             with self._lock:
                 self._pending.append((table, rows))
@@ -169,6 +175,11 @@ class RunWriter:
             behind = self._pending_bytes > self.max_pending_bytes
         if behind:
             self.flush()
+
+    def take_errors(self) -> list[BaseException]:
+        with self._lock:
+            errors, self.errors = self.errors, []
+        return errors
 
     def set_meta(self, **meta: Any) -> None:
         with self._lock:
@@ -202,8 +213,10 @@ class RunWriter:
             if pending:
                 try:
                     self._commit(con, pending)
-                except BaseException as e:  # keep serving flush() so no caller hangs
+                except Exception as e:  # keep serving flush() so no caller hangs
                     self._error = e
+                    with self._lock:
+                        self.errors.append(RunStoreError(f"the run store could not be written: {e!r}"))
             for w in waiters:
                 w.set()
             if closing:
@@ -211,8 +224,7 @@ class RunWriter:
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         con.close()
 
-    @staticmethod
-    def _expand(pending: list[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    def _expand(self, pending: list[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
         later: dict[Any, list[Any]] = {}  # make_rows -> its items, in order
         for table, rows in pending:
             if table == "later":
@@ -222,12 +234,20 @@ class RunWriter:
                 yield table, rows
         for make_rows, items in later.items():
             for i in range(0, len(items), 64):  # bounded temporaries
-                yield from make_rows(items[i:i + 64])
+                if make_rows in self._failed_makers:
+                    break
+                try:
+                    made = make_rows(items[i:i + 64])
+                except Exception as e:  # noqa: BLE001 - that part stops, the rest is written
+                    self._failed_makers.add(make_rows)
+                    with self._lock:
+                        self.errors.append(e)
+                    break
+                yield from made
 
-    @staticmethod
-    def _commit(con: sqlite3.Connection, pending: list[tuple[str, Any]]) -> None:
+    def _commit(self, con: sqlite3.Connection, pending: list[tuple[str, Any]]) -> None:
         with con:
-            for table, rows in RunWriter._expand(pending):
+            for table, rows in self._expand(pending):
                 if table == "meta":
                     for meta in rows:
                         RunWriter._write_meta(con, meta)

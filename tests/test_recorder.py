@@ -508,7 +508,7 @@ def test_the_accelerator_path_records_what_the_cpu_path_records(digits, tmp_path
         rec = mpviz.Recorder(model, optimizer=opt, scaler=scaler, run_dir=tmp_path / str(on_host),
                              every=2)
         with rec:
-            rec._on_host = on_host
+            rec._grads.on_host = on_host
             train(model, batches(*digits, 4), rec, opt, scaler, torch.float16)
         runs[on_host] = mpviz.load_run(tmp_path / str(on_host))
     host, device = runs[True], runs[False]

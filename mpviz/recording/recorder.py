@@ -1,0 +1,549 @@
+"""``Recorder``: turns an AMP training loop into per-step, per-layer records on disk.
+
+    rec = mpviz.Recorder(model, optimizer=opt, scaler=scaler, run_dir="runs/exp1")
+    with rec:
+        for x, y in loader:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = loss_fn(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt); scaler.update(); opt.zero_grad()
+            rec.step(loss=loss, samples=len(x))
+
+The Recorder is the facade: it wires hooks to its parts and runs the step's lifecycle
+(:mod:`.step`). Its parts: :mod:`.activations` (per-module hooks: dtypes, activations),
+:mod:`.gradients` (reading, checking and measuring gradients), :mod:`.overflow` (the replay that
+names the layer that went inf/nan first), :mod:`.rows` (statistics rows, on the writer thread).
+
+mpviz only observes: the recorder never changes what training computes (parameters, buffers,
+optimizer and GradScaler state stay bit-identical to a run without it; ``tests/test_twin.py``),
+and an error inside it is recorded in ``run.meta["recorder_errors"]`` with one warning, stops
+that part of the recording, and is never raised into the training loop.
+
+What it costs, and where the host syncs are:
+- every step: a forward pre-hook and hook on the model (inputs, autocast and RNG state kept for a
+  replay), a hook in the optimizer's step (or, with a GradScaler or without an optimizer, a tensor
+  hook at the end of backward) that reads the gradients, and :meth:`Recorder.step`. Without a
+  GradScaler, one fused inf/nan check of all gradients (GradScaler's own kernel) and one sync in
+  the optimizer's step pre-hook, to find an overflow's culprit before the weights change. On an
+  accelerator, ONE host copy per step (loss, loss scale, flags, statistics); on the CPU the values
+  are read where they lie. With a GradScaler, a ``rec.step()`` that saw no optimizer step reads
+  the scale (a sync on an accelerator) to tell a skipped step from a micro-batch.
+- on "watched" steps (statistics steps, and steps where dtypes may change): a forward hook per
+  module (dtypes, activations).
+- every ``every`` steps: activation, gradient and weight statistics (:mod:`mpviz.stats`).
+- steps with inf/nan: the forward of that step is replayed once with checks on.
+Rows go to a background writer thread (:mod:`mpviz.store`); nothing is written on this thread.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import socket
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import compat, tree
+from ..run import Run
+from ..stats import ROW
+from ..store import RunWriter, db_path
+from . import overflow
+from .activations import ForwardWatch, dtype_name
+from .gradients import Gradients
+from .rows import stat_rows
+from .step import StepState
+
+# A rec.step() with an optimizer but no optimizer step is a micro-batch. If the optimizer's step
+# is never seen at all (a wrapper that bypasses torch's step hooks), after this many calls each
+# rec.step() is recorded as a step, with a warning.
+_MAX_MICRO_BATCHES = 64
+
+
+def _closure(args: tuple, kwargs: dict) -> Any:
+    """The closure given to ``optimizer.step`` (its step hooks see ``args = (optimizer, ...)``)."""
+    return args[1] if len(args) > 1 else kwargs.get("closure")
+
+
+def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer``, which
+    subclass Optimizer but skip its step hooks."""
+    if optimizer is None:
+        return None
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (or None), got "
+                        f"{type(optimizer).__name__}: pass the optimizer your loop steps, e.g. "
+                        "Recorder(model, optimizer=opt, ...)")
+    return optimizer
+
+
+class Recorder:
+    """Record a mixed-precision training run, per layer and per step, to ``run_dir``.
+
+    Args:
+        model: the ``nn.Module`` being trained.
+        optimizer: optional; a recorded step is one ``optimizer.step()``, and steps GradScaler
+            skipped are known. ``rec.step()`` calls between two optimizer steps are micro-batches
+            (gradient accumulation): their losses (averaged) and samples join the step.
+        scaler: optional ``torch.amp.GradScaler`` (enabled or not); gradients are recorded
+            *unscaled*.
+        run_dir: where the run is written (default ``runs/<time>``); must not hold a run yet.
+        every: per-layer tensor statistics every ``every`` steps (loss, scale, skips, overflow
+            events, dtypes and timing are recorded every step).
+        policy: an :class:`mpviz.PrecisionPolicy` (or its rules dict) to apply while recording;
+            its changes are recorded in ``run.policy_changes``.
+        meta: extra JSON-able facts stored in ``run.meta``.
+
+    ``attach()`` (or ``with rec:``) is all-or-nothing: if anything in it fails, what was attached
+    is removed and the run (if its store was created) is marked ``failed``.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                 scaler: Any = None, run_dir: str | os.PathLike | None = None, every: int = 10,
+                 policy: Any = None, name: str | None = None, flush_every_s: float = 2.0,
+                 meta: dict[str, Any] | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Recorder needs an nn.Module, got {type(model).__name__}")
+        if int(every) < 1:
+            raise ValueError(f"every must be >= 1 (statistics every N steps), got {every}")
+        if scaler is not None and not callable(getattr(scaler, "is_enabled", None)):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler (or None), got "
+                            f"{type(scaler).__name__}")
+        self.model, self.scaler = model, scaler
+        self.optimizer = _unwrap_optimizer(optimizer)
+        self.every = int(every)
+        self.flush_every_s = flush_every_s
+        self.name = name or type(model).__name__
+        self._extra_meta = dict(meta or {})
+        self._policy_arg = policy
+        if run_dir is None:
+            run_dir = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        self.run_dir = Path(run_dir)
+        self.rank, self.world_size = compat.dist_rank_world()
+        self.policy = None  # PolicyHandle while attached
+        self._writer: RunWriter | None = None
+        self._handles: list[Any] = []
+        self._run: Run | None = None
+        self._attached = False
+        self._closed = False
+        self._errors: list[dict[str, Any]] = []
+        self._broken: set[str] = set()
+
+    # ----------------------------------------------------------------- attach / detach
+    def __enter__(self) -> "Recorder":
+        self.attach()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(error=exc)
+
+    def attach(self) -> "Recorder":
+        """Hook into the model (and optimizer), apply the policy, open the run. All or nothing."""
+        if self._attached:
+            return self
+        if self._closed:
+            raise RuntimeError("this Recorder was closed; create a new one (with a new run_dir)")
+        with contextlib.ExitStack() as undo:
+            self._attach(undo)
+            self._undo = undo.pop_all()
+        self._attached = True
+        return self
+
+    def _attach(self, undo: contextlib.ExitStack) -> None:
+        model = self.model
+        self._names = [n for n, _ in model.named_modules()]
+        self._modules = [m for _, m in model.named_modules()]
+        self._name_idx = {n: i for i, n in enumerate(self._names)}
+        # Each parameter belongs to the first module (in named_modules order) that owns it.
+        self._params: list[nn.Parameter] = []
+        self._param_layer: list[int] = []
+        seen: set[int] = set()
+        for i, m in enumerate(self._modules):
+            for p in m.parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    self._params.append(p)
+                    self._param_layer.append(i)
+        first = next(iter(model.parameters()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+
+        # The policy is checked first: a bad rule fails here, before anything is on the model or
+        # on disk. It is applied last, so that its hooks run before the recorder's.
+        policy = None
+        if self._policy_arg is not None:
+            from ..precision import PrecisionPolicy, validate_rules
+
+            policy = self._policy_arg
+            if not isinstance(policy, PrecisionPolicy):
+                policy = PrecisionPolicy(policy)
+            validate_rules(model, policy.rules, self.device.type, policy.precisions())
+
+        layers = []
+        for i, (name, m) in enumerate(zip(self._names, self._modules)):
+            ps = list(m.parameters(recurse=False))
+            layers.append((i, name, type(m).__name__, sum(p.numel() for p in ps),
+                           dtype_name(ps[0].dtype) if ps else None,
+                           0 if name == "" else name.count(".") + 1,
+                           int(not any(True for _ in m.children()))))
+        meta = {
+            "model": self.name, "device": str(self.device), "torch_version": torch.__version__,
+            "autocast_dtype": None, "scaler": compat.scaler_settings(self.scaler),
+            "optimizer": type(self.optimizer).__name__ if self.optimizer else None,
+            "every": self.every, "start_time": time.time(), "end_time": None, "status": "running",
+            "host": socket.gethostname(), "pid": os.getpid(), "python": platform.python_version(),
+            "rank": self.rank, "world_size": self.world_size, **self._extra_meta,
+        }
+        self._writer = RunWriter(db_path(self.run_dir, self.rank), meta, layers,
+                                 flush_every_s=self.flush_every_s)
+        undo.push(self._fail_writer)
+
+        self._grads = Gradients(self._params, self._param_layer, self.scaler, self.device)
+        self._watch = ForwardWatch(self._modules, model, lambda fn: self._contained("layers", fn))
+        undo.callback(self._watch.remove)
+        self._optim_seen = False
+        self._micro_batches = 0  # rec.step() calls since the last optimizer step
+        self._calls_are_steps = self.optimizer is None
+        self._replaying = False
+        self._new_state(0)
+
+        def hook(h: Any) -> None:
+            self._handles.append(h)
+            undo.callback(h.remove)
+
+        hook(model.register_forward_pre_hook(self._contained("forward", self._on_forward),
+                                             with_kwargs=True, prepend=True))
+        hook(model.register_forward_hook(self._contained("forward", self._on_forward_end)))
+        if self.optimizer is not None:
+            hook(self.optimizer.register_step_pre_hook(
+                self._contained("optimizer", self._on_optimizer_step)))
+            hook(self.optimizer.register_step_post_hook(
+                self._contained("optimizer", self._on_optimizer_stepped)))
+        if policy is not None:
+            from ..precision import apply_policy
+
+            self.policy = apply_policy(model, policy, device_type=self.device.type)
+            undo.callback(self._drop_policy)
+            self.policy.add_listener(self._contained("policy", self._on_policy_change))
+
+    def _drop_policy(self) -> None:
+        if self.policy is not None:
+            self.policy.remove()
+            self.policy = None
+
+    def _fail_writer(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        """attach() failed after the store was created: mark the run failed and close it."""
+        if self._writer is not None:
+            self._writer.set_meta(status="failed", end_time=time.time(),
+                                  error=f"attach failed: {type(exc).__name__}: {exc}")
+            self._writer.close()
+            self._writer = None
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Detach every hook, restore the model, and finish the run on disk. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._attached:
+            return
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._watch.remove()
+        self._drop_policy()
+        self._state = None  # type: ignore[assignment]
+        self._grads.views = {}
+        if self._writer is not None:
+            self._take_writer_errors()
+            status = "finished" if error is None else "failed"
+            extra = {} if error is None else {"error": f"{type(error).__name__}: {error}"}
+            self._writer.set_meta(status=status, end_time=time.time(), **extra)
+            self._writer.close()
+        self._attached = False
+
+    # ----------------------------------------------------------------- reading
+    @property
+    def run(self) -> Run:
+        """The live :class:`mpviz.Run` of this recording (pending rows are flushed before reads)."""
+        if self._run is None:
+            if self._writer is None:
+                raise RuntimeError("the recorder has not been attached yet: use `with rec:` first")
+            self._run = Run(self._writer.path, before_read=self.flush)
+        return self._run
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        """Errors contained inside the recorder so far (also in ``run.meta["recorder_errors"]``)."""
+        return list(self._errors)
+
+    def flush(self) -> None:
+        if self._writer is not None and not self._closed:
+            self._writer.flush()
+
+    def set_precision(self, rules: dict[str, str]) -> None:
+        """Change per-layer precision from now on (same as ``rec.policy.update(rules)``)."""
+        if self.policy is None:
+            raise RuntimeError("this Recorder was created without a policy: pass "
+                               "policy=mpviz.PrecisionPolicy({}) to steer precision while recording")
+        self.policy.update(rules)
+
+    # ----------------------------------------------------------------- errors stay inside
+    def _contained(self, part: str, fn: Callable) -> Callable:
+        """``fn``, with any exception recorded (once per part) instead of raised; a part that
+        failed stops recording, and training goes on."""
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if part in self._broken:
+                return None
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - mpviz must never break the user's training
+                self._record_error(part, e)
+                return None
+        return run
+
+    def _record_error(self, part: str, exc: BaseException) -> None:
+        self._broken.add(part)
+        frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+        where = f"{Path(frame[0].filename).name}:{frame[0].lineno}" if frame else ""
+        state = getattr(self, "_state", None)
+        self._errors.append({"part": part, "step": state.index if state else None,
+                             "error": f"{type(exc).__name__}: {exc}", "where": where})
+        warnings.warn(f"mpviz: recording of {part!r} stopped after an internal error "
+                      f"({type(exc).__name__}: {exc}); training goes on unchanged. Details in "
+                      "run.meta['recorder_errors']; please report it.", RuntimeWarning,
+                      stacklevel=3)
+        if self._writer is not None:
+            self._writer.set_meta(recorder_errors=list(self._errors))
+
+    def _take_writer_errors(self) -> None:
+        if self._writer is not None and self._writer.errors:
+            for e in self._writer.take_errors():
+                self._record_error("statistics", e)
+
+    # ----------------------------------------------------------------- the step's phases
+    def _new_state(self, index: int) -> None:
+        self._state = StepState(index=index, stats_step=index % self.every == 0)
+        self._watch.state = self._state
+
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """1. A training forward begins (evaluation forwards under no_grad are not recorded)."""
+        if self._replaying or not torch.is_grad_enabled():
+            return
+        s = self._state
+        s.inputs = (args, kwargs)  # kept for replaying this step's forward if it goes inf/nan
+        s.autocast = compat.autocast_state(self.device.type)
+        s.rng = compat.get_rng_state(self.device)
+        s.acts = {}
+        self._watch.start(s, args if args else kwargs)
+
+    def _on_forward_end(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._replaying or not torch.is_grad_enabled():
+            return
+        self._watch.forward_done()
+        if self.optimizer is not None and not self._grads.scaling():
+            return  # gradients are read in the optimizer's step pre-hook
+        # A GradScaler may skip the optimizer's step (then the gradients are needed to name the
+        # layers that went non-finite), and without an optimizer there is none: read the
+        # gradients at the end of backward (a tensor hook costs ~10 us a step). Any of the first
+        # few outputs may be the one the loss is made from.
+        hooked = 0
+        for t in tree.tensors(output):
+            if t.requires_grad and t.is_floating_point():
+                t.register_hook(self._on_backward_start)
+                hooked += 1
+                if hooked == 4:
+                    break
+
+    def _on_backward_start(self, grad: torch.Tensor) -> None:
+        s = self._state
+        if s is not None and not s.backward_queued:
+            s.backward_queued = True
+            # Re-queue from inside the first final callback so ours runs after every callback
+            # queued during backward, e.g. DDP's, which writes the all-reduced gradients.
+            ready = self._contained("gradients", self._gradients_ready)
+            compat.queue_backward_callback(lambda: compat.queue_backward_callback(ready))
+
+    def _gradients_ready(self) -> None:
+        """2. Every ``.grad`` of this backward is accumulated."""
+        s = self._state
+        if s is not None and "gradients" not in self._broken:
+            self._grads.ready(s, self._watch.take_acts(s) if s.stats_step else {})
+
+    def _on_optimizer_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        """3. The optimizer is about to update the weights."""
+        if _closure(args, kwargs) is not None:
+            return  # the closure computes the gradients: read them after it
+        s = self._state
+        if s.grads is None and not self._grads.scaling():
+            self._contained("gradients", self._gradients_ready)()
+        # Without GradScaler nothing stops a non-finite update: find the culprit while the
+        # weights are still the ones the bad forward ran with.
+        if s.grad_bad is not None and s.grad_bad.item():  # (only set when no GradScaler runs)
+            s.precheck = self._contained("overflow", self._replay)()
+
+    def _on_optimizer_stepped(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        s = self._state
+        s.optim_steps += 1
+        self._optim_seen = True
+        if _closure(args, kwargs) is not None and not self._grads.scaling():
+            # step(closure) (LBFGS): the gradients of its last evaluation; the weights are
+            # already updated, so a culprit is looked for with the new weights.
+            self._contained("gradients", self._gradients_ready)()
+
+    def _on_policy_change(self, changes: list[tuple[str, str | None, str | None]]) -> None:
+        self._watch.watch_next = True
+        rows = [(self._state.index, self._name_idx[layer], prec, rule)
+                for layer, prec, rule in changes if layer in self._name_idx]
+        if self._writer is not None:
+            self._writer.put("policy_changes", rows)
+
+    def _replay(self) -> list[tuple[int, int]]:
+        s = self._state
+        if s.inputs is None:
+            return []
+        self._replaying = self._watch.paused = True
+        try:
+            return overflow.replay_forward(self.model, self._modules, s.inputs, s.autocast,
+                                           s.rng, self.device)
+        finally:
+            self._replaying = self._watch.paused = False
+
+    # ----------------------------------------------------------------- 4. the step ends
+    def step(self, loss: Any = None, samples: int | None = None) -> int:
+        """Close the current training step (or micro-batch) and record it. Returns its index.
+
+        With an optimizer, a step is one ``optimizer.step()``: a call with no optimizer step
+        since the last one (gradient accumulation) adds its loss and samples to the step and
+        records nothing yet; a step GradScaler skipped is recorded as skipped.
+
+        On an accelerator, one host copy: loss, loss scale, non-finite flags and this step's
+        statistics together. On the CPU these are read where they lie (no copy is needed).
+        """
+        if not self._attached:
+            raise RuntimeError("Recorder.step() called outside the recorder: use `with rec:` "
+                               "(or rec.attach()) before training")
+        s = self._state
+        if "step" in self._broken:
+            self._new_state(s.index + 1)
+            return s.index
+        try:
+            return self._close_step(s, loss, samples)
+        except Exception as e:  # noqa: BLE001 - never into the training loop
+            self._record_error("step", e)
+            self._new_state(s.index + 1)
+            return s.index
+
+    def _close_step(self, s: StepState, loss: Any, samples: int | None) -> int:
+        s.losses.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        if samples:
+            s.samples = (s.samples or 0) + int(samples)
+        scaling = self._grads.scaling()
+        scale_now = compat.scaler_scale(self.scaler)
+        if not self._calls_are_steps and s.optim_steps == 0:
+            backed_off = (scaling and s.scale_used is not None and scale_now is not None
+                          and float(scale_now) < float(s.scale_used))  # GradScaler skipped it
+            if not backed_off:
+                self._micro_batches += 1
+                if self._optim_seen or self._micro_batches < _MAX_MICRO_BATCHES:
+                    return s.index  # a micro-batch: the step goes on
+                self._calls_are_steps = True
+                warnings.warn(f"mpviz: {_MAX_MICRO_BATCHES} rec.step() calls and the optimizer's "
+                              "step() was never seen; each rec.step() is now recorded as a step. "
+                              "Pass the torch optimizer your loop steps (not a wrapper).",
+                              RuntimeWarning, stacklevel=3)
+        self._micro_batches = 0
+
+        if s.grads is None and s.stats_step and not scaling and any(
+                p.grad is not None for p in self._params):
+            self._contained("gradients", self._gradients_ready)()  # nobody read them yet
+        if s.acts and s.stats_step and "gradients" not in self._broken:
+            self._grads.take_stats(s, [], self._watch.take_acts(s))  # a forward, no backward
+
+        has_scale = s.scale_used is not None and scale_now is not None
+        loss_ts = [l if l.numel() == 1 else l.detach().reshape(-1)[0]
+                   for l in s.losses if isinstance(l, torch.Tensor)]
+        values, stats = _to_host(self._grads.on_host, self.device,
+                                 [s.scale_used if has_scale else None,
+                                  scale_now if has_scale else None, s.grad_bad, *loss_ts],
+                                 s.stats)
+        scale_used, scale_after, bad = values[:3]
+        losses = values[3:] + [float(l) for l in s.losses
+                               if l is not None and not isinstance(l, torch.Tensor)]
+        loss_v = sum(losses) / len(losses) if losses else None
+        any_bad = bool(bad)
+        if self._calls_are_steps:
+            skipped = has_scale and scale_after < scale_used
+        else:
+            skipped = s.optim_steps == 0
+        # Which parameters went non-finite: worked out on bad steps only (GradScaler skipped the
+        # step, or our own check found inf/nan).
+        bad_params = self._grads.nonfinite_params(s) if any_bad or (skipped and has_scale) else []
+        loss_bad = loss_v is not None and not math.isfinite(loss_v)
+
+        # ---- rows, to the writer thread
+        w = self._writer
+        assert w is not None
+        step_time = time.perf_counter() - s.t_start
+        w.put("steps", [(s.index, loss_v, scale_used, scale_after, int(skipped),
+                         int(bool(bad_params)), step_time, s.samples,
+                         (s.samples / step_time) if s.samples and step_time > 0 else None,
+                         time.time())])
+        if s.watching and "layers" not in self._broken:
+            w.put("dtypes", self._watch.dtype_rows(s.index, self._params, self._param_layer,
+                                                   s.grads or []))
+        if s.index == 0 and s.autocast is not None:
+            enabled, dt = s.autocast
+            w.set_meta(autocast_dtype=dtype_name(dt) if enabled else None)
+        if stats is not None:
+            w.put_later(stat_rows, (s.index, stats, s.stats_owners, s.act_rows,
+                                    self._watch.last_dtypes),
+                        nbytes=getattr(stats, "nbytes", 0))
+        if bad_params or loss_bad:
+            culprits = s.precheck
+            if culprits is None:
+                culprits = self._contained("overflow", self._replay)() or []
+            w.put("overflows", overflow.overflow_rows(
+                s.index, culprits, bad_params, s.grads or [], self._param_layer,
+                self._watch.fwd_order, skipped))
+        self._take_writer_errors()
+
+        # ---- the next step
+        if any_bad:
+            self._grads.found_inf.zero_()
+        self._new_state(s.index + 1)
+        self._watch.end_step(self._state.stats_step)
+        return s.index
+
+
+def _to_host(on_host: bool, device: torch.device, values: list[Any],
+             stats: Any) -> tuple[list[Any], Any]:
+    """Floats of ``values`` (0-d tensors, floats or None), and the statistics on the host
+    (numpy rows, or a :class:`HostSample` whose rows the writer thread computes).
+
+    On the CPU reading a tensor is no copy and no sync. On an accelerator everything goes
+    into one tensor and comes back in one copy (one sync per step)."""
+    if on_host or not any(isinstance(v, torch.Tensor) for v in values):
+        vals = [v.item() if isinstance(v, torch.Tensor) else v for v in values]
+        if isinstance(stats, torch.Tensor):
+            stats = stats.double().cpu().numpy()
+        return vals, stats
+    parts = [v.detach().reshape(1).float().to(device) if isinstance(v, torch.Tensor)
+             else torch.tensor([float(v)], device=device) for v in values if v is not None]
+    if stats is not None:
+        parts.append(stats.reshape(-1))
+    host = torch.cat(parts).cpu().numpy()
+    vals, pos = [], 0
+    for v in values:
+        vals.append(None if v is None else float(host[pos]))
+        pos += v is not None
+    if stats is not None:
+        stats = host[pos:].astype(np.float64).reshape(-1, ROW)
+    return vals, stats
