@@ -14,7 +14,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Recorder": "mpviz.recorder",
+    "Recorder": "mpviz.recording",
     "Run": "mpviz.run",
     "load_run": "mpviz.run",
     "list_runs": "mpviz.run",
