@@ -262,6 +262,7 @@ class Recorder:
         self._state = None  # type: ignore[assignment]
         self._grads.views = {}
         if self._writer is not None:
+            self._writer.flush()  # rows made on the writer thread may fail: recorded below
             self._take_writer_errors()
             status = "finished" if error is None else "failed"
             extra = {} if error is None else {"error": f"{type(error).__name__}: {error}"}
