@@ -24,8 +24,8 @@ _EXPORTS = {
     "PrecisionPolicy": "mpviz.precision",
     "apply_policy": "mpviz.precision",
     "explain_policy": "mpviz.precision",
-    "evaluate": "mpviz.evaluate",
-    "memory_report": "mpviz.evaluate",
+    "evaluate": "mpviz.evaluation",
+    "memory_report": "mpviz.evaluation",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

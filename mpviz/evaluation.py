@@ -4,6 +4,11 @@
 loss and metric per precision, plus each layer's output error against fp32 on one batch, so
 the layers that lose most stand out. ``memory_report`` measures (does not estimate) the bytes
 autograd keeps for backward per layer, under a policy and under all-fp32.
+
+A batch is an ``(x, y)`` pair (the model is called as ``model(x)``), a dict of keyword arguments
+(``model(**batch)``, e.g. a Hugging Face batch with ``input_ids``, ``attention_mask``,
+``labels``), or anything a ``forward(model, batch)`` callable you pass handles. An output with
+``.loss`` / ``.logits`` (a Hugging Face ``ModelOutput``) is read as such.
 """
 from __future__ import annotations
 
@@ -17,11 +22,16 @@ import pandas as pd
 import torch
 from torch import nn
 
+from mpviz import tree
 from mpviz.precision import PrecisionPolicy, apply_policy, canonical, resolve_policy
 
 __all__ = ["Evaluation", "evaluate", "memory_report"]
 
+Forward = Callable[[nn.Module, Any], Any]
 
+_BATCHES = ("Batches are (x, y) pairs (called as model(x)) or dicts of keyword arguments (called as "
+            "model(**batch); labels, if any, under 'labels'). For anything else pass "
+            "forward=lambda model, batch: model(...), which returns the model's output.")
 
 @dataclass
 class Evaluation:
@@ -54,12 +64,64 @@ def _accuracy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (out.argmax(-1) == y).float().mean()
 
 
-def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    return obj
+def _is_pair(batch: Any) -> bool:
+    return isinstance(batch, (tuple, list)) and len(batch) == 2
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Mapping) and not isinstance(batch, dict):
+        batch = dict(batch)  # e.g. a Hugging Face BatchEncoding (a UserDict)
+    return tree.map_tensors(lambda t: t.to(device), batch)
+
+
+def _run(model: nn.Module, batch: Any, forward: Forward | None) -> Any:
+    """The model's output on one batch (see the module docstring for what a batch is)."""
+    if forward is not None:
+        return forward(model, batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if _is_pair(batch):
+        return model(batch[0])
+    raise ValueError(f"Cannot run a batch of type {type(batch).__name__}. {_BATCHES}")
+
+
+def _labels(batch: Any) -> Any:
+    """``y`` of an ``(x, y)`` pair, ``batch["labels"]`` of a dict, else None."""
+    if isinstance(batch, Mapping):
+        return batch.get("labels")
+    return batch[1] if _is_pair(batch) else None
+
+
+def _samples(batch: Any, y: Any) -> int:
+    """Samples in a batch: the length of its labels, else of its first tensor."""
+    if y is not None and hasattr(y, "__len__"):
+        return len(y)
+    first = next(tree.tensors(batch), None)
+    return len(first) if first is not None and first.dim() > 0 else 1
+
+
+def _logits(out: Any) -> Any:
+    """What loss_fn and metric get: the output if a tensor, its ``.logits``, else its first float."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else tree.first_float(out)
+
+
+def _default_metric(logits: Any, y: Any, paired: bool) -> Callable[[torch.Tensor, torch.Tensor], Any] | None:
+    """Accuracy where it is well defined, else None (the metric is NaN).
+
+    Integer ``y`` of an ``(x, y)`` pair is taken as aligned with the logits' rows. A dict's
+    ``labels`` only when there is one per example (logits ``(B, C)``, labels ``(B,)``): a causal
+    LM's labels are shifted inside the model, so a token accuracy on them would be wrong.
+    """
+    if not (isinstance(logits, torch.Tensor) and isinstance(y, torch.Tensor)) or y.is_floating_point():
+        return None
+    if logits.dim() == 0 or logits.shape[:-1] != y.shape:
+        return None
+    if not paired and (logits.dim() != 2 or y.dim() != 1):
+        return None
+    return _accuracy
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -76,16 +138,6 @@ def _label(p: Any) -> tuple[str, PrecisionPolicy]:
     return str(policy.rules), policy
 
 
-def _floats(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out] if out.is_floating_point() else []
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _floats(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in _floats(o)]
-    return []
-
-
 class _Outputs:
     """Every module's floating outputs of one forward (all calls, flattened, kept in fp32)."""
 
@@ -96,7 +148,7 @@ class _Outputs:
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(mod: nn.Module, args: Any, out: Any) -> None:
-            for t in _floats(out):
+            for t in (t for t in tree.tensors(out) if t.is_floating_point()):
                 self.dtypes.setdefault(name, t.dtype)
                 self.values[name].append(t.detach().flatten().float())
         return hook
@@ -135,21 +187,32 @@ def _modes(model: nn.Module) -> dict[nn.Module, bool]:
 
 def evaluate(
     model: nn.Module,
-    data: Iterable[tuple[Any, Any]],
+    data: Iterable[Any],
     precisions: Sequence[str | Mapping[str, str] | PrecisionPolicy] = ("fp32", "bf16", "fp16", "fp8_e4m3"),
     metric: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     device_type: str | None = None,
     max_batches: int | None = None,
+    forward: Forward | None = None,
 ) -> Evaluation:
     """Loss and metric of ``model`` on ``data`` at each precision, and per-layer error vs fp32.
 
-    ``data`` yields ``(x, y)`` batches (a list, a DataLoader, or a one-shot iterator, which is
-    read once and kept). Each precision runs the whole model under the policy ``{"*": p}``
-    (a dict or :class:`PrecisionPolicy` works too, e.g. a mixed policy to compare), in eval
-    mode and without gradients. ``loss_fn(out, y)`` defaults to cross-entropy for integer
-    targets, MSE otherwise; ``metric(out, y)`` defaults to accuracy for integer targets.
-    Modes and hooks are as before afterwards.
+    ``data`` yields batches (a list, a DataLoader, or a one-shot iterator, which is read once
+    and kept): ``(x, y)`` pairs, dicts called as ``model(**batch)`` (labels under
+    ``"labels"``), or anything ``forward(model, batch)`` handles (labels are still looked up
+    as ``batch[1]`` of a pair or ``batch["labels"]`` of a dict). Each precision runs the whole
+    model under the policy ``{"*": p}`` (a dict or :class:`PrecisionPolicy` works too, e.g. a
+    mixed policy to compare), in eval mode and without gradients; per-layer errors are taken
+    on the first batch. Modes and hooks are as before afterwards.
+
+    The loss is the output's ``.loss`` when it has one (Hugging Face models given labels),
+    else ``loss_fn(logits, y)``: cross-entropy for integer labels, MSE otherwise. The logits are
+    the output if it is a tensor, its ``.logits``, else its first floating tensor.
+    ``metric(logits, y)`` defaults to accuracy for integer labels of ``(x, y)`` pairs, and for
+    dict batches with one label per example (a classifier); it is NaN where it cannot be
+    computed (no labels; a causal LM, whose labels the model shifts). ``loss`` and ``metric``
+    are means over batches weighted by their samples (the length of the labels, else of the
+    batch's first tensor).
 
         >>> from mpviz.demos import TASKS
         >>> task = TASKS["digits"]
@@ -160,12 +223,19 @@ def evaluate(
         ['fp32', 'bf16']
         >>> ev.worst_layers("bf16", 1)["layer"].tolist()  # doctest: +SKIP
         ['head']
+
+    A Hugging Face model takes its tokenizer's batches as they are (``labels`` included)::
+
+        ev = evaluate(hf_model, [{"input_ids": ids, "attention_mask": mask, "labels": labels}])
     """
     labelled = [_label(p) for p in precisions]
     if not labelled:
         raise ValueError("precisions is empty; pass e.g. ['fp32', 'bf16', 'fp16', 'fp8_e4m3'].")
     for _, policy in labelled:
         resolve_policy(model, policy)  # bad names fail before any work is done
+    if isinstance(data, (Mapping, torch.Tensor)):
+        raise TypeError(f"data is one {type(data).__name__}, not an iterable of batches; pass a list "
+                        f"of batches, e.g. [batch]. {_BATCHES}")
     loss_fn = loss_fn or _default_loss
     device = _device(model)
     device_type = device_type or device.type
@@ -180,39 +250,41 @@ def evaluate(
     metric_name = None
     try:
         with torch.no_grad():
-            reference: _Outputs | None = None
-            first: tuple[Any, Any] | None = None
+            first: Any = None
             for label, policy in labelled:
                 loss_sum = metric_sum = 0.0
-                samples = batches = 0
+                samples = metric_samples = batches = 0
                 with apply_policy(model, policy, device_type=device_type):
-                    for x, y in data:
-                        x, y = _to(x, device), _to(y, device)
+                    for i, batch in enumerate(data):
+                        batch = _to(batch, device)
                         if first is None:
-                            first = (x, y)
-                        out = model(x)
-                        n = len(y)
-                        loss_sum += float(loss_fn(out, y)) * n
-                        m_fn = metric or (_accuracy if not y.is_floating_point() else None)
+                            first = batch
+                        out = _run(model, batch, forward)
+                        y = _labels(batch)
+                        n = _samples(batch, y)
+                        loss_sum += _loss(out, y, loss_fn, i) * n
+                        logits = _logits(out)
+                        m_fn = metric if y is not None else None
+                        m_fn = m_fn or _default_metric(logits, y, paired=not isinstance(batch, Mapping))
                         if m_fn is not None:
                             metric_name = getattr(m_fn, "__name__", "metric").strip("_")
-                            metric_sum += float(m_fn(out, y)) * n
+                            metric_sum += float(m_fn(logits, y)) * n
+                            metric_samples += n
                         samples += n
                         batches += 1
                 if batches == 0:
-                    raise ValueError("data yielded no batches; pass an iterable of (x, y) pairs.")
+                    raise ValueError(f"data yielded no batches. {_BATCHES}")
                 summary.append({
                     "precision": label, "loss": loss_sum / samples,
-                    "metric": metric_sum / samples if metric_name else math.nan,
+                    "metric": metric_sum / metric_samples if metric_samples else math.nan,
                     "samples": samples, "batches": batches,
                 })
             # Per-layer outputs on the first batch: fp32 reference, then each other precision.
-            assert first is not None
-            reference = _capture(model, PrecisionPolicy({"*": "fp32"}), first[0], device_type)
+            reference = _capture(model, PrecisionPolicy({"*": "fp32"}), first, forward, device_type)
             for label, policy in labelled:
                 if label == "fp32":
                     continue
-                got = _capture(model, policy, first[0], device_type)
+                got = _capture(model, policy, first, forward, device_type)
                 layers += _layer_errors(label, model, got, reference)
     finally:
         for m, mode in modes.items():
@@ -223,11 +295,24 @@ def evaluate(
     return Evaluation(summary_df, pd.DataFrame(layers, columns=layer_cols))
 
 
-def _capture(model: nn.Module, policy: PrecisionPolicy, x: Any, device_type: str) -> _Outputs:
+def _loss(out: Any, y: Any, loss_fn: Callable[[Any, Any], torch.Tensor], i: int) -> float:
+    loss = getattr(out, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return float(loss)
+    if y is None:
+        raise ValueError(
+            f"Batch {i} has no labels and the model's output ({type(out).__name__}) no .loss, so there "
+            f"is no loss to compare. {_BATCHES} A forward= may also return an output with a .loss."
+        )
+    return float(loss_fn(_logits(out), y))
+
+
+def _capture(model: nn.Module, policy: PrecisionPolicy, batch: Any, forward: Forward | None,
+             device_type: str) -> _Outputs:
     outputs = _Outputs(model)  # registered before the policy; its fp32 cast-back runs after these
     try:
         with apply_policy(model, policy, device_type=device_type):
-            model(x)
+            _run(model, batch, forward)
     finally:
         outputs.remove()
     return outputs
@@ -245,7 +330,8 @@ def _storage_key(t: torch.Tensor) -> tuple[Any, int]:
         return ("id", id(t)), t.numel() * t.element_size()
 
 
-def _saved_bytes(model: nn.Module, policy: PrecisionPolicy, x: Any, device_type: str) -> dict[str, int]:
+def _saved_bytes(model: nn.Module, policy: PrecisionPolicy, batch: Any, forward: Forward,
+                 device_type: str) -> dict[str, int]:
     """Bytes autograd saves for backward during one forward, per innermost running module."""
     names = {id(m): n for n, m in model.named_modules()}
     params = {_storage_key(p)[0] for p in model.parameters()}
@@ -274,7 +360,7 @@ def _saved_bytes(model: nn.Module, policy: PrecisionPolicy, x: Any, device_type:
     try:
         with apply_policy(model, policy, device_type=device_type), torch.enable_grad(), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(x)
+            out = forward(model, batch)
         del out  # frees the graph and what it saved
     finally:
         for h in hooks:
@@ -282,15 +368,21 @@ def _saved_bytes(model: nn.Module, policy: PrecisionPolicy, x: Any, device_type:
     return dict(saved)
 
 
+def _one_input(model: nn.Module, batch: Any) -> Any:
+    """memory_report's default: a pair or a dict as in evaluate, anything else as the one input."""
+    return _run(model, batch, None) if isinstance(batch, Mapping) or _is_pair(batch) else model(batch)
+
+
 def memory_report(model: nn.Module, policy: str | Mapping[str, str] | PrecisionPolicy, batch: Any,
-                  device_type: str | None = None) -> pd.DataFrame:
+                  device_type: str | None = None, forward: Forward | None = None) -> pd.DataFrame:
     """Per layer: parameter bytes and activation bytes saved for backward, under ``policy`` and fp32.
 
     Measured by running one forward (gradients on, the model's current train/eval mode) with
     ``torch.autograd.graph.saved_tensors_hooks``: each tensor autograd keeps is counted once per
     storage, at the innermost module running when it was saved; parameters themselves are not
     counted, but the low-precision weight copies autocast makes and autograd keeps are.
-    ``batch`` is the model input, or an ``(x, y)`` pair whose ``x`` is used. Emulated fp8
+    ``batch`` is an ``(x, y)`` pair (``model(x)`` runs), a dict (``model(**batch)``), anything
+    ``forward(model, batch)`` handles, or else the model's one input (``model(batch)``). Emulated fp8
     layers compute in fp32 and keep rounded fp32 copies of their inputs and weights, so their
     figures show the emulation's memory, not what real fp8 kernels would use.
 
@@ -308,10 +400,10 @@ def memory_report(model: nn.Module, policy: str | Mapping[str, str] | PrecisionP
     resolved = resolve_policy(model, policy)
     device = _device(model)
     device_type = device_type or device.type
-    x = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
-    x = _to(x, device)
-    under_policy = _saved_bytes(model, policy, x, device_type)
-    under_fp32 = _saved_bytes(model, PrecisionPolicy({"*": "fp32"}), x, device_type)
+    batch = _to(batch, device)
+    forward = forward or _one_input
+    under_policy = _saved_bytes(model, policy, batch, forward, device_type)
+    under_fp32 = _saved_bytes(model, PrecisionPolicy({"*": "fp32"}), batch, forward, device_type)
 
     counted: set[int] = set()
     rows = []
