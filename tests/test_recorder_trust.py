@@ -264,3 +264,25 @@ def test_gradient_accumulation_records_one_step_per_optimizer_step(tmp_path, sca
     # the statistics are those of the accumulated gradient (head's weight dominates its bias)
     assert g.sort_values("step")["norm"].tolist() == pytest.approx(accumulated, rel=0.2)
     assert len(g) == 3
+
+
+def test_a_fused_optimizer_step_that_gradscaler_skipped_is_recorded_as_skipped(tmp_path):
+    """GradScaler calls a fused optimizer's step even on inf/nan (the kernel skips the update)."""
+    torch.manual_seed(0)
+    model = BNNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # fp16 gradients overflow at first
+    scales = []
+    with mpviz.Recorder(model, optimizer=opt, scaler=scaler, run_dir=tmp_path / "r") as rec:
+        for x, y in data(3):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            before = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            scales.append(scaler.get_scale() < before)
+            opt.zero_grad()
+            rec.step(loss=loss, samples=len(x))
+    assert any(scales)
+    assert mpviz.load_run(tmp_path / "r").steps["skipped"].tolist() == scales

@@ -480,10 +480,10 @@ class Recorder:
                                if l is not None and not isinstance(l, torch.Tensor)]
         loss_v = sum(losses) / len(losses) if losses else None
         any_bad = bool(bad)
-        if self._calls_are_steps:
-            skipped = has_scale and scale_after < scale_used
-        else:
-            skipped = s.optim_steps == 0
+        # A fused optimizer is stepped even when GradScaler skips (the kernel does nothing):
+        # the scale backing off is what says the step was skipped.
+        skipped = bool(has_scale and scale_after < scale_used) or (
+            not self._calls_are_steps and s.optim_steps == 0)
         # Which parameters went non-finite: worked out on bad steps only (GradScaler skipped the
         # step, or our own check found inf/nan).
         bad_params = self._grads.nonfinite_params(s) if any_bad or (skipped and has_scale) else []
