@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, NoReturn, Sequence
 
 TASK_NAMES = ("digits", "text", "mlp")  # mirrors mpviz.demos.TASKS without importing torch for --help
 PRECISION_NAMES = ("fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2")
@@ -66,6 +66,13 @@ def _positive(value: str) -> int:
     return n
 
 
+def _positive_float(value: str) -> float:
+    x = float(value)
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return x
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpviz", description="Record and inspect mixed-precision training.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -80,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--run-dir", default=None, help="where to write the run (default runs/<task>-<precision>-<time>)")
     d.add_argument("--every", type=_positive, default=10, help="per-layer statistics every N steps (default 10)")
     d.add_argument("--batch-size", type=_positive, default=None, help="default: the task's own")
-    d.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the task's own)")
+    d.add_argument("--lr", type=_positive_float, default=None, help="Adam learning rate (default: the task's own)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--policy", type=parse_policy, default=None,
                    help="per-layer precision rules, e.g. 'head=fp32,conv*=bf16'")
@@ -94,17 +101,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.run_dir is not None:
+        where = Path(args.run_dir)
+        if where.exists() and not where.is_dir():
+            fail(f"--run-dir {args.run_dir!r} is a file, not a directory: choose a new run directory")
+        if (where / "run.db").exists():
+            fail(f"{args.run_dir!r} already holds a run: choose a new --run-dir (or delete the old one)")
+
     from tqdm import tqdm
 
     import torch
 
     from mpviz.demos import Trainer
+    from mpviz.store import RunStoreError
 
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    trainer = Trainer(task=args.task, precision=args.precision, batch_size=args.batch_size, lr=args.lr,
-                      seed=args.seed, run_dir=args.run_dir, every=args.every, policy=args.policy)
+    try:
+        trainer = Trainer(task=args.task, precision=args.precision, batch_size=args.batch_size,
+                          lr=args.lr, seed=args.seed, run_dir=args.run_dir, every=args.every,
+                          policy=args.policy)
+    except (ValueError, RunStoreError, OSError) as e:  # bad --policy layer names, --lr, run dir
+        fail(str(e))
     run_dir = trainer.recorder.run_dir
     with trainer:
         bar = tqdm(range(args.steps), desc=f"{args.task} {trainer.precision}", unit="step",
@@ -120,12 +139,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run = mpviz.load_run(run_dir)
     steps = run.steps
     tail = steps["loss"].tail(10)
-    skipped = int(steps["skipped"].sum())
     sps = steps["samples"].sum() / steps["step_time_s"].sum()
     print(f"run written to {run_dir}  (open it: python -m mpviz info {run_dir})")
     print(f"final loss {tail.mean():.4f} (mean of last {len(tail)}), first {steps['loss'].iloc[0]:.4f}; "
           + ", ".join(f"held-out {k} {v:.4f}" for k, v in metric.items()))
-    print(f"{len(steps)} steps, {skipped} skipped by GradScaler, {sps:.0f} samples/s, {wall:.1f} s wall")
+    print(f"{len(steps)} steps, {_skipped(steps, run.meta.get('scaler'))}, {sps:.0f} samples/s, "
+          f"{wall:.1f} s wall")
     run.close()
     return 0
 
@@ -138,8 +157,19 @@ def _fmt(v: object) -> str:
     return "-" if v is None else str(v)
 
 
+def _has_scaler(s: object) -> bool:
+    return isinstance(s, dict) and bool(s.get("enabled", True))
+
+
+def _skipped(steps: Any, scaler: object) -> str:
+    """How many steps GradScaler skipped, or that there was none to skip any."""
+    if not _has_scaler(scaler):
+        return "no GradScaler"
+    return f"{int(steps['skipped'].sum())} skipped by GradScaler"
+
+
 def _fmt_scaler(s: object) -> str:
-    if not isinstance(s, dict) or not s.get("enabled", True):
+    if not _has_scaler(s):
         return "no GradScaler"
     return (f"GradScaler(growth x{_fmt(s.get('growth_factor'))} every {s.get('growth_interval')} steps, "
             f"backoff x{_fmt(s.get('backoff_factor'))})")
@@ -149,11 +179,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     import mpviz
 
     if not (Path(args.run_dir) / "run.db").exists() and not Path(args.run_dir).is_file():
-        print(f"mpviz info: no run at {args.run_dir!r} (expected {args.run_dir}/run.db); "
-              f"runs found under runs/: {', '.join(map(str, mpviz.list_runs('runs')[:5])) or 'none'}",
-              file=sys.stderr)
-        return 2
-    run = mpviz.load_run(args.run_dir)
+        fail(f"no run at {args.run_dir!r} (expected {args.run_dir}/run.db); runs found under "
+             f"runs/: {', '.join(map(str, mpviz.list_runs('runs')[:5])) or 'none'}")
+    try:
+        run = mpviz.load_run(args.run_dir)
+    except mpviz.RunStoreError as e:
+        fail(str(e))
     try:
         meta, steps = run.meta, run.steps
         layers, overflows, changes = run.layers, run.overflows, run.policy_changes
@@ -171,20 +202,41 @@ def cmd_info(args: argparse.Namespace) -> int:
             tail = steps["loss"].tail(10)
             sps = steps["samples"].sum() / steps["step_time_s"].sum() if steps["samples"].notna().any() else float("nan")
             print(f"  {len(steps)} steps; loss {_fmt(float(steps['loss'].iloc[0]))} -> {_fmt(float(tail.mean()))} "
-                  f"(mean of last {len(tail)}); {int(steps['skipped'].sum())} skipped; {_fmt(float(sps))} samples/s")
-            scale = steps["loss_scale"].dropna()
-            if len(scale):
-                print(f"  loss scale {scale.iloc[0]:.6g} -> {scale.iloc[-1]:.6g} (min {scale.min():.6g})")
+                  f"(mean of last {len(tail)}); {_skipped(steps, meta.get('scaler'))}; {_fmt(float(sps))} samples/s")
+            used, after = steps["loss_scale"].dropna(), steps["loss_scale_after"].dropna()
+            if len(used):
+                # the scale the first step used -> the one in force after the last update()
+                last = after.iloc[-1] if len(after) else used.iloc[-1]
+                low = min(used.min(), after.min()) if len(after) else used.min()
+                print(f"  loss scale {used.iloc[0]:.6g} -> {last:.6g} (min {low:.6g})")
         else:
             print("  no steps recorded yet")
         firsts = overflows[overflows["first"]] if len(overflows) else overflows
         print(f"  {len(overflows)} overflow events on {overflows['step'].nunique() if len(overflows) else 0} steps"
               + (f"; first culprit {firsts['layer'].iloc[0]!r} at step {int(firsts['step'].iloc[0])}" if len(firsts) else ""))
-        if len(changes):
-            print(f"  {len(changes)} per-layer precision changes, last at step {int(changes['step'].max())}")
+        print("  " + _policy_summary(changes))
     finally:
         run.close()
     return 0
+
+
+def _policy_summary(changes: Any) -> str:
+    """The policy the run started with (its rows at step 0, recorded when training starts) and
+    the per-layer changes made later."""
+    initial, later = changes[changes["step"] == 0], changes[changes["step"] > 0]
+    start = ", ".join(f"{'<model>' if layer == '' else layer}={prec or 'autocast'}"
+                      for layer, prec in zip(initial["layer"], initial["precision"]))
+    text = f"initial policy: {start or 'none (every layer as autocast runs it)'}; "
+    if not len(later):
+        return text + "no precision changes during training"
+    return (text + f"{len(later)} per-layer precision changes on {later['step'].nunique()} steps, "
+            f"last at step {int(later['step'].max())}")
+
+
+def fail(message: str) -> NoReturn:
+    """A user error: one line ``mpviz: error: ...`` on stderr, exit status 2 (as argparse)."""
+    print(f"mpviz: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
