@@ -33,6 +33,7 @@ _BATCHES = ("Batches are (x, y) pairs (called as model(x)) or dicts of keyword a
             "model(**batch); labels, if any, under 'labels'). For anything else pass "
             "forward=lambda model, batch: model(...), which returns the model's output.")
 
+
 @dataclass
 class Evaluation:
     """What :func:`evaluate` returns.
@@ -94,7 +95,7 @@ def _labels(batch: Any) -> Any:
 
 def _samples(batch: Any, y: Any) -> int:
     """Samples in a batch: the length of its labels, else of its first tensor."""
-    if y is not None and hasattr(y, "__len__"):
+    if isinstance(y, (list, tuple)) or (isinstance(y, torch.Tensor) and y.dim() > 0):
         return len(y)
     first = next(tree.tensors(batch), None)
     return len(first) if first is not None and first.dim() > 0 else 1
@@ -264,8 +265,8 @@ def evaluate(
                         n = _samples(batch, y)
                         loss_sum += _loss(out, y, loss_fn, i) * n
                         logits = _logits(out)
-                        m_fn = metric if y is not None else None
-                        m_fn = m_fn or _default_metric(logits, y, paired=not isinstance(batch, Mapping))
+                        m_fn = (metric if metric is not None and y is not None
+                                else _default_metric(logits, y, paired=not isinstance(batch, Mapping)))
                         if m_fn is not None:
                             metric_name = getattr(m_fn, "__name__", "metric").strip("_")
                             metric_sum += float(m_fn(logits, y)) * n
@@ -304,7 +305,11 @@ def _loss(out: Any, y: Any, loss_fn: Callable[[Any, Any], torch.Tensor], i: int)
             f"Batch {i} has no labels and the model's output ({type(out).__name__}) no .loss, so there "
             f"is no loss to compare. {_BATCHES} A forward= may also return an output with a .loss."
         )
-    return float(loss_fn(_logits(out), y))
+    logits = _logits(out)
+    if logits is None:
+        raise ValueError(f"Batch {i}: the model's output ({type(out).__name__}) has no floating tensor "
+                         "to compute a loss from; pass forward= returning the logits or an output with .loss.")
+    return float(loss_fn(logits, y))
 
 
 def _capture(model: nn.Module, policy: PrecisionPolicy, batch: Any, forward: Forward | None,
