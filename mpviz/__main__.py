@@ -224,8 +224,9 @@ def _policy_summary(changes: Any) -> str:
     """The policy the run started with (its rows at step 0, recorded when training starts) and
     the per-layer changes made later."""
     initial, later = changes[changes["step"] == 0], changes[changes["step"] > 0]
-    start = ", ".join(f"{'<model>' if layer == '' else layer}={prec or 'autocast'}"
-                      for layer, prec in zip(initial["layer"], initial["precision"]))
+    groups = initial.groupby(["rule", "precision"], sort=False, dropna=False)["layer"].size()
+    start = ", ".join(f"{rule}={prec}" + (f" ({n} layers)" if n > 1 else "")
+                      for (rule, prec), n in groups.items())
     text = f"initial policy: {start or 'none (every layer as autocast runs it)'}; "
     if not len(later):
         return text + "no precision changes during training"

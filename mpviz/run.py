@@ -7,6 +7,7 @@ Every property re-reads the store, so a live run grows between reads. No torch i
 """
 from __future__ import annotations
 
+import difflib
 import json
 import threading
 from pathlib import Path
@@ -27,6 +28,13 @@ SELECT s.step, l.layer, s.tensor, s.dtype, s.norm, s.max_abs, s.min_abs_nonzero,
        s.numel
 FROM layer_stats s JOIN layers l ON l.idx = s.layer_idx
 """
+
+TENSORS = ("activation", "grad", "weight")  # what layer_stats and histograms rows describe
+
+
+def _did_you_mean(name: str, names: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(name, [n for n in names if n], n=3)
+    return f"; close matches: {', '.join(map(repr, close))}." if close else "."
 
 
 class Run:
@@ -110,20 +118,50 @@ class Run:
     def histogram(self, layer: str, tensor: str = "grad", step: int | None = None) -> pd.DataFrame:
         """The log2 magnitude histogram of one layer's tensor at ``step`` (default: the last
         recorded): columns ``lo, hi`` (magnitude range of the bin) and ``count``. Zeros have
-        ``lo == hi == 0`` and inf/nan ``lo == hi == inf`` (see mpviz.stats for the bins)."""
-        sql = ("SELECT h.step, h.lo, h.counts FROM histograms h JOIN layers l ON l.idx = h.layer_idx "
-               "WHERE l.layer = ? AND h.tensor = ?")
-        params: tuple = (layer, tensor)
-        if step is not None:
-            sql += " AND h.step <= ?"
-            params += (int(step),)
-        df = self.query(sql + " ORDER BY h.step DESC LIMIT 1", params)
-        if df.empty:
-            return pd.DataFrame({"lo": [], "hi": [], "count": []})
+        ``lo == hi == 0`` and inf/nan ``lo == hi == inf`` (see mpviz.stats for the bins);
+        ``df.attrs["step"]`` is the step it was recorded at.
+
+        Histograms exist only on statistics steps (every ``meta["every"]`` steps). Raises
+        ``ValueError``, never an empty frame: for a ``layer`` or ``tensor`` (``activation``,
+        ``grad``, ``weight``) the run does not have, naming close matches; for a ``step``
+        without this histogram, naming the nearest steps that have one; when the layer has no
+        such histogram at all (a ReLU has no ``weight``) or none is recorded yet.
+
+            >>> run.histogram("fc1", "grad", step=10)   # doctest: +SKIP
+        """
+        if tensor not in TENSORS:
+            raise ValueError(f"unknown tensor {tensor!r}: choose one of {', '.join(TENSORS)}"
+                             f"{_did_you_mean(tensor, TENSORS)}")
+        idx = self._scalar("SELECT idx FROM layers WHERE layer = ?", (layer,))
+        if idx is None:
+            names = self.layers["layer"].tolist()
+            shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ValueError(f"no layer {layer!r} in run {str(self.run_dir)!r}"
+                             f"{_did_you_mean(layer, names)} Layers are run.layers['layer'] "
+                             f"(named_modules() names, '' is the model itself): {shown}")
+        where = "FROM histograms WHERE layer_idx = ? AND tensor = ?"
+        key: tuple = (int(idx), tensor)
+        at = self._scalar(f"SELECT MAX(step) {where}" + (" AND step = ?" if step is not None else ""),
+                          key + ((int(step),) if step is not None else ()))
+        if at is None:
+            if step is not None and self._scalar(f"SELECT 1 {where} LIMIT 1", key) is not None:
+                before = self._scalar(f"SELECT MAX(step) {where} AND step < ?", key + (int(step),))
+                after = self._scalar(f"SELECT MIN(step) {where} AND step > ?", key + (int(step),))
+                near = " and ".join(str(s) for s in (before, after) if s is not None)
+                raise ValueError(
+                    f"no {tensor} histogram of {layer!r} at step {step}: histograms are recorded "
+                    f"on statistics steps (every {self.meta.get('every')} steps); nearest: {near}")
+            has = self.query("SELECT DISTINCT tensor FROM histograms WHERE layer_idx = ?",
+                             (int(idx),))["tensor"].tolist()
+            raise ValueError(
+                f"no {tensor} histogram of {layer!r} in this run"
+                + (f" (it has {', '.join(sorted(has))})" if has else
+                   " (none of its tensors has one: no statistics step of it recorded yet?)"))
+        df = self.query(f"SELECT lo, counts {where} AND step = ?", key + (int(at),))
         counts = unpack_hist(int(df["lo"].iloc[0]), df["counts"].iloc[0])
         rows = [(*bin_edges(k), c) for k, c in enumerate(counts) if c]
         out = pd.DataFrame(rows, columns=["lo", "hi", "count"])
-        out.attrs["step"] = int(df["step"].iloc[0])
+        out.attrs["step"] = int(at)
         return out
 
     @property

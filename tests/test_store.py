@@ -28,13 +28,24 @@ TRAINER = textwrap.dedent("""
             loss.backward(); opt.step(); opt.zero_grad()
             rec.step(loss=loss, samples=256)
             print(step, flush=True)
-            time.sleep(0.05)
+            if len(sys.argv) > 3:
+                sys.stdin.readline()  # gated: the test says when to go on (EOF: run free)
 """)
 
 
-def start_trainer(run_dir, steps):
-    return subprocess.Popen([sys.executable, "-c", TRAINER, str(run_dir), str(steps)],
+def start_trainer(run_dir, steps, gated=False):
+    """A training process that prints each step it finished; ``gated``: it waits after each
+    step for a line on its stdin (see :func:`go_on`)."""
+    return subprocess.Popen([sys.executable, "-c", TRAINER, str(run_dir), str(steps)]
+                            + (["gated"] if gated else []),
+                            stdin=subprocess.PIPE if gated else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, text=True)
+
+
+def go_on(proc, steps):
+    """Let a gated trainer do ``steps`` more steps."""
+    proc.stdin.write("\n" * steps)
+    proc.stdin.flush()
 
 
 def wait_for_steps(proc, n):
@@ -44,19 +55,30 @@ def wait_for_steps(proc, n):
     raise AssertionError("trainer ended early")
 
 
+def wait_until(condition, what: str, timeout: float = 30.0):
+    """Poll ``condition()`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout} s for {what}")
+        time.sleep(0.02)
+
+
 def test_another_process_reads_a_run_while_it_is_written(tmp_path):
-    proc = start_trainer(tmp_path / "r", 60)
+    proc = start_trainer(tmp_path / "r", 60, gated=True)
     try:
-        wait_for_steps(proc, 5)
-        time.sleep(0.5)  # > flush_every_s
+        go_on(proc, 4)
+        wait_for_steps(proc, 5)  # steps 0..4 done; it waits
         run = mpviz.load_run(tmp_path / "r")
-        first = run.last_step
-        assert first >= 4 and run.is_live
-        wait_for_steps(proc, first + 15)
-        time.sleep(0.5)
-        assert run.last_step > first  # the same Run object follows the live run
-        assert list(run.steps["step"]) == list(range(run.last_step + 1))
+        wait_until(lambda: run.last_step == 4, "the first 5 steps to be committed")
+        assert run.is_live
+        go_on(proc, 15)
+        wait_for_steps(proc, 20)
+        # the same Run object follows the live run
+        wait_until(lambda: run.last_step == 19, "later steps to reach the same Run")
+        assert list(run.steps["step"]) == list(range(20))
     finally:
+        proc.stdin.close()  # run free to the end
         proc.wait(timeout=60)
     assert not run.is_live and run.last_step == 59
 
@@ -64,7 +86,10 @@ def test_another_process_reads_a_run_while_it_is_written(tmp_path):
 def test_sigkill_loses_at_most_the_last_flush_interval(tmp_path):
     proc = start_trainer(tmp_path / "r", 10_000)
     printed = wait_for_steps(proc, 20)
-    time.sleep(0.5)  # two flush intervals: everything printed so far must be committed
+    # what the trainer printed gets committed by its flush timer (0.2 s), not at exit
+    reader = mpviz.load_run(tmp_path / "r")
+    wait_until(lambda: reader.last_step >= printed, f"step {printed} to be committed")
+    reader.close()
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     run = mpviz.load_run(tmp_path / "r")  # reopens cleanly
@@ -106,7 +131,10 @@ def test_list_runs_newest_first(tmp_path):
     for name in ("a", "b"):
         with mpviz.Recorder(nn.Linear(2, 2), run_dir=tmp_path / name):
             pass
-        time.sleep(0.05)
+        if name == "a":  # until the file system's clock shows a later time than a's
+            a_time, probe = (tmp_path / "a" / "run.db").stat().st_mtime, tmp_path / "probe"
+            wait_until(lambda: probe.touch() or probe.stat().st_mtime > a_time,
+                       "a file modification time after a's")
     assert [p.name for p in mpviz.list_runs(tmp_path)] == ["b", "a"]
 
 
@@ -131,3 +159,27 @@ def test_a_writer_that_falls_behind_blocks_training_instead_of_filling_memory(tm
             n = con.execute("SELECT COUNT(*) FROM layer_stats WHERE step = ?", (step,)).fetchone()
             assert n[0] > 0  # already written, without a flush or the timer
         con.close()
+
+
+def test_histogram_names_what_is_wrong_instead_of_an_empty_frame(tmp_path):
+    """Unknown layer or tensor: close matches; a step without statistics: the nearest ones."""
+    from conftest import record_demo
+
+    run = mpviz.load_run(record_demo(tmp_path / "r", task="mlp", steps=12, every=5))
+    stats = run.layer_stats
+    grads = stats[(stats.layer == "fc1") & (stats.tensor == "grad")]
+    assert grads["step"].tolist() == [0, 5, 10]
+    for step in (0, 5, 10, None):
+        h = run.histogram("fc1", "grad", step=step)
+        assert h.attrs["step"] == (10 if step is None else step)
+        assert h["count"].sum() == grads.set_index("step").loc[h.attrs["step"], "numel"]
+    with pytest.raises(ValueError, match=r"no layer 'fc11'.*close matches: 'fc1'"):
+        run.histogram("fc11", "grad")
+    with pytest.raises(ValueError, match=r"unknown tensor 'grads'.*close matches: 'grad'"):
+        run.histogram("fc1", "grads")
+    with pytest.raises(ValueError, match=r"at step 7: .*every 5 steps\); nearest: 5 and 10"):
+        run.histogram("fc1", "grad", step=7)
+    with pytest.raises(ValueError, match=r"at step 99: .*nearest: 10$"):
+        run.histogram("fc1", "grad", step=99)
+    with pytest.raises(ValueError, match=r"no weight histogram of 'act1' .*\(it has activation\)"):
+        run.histogram("act1", "weight")
