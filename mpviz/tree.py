@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping, MutableMapping
 from typing import Any, Callable, Iterator
 
 import torch
@@ -45,8 +46,9 @@ def tensors(obj: Any) -> Iterator[torch.Tensor]:
         elif _is_dataclass_instance(leaf):
             for f in dataclasses.fields(leaf):
                 yield from tensors(getattr(leaf, f.name, None))
-        elif isinstance(leaf, (dict, list, tuple)):  # subclasses pytree does not know
-            yield from tensors(list(leaf.values()) if isinstance(leaf, dict) else list(leaf))
+        elif isinstance(leaf, (Mapping, list, tuple)):  # subclasses pytree does not know,
+            # and mappings that are no dict (Hugging Face's BatchEncoding is a UserDict)
+            yield from tensors(list(leaf.values()) if isinstance(leaf, Mapping) else list(leaf))
 
 
 def first_float(obj: Any) -> torch.Tensor | None:
@@ -77,7 +79,7 @@ def map_tensors(fn: Fn, obj: Any, floats_only: bool = False) -> Any:
             for k, v in new.items():
                 object.__setattr__(out, k, v)  # frozen dataclasses too
             return out
-        if isinstance(x, dict):  # a dict subclass pytree does not know: a copy, same type
+        if isinstance(x, MutableMapping):  # a dict subclass pytree does not know, a UserDict
             new = {k: map_tensors(fn, v, floats_only) for k, v in x.items()}
             if all(new[k] is x[k] for k in new):
                 return x
