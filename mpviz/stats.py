@@ -17,11 +17,18 @@ The histogram has ``N_BINS`` bins per tensor:
     bin 1: fp32 subnormals, 0 < |x| < 2**-126
     bin k (2..255): 2**(k-128) <= |x| < 2**(k-127)
     bin 256: inf or nan
-Thresholds read from it are powers of two: fp16 underflow is 0 < |x| < 2**-24 (exact: fp16's
-smallest subnormal), fp16 overflow is |x| >= 2**16 (fp16's max is 65504 and values from 65520 up
-round to inf, so a band of 16 units under 2**16 is not counted), bf16 underflow is 0 < |x| < 2**-126
-(bf16 subnormals, down to 2**-133, are counted as underflowing: fp32 holds them only as subnormals
-too), bf16 overflow is |x| >= 2**128, i.e. never for a finite fp32 value.
+The underflow / overflow counts say how many values a cast to fp16 or bf16 (round to nearest
+even, as ``t.to(torch.float16)``) would turn into 0 or inf. Read from the histogram, their
+thresholds are powers of two, so they are exact except in the bands named here:
+    fp16 underflow: 0 < |x| < 2**-25 (half fp16's smallest subnormal 2**-24; from just above
+        2**-25 values round up to 2**-24). Exactly 2**-25, a tie that rounds to 0, is not counted.
+    fp16 overflow: finite |x| >= 2**16. Values from 65520 (halfway between fp16's max 65504 and
+        2**16) round to inf too, but share their binade with 65504: not counted.
+    bf16 underflow: 0 < |x| < 2**-126 (fp32's subnormals: bf16 has fp32's exponent range). An
+        upper bound: a cast keeps subnormals down to 2**-133 and rounds only |x| <= 2**-134 to 0.
+    bf16 overflow: always 0. Only finite fp32 values within 0.2% of fp32's max (|x| >= (2 -
+        2**-8) * 2**127) round to inf in bf16; their binade holds bf16's max too.
+Values already inf or nan are counted as non-finite, not as overflow.
 
 Norm and max |x| are always over every element. Tensors above ``SAMPLE_CAP`` elements have
 their histogram (so zero, underflow, overflow and non-finite counts) and smallest nonzero |x| taken
@@ -45,7 +52,7 @@ SAMPLE_CAP = 1 << 12
 N_HEAD = 5
 ROW = N_HEAD + N_BINS
 
-_FP16_UNDER = (1, 104)    # bins with upper edge <= 2**-24
+_FP16_UNDER = (1, 103)    # bins with upper edge <= 2**-25: a cast to fp16 rounds them to 0
 _FP16_OVER = (144, 256)   # bins with lower edge >= 2**16
 _BF16_UNDER = (1, 2)
 
