@@ -20,11 +20,19 @@ arm's writer works. Two ratios come out:
 - ``ratio_*``: block time + its flush -- all the recorder's work, as if done on one core;
 - ``train_ratio_*``: block time alone -- what the training thread pays.
 
+Besides the demo tasks, ``gpt2``: a Hugging Face ``GPT2LMHeadModel`` built from a small config
+(2 layers, width 64, 2 heads, bytes as tokens: vocabulary 256), trained like the ``text`` demo on
+the bytes of Python's own standard-library source, with the same four arms (:class:`GPT2Trainer`).
+No weights are downloaded.
+
     python benchmarks/overhead.py                  # all tasks, fp32 and fp16 + GradScaler
     python benchmarks/overhead.py --quick          # a smoke run (fewer steps)
+    python benchmarks/overhead.py --tasks gpt2     # the GPT-2 model alone
     python benchmarks/overhead.py --tasks digits,mlp --precisions fp32,bf16,fp16 --steps 600
 
-Prints a markdown table and writes ``benchmarks/results.json``.
+Prints a markdown table. A full run (every task, fp32 and fp16, not ``--quick``) writes
+``benchmarks/results.json``; a partial one writes only where ``--out`` says, so the published
+figures are never replaced by a subset.
 """
 from __future__ import annotations
 
@@ -41,12 +49,81 @@ from typing import Any
 
 import torch
 
+import mpviz
 from mpviz.demos import TASKS, Trainer
 
 ARMS = ("bare", "plain", "rec10", "rec1")
+BENCH_TASKS = (*TASKS, "gpt2")
+DEFAULT_PRECISIONS = "fp32,fp16"
+RESULTS = Path(__file__).with_name("results.json")
 
 
-def _make(arm: str, task: str, precision: str, seed: int, root: Path) -> Trainer:
+class GPT2Trainer:
+    """The demo ``Trainer``'s interface (``step()``, ``recorder``, ``policy_handle``,
+    ``close()``) around a Hugging Face GPT-2 built from a config, trained with Adam on the
+    ``text`` demo's batches (byte windows of the stdlib source, next-byte targets) at fp32 or
+    fp16 autocast + GradScaler. Like ``Trainer``, an empty precision policy is always applied."""
+
+    def __init__(self, precision: str, seed: int, record: bool, every: int = 10,
+                 run_dir: Path | None = None) -> None:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        if precision not in ("fp32", "fp16"):
+            raise ValueError(f"gpt2 runs at fp32 or fp16 (+ GradScaler), not {precision!r}")
+        text = TASKS["text"]
+        config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=256, n_positions=64,
+                            bos_token_id=0, eos_token_id=0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.model = GPT2LMHeadModel(config)
+        self.model.train()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.scaler = torch.amp.GradScaler("cpu") if precision == "fp16" else None
+        self.precision = precision
+        self._batches = text.batches(seed=seed, batch_size=text.batch_size)
+        policy = mpviz.PrecisionPolicy({})
+        self.recorder: Any = None
+        if record:
+            self.recorder = mpviz.Recorder(self.model, optimizer=self.optimizer, scaler=self.scaler,
+                                           run_dir=run_dir, every=every, policy=policy)
+            self.recorder.__enter__()
+            self.policy_handle = self.recorder.policy
+        else:
+            self.policy_handle = mpviz.apply_policy(self.model, policy, device_type="cpu")
+
+    def step(self) -> float:
+        x, y = next(self._batches)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=self.scaler is not None):
+            logits = self.model(input_ids=x).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.recorder is not None:
+            self.recorder.step(loss=loss, samples=len(x))
+        return float(loss.detach())
+
+    def close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.__exit__(None, None, None)
+            self.recorder = None
+        elif self.policy_handle is not None:
+            self.policy_handle.remove()
+        self.policy_handle = None
+
+
+def _make(arm: str, task: str, precision: str, seed: int, root: Path) -> Trainer | GPT2Trainer:
+    if task == "gpt2":
+        t = GPT2Trainer(precision, seed, record=arm not in ("bare", "plain"),
+                        every=1 if arm == "rec1" else 10, run_dir=root / f"{task}-{precision}-{arm}")
+        if arm == "bare":
+            t.close()  # nothing of mpviz attached; close() only removed the empty policy
+        return t
     if arm in ("bare", "plain"):
         t = Trainer(task=task, precision=precision, seed=seed, record=False)
         if arm == "bare" and t.policy_handle is not None:
@@ -115,8 +192,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
-    p.add_argument("--precisions", default="fp32,fp16", help="comma-separated (default fp32,fp16)")
+    p.add_argument("--tasks", default=",".join(BENCH_TASKS),
+                   help=f"comma-separated, from {', '.join(BENCH_TASKS)} (default all)")
+    p.add_argument("--precisions", default=DEFAULT_PRECISIONS,
+                   help=f"comma-separated (default {DEFAULT_PRECISIONS}; gpt2: fp32, fp16)")
     p.add_argument("--steps", type=int, default=600, help="timed steps per arm (default 600)")
     p.add_argument("--block", type=int, default=50, help="steps per turn (default 50)")
     p.add_argument("--warmup", type=int, default=30, help="untimed steps per arm first (default 30)")
@@ -124,17 +203,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice, recorded in the JSON)")
     p.add_argument("--quick", action="store_true", help="100 steps per arm, blocks of 10, warm-up 10")
-    p.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
+    p.add_argument("--out", default=None,
+                   help=f"where to write the JSON (default: {RESULTS.name} for a full run, "
+                        "nowhere for a partial one)")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.block, args.warmup = 100, 10, 10
     if args.block < 10 or args.block % 10:
         p.error(f"--block must be a multiple of 10 (the default schedule's period), got {args.block}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in BENCH_TASKS]
     if unknown:
-        p.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+        p.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(BENCH_TASKS)}")
     precisions = [q.strip() for q in args.precisions.split(",") if q.strip()]
+    if "gpt2" in tasks and set(precisions) - {"fp32", "fp16"}:
+        p.error(f"gpt2 runs at fp32 and fp16 only, got --precisions {args.precisions}")
+    full = (set(tasks) == set(BENCH_TASKS) and set(precisions) == set(DEFAULT_PRECISIONS.split(","))
+            and not args.quick)
+    out = args.out if args.out is not None else (str(RESULTS) if full else None)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -158,8 +244,12 @@ def main(argv: list[str] | None = None) -> int:
                              "ratio_*: block + writer flush, train_ratio_*: block alone"},
         "results": rows,
     }
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwritten to {args.out}", file=sys.stderr)
+    if out is None:
+        print(f"\na partial run: {RESULTS.name} left as it was (--out FILE to keep these results)",
+              file=sys.stderr)
+    else:
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwritten to {out}", file=sys.stderr)
     return 0
 
 
