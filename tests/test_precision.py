@@ -5,6 +5,7 @@ transformer, an nn.TransformerEncoder model, and a model with nested and shared 
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import threading
 from collections import OrderedDict, namedtuple
@@ -554,3 +555,25 @@ def test_hugging_face_bert_classifier_under_a_mixed_policy():
         ("fp32", "bert.encoder.layer.*.attention*")
     after = model(**batch)
     assert torch.equal(after.logits, ref.logits) and torch.equal(after.loss, ref.loss)
+
+
+@pytest.mark.parametrize("dtype,name", [(torch.float16, "fp16"), (torch.bfloat16, "bf16")])
+def test_a_whole_model_policy_computes_exactly_what_autocast_does(dtype, name):
+    """{"*": p} without an outer autocast, and inside an equal one, give autocast's own numbers,
+    gradients included, also for a weight used twice (autocast casts it once, from its cache)."""
+    from models import SPECS
+
+    spec = SPECS["toy"]
+    grads = {}
+    for arm in ("autocast", "policy", "both"):
+        torch.manual_seed(0)
+        model = spec.build()
+        batch = spec.make_batch(torch.Generator().manual_seed(0))
+        with apply_policy(model, {"*": name}) if arm != "autocast" else contextlib.nullcontext():
+            with torch.autocast("cpu", dtype=dtype, enabled=arm != "policy"):
+                out = model(**batch)
+            out.loss.backward()
+        grads[arm] = [p.grad for p in model.parameters() if p.grad is not None]
+    for arm in ("policy", "both"):
+        assert len(grads[arm]) == len(grads["autocast"]) > 0
+        assert all(torch.equal(a, b) for a, b in zip(grads["autocast"], grads[arm])), arm

@@ -229,13 +229,23 @@ class PolicyHandle:
             # (or silently compute in) fp16/bf16 tensors: its outputs are cast back to fp32 as
             # they leave it, by _upcast, which runs after every other forward hook so that
             # observers still see the dtype the layer computed in.
-            frame.upcast = not autocast_state(self.device_type)[0]
+            enabled, current = autocast_state(self.device_type)
+            dtype = _AUTOCAST_DTYPE[precision]
+            if enabled and current == dtype:
+                # Already in force: a nested autocast would change nothing but the weight-cast
+                # cache, and with it the numbers (a weight used twice would be cast twice and
+                # its gradient summed in fp32), so a policy equal to the outer autocast computes
+                # exactly what the autocast alone does.
+                return args, kwargs
+            frame.upcast = not enabled
             if frame.upcast:
                 _move_hook_last(module, self._upcast)
-            # cache_enabled=False: autocast's weight-cast cache is keyed by the weight alone, so
-            # inside an outer fp16 region a bf16 layer would be handed the cached fp16 copy.
-            frame.autocast = torch.autocast(self.device_type, dtype=_AUTOCAST_DTYPE[precision],
-                                            cache_enabled=False)
+            # autocast's weight-cast cache is keyed by the weight alone, so inside an outer fp16
+            # region a bf16 layer would be handed the cached fp16 copy: the cache is on only
+            # where no autocast of ours is open around this one (as a plain autocast would be).
+            outermost = not enabled and all(f.autocast is None for f in self._stack()[:-1])
+            frame.autocast = torch.autocast(self.device_type, dtype=dtype,
+                                            cache_enabled=outermost)
             frame.autocast.__enter__()
             return args, kwargs
         frame.autocast = torch.autocast(self.device_type, enabled=False)
