@@ -234,10 +234,12 @@ def _policy_summary(changes: Any) -> str:
             f"last at step {int(later['step'].max())}")
 
 
+class UserError(Exception):
+    """Something the user can fix: :func:`main` prints it as one line and returns 2."""
+
+
 def fail(message: str) -> NoReturn:
-    """A user error: one line ``mpviz: error: ...`` on stderr, exit status 2 (as argparse)."""
-    print(f"mpviz: error: {' '.join(message.split())}", file=sys.stderr)
-    sys.exit(2)
+    raise UserError(" ".join(message.split()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -245,10 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         >>> main(["info", "runs/does-not-exist"])  # doctest: +SKIP
     """
-    args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        return cmd_demo(args)
-    return cmd_info(args)
+    args = build_parser().parse_args(argv)  # bad arguments: argparse's usage + error, exit 2
+    try:
+        return cmd_demo(args) if args.command == "demo" else cmd_info(args)
+    except UserError as e:  # one line ``mpviz: error: ...``, exit status 2 (as argparse's)
+        print(f"mpviz: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
