@@ -3,14 +3,21 @@
 Why SQLite/WAL: no server, readers in other processes see committed steps while the run is being
 written (the dashboard tails it), and a process killed with SIGKILL loses only the rows not yet
 committed (at most ``flush_every_s`` seconds). No torch import here.
+
+WAL needs shared memory between the processes that open the file, so it works on local disks,
+not on network filesystems (NFS, SMB, sshfs, Lustre...): a run created there gets a warning.
+Write runs to local disk and copy them (or let the explorer open the copy).
 """
 from __future__ import annotations
 
 import json
-from array import array
+import os
 import sqlite3
 import sys
 import threading
+import time
+import warnings
+from array import array
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -106,6 +113,92 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     return con
 
 
+_NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "9p", "fuse.sshfs",
+                        "sshfs", "lustre", "gpfs", "ceph", "glusterfs", "fuse.glusterfs", "beegfs",
+                        "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs"}
+
+
+def filesystem_type(path: str | Path, mounts: str | None = None) -> str | None:
+    """The type of the filesystem ``path`` lives on, from ``/proc/mounts`` (Linux), or None
+    where the platform does not say. ``mounts``: that file's text (for tests)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    target = os.path.realpath(path)
+    best, fstype = "", None
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mnt = parts[1].replace("\\040", " ")
+        inside = target == mnt or target.startswith(mnt.rstrip("/") + "/")
+        if inside and len(mnt) >= len(best):
+            best, fstype = mnt, parts[2]
+    return fstype
+
+
+def warn_if_network_filesystem(path: str | Path, mounts: str | None = None) -> bool:
+    fstype = filesystem_type(path, mounts)
+    if fstype in _NETWORK_FILESYSTEMS:
+        warnings.warn(f"mpviz: {path} is on a network filesystem ({fstype}). The run store is "
+                      "SQLite in WAL mode, which needs a local disk: readers may see stale or "
+                      "corrupt data. Write runs to local disk (e.g. /tmp or a local scratch "
+                      "dir) and copy them where you read them.", RuntimeWarning, stacklevel=3)
+        return True
+    return False
+
+
+def _create(path: Path, meta: dict[str, Any], layers: list[tuple]) -> None:
+    try:  # O_EXCL: of two processes (or two lab pages) claiming one path, exactly one wins
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        raise RunStoreError(f"{path} already holds a run: choose a new run_dir (or delete the "
+                            "old one, or pass resume=True to continue it)") from None
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.executescript(SCHEMA)
+    with con:
+        RunWriter._write_meta(con, {**meta, "schema_version": SCHEMA_VERSION})
+        con.executemany(f"INSERT INTO layers VALUES ({','.join('?' * 7)})", layers)
+    con.close()
+
+
+_STEP_TABLES = ("steps", "layer_stats", "dtypes", "overflows", "histograms", "policy_changes")
+
+
+def _resume(path: Path, meta: dict[str, Any], layers: list[tuple], start: int) -> int:
+    """Continue the run at ``path`` from step ``start``; returns the number of rows dropped."""
+    connect_readonly(path).close()  # a corrupt or newer store is refused here, clearly
+    con = sqlite3.connect(path, timeout=30)
+    try:
+        old = [r[0] for r in con.execute("SELECT layer FROM layers ORDER BY idx")]
+        new = [l[1] for l in layers]
+        if old != new:
+            first = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b),
+                         min(len(old), len(new)))
+            raise RunStoreError(
+                f"cannot resume {path}: it was recorded from a model with other layers "
+                f"({len(old)} layers, {len(new)} now; first difference at layer {first}: "
+                f"{old[first] if first < len(old) else None!r} vs "
+                f"{new[first] if first < len(new) else None!r}). Resume with the same model, "
+                "or record into a new run_dir.")
+        prev = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")}
+        with con:
+            dropped = sum(con.execute(f"DELETE FROM {t} WHERE step >= ?", (start,)).rowcount
+                          for t in _STEP_TABLES)
+            resumed = list(prev.get("resumed") or []) + [
+                {"at_step": start, "dropped_rows": dropped, "time": time.time(),
+                 "previous_status": prev.get("status")}]
+            keep = {k: prev[k] for k in ("start_time",) if k in prev}
+            RunWriter._write_meta(con, {**meta, **keep, "resumed": resumed, "status": "running",
+                                        "end_time": None})
+    finally:
+        con.close()
+    return dropped
+
+
 class RunWriter:
     """Appends rows to a store from a background thread.
 
@@ -114,11 +207,18 @@ class RunWriter:
     """
 
     def __init__(self, path: Path, meta: dict[str, Any], layers: Iterable[tuple],
-                 flush_every_s: float = 2.0) -> None:
+                 flush_every_s: float = 2.0, resume_from: int | None = None) -> None:
+        """Create the store at ``path`` (claimed atomically: two writers never share one), or,
+        with ``resume_from=N`` and a run already there, continue it from step ``N``: rows the
+        earlier process wrote for steps >= N are dropped (``meta["resumed"]`` says how many)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            raise RunStoreError(f"{path} already holds a run: choose a new run_dir "
-                                f"(or delete the old one)")
+        warn_if_network_filesystem(path.parent)
+        layers = list(layers)
+        self.dropped_rows = 0
+        if resume_from is not None and path.exists():
+            self.dropped_rows = _resume(path, meta, layers, int(resume_from))
+        else:
+            _create(path, meta, layers)
         self.path = path
         self.flush_every_s = flush_every_s
         # Rows wait in memory and the writer wakes every flush_every_s (or on flush/close):
@@ -135,13 +235,6 @@ class RunWriter:
         # other rows are still written; the recorder records them (take_errors).
         self.errors: list[BaseException] = []
         self._failed_makers: set[Any] = set()
-        con = sqlite3.connect(path)
-        con.execute("PRAGMA journal_mode=WAL")
-        con.executescript(SCHEMA)
-        with con:
-            self._write_meta(con, {**meta, "schema_version": SCHEMA_VERSION})
-            con.executemany(f"INSERT INTO layers VALUES ({','.join('?' * 7)})", list(layers))
-        con.close()
         self._thread = threading.Thread(target=self._loop, name="mpviz-writer", daemon=True)
         self._thread.start()
 

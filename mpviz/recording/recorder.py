@@ -102,6 +102,11 @@ class Recorder:
         policy: an :class:`mpviz.PrecisionPolicy` (or its rules dict) to apply while recording;
             its changes are recorded in ``run.policy_changes``.
         meta: extra JSON-able facts stored in ``run.meta``.
+        resume: continue the run already in ``run_dir`` (a job restarted from a checkpoint):
+            rows it holds for steps >= ``start_step`` are dropped, and ``run.meta["resumed"]``
+            says how many. Without a run there, a new one is started. Without ``resume``, a
+            ``run_dir`` that holds a run is refused.
+        start_step: the index of the first step recorded (the checkpoint's step when resuming).
 
     ``attach()`` (or ``with rec:``) is all-or-nothing: if anything in it fails, what was attached
     is removed and the run (if its store was created) is marked ``failed``.
@@ -110,7 +115,8 @@ class Recorder:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                  scaler: Any = None, run_dir: str | os.PathLike | None = None, every: int = 10,
                  policy: Any = None, name: str | None = None, flush_every_s: float = 2.0,
-                 meta: dict[str, Any] | None = None) -> None:
+                 meta: dict[str, Any] | None = None, resume: bool = False,
+                 start_step: int = 0) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Recorder needs an nn.Module, got {type(model).__name__}")
         if int(every) < 1:
@@ -121,6 +127,9 @@ class Recorder:
         self.model, self.scaler = model, scaler
         self.optimizer = _unwrap_optimizer(optimizer)
         self.every = int(every)
+        if int(start_step) < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        self.resume, self.start_step = bool(resume), int(start_step)
         self.flush_every_s = flush_every_s
         self.name = name or type(model).__name__
         self._extra_meta = dict(meta or {})
@@ -203,7 +212,8 @@ class Recorder:
             "rank": self.rank, "world_size": self.world_size, **self._extra_meta,
         }
         self._writer = RunWriter(db_path(self.run_dir, self.rank), meta, layers,
-                                 flush_every_s=self.flush_every_s)
+                                 flush_every_s=self.flush_every_s,
+                                 resume_from=self.start_step if self.resume else None)
         undo.push(self._fail_writer)
 
         self._grads = Gradients(self._params, self._param_layer, self.scaler, self.device)
@@ -213,7 +223,7 @@ class Recorder:
         self._micro_batches = 0  # rec.step() calls since the last optimizer step
         self._calls_are_steps = self.optimizer is None
         self._replaying = False
-        self._new_state(0)
+        self._new_state(self.start_step)
 
         def hook(h: Any) -> None:
             self._handles.append(h)
