@@ -23,6 +23,7 @@ because users toggle per-layer precision by name.
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import functools
 import math
@@ -31,15 +32,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpviz import tree
 from mpviz.precision import PRECISIONS, PrecisionPolicy, apply_policy, canonical, validate_rules
 
-__all__ = ["Task", "TASKS", "PRECISIONS", "Trainer", "get_task", "stdlib_text"]
+__all__ = ["Task", "TASKS", "PRECISIONS", "Trainer", "copy_model", "copy_optimizer", "demo_parts",
+           "get_task", "new_run_dir", "stdlib_text"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -350,16 +353,140 @@ def get_task(name: "str | Task") -> Task:
     return TASKS[name]
 
 
+# ----------------------------------------------------------------------------- run directories
+
+
+def new_run_dir(root: str | os.PathLike[str], stem: str) -> Path:
+    """Create and return a new, empty run directory ``root/stem`` (``stem-2``, ``-3``... if taken).
+
+    ``os.mkdir`` fails when the directory exists, so two processes or threads asking for the
+    same stem in the same second each get their own directory, never the same one.
+
+        >>> import tempfile
+        >>> root = tempfile.mkdtemp()
+        >>> new_run_dir(root, "lab").name, new_run_dir(root, "lab").name
+        ('lab', 'lab-2')
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = root / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new run directory {root / stem}-N: 10,000 exist; "
+                       f"clean up {root} or choose another stem")
+
+
+# ----------------------------------------------------------------------------- copies for a race
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks")
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` without any module hooks (a recorder's or a policy's are attached
+    while the lab trains; a copy must carry none of them, nor the objects they belong to)."""
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        for name in _HOOK_DICTS:
+            d = getattr(m, name, None)
+            if isinstance(d, dict):
+                memo[id(d)] = type(d)()
+    return copy.deepcopy(model, memo)
+
+
+def copy_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, copy_of: nn.Module) -> torch.optim.Optimizer:
+    """An optimizer of ``optimizer``'s class over ``copy_of``'s parameters, with the same param
+    groups (hyper-parameters included) and a deep copy of its state (Adam's moments...)."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    params = dict(copy_of.named_parameters(remove_duplicate=False))
+    groups = []
+    for g in optimizer.param_groups:
+        missing = [p for p in g["params"] if id(p) not in names]
+        if missing:
+            raise ValueError(f"the optimizer updates {len(missing)} tensor(s) that are not parameters "
+                             "of the model, so a copy of the model cannot take them: build the "
+                             "optimizer over model.parameters()")
+        groups.append({**{k: v for k, v in g.items() if k not in ("params", "param_names")},
+                       "params": [params[names[id(p)]] for p in g["params"]]})
+    new = type(optimizer)(groups, **optimizer.defaults)
+    # load_state_dict may keep the very tensors it is given: copy them, or both would train.
+    new.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    return new
+
+
 # ----------------------------------------------------------------------------- trainer
+
+LossFn = Callable[[nn.Module, Any], Any]
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def demo_parts(task: "str | Task" = "digits", seed: int = 0, batch_size: int | None = None,
+               lr: float | None = None) -> dict[str, Any]:
+    """A demo task as the lab's generic parts: ``model``, ``optimizer``, ``loss_fn``, ``data``,
+    ``eval_fn``, ``eval_data`` (what `Trainer(model=..., ...)` and `lab_app(model=...)` take),
+    plus ``meta`` (task, batch_size, lr, seed).
+
+        >>> parts = demo_parts("mlp", seed=0)
+        >>> float(parts["loss_fn"](parts["model"], next(iter(parts["data"])))) > 0
+        True
+    """
+    task = get_task(task)
+    bs = int(batch_size if batch_size is not None else task.batch_size)
+    lr = float(lr if lr is not None else task.lr)
+    if bs < 1 or not lr > 0:
+        raise ValueError(f"batch_size must be >= 1 and lr > 0, got {bs} and {lr}")
+    model = task.model(seed)
+
+    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+        return task.loss_fn(model(batch[0]), batch[1])
+
+    def eval_fn(model: nn.Module, batch: Batch) -> float:
+        logits = model(batch[0])
+        if task.metric_name == "bits_per_char":
+            return float(task.loss_fn(logits, batch[1])) / math.log(2)
+        return float((logits.argmax(-1) == batch[1]).float().mean())
+
+    eval_fn.__name__ = task.metric_name
+    return {"model": model, "optimizer": torch.optim.Adam(model.parameters(), lr=lr),
+            "loss_fn": loss_fn, "data": _Endless(task, seed, bs), "eval_fn": eval_fn,
+            "eval_data": [task.eval_batch()],
+            "meta": {"task": task.name, "batch_size": bs, "lr": lr, "seed": int(seed)}}
+
+
+class _Endless:
+    """A demo's batch stream as an iterable (one endless, seeded iterator)."""
+
+    def __init__(self, task: Task, seed: int, batch_size: int) -> None:
+        self._it = task.batches(seed, batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self._it
 
 
 class Trainer:
-    """Train one demo task step by step, optionally recording it with `mpviz.Recorder`.
+    """Train a model step by step, optionally recording it with `mpviz.Recorder`: the one step
+    runner behind the lab and ``python -m mpviz demo``.
 
-    ``precision``: ``"fp32"`` (no autocast), ``"bf16"`` (autocast bf16), ``"fp16"`` (autocast
-    fp16 + ``GradScaler("cpu")``), ``"fp8_e4m3"``/``"fp8_e5m2"`` (emulated through the policy
-    ``{"*": precision}``). A precision policy is always applied (possibly empty), so
-    ``t.policy_handle.update({"head": "fp32"})`` toggles a layer live from any thread.
+    Either a demo task (``Trainer(task="digits", precision="fp16")``, see `demo_parts`), or your
+    own parts:
+
+    - ``model``, ``optimizer``, ``data`` (any iterable of batches; iterated again when it ends);
+    - ``loss_fn(model, batch) -> loss`` (forward only): the trainer owns autocast
+      (``precision``), the GradScaler (``grad_scaler``, ``init_scale``, ``growth_interval``;
+      by default on for fp16 only), backward, ``optimizer.step()`` and ``zero_grad``;
+    - or ``train_step(model, batch) -> loss``, which does backward and the step itself (pass its
+      ``scaler`` so skipped steps and the loss scale are recorded); the AMP settings are its own.
+
+    ``precision``: ``"fp32"`` (no autocast), ``"bf16"``, ``"fp16"`` (autocast on the model's
+    device), ``"fp8_e4m3"``/``"fp8_e5m2"`` (emulated through the policy ``{"*": precision}``).
+    A precision policy is always applied (possibly empty), so
+    ``t.policy_handle.update({"head": "fp32"})`` toggles a layer live from any thread. Batches
+    are moved to the model's device (every tensor in them, containers kept).
 
         >>> t = Trainer(task="mlp", precision="bf16", record=False, seed=0)
         >>> first = t.step()["loss"]
@@ -371,7 +498,7 @@ class Trainer:
 
     def __init__(
         self,
-        task: str = "digits",
+        task: "str | Task | None" = None,
         precision: str = "fp32",
         batch_size: int | None = None,
         lr: float | None = None,
@@ -381,22 +508,60 @@ class Trainer:
         policy: Mapping[str, str] | Any | None = None,
         record: bool = True,
         meta: Mapping[str, Any] | None = None,
+        *,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        loss_fn: LossFn | None = None,
+        train_step: LossFn | None = None,
+        data: Iterable[Any] | None = None,
+        scaler: Any = None,
+        eval_fn: Callable[[nn.Module, Any], Any] | None = None,
+        eval_data: Iterable[Any] | None = None,
+        grad_scaler: bool | None = None,
+        init_scale: float = 2.0**16,
+        growth_interval: int = 2000,
+        runs_root: str | os.PathLike[str] | None = None,
+        run_name: str | None = None,
     ) -> None:
-        self.task = get_task(task)
         self.precision = canonical(precision)  # also accepts float16, mixed_bfloat16, ...
-        self.batch_size = int(batch_size if batch_size is not None else self.task.batch_size)
-        self.lr = float(lr if lr is not None else self.task.lr)
-        if self.batch_size < 1 or not self.lr > 0:
-            raise ValueError(f"batch_size must be >= 1 and lr > 0, got {self.batch_size} and {self.lr}")
+        info: dict[str, Any] = {}
+        if model is None:
+            parts = demo_parts(task if task is not None else "digits", seed, batch_size, lr)
+            info = parts.pop("meta")
+            self.task: Task | None = get_task(info["task"])
+            self.batch_size, self.lr = info["batch_size"], info["lr"]
+            model, optimizer, loss_fn, data = parts["model"], parts["optimizer"], parts["loss_fn"], parts["data"]
+            eval_fn, eval_data = parts["eval_fn"], parts["eval_data"]
+        else:
+            self.task = None
+            self.batch_size, self.lr = batch_size, lr
+            _check_parts(task, model, optimizer, loss_fn, train_step, data, self.precision)
         self.seed = int(seed)
-        self.model = self.task.model(self.seed)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr)
-        self.scaler = torch.amp.GradScaler("cpu") if self.precision == "fp16" else None
-        self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        self._batches = self.task.batches(self.seed, self.batch_size)
+        self.model, self.optimizer, self.data = model, optimizer, data
+        self.loss_fn, self.train_step, self.eval_fn = loss_fn, train_step, eval_fn
+        self.eval_data = eval_data
+        first = next(iter(model.parameters()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        dtype = _AUTOCAST.get(self.precision)
+        if train_step is not None:
+            self.scaler = scaler          # the user's, if any: recorded, never driven by us
+            self._autocast_dtype = None
+        else:
+            if scaler is not None:
+                self.scaler = scaler
+            else:
+                on = self.precision == "fp16" if grad_scaler is None else bool(grad_scaler)
+                self.scaler = (torch.amp.GradScaler(self.device.type, init_scale=float(init_scale),
+                                                    growth_interval=int(growth_interval))
+                               if on else None)
+            self._autocast_dtype = dtype
+        self._iter: Iterator[Any] | None = None
+        self._last_batch: Any = None
         self._step = 0
         self._closed = False
         self._eval_model: nn.Module | None = None
+        self._rng: tuple[Any, Any] | None = None   # this trainer's own RNG state (race lanes)
+        self.evals: list[tuple[int, float]] = []   # (step, eval metric) from run_eval()
         self.recorder: Any = None
         self.policy_handle: Any = None
         # step() and evaluate() may be called from different threads (a dashboard's worker and
@@ -408,14 +573,16 @@ class Trainer:
             rules.update(getattr(policy, "rules", policy))  # a PrecisionPolicy or a plain mapping
         pol = PrecisionPolicy(rules)
         # Check names and precisions before a run directory is created for a policy that cannot apply.
-        validate_rules(self.model, pol.rules, "cpu", pol.precisions())
+        validate_rules(self.model, pol.rules, self.device.type, pol.precisions())
         if record:
             import mpviz
 
+            info = {**info, "precision": self.precision if train_step is None else "train_step",
+                    **(meta or {})}
             if run_dir is None:
-                run_dir = Path("runs") / f"{self.task.name}-{self.precision}-{time.strftime('%Y%m%d-%H%M%S')}"
-            info = {"task": self.task.name, "precision": self.precision, "batch_size": self.batch_size,
-                    "lr": self.lr, "seed": self.seed, **(meta or {})}
+                stem = run_name or (f"{info.get('task') or type(model).__name__}-{info['precision']}-"
+                                    f"{time.strftime('%Y%m%d-%H%M%S')}")
+                run_dir = new_run_dir(runs_root if runs_root is not None else "runs", stem)
             self.recorder = mpviz.Recorder(self.model, optimizer=self.optimizer, scaler=self.scaler,
                                            run_dir=run_dir, every=every, policy=pol, meta=info)
             try:
@@ -425,8 +592,9 @@ class Trainer:
                 raise
             self.policy_handle = self.recorder.policy
         else:
-            self.policy_handle = apply_policy(self.model, pol, device_type="cpu")
+            self.policy_handle = apply_policy(self.model, pol, device_type=self.device.type)
 
+    # ------------------------------------------------------------------ reading
     @property
     def run(self) -> Any:
         """The live `mpviz.Run` being written, or None when not recording."""
@@ -436,49 +604,163 @@ class Trainer:
     def steps_done(self) -> int:
         return self._step
 
+    @property
+    def owns_step(self) -> bool:
+        """True when the trainer runs autocast, the GradScaler and the optimizer (``loss_fn``)."""
+        return self.train_step is None
+
+    def amp_settings(self) -> dict[str, Any]:
+        """What AMP does here: ``autocast`` (precision name or None), ``grad_scaler`` (bool),
+        ``init_scale``, ``growth_interval`` (of the GradScaler, when enabled), ``owner``."""
+        from mpviz.compat import scaler_settings
+
+        s = scaler_settings(self.scaler) or {"enabled": False}
+        return {"owner": "lab" if self.owns_step else "train_step",
+                "autocast": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self._autocast_dtype),
+                "grad_scaler": bool(s["enabled"]), "init_scale": s.get("init_scale"),
+                "growth_interval": s.get("growth_interval")}
+
+    # ------------------------------------------------------------------ stepping
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self._autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cpu", dtype=self._autocast_dtype)
+        return torch.autocast(self.device.type, dtype=self._autocast_dtype)
 
-    def step(self) -> dict[str, Any]:
-        """One real training step on the next batch; returns ``{"step": i, "loss": float}``."""
+    def next_batch(self) -> Any:
+        """The next batch of ``data`` (iterated again from the start when it ends)."""
+        if self._iter is None:
+            self._iter = iter(self.data)
+        try:
+            return next(self._iter)
+        except StopIteration:
+            self._iter = iter(self.data)
+            try:
+                return next(self._iter)
+            except StopIteration:
+                raise ValueError("data yields no batches when iterated again: pass something that "
+                                 "can be iterated more than once (a list, a DataLoader), not a "
+                                 "generator") from None
+
+    @contextlib.contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        """Run with this trainer's own RNG state, if it has one (race lanes: same dropout masks)."""
+        if self._rng is None:
+            yield
+            return
+        from mpviz.compat import get_rng_state, set_rng_state
+
+        outer = get_rng_state(self.device)
+        set_rng_state(self._rng, self.device)
+        try:
+            yield
+        finally:
+            self._rng = get_rng_state(self.device)
+            set_rng_state(outer, self.device)
+
+    def own_rng(self) -> None:
+        """From now on, step with a private copy of the current RNG state (torch's default
+        generators): trainers given it at the same moment draw the same dropout masks."""
+        from mpviz.compat import get_rng_state
+
+        self._rng = get_rng_state(self.device)
+
+    def step(self, batch: Any = None) -> dict[str, Any]:
+        """One real training step on ``batch`` (default: the next one of ``data``); returns
+        ``{"step": i, "loss": float}``."""
         with self._lock:
-            return self._train_step()
+            return self._train_step(batch)
 
-    def _train_step(self) -> dict[str, Any]:
+    def _train_step(self, batch: Any) -> dict[str, Any]:
         if self._closed:
             raise RuntimeError("this Trainer is closed; create a new one to keep training")
-        x, y = next(self._batches)
-        with self._autocast():
-            loss = self.task.loss_fn(self.model(x), y)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if batch is None:
+            batch = self.next_batch()
+        if self.device.type != "cpu":
+            batch = tree.map_tensors(lambda t: t.to(self.device, non_blocking=True), batch)
+        self._last_batch = batch
+        with self._own_rng():
+            if self.train_step is not None:
+                loss = self.train_step(self.model, batch)
+            else:
+                with self._autocast():
+                    loss = self.loss_fn(self.model, batch)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        first = next(tree.tensors(batch), None)
+        samples = len(first) if first is not None and first.dim() > 0 else None
         if self.recorder is not None:
-            index = self.recorder.step(loss=loss, samples=len(x))
+            index = self.recorder.step(loss=loss, samples=samples)
         else:
             index = self._step
         self._step += 1
-        return {"step": int(index), "loss": float(loss.detach())}
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        return {"step": int(index), "loss": value}
+
+    def fork(self, precision: str, **kwargs: Any) -> "Trainer":
+        """A race lane: a new Trainer over copies of this one's model and optimizer state (now),
+        the same loss, data source and evaluation, at another ``precision``. ``kwargs`` go to
+        `Trainer` (run_dir, runs_root, run_name, every, policy, record, meta, grad_scaler...)."""
+        if not self.owns_step:
+            raise ValueError("a race needs loss_fn: a train_step drives its own optimizer (and "
+                             "scaler), which a copy of the model cannot share. Pass "
+                             "loss_fn=lambda model, batch: ... to race precisions")
+        with self._lock:
+            model = copy_model(self.model)
+            opt = copy_optimizer(self.optimizer, self.model, model)
+        meta = {k: v for k, v in (self.recorder.run.meta if self.recorder else {}).items()
+                if k in ("task", "batch_size", "lr", "seed", "app", "source")}
+        lane = Trainer(precision=precision, model=model, optimizer=opt, loss_fn=self.loss_fn,
+                       data=self.data, eval_fn=self.eval_fn, eval_data=self.eval_data,
+                       seed=self.seed, **{"meta": meta, **kwargs})
+        lane._rng = self._rng   # the same RNG state (if any): the same dropout masks
+        return lane
+
+    # ------------------------------------------------------------------ evaluation
+    def _fp32_copy(self) -> nn.Module:
+        """A hook-free copy of the model with the current weights (made once, then refreshed)."""
+        if self._eval_model is None:
+            self._eval_model = (self.task.model(self.seed) if self.task is not None
+                                else copy_model(self.model))
+        self._eval_model.load_state_dict(self.model.state_dict())
+        return self._eval_model
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out loss and metric of the current weights, computed in plain fp32.
+        """A demo's held-out loss and metric of the current weights, computed in plain fp32.
 
         Runs on a hook-free copy of the model, so it neither shows up in the recording nor
         depends on the training precision: runs at different precisions compare on one scale.
         """
+        if self.task is None:
+            raise ValueError("evaluate() is for demo tasks; for your model pass eval_fn= and "
+                             "eval_data= and call run_eval()")
         with self._lock:
-            if self._eval_model is None:
-                self._eval_model = self.task.model(self.seed)
-            self._eval_model.load_state_dict(self.model.state_dict())
-            return self.task.evaluate(self._eval_model)
+            return self.task.evaluate(self._fp32_copy())
 
+    @torch.no_grad()
+    def run_eval(self) -> float | None:
+        """``eval_fn(model, batch)`` averaged over ``eval_data`` (default: the next batch of
+        ``data``), in fp32 on a hook-free copy of the current weights in eval mode; appended to
+        ``self.evals`` as ``(steps done, value)``. None without an ``eval_fn``."""
+        if self.eval_fn is None:
+            return None
+        with self._lock, self._own_rng():
+            model = self._fp32_copy().eval()
+            if self.eval_data is None and self._last_batch is None:
+                return None     # nothing trained yet and no eval_data
+            batches = list(self.eval_data) if self.eval_data is not None else [self._last_batch]
+            values = [float(self.eval_fn(model, tree.map_tensors(lambda t: t.to(self.device), b)))
+                      for b in batches]
+            value = sum(values) / max(len(values), 1)
+            self.evals.append((self._step, value))
+            return value
+
+    # ------------------------------------------------------------------ closing
     def close(self) -> None:
         """Finish the recording (or remove the policy); safe to call twice, from any thread."""
         self._finish(None)
@@ -501,5 +783,28 @@ class Trainer:
         self._finish(exc)
 
     def __repr__(self) -> str:
-        return (f"Trainer(task={self.task.name!r}, precision={self.precision!r}, batch_size={self.batch_size}, "
+        what = f"task={self.task.name!r}" if self.task is not None else f"model={type(self.model).__name__}"
+        return (f"Trainer({what}, precision={self.precision!r}, batch_size={self.batch_size}, "
                 f"lr={self.lr}, seed={self.seed}, steps={self._step}, recording={self.recorder is not None})")
+
+
+def _check_parts(task: Any, model: Any, optimizer: Any, loss_fn: Any, train_step: Any, data: Any,
+                 precision: str) -> None:
+    """Errors that name the fix for a model passed with the wrong companions."""
+    if task is not None:
+        raise ValueError(f"pass either task={task!r} (a demo) or model=... (yours), not both")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if optimizer is None:
+        raise ValueError("with model=..., pass its optimizer=... too (the trainer steps it, and "
+                         "the recorder counts a step per optimizer.step())")
+    if (loss_fn is None) == (train_step is None):
+        raise ValueError("pass exactly one of loss_fn(model, batch) -> loss (forward only; the "
+                         "trainer does autocast, GradScaler, backward and the step) or "
+                         "train_step(model, batch) -> loss (does backward and the step itself)")
+    if data is None or not hasattr(data, "__iter__"):
+        raise ValueError("pass data=...: any iterable of batches (a DataLoader, a list); it is "
+                         "iterated again when it ends")
+    if train_step is not None and precision != "fp32":
+        raise ValueError(f"precision={precision!r} is for loss_fn: with train_step the autocast "
+                         "and GradScaler are yours (per-layer precision still works: policy=...)")

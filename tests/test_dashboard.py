@@ -57,8 +57,9 @@ def test_lab_trains_in_a_thread_and_shows_every_step_and_a_toggle(dash_runs):
         # The worker pauses itself after 12 steps, whatever the machine's speed; the toggle is
         # made while it waits, and must take effect at the next step, 12.
         lab.start(max_steps=40, pause_at=12)
-        assert _wait(lambda: lab.worker.state == "paused")
-        assert lab.worker.rounds == 12 and lab.pause_btn.description == "Resume"
+        # Paused, and drawn so (the buttons follow at the tick right after the pause).
+        assert _wait(lambda: lab.worker.state == "paused" and lab.pause_btn.description == "Resume")
+        assert lab.worker.rounds == 12
         lab.set_layer_precision("head", "fp32")
         time.sleep(0.5)                           # still paused: no step while it waits
         assert lab.worker.rounds == 12 and lab.worker.state == "paused"

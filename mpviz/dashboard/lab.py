@@ -1,7 +1,10 @@
-"""The precision lab: train a demo task live, toggle layer precisions, watch what happens.
+"""The precision lab: train a demo task or your own model live, toggle layer precisions, watch
+what happens.
 
 >>> from mpviz.dashboard import lab_app
 >>> lab = lab_app(runs_dir="runs")            # doctest: +SKIP
+>>> lab = lab_app(model=model, optimizer=opt, loss_fn=lambda m, b: m(**b).loss,
+...               data=loader)                # doctest: +SKIP
 >>> lab                                       # doctest: +SKIP
 >>> lab.start(max_steps=50, pause_at=20)      # doctest: +SKIP
 >>> lab.set_layer_precision("head", "fp32")   # doctest: +SKIP
@@ -10,6 +13,14 @@
 In a notebook or Voila, `lab_app(...)` as the last line of a cell displays the app; the Start
 button and the layer menus do what `start` and `set_layer_precision` do; "pause at" pauses
 training by itself after that many steps (0: never), so a toggle lands at a step you choose.
+
+Your model: `loss_fn(model, batch) -> loss` (forward only; the lab owns autocast, the
+GradScaler, backward and the optimizer step, and shows AMP's knobs as controls) or
+`train_step(model, batch) -> loss` (does backward and the step itself; the knobs are yours and
+shown read-only). `data` is any iterable, iterated again when it ends. Your model keeps training
+from where it is across sessions (Reset/Start begin a new run, not new weights); a race trains
+copies of it, and of the optimizer state, made when the race starts. A demo task is the same
+code path: `mpviz.demos.demo_parts` builds its model, optimizer, data and `loss_fn`.
 
 Data flow: the worker thread steps the `mpviz.demos.Trainer`(s); a few times a second it reads
 the recorded runs back through `mpviz.load_run` + SQL (`queries`), and updates one FigureWidget
@@ -20,6 +31,7 @@ mailbox); the change takes effect at the next step and is read back from `run.po
 from __future__ import annotations
 
 import html
+import math
 import shutil
 import threading
 import time
@@ -34,19 +46,50 @@ from .worker import DONE, FAILED, IDLE, PAUSED, RUNNING, TrainingWorker, make_tr
 
 TASKS = ("digits", "text", "mlp")
 INHERIT = "(policy)"  # dropdown value: no per-layer override
+REMOVE = "(remove rule)"  # rule box: drop the rule for that pattern
+SCALES = tuple(2.0**k for k in range(0, 25, 2))  # GradScaler init_scale choices
+AUTOCAST_NAMES = {"bfloat16": "bf16", "float16": "fp16", None: "fp32"}
 MAX_ALONGSIDE = 2     # race: the main run + up to two more
 TABLE_EVERY_S = 1.0   # the layer/overflow tables refresh at most this often
 DETAIL_EVERY_S = 2.0  # the dtype map and gradient heatmap too
+LIVE_POINTS = 600      # points per line while training (the plots are ~400-800 px wide)
+LIVE_HEAT_CELLS = 6000  # cells of the live gradient heatmap (columns merged beyond)
 
 
 class Lab(ui.App):
     """The live precision lab. Build with `lab_app()`; `lab.widget` is the app."""
 
     def __init__(self, runs_dir: str | Path | None = None, task: str = "digits",
-                 precision: str = "fp16", max_steps: int = 1000, max_seconds: float = 600.0,
-                 every: int = 5, seed: int = 0, redraw_s: float = 0.5) -> None:
+                 precision: str | None = None, max_steps: int = 1000, max_seconds: float = 600.0,
+                 every: int = 5, seed: int = 0, redraw_s: float = 0.5, *,
+                 model: Any = None, optimizer: Any = None, loss_fn: Any = None,
+                 train_step: Any = None, data: Any = None, scaler: Any = None,
+                 eval_fn: Any = None, eval_data: Any = None, eval_every: int = 25,
+                 name: str | None = None, grad_scaler: bool | None = None,
+                 init_scale: float = 2.0**16, growth_interval: int = 2000) -> None:
         self.runs_dir = ui.runs_root(runs_dir)
-        self.every, self.seed, self.redraw_s = every, seed, redraw_s
+        self.every, self.seed, self.redraw_s, self.eval_every = every, seed, redraw_s, eval_every
+        # Your model's parts (None: a demo task, built fresh by each session).
+        self._parts: dict[str, Any] | None = None
+        if model is not None:
+            self._parts = {"model": model, "optimizer": optimizer, "loss_fn": loss_fn,
+                           "train_step": train_step, "data": data, "eval_fn": eval_fn,
+                           "eval_data": eval_data}
+            if train_step is not None:
+                self._parts["scaler"] = scaler
+            elif scaler is not None:  # its settings become the knobs' starting values
+                s = torch_thread.call(_scaler_settings, scaler) or {}
+                grad_scaler = bool(s.get("enabled")) if grad_scaler is None else grad_scaler
+                init_scale = s.get("init_scale", init_scale)
+                growth_interval = s.get("growth_interval", growth_interval)
+            task = name or type(model).__name__
+        self.owns_step = train_step is None
+        if precision is None:
+            precision = "fp32" if model is not None else "fp16"
+        if not self.owns_step:
+            precision = "fp32"   # the autocast is the train_step's; fp32 = none added by the lab
+        self._rules: dict[str, str] = {}  # glob/name rules from the rule box, kept across sessions
+        self._syncing = False
         self.worker: TrainingWorker | None = None
         self.trainers: list[Any] = []     # [main, *alongside] of the current session
         self.readers: list[Any] = []      # mpviz.Run over each trainer's run, same order
@@ -55,7 +98,9 @@ class Lab(ui.App):
         self._lock = threading.RLock()
 
         # ---- controls
-        self.task = widgets.Dropdown(options=TASKS, value=task, description="task")
+        self.task = widgets.Dropdown(options=TASKS if model is None else (task,), value=task,
+                                     description="task" if model is None else "model",
+                                     disabled=model is not None)
         self.precision = widgets.Dropdown(options=queries.PRECISIONS, value=precision,
                                           description="precision")
         self.batch = widgets.Dropdown(options=[("default", 0)] + [(str(b), b) for b in (16, 32, 64, 128, 256)],
@@ -73,6 +118,34 @@ class Lab(ui.App):
                                                   description="max seconds", style=wide)
         self.pause_at = widgets.BoundedIntText(value=0, min=0, max=1_000_000, description="pause at",
                                                style=wide, tooltip="pause after this many steps (0: never)")
+        # AMP's own knobs: controls when the lab owns the step, read-only with a train_step.
+        self.grad_scaler = widgets.Checkbox(
+            value=(precision == "fp16") if grad_scaler is None else bool(grad_scaler),
+            description="GradScaler", indent=False, layout=widgets.Layout(width="110px"))
+        scales = sorted(set(SCALES) | {float(init_scale)})
+        self.init_scale = widgets.Dropdown(options=[(f"2^{math.log2(v):g}" if v > 0 and math.log2(v).is_integer()
+                                                     else f"{v:g}", v) for v in scales],
+                                           value=float(init_scale), description="init scale",
+                                           layout=widgets.Layout(width="170px"))
+        self.growth_interval = widgets.BoundedIntText(value=int(growth_interval), min=1, max=1_000_000,
+                                                      description="growth interval", style=wide,
+                                                      layout=widgets.Layout(width="200px"))
+        self.amp_note = widgets.HTML()
+        # Rules by name or glob ("encoder.*.norm*"), kept across sessions.
+        self.rule_text = widgets.Text(placeholder="layer or glob, e.g. encoder.*.norm*",
+                                      description="rule", layout=widgets.Layout(width="300px"))
+        self.rule_precision = widgets.Dropdown(options=queries.PRECISIONS + (REMOVE,), value="fp32",
+                                               layout=widgets.Layout(width="130px"))
+        self.rule_btn = ui.button("Apply rule", "mpviz-rule-apply")
+        self.rule_btn.on_click(lambda _: self.add_rule(self.rule_text.value, self.rule_precision.value))
+        self.rule_msg = widgets.HTML()
+        self.eval_out = widgets.Output()
+        self._eval_shown = -1
+        for w, cls in ((self.grad_scaler, "mpviz-grad-scaler"), (self.init_scale, "mpviz-init-scale"),
+                       (self.growth_interval, "mpviz-growth-interval"), (self.rule_text, "mpviz-rule"),
+                       (self.rule_precision, "mpviz-rule-precision"), (self.rule_msg, "mpviz-rule-msg"),
+                       (self.eval_out, "mpviz-eval")):
+            w.add_class(cls)
         for w, cls in ((self.task, "mpviz-task"), (self.precision, "mpviz-precision"),
                        (self.alongside, "mpviz-alongside"), (self.max_steps, "mpviz-max-steps"),
                        (self.pause_at, "mpviz-pause-at")):
@@ -87,12 +160,15 @@ class Lab(ui.App):
         self.pause_btn.on_click(lambda _: self.toggle_pause())
         self.reset_btn.on_click(lambda _: self.reset())
         self.stop_btn.on_click(lambda _: self.stop())
-        for w in (self.task, self.precision, self.batch, self.lr):
-            w.observe(lambda _: self.reset(), names="value")
+        if model is not None:   # your data and optimizer set batch size and lr
+            self.batch.layout.display = self.lr.layout.display = "none"
+        self.precision.observe(self._on_precision, names="value")
+        for w in (self.task, self.batch, self.lr, self.grad_scaler, self.init_scale, self.growth_interval):
+            w.observe(self._on_config, names="value")
         self.pause_at.observe(lambda _: self._set_pause_at(), names="value")  # also while training
 
         # ---- figure and tables
-        self.fig = RunFigure(n_slots=1 + MAX_ALONGSIDE, width=900)
+        self.fig = RunFigure(n_slots=1 + MAX_ALONGSIDE, width=900, max_heat_cells=LIVE_HEAT_CELLS)
         self.fig.widget.add_class("mpviz-figure")
         self.layer_box = widgets.VBox()
         self.layer_box.add_class("mpviz-layer-table")
@@ -107,16 +183,17 @@ class Lab(ui.App):
                                        "and data,<br>interleaved step by step (ctrl-click, up to "
                                        f"{MAX_ALONGSIDE}; pick fp32 for a baseline)</span>"),
                           widgets.VBox([self.max_steps, self.max_seconds, self.pause_at])]),
+            widgets.HBox([self.grad_scaler, self.init_scale, self.growth_interval, self.amp_note]),
             widgets.HBox([self.start_btn, self.pause_btn, self.reset_btn, self.stop_btn, self.status]),
         ])
         side = widgets.VBox([widgets.HTML("<b>Layers</b> <span class='mpviz-muted'>(precision "
                                           "applies at the next step)</span>"),
-                             self.layer_box, self.overflows],
+                             widgets.HBox([self.rule_text, self.rule_precision, self.rule_btn]),
+                             self.rule_msg, self.layer_box, self.eval_out, self.overflows],
                             layout=widgets.Layout(flex="1 1 420px", overflow="auto"))
-        plot = widgets.Box([self.fig.widget], layout=widgets.Layout(flex="0 0 auto"))
         self.widget = widgets.VBox([
             ui.title("mpviz precision lab", "mixed-precision training, live, layer by layer"),
-            controls, widgets.HBox([plot, side])])
+            controls, ui.wrap_row(self.fig.view, side)])
         self.widget.add_class("mpviz-app")
         self.widget.add_class("mpviz-lab")
         self.reset()
@@ -126,17 +203,35 @@ class Lab(ui.App):
     def state(self) -> str:
         return self.worker.state if self.worker is not None else IDLE
 
+    def _run_name(self, tag: str) -> str:
+        return f"lab-{time.strftime('%Y%m%d-%H%M%S')}-{self.task.value}-{tag}"
+
+    def _amp(self, precision: str, main: bool) -> dict[str, Any]:
+        """The AMP knobs for a new trainer (none with a train_step: they are its own)."""
+        if not self.owns_step:
+            return {}
+        # Race lanes get a GradScaler exactly when they are fp16; the main run, the checkbox.
+        on = self.grad_scaler.value if main else precision == "fp16"
+        return {"grad_scaler": on, "init_scale": float(self.init_scale.value),
+                "growth_interval": int(self.growth_interval.value)}
+
     def _new_trainer(self, precision: str, policy: dict[str, str] | None, tag: str) -> Any:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = self.runs_dir / f"lab-{stamp}-{self.task.value}-{tag}"
-        n = 1
-        while run_dir.exists():
-            n += 1
-            run_dir = self.runs_dir / f"lab-{stamp}-{self.task.value}-{tag}-{n}"
-        t = torch_thread.call(make_trainer, self.task.value, precision, str(run_dir),
+        """The session's main trainer, in a run directory of its own (claimed atomically)."""
+        t = torch_thread.call(make_trainer, None if self._parts else self.task.value, precision,
+                              parts=self._parts, runs_root=str(self.runs_dir),
+                              run_name=self._run_name(tag),
                               batch_size=self.batch.value or None, lr=self.lr.value or None,
-                              seed=self.seed, every=self.every, policy=policy, meta={"app": "lab"})
-        self._created.append(run_dir)
+                              seed=self.seed, every=self.every, policy=policy, meta={"app": "lab"},
+                              **self._amp(precision, main=True))
+        self._created.append(Path(t.recorder.run_dir))
+        return t
+
+    def _fork(self, main: Any, precision: str) -> Any:
+        """A race lane: copies of the main model and optimizer state, made now."""
+        t = torch_thread.call(main.fork, precision, runs_root=str(self.runs_dir),
+                              run_name=self._run_name(f"vs-{precision}"), every=self.every,
+                              **self._amp(precision, main=False))
+        self._created.append(Path(t.recorder.run_dir))
         return t
 
     def _open_reader(self, trainer: Any) -> Any:
@@ -150,9 +245,13 @@ class Lab(ui.App):
             self._end_session()
             self.fig.clear()
             self.overflows.value = ""
-            main = self._new_trainer(self.precision.value, None, self.precision.value)
+            main = self._new_trainer(self.precision.value, self.session_policy(), self._tag())
             self.trainers, self.readers = [main], [self._open_reader(main)]
-            self.fig.set_labels([self.precision.value])
+            self._labels = [self._tag()]
+            self.fig.set_labels(self._labels)
+            self._eval_shown = -1
+            self.eval_out.outputs = ()
+            self._show_amp(main)
             self._build_layer_table()
             self._set_status(f"ready: {self.task.value}, {self.precision.value} "
                              f"(run {main.recorder.run_dir.name})")
@@ -174,22 +273,32 @@ class Lab(ui.App):
                 self.max_seconds.value = int(max_seconds)
             if pause_at is not None:
                 self.pause_at.value = int(pause_at)
+            extra = [p for p in self.alongside.value if p != self.precision.value][:MAX_ALONGSIDE]
+            if extra and not self.owns_step:
+                self._set_status("a race needs loss_fn: a train_step drives its own optimizer and "
+                                 "scaler, which a copy of the model cannot share. Clear "
+                                 "'alongside', or build the lab with loss_fn=")
+                return
             if self.worker is not None:  # the previous session closed its trainers
-                overrides = self.overrides()
+                policy = self.session_policy()
                 self._end_session()
                 self.fig.clear()
-                main = self._new_trainer(self.precision.value, overrides, self.precision.value)
+                main = self._new_trainer(self.precision.value, policy, self._tag())
                 self.trainers, self.readers = [main], [self._open_reader(main)]
-            extra = [p for p in self.alongside.value if p != self.precision.value][:MAX_ALONGSIDE]
+            if extra:  # every lane steps with its own copy of one RNG state: same dropout masks
+                torch_thread.call(self.trainers[0].own_rng)
             for p in extra:
-                t = self._new_trainer(p, None, f"vs-{p}")
+                t = self._fork(self.trainers[0], p)
                 self.trainers.append(t)
                 self.readers.append(self._open_reader(t))
-            self.fig.set_labels([self.precision.value] + [f"{p} (alongside)" for p in extra])
+            self._labels = [self._tag()] + [f"{p} (alongside)" for p in extra]
+            self.fig.set_labels(self._labels)
+            self._eval_shown = -1
             self.worker = TrainingWorker(self.trainers, max_steps=self.max_steps.value,
                                          max_seconds=self.max_seconds.value,
                                          on_tick=self._refresh, on_done=self._on_done,
-                                         tick_s=self.redraw_s, pause_at=self.pause_at.value or None)
+                                         tick_s=self.redraw_s, pause_at=self.pause_at.value or None,
+                                         eval_every=self.eval_every)
             self.worker.start()
             self._sync_buttons()
 
@@ -236,6 +345,88 @@ class Lab(ui.App):
     def _on_done(self, worker: TrainingWorker) -> None:
         self._sync_buttons()
         self._set_status()
+
+    # --------------------------------------------------------------------- configuration
+    def _tag(self) -> str:
+        return self.precision.value if self.owns_step else "train_step"
+
+    def _on_precision(self, change: dict) -> None:
+        """A new autocast dtype: the GradScaler follows (on for fp16), then one reset."""
+        if self.owns_step:
+            self._syncing = True
+            try:
+                self.grad_scaler.value = change["new"] == "fp16"
+            finally:
+                self._syncing = False
+        self.reset()
+
+    def _on_config(self, change: dict) -> None:
+        if not self._syncing:
+            self.reset()
+
+    def _show_amp(self, trainer: Any) -> None:
+        """With a train_step, show the AMP settings it brought (read-only)."""
+        if self.owns_step:
+            self.amp_note.value = ('<span class="mpviz-muted">AMP knobs apply at Start / Reset'
+                                   '</span>')
+            return
+        amp = torch_thread.call(trainer.amp_settings)
+        self._syncing = True
+        try:
+            self.grad_scaler.value = amp["grad_scaler"]
+            if amp["init_scale"] is not None:
+                v = float(amp["init_scale"])
+                if v not in [o[1] for o in self.init_scale.options]:
+                    self.init_scale.options = list(self.init_scale.options) + [(f"{v:g}", v)]
+                self.init_scale.value = v
+            if amp["growth_interval"] is not None:
+                self.growth_interval.value = int(amp["growth_interval"])
+        finally:
+            self._syncing = False
+        self.amp_note.value = ('<span class="mpviz-muted">set by your train_step and scaler '
+                               '(read-only); autocast: seen once it steps</span>')
+
+    def session_policy(self) -> dict[str, str]:
+        """The rules a new session starts with: the rule box's, then the table's per-layer ones."""
+        return {**self._rules, **self.overrides()}
+
+    # --------------------------------------------------------------------- rules (names, globs)
+    def _live_handle(self) -> Any:
+        """The main run's PolicyHandle while it can still change (None after a session ended)."""
+        if not self.trainers or (self.worker is not None and not self.worker.alive):
+            return None
+        return self.trainers[0].policy_handle
+
+    def add_rule(self, pattern: str, precision: str | None) -> bool:
+        """Set ``pattern`` (a layer name or a glob such as ``encoder.*.norm*``) to ``precision``
+        from the next step (None or "(remove rule)": drop that rule). A rule the policy refuses
+        (unknown layer, a glob matching nothing, a precision the device cannot run) is not
+        applied: its reason is shown under the box. Returns whether it was accepted."""
+        pattern = (pattern or "").strip()
+        value = None if precision in (None, REMOVE) else precision
+        if not pattern:
+            self.rule_msg.value = '<span class="mpviz-bad">type a layer name or a glob first</span>'
+            return False
+        handle = self._live_handle()
+        try:
+            if handle is not None:
+                handle.update({pattern: value})   # checked here, applied at the next forward
+            else:
+                torch_thread.call(_check_rule, self.trainers[0].model if self.trainers else None,
+                                  pattern, value, self._rules)
+        except (ValueError, RuntimeError, TypeError) as e:
+            self.rule_msg.value = f'<span class="mpviz-bad">refused: {html.escape(str(e))}</span>'
+            return False
+        if value is None:
+            self._rules.pop(pattern, None)
+        else:
+            self._rules[pattern] = value
+        when = "from the next step" if handle is not None else "when you Start again"
+        what = "rule removed" if value is None else f"→ {value}"
+        rules = ", ".join(f"{html.escape(k)} → {v}" for k, v in self._rules.items()) or "none"
+        self.rule_msg.value = (f"{html.escape(pattern)} {what} {when}"
+                               f'<br><span class="mpviz-muted">rules: {rules}</span>')
+        return True
 
     # --------------------------------------------------------------------- layer toggles
     def overrides(self) -> dict[str, str]:
@@ -316,7 +507,7 @@ class Lab(ui.App):
         if detail:
             self._detail_at = now
         for slot, reader in enumerate(readers):
-            snap = queries.snapshot(reader, detail=detail and slot == 0)
+            snap = queries.snapshot(reader, detail=detail and slot == 0, max_points=LIVE_POINTS)
             self.fig.update(slot, snap.steps, snap.skipped, snap.marks, snap.dtypes, snap.heat)
         if now - self._table_at >= TABLE_EVERY_S or final:
             self._table_at = now
@@ -327,7 +518,14 @@ class Lab(ui.App):
 
     def _refresh_tables(self, trainer: Any, reader: Any) -> None:
         effective = trainer.policy_handle.effective() if trainer.policy_handle is not None else {}
-        table = queries.layer_table(reader, effective, base=trainer.precision)
+        base = trainer.precision
+        if not self.owns_step:  # the autocast your train_step opened, as recorded
+            seen = reader.meta.get("autocast_dtype")
+            base = AUTOCAST_NAMES.get(seen, "fp32")
+            label = f"autocast {base} (train_step)"
+            if self.precision.options != (label,):
+                self.precision.options = (label,)
+        table = queries.layer_table(reader, effective, base=base)
         for name, prec, g, head in zip(table["layer"], table["precision"], table["grad_norm"],
                                        table["headroom"]):
             if name not in self._rows:
@@ -340,6 +538,27 @@ class Lab(ui.App):
                 cells.value = text
         df, total = queries.overflow_table(reader, limit=15)
         self.overflows.value = ui.overflow_html(df, total)
+        self._draw_evals()
+
+    def _draw_evals(self) -> None:
+        """The eval metric of each run (eval_fn every eval_every steps), a small static chart."""
+        series = [(lab, list(t.evals)) for lab, t in zip(self._labels, self.trainers)]
+        n = sum(len(e) for _, e in series)
+        if n == 0 or n == self._eval_shown:
+            return
+        self._eval_shown = n
+        import plotly.graph_objects as go
+
+        from .plots import COLORS, show_static
+
+        name = getattr(self.trainers[0].eval_fn, "__name__", "eval") or "eval"
+        fig = go.Figure([go.Scatter(x=[s for s, _ in e], y=[v for _, v in e], name=lab,
+                                    mode="lines+markers", line=dict(color=COLORS[i % len(COLORS)]))
+                         for i, (lab, e) in enumerate(series)])
+        fig.update_layout(height=220, margin=dict(l=50, r=10, t=30, b=30),
+                          title=dict(text=f"eval: {name} (fp32, every {self.eval_every} steps)",
+                                     font=dict(size=12)))
+        show_static(self.eval_out, fig)
 
     def _set_status(self, note: str = "") -> None:
         w = self.worker
@@ -378,15 +597,43 @@ class Lab(ui.App):
         self.stop_btn.disabled = not busy
         for w in (self.task, self.precision, self.batch, self.lr, self.alongside):
             w.disabled = busy
+        self.task.disabled = busy or self._parts is not None
+        for w in (self.grad_scaler, self.init_scale, self.growth_interval):
+            w.disabled = busy or not self.owns_step
+        self.precision.disabled = busy or not self.owns_step
+
+
+def _scaler_settings(scaler: Any) -> dict[str, Any] | None:
+    from mpviz.compat import scaler_settings  # torch: on the torch thread
+
+    return scaler_settings(scaler)
+
+
+def _check_rule(model: Any, pattern: str, precision: str | None, rules: dict[str, str]) -> None:
+    """Check a rule against the model when no policy is live (between sessions)."""
+    if precision is None:
+        if pattern not in rules:
+            raise ValueError(f"no rule {pattern!r} to remove; rules: {list(rules) or 'none'}")
+        return
+    from mpviz.precision import canonical, validate_rules
+
+    first = next(iter(model.parameters()), None)
+    validate_rules(model, [pattern], first.device.type if first is not None else "cpu",
+                   [canonical(precision)])
 
 
 def lab_app(runs_dir: str | Path | None = None, **kwargs: Any) -> Lab:
     """The precision lab app (display it: last line of a cell, or `display(lab_app())`).
 
     `runs_dir`: where runs are written (`$MPVIZ_RUNS_DIR` overrides it). Other keywords go to
-    `Lab` (task, precision, max_steps, max_seconds, every, seed, redraw_s: the least time
-    between two redraws while training).
+    `Lab`: task, precision, max_steps, max_seconds, every, seed, redraw_s (the least time
+    between two redraws while training); for your own model `model`, `optimizer`, `data` and
+    `loss_fn` or `train_step` (+ `scaler`), optionally `eval_fn(model, batch) -> metric` with
+    `eval_data` (held-out batches; default: the last training batch) every `eval_every` steps,
+    `name`, and AMP's starting knobs `grad_scaler`, `init_scale`, `growth_interval`.
 
     >>> lab = lab_app(runs_dir="runs", task="mlp", precision="bf16")   # doctest: +SKIP
+    >>> lab = lab_app(model=model, optimizer=opt, data=loader,
+    ...               loss_fn=lambda model, batch: model(**batch).loss)  # doctest: +SKIP
     """
     return Lab(runs_dir=runs_dir, **kwargs)

@@ -7,12 +7,12 @@ always ends: at `max_steps`, after `max_seconds` of wall time (pauses
 included), or on `stop()`. `pause_at=N` pauses it by itself once N steps are done (to toggle a
 layer at a known step; `resume()` goes on).
 
-Several trainers train interleaved, one step each per round (the lab's race mode), so they see
-the same wall-clock conditions. `on_tick(worker)` is called from this thread at most every
+Several trainers train interleaved, one step each per round, on the same batch (the lab's race
+mode), so they see the same data and the same wall-clock conditions. `on_tick(worker)` is called from this thread at most every
 `tick_s` seconds (stretched to 4x its own cost, so a slow UI cannot eat the training time).
 
 >>> from mpviz.dashboard.worker import TrainingWorker, make_trainer
->>> t = make_trainer("mlp", "fp32", run_dir="runs/doc-worker")     # doctest: +SKIP
+>>> t = make_trainer("mlp", "fp32", runs_root="runs", run_name="doc-worker")  # doctest: +SKIP
 >>> w = TrainingWorker([t], max_steps=20); w.start(); w.join()      # doctest: +SKIP
 >>> w.state, w.rounds                                               # doctest: +SKIP
 ('done', 20)
@@ -74,15 +74,26 @@ class _TorchThread:
 torch_thread = _TorchThread()
 
 
-def make_trainer(task: str, precision: str, run_dir: str, batch_size: int | None = None,
-                 lr: float | None = None, seed: int = 0, every: int = 10,
-                 policy: dict[str, str] | None = None, meta: dict[str, Any] | None = None) -> Any:
-    """A recording `mpviz.demos.Trainer` (imported here: the dashboard never imports torch)."""
-    from mpviz.demos import Trainer
+def make_trainer(task: str | None, precision: str, run_dir: str | None = None,
+                 batch_size: int | None = None, lr: float | None = None, seed: int = 0,
+                 every: int = 10, policy: dict[str, str] | None = None,
+                 meta: dict[str, Any] | None = None, *, parts: dict[str, Any] | None = None,
+                 runs_root: str | None = None, run_name: str | None = None, **amp: Any) -> Any:
+    """A recording `mpviz.demos.Trainer` (imported here: the dashboard never imports torch).
 
-    return Trainer(task=task, precision=precision, batch_size=batch_size, lr=lr, seed=seed,
-                   run_dir=run_dir, every=every, policy=policy or None, record=True,
-                   meta={"source": "mpviz.dashboard", **(meta or {})})
+    A demo ``task``, or your ``parts`` (model, optimizer, loss_fn or train_step, data, and
+    optionally scaler, eval_fn, eval_data). Without ``run_dir``, a new directory
+    ``runs_root/run_name`` (``-2``, ``-3``... when taken) is claimed atomically. ``amp``:
+    grad_scaler, init_scale, growth_interval (with loss_fn)."""
+    from mpviz.demos import Trainer, demo_parts
+
+    if parts is None:
+        parts = demo_parts(task or "digits", seed, batch_size, lr)
+    parts = dict(parts)
+    info = parts.pop("meta", None) or {}
+    return Trainer(precision=precision, seed=seed, run_dir=run_dir, runs_root=runs_root,
+                   run_name=run_name, every=every, policy=policy or None, record=True,
+                   meta={"source": "mpviz.dashboard", **info, **(meta or {})}, **parts, **amp)
 
 
 class TrainingWorker:
@@ -94,7 +105,7 @@ class TrainingWorker:
     def __init__(self, trainers: Sequence[Any], max_steps: int = 1000, max_seconds: float = 600.0,
                  on_tick: Callable[["TrainingWorker"], None] | None = None,
                  on_done: Callable[["TrainingWorker"], None] | None = None,
-                 tick_s: float = 0.25, pause_at: int | None = None) -> None:
+                 tick_s: float = 0.25, pause_at: int | None = None, eval_every: int = 0) -> None:
         if max_steps < 1 or max_seconds <= 0:
             raise ValueError(f"max_steps must be >= 1 and max_seconds > 0, got {max_steps}, {max_seconds}")
         if pause_at is not None and pause_at < 1:
@@ -104,6 +115,7 @@ class TrainingWorker:
         self.max_seconds = float(max_seconds)
         self.on_tick, self.on_done, self.tick_s = on_tick, on_done, tick_s
         self.pause_at = pause_at  # pause by itself when this many steps are done
+        self.eval_every = int(eval_every)  # trainer.run_eval() every N rounds (0: never)
         self.state = IDLE
         self.reason = ""          # why the thread ended: "step limit", "time limit", "stopped", error
         self.rounds = 0           # steps done by each trainer
@@ -180,9 +192,14 @@ class TrainingWorker:
                     # Paused: the time limit keeps running, so an abandoned tab still ends.
                     self._resume.wait(0.25)
                     continue
+                # A race: every lane trains on the same batch, drawn once from the first.
+                batch = self.trainers[0].next_batch() if len(self.trainers) > 1 else None
                 for t in self.trainers:
-                    t.step()
+                    t.step(batch)
                 self.rounds += 1
+                if self.eval_every and self.rounds % self.eval_every == 0:
+                    for t in self.trainers:
+                        t.run_eval()
                 if self.rounds == self.pause_at:
                     self.pause()
                     next_tick = 0.0   # draw the paused state now
