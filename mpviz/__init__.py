@@ -26,6 +26,9 @@ _EXPORTS = {
     "explain_policy": "mpviz.precision",
     "evaluate": "mpviz.evaluation",
     "memory_report": "mpviz.evaluation",
+    "steer": "mpviz.mailbox",
+    "steer_status": "mpviz.mailbox",
+    "SteerError": "mpviz.mailbox",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

@@ -192,6 +192,15 @@ class Run:
         return self.query("SELECT p.step, l.layer, p.precision, p.rule FROM policy_changes p "
                           "JOIN layers l ON l.idx = p.layer_idx ORDER BY p.step, p.rowid")
 
+    @property
+    def steer_requests(self) -> pd.DataFrame:
+        """Precision changes other processes asked for (:func:`mpviz.steer`): ``id, time, rules,
+        status`` (pending / applied / refused), ``step`` (applied: the first step run with it),
+        ``reason`` (why it was refused). Empty for a run nobody steered."""
+        from .mailbox import steer_requests
+
+        return steer_requests(self.run_dir)
+
     def close(self) -> None:
         with self._lock:
             self._con.close()

@@ -102,6 +102,9 @@ class Recorder:
         policy: an :class:`mpviz.PrecisionPolicy` (or its rules dict) to apply while recording;
             its changes are recorded in ``run.policy_changes``.
         meta: extra JSON-able facts stored in ``run.meta``.
+        steerable: accept precision changes from other processes through the run directory
+            (:func:`mpviz.steer`), checked and applied at step boundaries (see
+            :mod:`mpviz.mailbox`); without ``policy``, an empty one is applied to carry them.
         resume: continue the run already in ``run_dir`` (a job restarted from a checkpoint):
             rows it holds for steps >= ``start_step`` are dropped, and ``run.meta["resumed"]``
             says how many. Without a run there, a new one is started. Without ``resume``, a
@@ -116,7 +119,7 @@ class Recorder:
                  scaler: Any = None, run_dir: str | os.PathLike | None = None, every: int = 10,
                  policy: Any = None, name: str | None = None, flush_every_s: float = 2.0,
                  meta: dict[str, Any] | None = None, resume: bool = False,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, steerable: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Recorder needs an nn.Module, got {type(model).__name__}")
         if int(every) < 1:
@@ -133,7 +136,9 @@ class Recorder:
         self.flush_every_s = flush_every_s
         self.name = name or type(model).__name__
         self._extra_meta = dict(meta or {})
-        self._policy_arg = policy
+        self._policy_arg = {} if steerable and policy is None else policy
+        self.steerable = bool(steerable)
+        self._steering: Any = None  # recording.steering.Steering while attached
         if run_dir is None:
             run_dir = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(run_dir)
@@ -209,7 +214,8 @@ class Recorder:
             "optimizer": type(self.optimizer).__name__ if self.optimizer else None,
             "every": self.every, "start_time": time.time(), "end_time": None, "status": "running",
             "host": socket.gethostname(), "pid": os.getpid(), "python": platform.python_version(),
-            "rank": self.rank, "world_size": self.world_size, **self._extra_meta,
+            "rank": self.rank, "world_size": self.world_size, "steerable": self.steerable,
+            **self._extra_meta,
         }
         self._writer = RunWriter(db_path(self.run_dir, self.rank), meta, layers,
                                  flush_every_s=self.flush_every_s,
@@ -243,6 +249,15 @@ class Recorder:
             self.policy = apply_policy(model, policy, device_type=self.device.type)
             undo.callback(self._drop_policy)
             self.policy.add_listener(self._contained("policy", self._on_policy_change))
+        if self.steerable:
+            from .steering import Steering
+
+            if self.world_size > 1:
+                raise ValueError("steerable=True is for single-process jobs: in a distributed "
+                                 "job each rank would pick a request up at a different step. "
+                                 "Use Recorder(..., steerable=False) with torch.distributed.")
+            self._steering = Steering(self.run_dir, self.policy)
+            self._steer_poll = self._contained("steering", self._steering.poll)
 
     def _drop_policy(self) -> None:
         if self.policy is not None:
@@ -268,6 +283,8 @@ class Recorder:
             h.remove()
         self._handles.clear()
         self._watch.remove()
+        if self._steering is not None:
+            self._contained("steering", self._steering.close)(self._state.index)
         self._drop_policy()
         self._state = None  # type: ignore[assignment]
         self._grads.views = {}
@@ -531,6 +548,8 @@ class Recorder:
             self._grads.found_inf.zero_()
         self._new_state(s.index + 1)
         self._watch.end_step(self._state.stats_step)
+        if self._steering is not None:
+            self._steer_poll(self._state.index)  # requests from mpviz.steer, applied from here
         return s.index
 
 
