@@ -400,23 +400,23 @@ def copy_model(model: nn.Module) -> nn.Module:
 
 
 def copy_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, copy_of: nn.Module) -> torch.optim.Optimizer:
-    """An optimizer of ``optimizer``'s class over ``copy_of``'s parameters, with the same param
-    groups (hyper-parameters included) and a deep copy of its state (Adam's moments...)."""
+    """A deep copy of ``optimizer`` that updates ``copy_of``'s parameters: same class, param
+    groups and hyper-parameters, and a copy of its state (Adam's moments...); no step hooks."""
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     params = dict(copy_of.named_parameters(remove_duplicate=False))
-    groups = []
-    for g in optimizer.param_groups:
-        missing = [p for p in g["params"] if id(p) not in names]
-        if missing:
-            raise ValueError(f"the optimizer updates {len(missing)} tensor(s) that are not parameters "
-                             "of the model, so a copy of the model cannot take them: build the "
-                             "optimizer over model.parameters()")
-        groups.append({**{k: v for k, v in g.items() if k not in ("params", "param_names")},
-                       "params": [params[names[id(p)]] for p in g["params"]]})
-    new = type(optimizer)(groups, **optimizer.defaults)
-    # load_state_dict may keep the very tensors it is given: copy them, or both would train.
-    new.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-    return new
+    missing = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in names]
+    if missing:
+        raise ValueError(f"the optimizer updates {len(missing)} tensor(s) that are not parameters "
+                         "of the model, so a copy of the model cannot take them: build the "
+                         "optimizer over model.parameters()")
+    # deepcopy maps each parameter to the copy's (state is keyed by parameter), copies the
+    # state tensors, and leaves out the step hooks a recorder put on the optimizer.
+    memo: dict[int, Any] = {pid: params[n] for pid, n in names.items()}
+    for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
+        d = getattr(optimizer, name, None)
+        if isinstance(d, dict):
+            memo[id(d)] = type(d)()
+    return copy.deepcopy(optimizer, memo)
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -583,6 +583,7 @@ class Trainer:
                 stem = run_name or (f"{info.get('task') or type(model).__name__}-{info['precision']}-"
                                     f"{time.strftime('%Y%m%d-%H%M%S')}")
                 run_dir = new_run_dir(runs_root if runs_root is not None else "runs", stem)
+            info.setdefault("amp", self.amp_settings())
             self.recorder = mpviz.Recorder(self.model, optimizer=self.optimizer, scaler=self.scaler,
                                            run_dir=run_dir, every=every, policy=pol, meta=info)
             try:
@@ -615,9 +616,11 @@ class Trainer:
         from mpviz.compat import scaler_settings
 
         s = scaler_settings(self.scaler) or {"enabled": False}
+        # torch's GradScaler has no get_init_scale(): read the attribute it keeps.
+        init = s.get("init_scale", getattr(self.scaler, "_init_scale", None)) if s["enabled"] else None
         return {"owner": "lab" if self.owns_step else "train_step",
                 "autocast": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self._autocast_dtype),
-                "grad_scaler": bool(s["enabled"]), "init_scale": s.get("init_scale"),
+                "grad_scaler": bool(s["enabled"]), "init_scale": None if init is None else float(init),
                 "growth_interval": s.get("growth_interval")}
 
     # ------------------------------------------------------------------ stepping

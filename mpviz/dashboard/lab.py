@@ -217,6 +217,7 @@ class Lab(ui.App):
 
     def _new_trainer(self, precision: str, policy: dict[str, str] | None, tag: str) -> Any:
         """The session's main trainer, in a run directory of its own (claimed atomically)."""
+        precision = precision if self.owns_step else "fp32"   # a train_step brings its autocast
         t = torch_thread.call(make_trainer, None if self._parts else self.task.value, precision,
                               parts=self._parts, runs_root=str(self.runs_dir),
                               run_name=self._run_name(tag),
@@ -352,6 +353,8 @@ class Lab(ui.App):
 
     def _on_precision(self, change: dict) -> None:
         """A new autocast dtype: the GradScaler follows (on for fp16), then one reset."""
+        if self._syncing or not self.owns_step:
+            return    # with a train_step the menu only shows the autocast it recorded
         if self.owns_step:
             self._syncing = True
             try:
