@@ -307,3 +307,32 @@ def test_two_labs_opened_in_the_same_second_both_train(dash_runs):
     finally:
         for lab in labs:
             lab.close()
+
+
+def test_your_model_lab_notebook_runs_in_a_jupyter_kernel(tmp_path, monkeypatch):
+    """tests/lab_models.ipynb (what Voila serves in test_browser_lab_models.py), run headless by
+    nbclient in a real Jupyter kernel, as JupyterLab runs it; one more cell trains the lab."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("MPVIZ_RUNS_DIR", str(tmp_path))
+    path = Path(__file__).with_name("lab_models.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(
+        "lab = _\n"
+        "lab.start(max_steps=6)\n"
+        "lab.worker.join(300)\n"
+        "assert lab.worker.state == 'done' and lab.worker.rounds == 6, lab.worker.reason\n"
+        "print('trained', lab.trainers[0].recorder.run_dir)"))
+    client = NotebookClient(nb, timeout=300, kernel_name="python3", store_widget_state=False,
+                            resources={"metadata": {"path": str(path.parent)}})
+    client.execute()   # raises CellExecutionError on any failing cell
+    shown = [o for o in nb.cells[0].outputs
+             if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert shown, nb.cells[0].outputs
+    printed = "".join(o.get("text", "") for o in nb.cells[1].outputs if o.output_type == "stream")
+    run_dir = Path(printed.split("trained ", 1)[1].strip())
+    assert run_dir.parent == tmp_path and "BertForSequenceClassification" in run_dir.name
+    run = mpviz.load_run(run_dir)
+    assert len(run.steps) == 6 and run.meta["status"] == "finished"
+    run.close()

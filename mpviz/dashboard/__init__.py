@@ -5,10 +5,13 @@ call these functions (the last line of a cell displays the app):
 
 >>> from mpviz.dashboard import lab_app, explorer_app, compare_app
 >>> lab_app(runs_dir="../runs")              # doctest: +SKIP
+>>> lab_app(model=model, optimizer=opt, data=loader,              # your model  # doctest: +SKIP
+...         loss_fn=lambda model, batch: model(**batch).loss)
 >>> explorer_app(runs_dir="../runs")         # doctest: +SKIP
 >>> compare_app(runs_dir="../runs")          # doctest: +SKIP
 
-Nothing here imports torch: the lab's worker imports `mpviz.demos` lazily when it trains.
+Nothing here imports torch: the lab's worker imports `mpviz.demos` (the `Trainer` that steps a
+demo task or your model) lazily, on its torch thread.
 """
 
 from .compare import Compare, compare_app

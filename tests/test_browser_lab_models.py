@@ -1,0 +1,53 @@
+"""The lab with a user's own model in a real browser: `tests/lab_models.ipynb` builds a Hugging
+Face BERT from a config and calls `lab_app(model=..., optimizer=..., loss_fn=..., data=...)`;
+Voila serves it and Chromium drives it (harness and fixtures from test_browser.py).
+"""
+
+from __future__ import annotations
+
+import mpviz
+
+from test_browser import Page, _fill, browser, shots, voila  # noqa: F401  (fixtures)
+
+
+def test_lab_trains_your_model_and_shows_a_layer_toggle(browser, shots, tmp_path):  # noqa: F811
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    pause_at, max_steps = 10, 30
+    with voila("../tests/lab_models.ipynb", runs) as url:
+        p = Page(browser, url, shots)
+        page = p.page
+        page.wait_for_selector(".mpviz-lab", timeout=180_000)
+        assert "BertForSequenceClassification" in page.locator(".mpviz-task").inner_text()
+        p.wait(lambda: p.trace_len("loss:0") == 0, what="the empty loss plot")
+        _fill(page, ".mpviz-max-steps", max_steps)
+        _fill(page, ".mpviz-pause-at", pause_at)
+        page.get_by_role("button", name="Start").click()
+        status = page.locator(".mpviz-status")
+
+        p.wait(lambda: "paused" in status.inner_text(), what="the lab to pause by itself")
+        p.wait(lambda: p.trace_len("loss:0") == pause_at, what="the loss curve up to the pause")
+
+        row = page.locator(".mpviz-layer-row", has_text="classifier")
+        row.locator("select").select_option("bf16")
+        p.wait(lambda: "classifier → bf16 from the next step" in status.inner_text(), what="the toggle's note")
+        page.locator(".mpviz-pause").click()   # Resume
+        p.wait(lambda: "bf16" in row.locator(".mpviz-cell").inner_text(), what="classifier's precision cell")
+        p.wait(lambda: any("classifier → bf16" in h for h in (p.trace("marks:0") or {}).get("hovertext", [])),
+               what="the precision-change marker on the loss curve")
+        p.wait(lambda: "done" in status.inner_text() and p.trace_len("loss:0") == max_steps,
+               what="the step limit")
+
+        run_dir = next(runs.glob("lab-*BertForSequenceClassification*"))
+        run = mpviz.load_run(run_dir)
+        changes = run.policy_changes
+        cls = changes[(changes["layer"] == "classifier") & (changes["precision"] == "bf16")]
+        assert cls["step"].tolist() == [pause_at]
+        assert len(run.steps) == max_steps
+        run.close()
+        page.wait_for_timeout(500)
+        p.shoot(".mpviz-lab", "lab-your-model.png")
+        p.no_python_errors_shown()
+        assert not p.our_errors(), p.our_errors()
+        p.offline_ok()
+        page.close()
