@@ -75,7 +75,7 @@ class Explorer(ui.App):
         self.widget = widgets.VBox([
             ui.title("mpviz run explorer", "open a run, finished or still training"),
             widgets.HBox([self.picker, self.rescan_btn, self.follow]),
-            self.info, self.meta, self.range, self.fig.widget,
+            self.info, self.meta, self.range, self.fig.view,
             widgets.HBox([widgets.VBox([self.layer, self.drill], layout=widgets.Layout(width="60%")),
                           widgets.VBox([self.overflows], layout=widgets.Layout(width="40%"))]),
         ])

@@ -1,7 +1,14 @@
 """Figures of the apps: built once, then updated in place under a lock with `batch_update()`.
 
-One `FigureWidget` per app (each one ships plotly's ~5 MB bundle to the page); extra static
-charts are plain `go.Figure`s put into an `Output` with `show_static` (~20 kB each).
+One `FigureWidget` per app (each one ships plotly's ~5 MB bundle to the page). The run figure's
+live lines (loss, samples/s, loss scale) are that widget; its heatmaps (dtype map, gradient
+norms) are a static `go.Figure` in an `Output` (`show_static`, ~20 B per cell), re-sent only when
+their data changed. A restyle makes plotly.js recompute and redraw every trace of its figure, so
+heatmaps inside the live widget would be re-rendered on every redraw of the lines.
+
+What one update of the lines costs is bounded by the number of points the caller gives
+(`queries.snapshot(max_points=...)`): x and samples/s travel as float32 (4 B/point), the loss
+and its log2 scale as float64; traces whose data did not change are not sent.
 
 >>> from mpviz.dashboard.plots import RunFigure
 >>> fig = RunFigure(n_slots=2)
@@ -13,8 +20,10 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from copy import deepcopy
 
+import ipywidgets as widgets
 import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
@@ -23,7 +32,8 @@ from plotly.subplots import make_subplots
 from . import queries
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
-SLOT_TRACES = ("loss", "marks", "speed", "scale", "skips")
+SLOT_TRACES = ("loss", "marks", "speed", "scale", "skips", "nonfinite")
+SPEED_WINDOW = 9   # samples/s is drawn as a trailing rolling median over this many points
 # Discrete colours of the dtype map: fp32, bf16, fp16, fp8 e4m3, fp8 e5m2, other.
 DTYPE_COLORSCALE = [
     [0.0, "#c6dbef"], [0.1666, "#c6dbef"],
@@ -36,8 +46,13 @@ DTYPE_COLORSCALE = [
 
 
 def _arr(values) -> np.ndarray:
-    # 1-D float arrays travel as binary buffers (4-8 B/point) instead of JSON lists.
+    # 1-D float arrays travel as binary buffers (8 B/point) instead of JSON lists.
     return np.asarray(values, dtype=float)
+
+
+def _arr32(values) -> np.ndarray:
+    # Steps (exact up to 2**24) and samples/s need no more than float32: 4 B/point.
+    return np.asarray(values, dtype=np.float32)
 
 
 def _log2(values) -> np.ndarray:
@@ -56,6 +71,49 @@ def _at(x_src: np.ndarray, y_src: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.interp(x, x_src[ok], y_src[ok])
 
 
+def rolling_median(values, window: int = SPEED_WINDOW) -> np.ndarray:
+    """Trailing median over the last `window` values, NaNs ignored (the first values use what
+    there is; all-NaN windows give NaN) -- pandas' `rolling(window, min_periods=1).median()`.
+
+    >>> rolling_median([10, 10, 1, 10, 10], 3).tolist()
+    [10.0, 10.0, 10.0, 10.0, 10.0]
+    """
+    v = _arr(values)
+    if len(v) == 0:
+        return v
+    padded = np.concatenate([np.full(window - 1, np.nan), v])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, window)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN windows: NaN, as wanted
+        return np.nanmedian(windows, axis=1)
+
+
+def nonfinite_marks(x: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """The points of a loss curve whose loss is nan or inf (`queries.step_view` turns both into
+    NaN), with hover texts. A point that averages a bucket of steps is non-finite when its
+    steps' losses were all nan or one was inf: the text names the bucket's steps."""
+    bad = ~np.isfinite(loss)
+    where = np.flatnonzero(bad)
+    texts = []
+    for i in where:
+        first = int(x[i])
+        last = int(x[i + 1]) - 1 if i + 1 < len(x) else first
+        texts.append(f"loss = nan/inf at step {first}" if last <= first
+                     else f"loss = nan/inf at steps {first}–{last}")
+    return x[where], texts
+
+
+def _assign(trace, **props) -> None:
+    """Set trace properties, skipping arrays equal to what the trace has (NaN == NaN), so an
+    unchanged trace sends nothing (plotly's own check counts NaN as a change)."""
+    for name, value in props.items():
+        old = trace[name]
+        if (isinstance(value, np.ndarray) and old is not None and np.shape(old) == value.shape
+                and np.array_equal(np.asarray(old, dtype=float), value, equal_nan=True)):
+            continue
+        trace[name] = value
+
+
 def sync_figure_state(fig: go.FigureWidget, lock: threading.RLock) -> None:
     """Copy a FigureWidget's current traces and layout into its synced state.
 
@@ -69,19 +127,28 @@ def sync_figure_state(fig: go.FigureWidget, lock: threading.RLock) -> None:
 
 
 class RunFigure:
-    """Loss, samples/s, loss scale (+ skipped steps), dtype map and grad-norm heatmap of up to
-    `n_slots` runs in one FigureWidget. Thread-safe: every mutation holds `self.lock`."""
+    """Loss, samples/s, loss scale (+ skipped steps) of up to `n_slots` runs in one FigureWidget
+    (`widget`), and the dtype map and grad-norm heatmap of the first run in a static figure
+    below it (`detail`, shown in `detail_out`). Put `view` (both) in an app's layout.
+    Thread-safe: every mutation holds `self.lock`.
 
-    def __init__(self, n_slots: int = 1, height: int = 900, width: int | None = None) -> None:
+    `max_heat_cells`: the heatmap's columns are merged (max) until it has at most this many
+    cells, so one update of it stays small (~20 B per cell as JSON)."""
+
+    def __init__(self, n_slots: int = 1, height: int = 900, width: int | None = None,
+                 max_heat_cells: int = queries.MAX_HEATMAP_CELLS) -> None:
         self.n_slots = n_slots
+        self.width = width
+        self.max_heat_cells = max_heat_cells
         self.lock = threading.RLock()
+        self._detail_height = max(260, round(height * 0.4))
+        self._range: list[int] | None = None
         base = make_subplots(
-            rows=3, cols=2,
-            specs=[[{}, {}], [{}, {}], [{"colspan": 2}, None]],
-            subplot_titles=("loss (★ = precision change)", "samples/s",
-                            "log2 loss scale (× = skipped step, hover: culprit layer)",
-                            "dtype map (blue fp32, orange bf16, red fp16, purple fp8)", "gradient norm, log2 (layers × steps)"),
-            vertical_spacing=0.08, horizontal_spacing=0.12, row_heights=[0.32, 0.32, 0.36],
+            rows=2, cols=2, specs=[[{"colspan": 2}, None], [{}, {}]],
+            subplot_titles=("loss (★ = precision change, × on top = loss nan/inf)",
+                            f"samples/s (median of {SPEED_WINDOW} points; hover: raw)",
+                            "log2 loss scale (× = skipped step, hover: culprit layer)"),
+            vertical_spacing=0.14, horizontal_spacing=0.12, row_heights=[0.55, 0.45],
         )
         for slot in range(n_slots):
             c = COLORS[slot % len(COLORS)]
@@ -94,39 +161,63 @@ class RunFigure:
                                       legendgroup=str(slot), showlegend=False, visible=show), 1, 1)
             base.add_trace(go.Scatter(x=[], y=[], mode="lines", name="samples/s", meta=f"speed:{slot}",
                                       line=dict(color=c), legendgroup=str(slot), showlegend=False,
-                                      visible=show), 1, 2)
+                                      hovertemplate=(f"step %{{x}}<br>%{{y:.0f}} samples/s (median of {SPEED_WINDOW})"
+                                                     "<br>raw: %{customdata:.0f}<extra></extra>"),
+                                      visible=show), 2, 1)
             base.add_trace(go.Scatter(x=[], y=[], mode="lines", name="loss scale", meta=f"scale:{slot}",
                                       line=dict(color=c, shape="hv"), legendgroup=str(slot),
-                                      showlegend=False, visible=show), 2, 1)
+                                      showlegend=False, visible=show), 2, 2)
             base.add_trace(go.Scatter(x=[], y=[], mode="markers", name="skipped", meta=f"skips:{slot}",
                                       hovertemplate="skipped step %{x}<br>%{hovertext}<extra></extra>",
                                       marker=dict(symbol="x", size=9, color=c), legendgroup=str(slot),
-                                      showlegend=False, visible=show), 2, 1)
-        base.add_trace(go.Heatmap(z=[[None] * 4], x=list(queries.DTYPE_KINDS), y=[""], meta="dtypes",
-                                  colorscale=DTYPE_COLORSCALE, zmin=-0.5, zmax=5.5, showscale=False,
-                                  texttemplate="%{text}", text=[[""] * 4], textfont=dict(size=10),
-                                  hovertemplate="%{y} %{x}: %{text}<extra></extra>"), 2, 2)
-        base.add_trace(go.Heatmap(z=[[None]], x=[0], y=[""], meta="grads", colorscale="Viridis",
-                                  colorbar=dict(title="log2", len=0.33, y=0.16),
-                                  hovertemplate="%{y}<br>step %{x}<br>log2 |g| = %{z:.2f}<extra></extra>"),
-                       3, 1)
-        # Axis types are guessed once, from the first data; the placeholders would make the dtype
-        # map's axes numeric (and its later string labels NaN), so fix them up front.
-        base.update_xaxes(type="category", row=2, col=2)
-        base.update_yaxes(type="category", autorange="reversed", row=2, col=2)  # first layer on top
-        base.update_yaxes(type="category", autorange="reversed", row=3, col=1)
-        base.update_layout(height=height, width=width, margin=dict(l=60, r=20, t=40, b=40),
-                           legend=dict(orientation="h", y=1.06), uirevision="keep")
+                                      showlegend=False, visible=show), 2, 2)
+            # Non-finite losses: × along the top of the loss plot (a hidden [0, 1] axis overlaid
+            # on the loss axis), so a run that is NaN from its first step does not look empty.
+            base.add_trace(go.Scatter(x=[], y=[], mode="markers", name="loss nan/inf",
+                                      meta=f"nonfinite:{slot}", xaxis="x", yaxis="y4",
+                                      hovertemplate="%{hovertext}<extra></extra>",
+                                      marker=dict(symbol="x", size=9, color=c, line=dict(width=1)),
+                                      legendgroup=str(slot), showlegend=False, visible=show))
+        base.update_layout(yaxis4=dict(overlaying="y", range=[0, 1], visible=False, fixedrange=True),
+                           height=round(height * 0.6), width=width,
+                           margin=dict(l=60, r=20, t=40, b=40),
+                           legend=dict(orientation="h", y=1.1), uirevision="keep")
         self.widget = go.FigureWidget(base)
         self._index = {t.meta: i for i, t in enumerate(self.widget.data)}
+
+        self.detail = make_subplots(
+            rows=1, cols=2, column_widths=[0.28, 0.72], horizontal_spacing=0.16,
+            subplot_titles=("dtype map (blue fp32, orange bf16, red fp16, purple fp8)",
+                            "gradient norm, log2 (layers × steps)"))
+        self.detail.add_trace(go.Heatmap(z=[[None] * 4], x=list(queries.DTYPE_KINDS), y=[""], meta="dtypes",
+                                         colorscale=DTYPE_COLORSCALE, zmin=-0.5, zmax=5.5, showscale=False,
+                                         texttemplate="%{text}", text=[[""] * 4], textfont=dict(size=10),
+                                         hovertemplate="%{y} %{x}: %{text}<extra></extra>"), 1, 1)
+        self.detail.add_trace(go.Heatmap(z=[[None]], x=[0], y=[""], meta="grads", colorscale="Viridis",
+                                         colorbar=dict(title="log2"),
+                                         hovertemplate="%{y}<br>step %{x}<br>log2 |g| = %{z:.2f}<extra></extra>"),
+                              1, 2)
+        # The dtype map's placeholders would make its axes numeric: fix the types up front.
+        self.detail.update_xaxes(type="category", row=1, col=1)
+        self.detail.update_yaxes(type="category", autorange="reversed")  # first layer on top
+        self.detail.update_layout(height=self._detail_height, width=width,
+                                  margin=dict(l=60, r=20, t=40, b=40))
+        self._detail_index = {t.meta: i for i, t in enumerate(self.detail.data)}
+        self._detail_sent: str | None = None
+        self.detail_out = widgets.Output()
+        self.detail_out.add_class("mpviz-detail")
+        self.view = widgets.VBox([self.widget, self.detail_out])
+        self._show_detail()
 
     def sync(self) -> None:
         """See `sync_figure_state` (call before the figure is displayed)."""
         sync_figure_state(self.widget, self.lock)
 
     def trace(self, name: str, slot: int | None = None):
-        """The trace with meta `name:slot` (or `name` for the shared heatmaps)."""
-        return self.widget.data[self._index[name if slot is None else f"{name}:{slot}"]]
+        """The trace with meta `name:slot`, or `name` for the heatmaps ("dtypes", "grads")."""
+        if slot is None:
+            return self.detail.data[self._detail_index[name]]
+        return self.widget.data[self._index[f"{name}:{slot}"]]
 
     def set_labels(self, labels: list[str]) -> None:
         """Name the slots (legend) and hide the unused ones."""
@@ -152,14 +243,14 @@ class RunFigure:
                heat: queries.Heatmap | None = None) -> None:
         """Show one run's views (DataFrames from `queries`) in `slot`; dtypes/heat if given."""
         x = _arr(steps["step"])
+        x32 = _arr32(x)
         loss = _arr(steps["loss"])
+        speed = _arr32(steps["samples_per_s"])
+        bad_x, bad_text = nonfinite_marks(x, loss)
         with self.lock, self.widget.batch_update():
-            t = self.trace("loss", slot)
-            t.x, t.y = x, loss
-            t = self.trace("speed", slot)
-            t.x, t.y = x, _arr(steps["samples_per_s"])
-            t = self.trace("scale", slot)
-            t.x, t.y = x, _log2(steps["loss_scale"])
+            _assign(self.trace("loss", slot), x=x32, y=loss)
+            _assign(self.trace("speed", slot), x=x32, y=_arr32(rolling_median(speed)), customdata=speed)
+            _assign(self.trace("scale", slot), x=x32, y=_log2(steps["loss_scale"]))
             t = self.trace("skips", slot)
             t.x, t.y = _arr(skipped["step"]), _log2(skipped["loss_scale"])
             t.hovertext = list(skipped["culprit"])
@@ -167,6 +258,9 @@ class RunFigure:
             t = self.trace("marks", slot)
             t.x, t.y = mx, _at(x, loss, mx)
             t.hovertext = list(marks["text"])
+            t = self.trace("nonfinite", slot)
+            t.x, t.y = _arr32(bad_x), np.full(len(bad_x), 0.97 - 0.04 * slot, dtype=np.float32)
+            t.hovertext = bad_text
             if dtypes is not None or heat is not None:
                 self._set_heatmaps(dtypes, heat)
 
@@ -174,10 +268,13 @@ class RunFigure:
         """Zoom the step axes to [lo, hi] (None: autorange)."""
         rng = None if lo is None or hi is None else [lo, max(hi, lo + 1)]
         with self.lock, self.widget.batch_update():
-            for ax in ("xaxis", "xaxis2", "xaxis3", "xaxis5"):
+            for ax in ("xaxis", "xaxis2", "xaxis3"):
                 axis = self.widget.layout[ax]
                 axis.range = rng
                 axis.autorange = rng is None
+            self.detail.layout.xaxis2.range = rng
+            self.detail.layout.xaxis2.autorange = rng is None
+            self._show_detail()
 
     def _set_heatmaps(self, dtypes: queries.DtypeMap | None, heat: queries.Heatmap | None) -> None:
         if dtypes is not None:
@@ -193,10 +290,41 @@ class RunFigure:
         if heat is not None:
             t = self.trace("grads")
             if heat.layers:
-                z = np.where(np.isfinite(heat.z), np.round(heat.z, 2), None).tolist()
-                t.z, t.x, t.y = z, heat.steps.tolist(), heat.layers
+                steps, zz = cap_columns(heat.steps, heat.z, self.max_heat_cells)
+                z = np.where(np.isfinite(zz), np.round(zz, 2), None).tolist()
+                t.z, t.x, t.y = z, steps.tolist(), heat.layers
             else:
                 t.z, t.x, t.y = [[None]], [0], [""]
+        n_rows = max(len(self.trace("dtypes").y), len(self.trace("grads").y))
+        self.detail.layout.height = max(self._detail_height, min(900, 80 + 16 * n_rows))
+        self._show_detail()
+
+    def _show_detail(self) -> None:
+        """Send the heatmaps to the page, only if they changed since the last time."""
+        spec = pio.to_json(self.detail, validate=False)
+        if spec != self._detail_sent:
+            self._detail_sent = spec
+            show_static(self.detail_out, self.detail, spec)
+
+
+def cap_columns(steps: np.ndarray, z: np.ndarray, max_cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge neighbouring columns of a layers x steps heatmap (max of each group, its first
+    step) until it has at most `max_cells` cells (at least one column is kept).
+
+    >>> s, z = cap_columns(np.arange(4), np.array([[1., 5., 2., np.nan]]), 2)
+    >>> s.tolist(), z.tolist()
+    ([0, 2], [[5.0, 2.0]])
+    """
+    rows, cols = z.shape
+    keep = max(1, max_cells // max(rows, 1))
+    if cols <= keep:
+        return steps, z
+    k = -(-cols // keep)
+    pad = (-cols) % k
+    zp = np.concatenate([z, np.full((rows, pad), np.nan)], axis=1).reshape(rows, -1, k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN groups stay NaN
+        return np.asarray(steps)[::k], np.nanmax(zp, axis=2)
 
 
 class CompareFigure:
@@ -281,12 +409,13 @@ def layer_history_figure(df, layer: str) -> go.Figure:
     return fig
 
 
-def show_static(out, fig: go.Figure) -> None:
+def show_static(out, fig: go.Figure, spec: str | None = None) -> None:
     """Put a static figure into an ipywidgets Output without `with out:` (safe from threads).
 
     Only plotly's JSON mimetype is sent (~20 kB): the page's plotly extension draws it, and
     nothing depends on the kernel's default renderer.
     """
-    bundle = {"application/vnd.plotly.v1+json": json.loads(pio.to_json(fig, validate=False)),
+    spec = spec if spec is not None else pio.to_json(fig, validate=False)
+    bundle = {"application/vnd.plotly.v1+json": json.loads(spec),
               "text/plain": f"<plotly figure: {len(fig.data)} traces>"}
     out.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)

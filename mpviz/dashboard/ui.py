@@ -103,6 +103,21 @@ def run_label(path: Path, meta: dict | None = None) -> str:
     return " ".join(bits)
 
 
+def wrap_row(main: widgets.Widget, side: widgets.Widget, side_min_px: int = 420,
+             cls: str = "mpviz-row") -> widgets.Box:
+    """`main` (fixed width) and `side` side by side while `side` gets at least `side_min_px`;
+    on a narrower page (JupyterLab with its file browser open) `side` wraps below `main` and
+    takes the full width, instead of being squeezed into a narrow column."""
+    side.layout.flex = f"1 1 {side_min_px}px"
+    side.layout.min_width = f"{side_min_px}px"
+    row = widgets.Box([widgets.Box([main], layout=widgets.Layout(flex="0 1 auto", max_width="100%",
+                                                                 overflow="auto")), side],
+                      layout=widgets.Layout(display="flex", flex_flow="row wrap",
+                                            align_items="flex-start", width="100%"))
+    row.add_class(cls)
+    return row
+
+
 def button(label: str, cls: str, style: str = "", icon: str = "") -> widgets.Button:
     b = widgets.Button(description=label, button_style=style, icon=icon,
                        layout=widgets.Layout(width="auto"))

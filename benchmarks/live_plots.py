@@ -1,0 +1,187 @@
+"""Does watching training slow it? The lab open in a real Chromium vs the same run headless.
+
+In one run of this script, for each code tree (``after``: this checkout; ``before``: another git
+revision's ``mpviz/`` and ``notebooks/``, extracted to a temp folder with ``git archive``):
+
+- ``headless``: a plain process trains the demo task with the same recorder the lab uses
+  (`mpviz.dashboard.worker.make_trainer`, ``every=5``), before and after each lab run;
+- ``lab``: Voila serves ``notebooks/lab.ipynb``, headless Chromium opens it (1500 x 1000 px),
+  picks the precision, sets "max steps" and presses Start; the run is read back when the status
+  says done.
+
+Throughput = samples after the first 20 steps / recorded wall time (the ``steps`` table); the
+ratio is lab / mean(headless before, headless after). Bytes per update: every websocket frame
+the page receives (Playwright ``framereceived``) is timed; frames closer than 80 ms form one
+update (one redraw of the figure, status and tables); an update's step is read off the run's
+``wall_time``. Reported: the median update size while the run was at steps 50-200 and at
+1,000+.
+
+    python benchmarks/live_plots.py                       # this checkout, digits fp32, 3,000 steps
+    python benchmarks/live_plots.py --before HEAD~3       # also another revision, same run
+    python benchmarks/live_plots.py --steps 1500 --task text
+
+Needs Debian's Chromium (/usr/bin/chromium) and Playwright (never `playwright install`).
+Writes a JSON summary to ``--out`` (default: print only).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from test_browser import CHROMIUM, CHROMIUM_ARGS, _fill, voila  # noqa: E402  (the tests' harness)
+
+WARMUP = 20
+GAP_S = 0.08
+
+HEADLESS = """
+import sys, mpviz
+from mpviz.dashboard.worker import make_trainer
+t = make_trainer(sys.argv[1], sys.argv[2], sys.argv[3], every=5, meta={"app": "bench"})
+for _ in range(int(sys.argv[4])):
+    t.step()
+t.close()
+print(mpviz.__file__)
+"""
+
+
+def throughput(run_dir: Path) -> tuple[float, int]:
+    """samples/s over the run after WARMUP steps, and the number of steps."""
+    import mpviz
+
+    run = mpviz.load_run(run_dir)
+    s = run.steps
+    run.close()
+    s = s.sort_values("step")
+    tail = s[s["step"] >= WARMUP]
+    dt = float(tail["wall_time"].iloc[-1] - tail["wall_time"].iloc[0])
+    return float(tail["samples"].iloc[1:].sum()) / dt, len(s)
+
+
+def headless(tree: Path, task: str, precision: str, steps: int, work: Path) -> float:
+    run_dir = work / f"headless-{time.monotonic_ns()}"
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run([sys.executable, "-c", HEADLESS, task, precision, str(run_dir), str(steps)],
+                         env=env, cwd=tree, check=True, capture_output=True, text=True).stdout
+    assert out.strip().startswith(str(tree)), f"imported mpviz from {out!r}, not {tree}"
+    return throughput(run_dir)[0]
+
+
+def lab(browser, tree: Path, task: str, precision: str, steps: int, work: Path) -> dict:
+    runs = work / f"lab-runs-{time.monotonic_ns()}"
+    runs.mkdir()
+    frames: list[tuple[float, int]] = []
+    os.environ["PYTHONPATH"] = str(tree)   # voila() passes os.environ to the server and kernel
+    try:
+        with voila("lab.ipynb", runs) as url:  # the kernel imports mpviz from `tree`
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page.on("websocket", lambda ws: ws.on(
+                "framereceived", lambda p: frames.append((time.time(), len(p)))))
+            page.goto(url, timeout=180_000)
+            page.wait_for_selector(".mpviz-lab", timeout=180_000)
+            for cls, value in ((".mpviz-task", task), (".mpviz-precision", precision)):
+                page.locator(f"{cls} select").select_option(value)
+                page.wait_for_timeout(1500)
+            _fill(page, ".mpviz-max-steps", steps)
+            _fill(page, ".mpviz-pause-at", 0)
+            page.wait_for_timeout(500)
+            page.get_by_role("button", name="Start").click()
+            status = page.locator(".mpviz-status")
+            end = time.monotonic() + 900
+            while "done" not in status.inner_text() and time.monotonic() < end:
+                page.wait_for_timeout(200)
+            page.wait_for_timeout(1000)
+            page.close()
+    finally:
+        os.environ.pop("PYTHONPATH", None)
+    run_dir = max(runs.glob("lab-*"), key=lambda p: p.stat().st_mtime)
+    sps, n = throughput(run_dir)
+    assert n == steps, f"the lab ran {n} steps, not {steps}"
+    import mpviz
+
+    run = mpviz.load_run(run_dir)
+    wall, step = run.steps["wall_time"].to_numpy(), run.steps["step"].to_numpy()
+    run.close()
+    # Group frames into updates; keep those while training.
+    updates: list[tuple[float, int]] = []
+    for t, size in sorted(frames):
+        if updates and t - updates[-1][2] < GAP_S:
+            t0, b, _ = updates[-1]
+            updates[-1] = (t0, b + size, t)
+        else:
+            updates.append((t, size, t))
+    live = [(float(np.interp(t0, wall, step)), b) for t0, b, _ in updates if wall[0] <= t0 <= wall[-1]]
+
+    def median_at(lo: float, hi: float) -> float | None:
+        sizes = [b for s, b in live if lo <= s <= hi]
+        return statistics.median(sizes) if sizes else None
+
+    return {"samples_per_s": sps, "updates": len(live), "bytes_total": sum(b for _, b in live),
+            "bytes_per_update_50_200": median_at(50, 200),
+            "bytes_per_update_1000_plus": median_at(1000, steps),
+            "bytes_per_update_last_500": median_at(steps - 500, steps)}
+
+
+def extract(ref: str, work: Path) -> Path:
+    """`mpviz/` and `notebooks/` of git revision `ref`, in a temp folder."""
+    tree = work / f"tree-{ref.replace('/', '_')}"
+    tree.mkdir()
+    archive = subprocess.run(["git", "archive", ref, "mpviz", "notebooks"], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--task", default="digits")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--before", default=None, help="a git revision to measure too (e.g. HEAD)")
+    ap.add_argument("--out", default=None, help="write the JSON summary here")
+    args = ap.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="mpviz-live-") as tmp, sync_playwright() as p:
+        work = Path(tmp)
+        trees = {"after": ROOT}
+        if args.before:
+            trees = {"before": extract(args.before, work), **trees}
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        for name, tree in trees.items():
+            h0 = headless(tree, args.task, args.precision, args.steps, work)
+            res = lab(browser, tree, args.task, args.precision, args.steps, work)
+            h1 = headless(tree, args.task, args.precision, args.steps, work)
+            res.update(headless_samples_per_s=[h0, h1], ratio=res["samples_per_s"] / ((h0 + h1) / 2),
+                       load_average_1min=os.getloadavg()[0])
+            results[name] = res
+            print(f"{name}: {json.dumps(res)}", flush=True)
+        browser.close()
+    print(f"\n{args.task} {args.precision}, {args.steps} steps")
+    print("| code | lab samples/s | headless samples/s | ratio | bytes/update, steps 50-200 | steps 1000+ "
+          "| load avg |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, r in results.items():
+        fmt = lambda b: "–" if b is None else f"{b / 1000:.1f} kB"  # noqa: E731
+        print(f"| {name} | {r['samples_per_s']:.0f} | {r['headless_samples_per_s'][0]:.0f}, "
+              f"{r['headless_samples_per_s'][1]:.0f} | {r['ratio']:.2f}x | "
+              f"{fmt(r['bytes_per_update_50_200'])} | {fmt(r['bytes_per_update_1000_plus'])} | "
+              f"{r['load_average_1min']:.1f} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"task": args.task, "precision": args.precision,
+                                              "steps": args.steps, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
