@@ -128,8 +128,9 @@ class Lab(ui.App):
                                            value=float(init_scale), description="init scale",
                                            layout=widgets.Layout(width="170px"))
         self.growth_interval = widgets.BoundedIntText(value=int(growth_interval), min=1, max=1_000_000,
-                                                      description="growth interval", style=wide,
-                                                      layout=widgets.Layout(width="200px"))
+                                                      description="growth interval",
+                                                      style={"description_width": "105px"},
+                                                      layout=widgets.Layout(width="230px"))
         self.amp_note = widgets.HTML()
         # Rules by name or glob ("encoder.*.norm*"), kept across sessions.
         self.rule_text = widgets.Text(placeholder="layer or glob, e.g. encoder.*.norm*",
