@@ -187,7 +187,7 @@ class RunFigure:
 
         self.detail = make_subplots(
             rows=1, cols=2, column_widths=[0.28, 0.72], horizontal_spacing=0.16,
-            subplot_titles=("dtype map (blue fp32, orange bf16, red fp16, purple fp8)",
+            subplot_titles=("dtype map: fp32 blue, bf16 orange,<br>fp16 red, fp8 purple",
                             "gradient norm, log2 (layers × steps)"))
         self.detail.add_trace(go.Heatmap(z=[[None] * 4], x=list(queries.DTYPE_KINDS), y=[""], meta="dtypes",
                                          colorscale=DTYPE_COLORSCALE, zmin=-0.5, zmax=5.5, showscale=False,
@@ -201,12 +201,14 @@ class RunFigure:
         self.detail.update_xaxes(type="category", row=1, col=1)
         self.detail.update_yaxes(type="category", autorange="reversed")  # first layer on top
         self.detail.update_layout(height=self._detail_height, width=width,
-                                  margin=dict(l=60, r=20, t=40, b=40))
+                                  margin=dict(l=60, r=20, t=60, b=40))
         self._detail_index = {t.meta: i for i, t in enumerate(self.detail.data)}
         self._detail_sent: str | None = None
         self.detail_out = widgets.Output()
         self.detail_out.add_class("mpviz-detail")
-        self.view = widgets.VBox([self.widget, self.detail_out])
+        # A fixed-width figure keeps its box that wide (a FigureWidget's own box takes the row).
+        self.view = widgets.VBox([self.widget, self.detail_out],
+                                 layout=widgets.Layout(width=f"{width + 10}px" if width else None))
         self._show_detail()
 
     def sync(self) -> None:
