@@ -317,7 +317,7 @@ def test_explorer_follows_a_run_written_by_another_process(dash_runs):
 
 def test_explorer_range_and_drill_down(dash_two_runs):
     _, fp32_dir, _ = dash_two_runs
-    ex = explorer_app(run_dir=fp32_dir, follow=False)
+    ex = explorer_app(run_dir=fp32_dir, runs_dir=fp32_dir.parent, follow=False)
     try:
         assert ex.range.value == (0, 29)
         ex.set_range(10, 20)
@@ -338,7 +338,7 @@ def test_explorer_range_and_drill_down(dash_two_runs):
 # --------------------------------------------------------------------------- compare
 def test_compare_overlays_runs_and_ranks_layer_differences(dash_two_runs):
     root, a, b = dash_two_runs
-    cmp = compare_app(runs=[a, b])
+    cmp = compare_app(runs=[a, b], runs_dir=root)   # the apps open runs only under their root
     try:
         for slot, d in enumerate((a, b)):
             steps = mpviz.load_run(d).steps

@@ -18,7 +18,7 @@ import ipywidgets as widgets
 import numpy as np
 import pandas as pd
 
-from . import queries, ui
+from . import paths, queries, ui
 from .plots import CompareFigure
 
 MAX_RUNS = 6
@@ -64,6 +64,8 @@ class Compare(ui.App):
     def __init__(self, runs: Sequence[str | Path] | None = None, runs_dir: str | Path | None = None) -> None:
         self.runs_dir = ui.runs_root(runs_dir)
         self.opened: dict[str, Any] = {}   # path -> mpviz.Run
+        self.refused: list[str] = []        # `runs` given outside the runs folder
+        self.problems: dict[str, str] = {}  # path -> why it cannot be shown (one message each)
         self.picker = widgets.SelectMultiple(description="runs", rows=6,
                                              layout=widgets.Layout(width="70%"))
         self.picker.add_class("mpviz-compare-picker")
@@ -91,63 +93,106 @@ class Compare(ui.App):
         """Re-list runs under runs_dir; select `select` (default: the newest two)."""
         import mpviz
 
-        paths = [str(p) for p in mpviz.list_runs(self.runs_dir)]
+        found = [str(p) for p in mpviz.list_runs(self.runs_dir)]
+        refused = []
         for p in select or ():
-            if str(p) not in paths:
-                paths.append(str(p))
+            try:
+                paths.confine(self.runs_dir, p)
+            except paths.RunUnavailable as e:  # outside the runs folder: not listed, not opened
+                refused.append(str(e))
+                continue
+            if str(p) not in found:
+                found.append(str(p))
         labels = {}
-        for p in paths:
+        for p in found:
             try:
                 meta = self._run(p).meta
-            except Exception:  # unreadable store: list it so the user sees it, unlabelled
-                meta = {}
+            except (paths.RunUnavailable, *paths.STORE_ERRORS):  # listed, so the user sees it
+                meta = {"precision": "unreadable"}
             labels[p] = ui.run_label(Path(p), meta)
         previous = self.picker.value if keep else ()
-        self.picker.options = [(labels[p], p) for p in paths]
-        chosen = [str(p) for p in select] if select else [p for p in previous if p in paths] or paths[:2]
+        self.picker.options = [(labels[p], p) for p in found]
+        chosen = ([str(p) for p in select if str(p) in found] if select else
+                  [p for p in previous if p in found] or found[:2])
+        self.refused = refused
         if tuple(chosen) == tuple(self.picker.value):
             self.refresh()
         else:
             self.picker.value = tuple(chosen)  # fires refresh
-        if not paths:
-            self.info.value = f"No runs under <code>{html.escape(str(self.runs_dir))}</code> yet."
+        if not found:
+            self.info.value = (f"No runs under <code>{html.escape(str(self.runs_dir))}</code> yet."
+                               + self._problems_html())
 
     def select(self, runs: Sequence[str | Path]) -> None:
         self.rescan(select=runs)
 
     def _run(self, path: str) -> Any:
-        import mpviz
+        """The open run of `path` (confined to the runs folder); `paths.RunUnavailable` if it
+        cannot be shown, also once it was deleted."""
+        run = self.opened.get(path)
+        if run is not None and not run.path.exists():
+            self._forget(path)
+            raise paths.RunUnavailable(f"{Path(path).name} was deleted while open: "
+                                       f"pick other runs or press Refresh")
+        if run is None:
+            run = self.opened[path] = paths.open_run(self.runs_dir, path)
+        return run
 
-        if path not in self.opened:
-            self.opened[path] = mpviz.load_run(path)
-        return self.opened[path]
+    def _forget(self, path: str) -> None:
+        run = self.opened.pop(path, None)
+        if run is not None:
+            run.close()
+
+    def _readable(self) -> list[tuple[str, Any]]:
+        """(path, run) of the selected runs that can be shown; the others go to `problems`."""
+        self.problems = {}
+        out = []
+        for p in list(self.picker.value)[:MAX_RUNS]:
+            try:
+                out.append((p, self._run(p)))
+            except paths.RunUnavailable as e:
+                self.problems[p] = str(e)
+        return out
+
+    def _problems_html(self) -> str:
+        msgs = self.refused + list(self.problems.values())
+        return "".join(f"<div class='mpviz-bad mpviz-problem'>{html.escape(m)}</div>" for m in msgs)
 
     def labels(self) -> dict[str, str]:
-        return {p: ui.run_label(Path(p), self._run(p).meta) for p in self.picker.value}
+        return {p: ui.run_label(Path(p), run.meta) for p, run in self._readable()}
 
     def refresh(self) -> None:
-        """Draw the selected runs."""
-        chosen = list(self.picker.value)[:MAX_RUNS]
-        shown = []
-        for p in chosen:
-            run = self._run(p)
-            snap = queries.snapshot(run, detail=False)
-            shown.append((ui.run_label(Path(p), run.meta), snap.steps, snap.skipped))
+        """Draw the selected runs; each one that cannot be shown gets one message instead."""
+        shown, summaries = [], {}
+        for p, run in self._readable():
+            try:   # all of a run is read before any of it is drawn
+                label = ui.run_label(Path(p), run.meta)
+                snap = queries.snapshot(run, detail=False)
+                summaries[label] = queries.layer_summary(run)
+            except paths.STORE_ERRORS as e:   # corrupt beyond what opening it read
+                self.problems[p] = paths.describe(run.run_dir, e)
+                self._forget(p)
+                continue
+            shown.append((label, snap.steps, snap.skipped))
         self.fig.show(shown)
-        diff = self.differences(top=20)
+        diff = differences(summaries, top=20)
         self.table.value = self._table_html(diff, [label for label, _, _ in shown])
-        if len(chosen) < 2:
-            self.info.value = "Pick two or more runs (ctrl/shift-click)."
-        else:
-            self.info.value = f"{len(chosen)} runs: " + ", ".join(
-                f"{html.escape(label)}: {len(steps)} points" for label, steps, _ in shown)
+        text = f"{len(shown)} runs: " + ", ".join(
+            f"{html.escape(label)}: {len(steps)} points" for label, steps, _ in shown) if shown else ""
+        if len(shown) < 2:
+            text += " Pick two or more runs (ctrl/shift-click)."
+        self.info.value = text.strip() + self._problems_html()
 
     def differences(self, top: int | None = None) -> pd.DataFrame:
-        """The per-layer difference table of the selected runs (see `differences`)."""
+        """The per-layer difference table of the selected runs (see `differences`); runs that
+        cannot be read are left out (and named in `problems`)."""
         summaries = {}
-        for p in list(self.picker.value)[:MAX_RUNS]:
-            run = self._run(p)
-            summaries[ui.run_label(Path(p), run.meta)] = queries.layer_summary(run)
+        for p, run in self._readable():
+            try:
+                summaries[ui.run_label(Path(p), run.meta)] = queries.layer_summary(run)
+            except paths.STORE_ERRORS as e:
+                self.problems[p] = paths.describe(run.run_dir, e)
+                self._forget(p)
         return differences(summaries, top=top)
 
     @staticmethod
