@@ -24,7 +24,6 @@ import ipywidgets as widgets
 
 from . import paths, queries, ui
 from .plots import RunFigure, layer_history_figure, show_static
-from .steer_panel import SteerPanel
 
 DRILL_EVERY_S = 2.0  # the drill-down chart re-renders at most this often while following
 
@@ -67,7 +66,6 @@ class Explorer(ui.App):
         self.meta = widgets.HTML()
         self.fig = RunFigure(n_slots=1)
         self.fig.widget.add_class("mpviz-figure")
-        self.steer = SteerPanel()  # shown for a live run recorded with steerable=True
 
         self.rescan_btn.on_click(lambda _: self.rescan())
         self.picker.observe(self._on_pick, names="value")
@@ -78,7 +76,7 @@ class Explorer(ui.App):
         self.widget = widgets.VBox([
             ui.title("mpviz run explorer", "open a run, finished or still training"),
             widgets.HBox([self.picker, self.rescan_btn, self.follow]),
-            self.info, self.meta, self.range, self.fig.view, self.steer.widget,
+            self.info, self.meta, self.range, self.fig.view,
             widgets.HBox([widgets.VBox([self.layer, self.drill], layout=widgets.Layout(width="60%")),
                           widgets.VBox([self.overflows], layout=widgets.Layout(width="40%"))]),
         ])
@@ -144,7 +142,6 @@ class Explorer(ui.App):
             self.layer.options = [("(pick a layer)", "")] + [
                 (queries.layer_label(n), n) for n in layers["layer"]]
             self.fig.clear()
-            self.steer.show(self.run)
             self._set_slider(0, max(self.last_seen, 0), follow_end=True, reset=True)
             self.refresh(drill=True)
         if self.follow.value:
@@ -206,7 +203,6 @@ class Explorer(ui.App):
             self.fig.clear()
             self.meta.value = self.overflows.value = ""
             self.drill.outputs = ()
-            self.steer.hide()
             self.layer.options = [("(pick a layer)", "")]
             self.info.value = (f"<span class='mpviz-bad mpviz-problem'>{html.escape(str(message))}"
                                f"</span>")
@@ -224,7 +220,6 @@ class Explorer(ui.App):
             self.fig.update(0, snap.steps, snap.skipped, snap.marks, snap.dtypes, snap.heat)
             df, total = queries.overflow_table(run, limit=20)
             self.overflows.value = ui.overflow_html(df, total)
-            self.steer.refresh(run)
             now = time.monotonic()
             if self.layer.value and (drill or now - self._drill_at >= DRILL_EVERY_S):
                 self._drill_at = now
