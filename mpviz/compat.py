@@ -43,6 +43,8 @@ def scaler_settings(scaler: Any) -> dict[str, Any] | None:
         getter = getattr(scaler, f"get_{name}", None)
         if getter is not None:
             out[name] = getter()
+        elif isinstance(getattr(scaler, f"_{name}", None), (int, float)):
+            out[name] = getattr(scaler, f"_{name}")  # torch has no get_init_scale()
     return out
 
 

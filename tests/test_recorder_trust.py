@@ -285,4 +285,7 @@ def test_a_fused_optimizer_step_that_gradscaler_skipped_is_recorded_as_skipped(t
             opt.zero_grad()
             rec.step(loss=loss, samples=len(x))
     assert any(scales)
-    assert mpviz.load_run(tmp_path / "r").steps["skipped"].tolist() == scales
+    run = mpviz.load_run(tmp_path / "r")
+    assert run.steps["skipped"].tolist() == scales
+    assert run.meta["scaler"] == {"enabled": True, "init_scale": 2.0**40, "growth_factor": 2.0,
+                                  "backoff_factor": 0.5, "growth_interval": 2000}
