@@ -160,3 +160,20 @@ def test_cap_columns_merges_neighbours_by_max():
             assert (np.isnan(capped[r, c]) if len(vals) == 0 else capped[r, c] == vals.max())
     same_s, same = cap_columns(steps, z, 10_000)
     assert same is z and same_s is steps
+
+
+def test_compare_smooths_samples_per_s_too(tmp_path):
+    from mpviz.dashboard.plots import CompareFigure
+
+    with _one_thread():
+        run_dir = record_demo(tmp_path / "mlp", task="mlp", steps=30, every=5)
+    run = mpviz.load_run(run_dir)
+    snap = queries.snapshot(run, detail=False)
+    fig = CompareFigure(n_slots=2)
+    fig.show([("a", snap.steps, snap.skipped)])
+    raw = run.steps.sort_values("step")["samples_per_s"].to_numpy(float)
+    t = fig.trace("samples_per_s-step:0")
+    ref = pd.Series(raw).rolling(SPEED_WINDOW, min_periods=1).median().to_numpy()
+    np.testing.assert_allclose(np.asarray(t.y, float), ref, rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(t.customdata, float), raw, rtol=1e-9)
+    run.close()

@@ -339,7 +339,8 @@ class CompareFigure:
         self.n_slots = n_slots
         self.lock = threading.RLock()
         base = make_subplots(rows=2, cols=2, subplot_titles=(
-            "loss vs step", "loss vs wall time (s)", "samples/s", "log2 loss scale (× = skipped)"),
+            "loss vs step", "loss vs wall time (s)", f"samples/s (median of {SPEED_WINDOW} points; hover: raw)",
+            "log2 loss scale (× = skipped)"),
             vertical_spacing=0.12, horizontal_spacing=0.1)
         for slot in range(n_slots):
             c = COLORS[slot % len(COLORS)]
@@ -347,6 +348,9 @@ class CompareFigure:
                 base.add_trace(go.Scatter(x=[], y=[], mode="lines", name=f"run {slot}",
                                           meta=f"{col}-{xkind}:{slot}", line=dict(color=c, shape="hv" if col == "loss_scale" else None),
                                           legendgroup=str(slot), showlegend=(col == "loss" and xkind == "step"),
+                                          hovertemplate=(f"step %{{x}}<br>%{{y:.0f}} samples/s (median of {SPEED_WINDOW})"
+                                                         "<br>raw: %{customdata:.0f}<extra></extra>"
+                                                         if col == "samples_per_s" else None),
                                           visible=False), r, cc)
             base.add_trace(go.Scatter(x=[], y=[], mode="markers", name="skipped", meta=f"skips:{slot}",
                                       marker=dict(symbol="x", size=8, color=c), legendgroup=str(slot),
@@ -382,7 +386,11 @@ class CompareFigure:
                         x = wall - np.nanmin(wall) if len(wall) and np.isfinite(wall).any() else wall
                     else:
                         x = _arr(steps["step"])
-                    t.x, t.y = x, (_log2(steps[col]) if col == "loss_scale" else _arr(steps[col]))
+                    if col == "samples_per_s":   # smoothed like the run figure's, raw on hover
+                        raw = _arr(steps[col])
+                        t.x, t.y, t.customdata = x, rolling_median(raw), raw
+                    else:
+                        t.x, t.y = x, (_log2(steps[col]) if col == "loss_scale" else _arr(steps[col]))
                 t = self.trace(f"skips:{slot}")
                 t.visible = used
                 if used:
