@@ -241,3 +241,51 @@ def test_mailbox_and_run_reading_never_import_torch(tmp_path):
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
                    env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_explorer_panel_steers_a_live_run(dash_runs):
+    """The explorer's menu (no browser: the widgets themselves) on a run this process records."""
+    from mpviz.dashboard import explorer_app
+
+    torch.manual_seed(0)
+    model = make_model()
+    x, y = _batch()
+
+    def step(rec):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return rec.step(loss=loss)
+
+    finished = mpviz.Recorder(make_model(), run_dir=dash_runs / "old")
+    with finished:
+        pass
+    with mpviz.Recorder(model, run_dir=dash_runs / "live", steerable=True, flush_every_s=0.1) as rec:
+        step(rec)
+        ex = explorer_app(run_dir=dash_runs / "live", follow=False)
+        panel = ex.steer
+        assert panel.widget.layout.display != "none" and "head" in panel._rows
+        cell, menu = panel._rows["head"]
+        menu.value = "fp32"                                    # what picking it in the page does
+        assert "pending" in cell.value and "pending" in panel.requests.value
+        n = step(rec) + 1                                      # the job reaches a step boundary
+        step(rec)
+        rec.flush()
+        ex.refresh()
+        assert f"applied at step {n}" in cell.value and "<b>fp32</b>" in cell.value
+        assert ex.fig.trace("marks", 0).x.tolist() == [n]      # the ★ on the loss curve
+        panel.rule.value, panel.rule_precision.value = "body.*", "bf16"
+        panel._send_rule()
+        menu.value = "(policy)"                               # removes head's rule again
+        panel.rule.value = "haed"
+        panel._send_rule()
+        step(rec)
+        rec.flush()
+        ex.refresh()
+        reqs = rec.run.steer_requests
+        assert reqs["status"].tolist() == ["applied", "applied", "applied", "refused"]
+        assert "refused: Policy rule &#x27;haed&#x27; is not a layer name" in panel.requests.value
+        assert "autocast" in cell.value   # head follows the outer autocast again
+        ex.open(dash_runs / "old")        # a finished run: no menu
+        assert panel.widget.layout.display == "none"
+        ex.close()

@@ -1,0 +1,203 @@
+"""The explorer's steering panel: a per-layer precision menu for a live, steerable run.
+
+It posts requests with :func:`mpviz.steer` (the run directory is the mailbox, see
+:mod:`mpviz.mailbox`) and shows each one's fate as the training process reports it: pending,
+applied at step N (the loss curve's ★ marks that step), or refused with the reason. Shown only for
+a run recorded with ``Recorder(..., steerable=True)`` whose status is ``running``. No torch.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as widgets
+
+from . import queries, ui
+
+INHERIT = "(policy)"  # the menu's "no rule of its own": picking it removes the layer's rule
+SHOWN_REQUESTS = 8
+
+
+class SteerPanel:
+    """Per-layer precision menus, a glob rule box, and the latest requests with their status."""
+
+    def __init__(self) -> None:
+        self.run_dir: Path | None = None
+        self._rows: dict[str, tuple[widgets.HTML, widgets.Dropdown]] = {}
+        self._own: dict[int, str] = {}  # request id -> the layer row it was sent from
+        self._requests: Any = None  # the last steer_requests() read
+        self._in_force: dict[str, tuple[Any, Any]] = {}  # layer -> (precision, rule) in force
+        self.note = widgets.HTML()
+        self.note.add_class("mpviz-steer-note")
+        self.rows_box = widgets.VBox(layout=widgets.Layout(max_height="320px", overflow="auto"))
+        self.rule = widgets.Text(placeholder="layer or glob, e.g. blocks.*.norm*",
+                                 layout=widgets.Layout(width="45%"))
+        self.rule.add_class("mpviz-steer-rule")
+        self.rule_precision = widgets.Dropdown(options=queries.PRECISIONS + (INHERIT,),
+                                               layout=widgets.Layout(width="20%"))
+        self.send = ui.button("Send", "mpviz-steer-send")
+        self.send.on_click(lambda _: self._send_rule())
+        self.requests = widgets.HTML()
+        self.requests.add_class("mpviz-steer-requests")
+        self.widget = widgets.VBox(
+            [widgets.HTML("<b>Steer this run</b> <span class='mpviz-muted'>precision per layer, "
+                          "applied by the training process at its next step</span>"),
+             self.note, self.rows_box,
+             widgets.HBox([self.rule, self.rule_precision, self.send]), self.requests],
+            layout=widgets.Layout(display="none"))
+        self.widget.add_class("mpviz-steer")
+
+    # ------------------------------------------------------------------ showing a run
+    def show(self, run: Any) -> None:
+        """Build the menu for ``run`` if it is live and steerable; hide the panel otherwise."""
+        meta = run.meta if run is not None else {}
+        if not (meta.get("steerable") and meta.get("status") == "running"):
+            self.hide()
+            return
+        self.run_dir = Path(run.run_dir)
+        self._own = {}
+        self._build_rows(run)
+        self.note.value = ""
+        self.widget.layout.display = "flex"
+        self.refresh(run)
+
+    def hide(self) -> None:
+        self.run_dir = None
+        self.widget.layout.display = "none"
+
+    def _build_rows(self, run: Any) -> None:
+        own_rules = _own_rules(run)
+        rows, self._rows = [], {}
+        layers = run.layers
+        for name, typ, depth in zip(layers["layer"], layers["type"], layers["depth"]):
+            if name == "":
+                continue  # the whole model: a "*" rule in the box below
+            label = widgets.HTML(
+                f'<span style="padding-left:{12 * (int(depth) - 1)}px">{html.escape(name)}</span> '
+                f'<span class="mpviz-muted">{html.escape(typ)}</span>',
+                layout=widgets.Layout(width="40%"))
+            cell = widgets.HTML(layout=widgets.Layout(width="40%"))
+            cell.add_class("mpviz-cell")
+            menu = widgets.Dropdown(options=(INHERIT,) + queries.PRECISIONS,
+                                    value=own_rules.get(name, INHERIT),
+                                    layout=widgets.Layout(width="20%"))
+            menu.add_class("mpviz-steer-menu")
+            menu.observe(lambda ch, n=name: self._on_pick(n, ch["new"]), names="value")
+            row = widgets.HBox([label, cell, menu])
+            row.add_class("mpviz-steer-row")
+            self._rows[name] = (cell, menu)
+            rows.append(row)
+        self.rows_box.children = rows
+
+    # ------------------------------------------------------------------ posting
+    def _on_pick(self, layer: str, value: str) -> None:
+        self._post({layer: None if value == INHERIT else value}, layer)
+
+    def _send_rule(self) -> None:
+        pattern = self.rule.value.strip()
+        if not pattern:
+            self.note.value = "<span class='mpviz-bad'>type a layer name or a glob first</span>"
+            return
+        value = self.rule_precision.value
+        self._post({pattern: None if value == INHERIT else value})
+
+    def _post(self, rules: dict[str, str | None], layer: str | None = None) -> int | None:
+        import mpviz
+
+        if self.run_dir is None:
+            return None
+        try:
+            rid = mpviz.steer(self.run_dir, rules)
+        except (mpviz.SteerError, TypeError) as e:
+            self.note.value = f"<span class='mpviz-bad'>{html.escape(str(e))}</span>"
+            return None
+        what = ", ".join(f"{k or '(model)'} → {v or 'no rule'}" for k, v in rules.items())
+        if layer is not None:
+            self._own[rid] = layer
+        self.note.value = (f"request #{rid} sent ({html.escape(what)}): "
+                           "<span class='mpviz-steer-pending'>pending</span> until the next step")
+        self._show_requests()
+        self._draw_rows()
+        return rid
+
+    # ------------------------------------------------------------------ following
+    def refresh(self, run: Any) -> None:
+        """Re-read the requests and the precision in force per layer (the explorer's redraw)."""
+        if self.run_dir is None or run is None:
+            return
+        if not run.is_live:
+            self.note.value = "the run has ended: nothing more can be steered"
+            self.rows_box.children = []
+            self._rows = {}
+        self._show_requests()
+        self._in_force = _in_force(run)
+        self._draw_rows()
+
+    def _draw_rows(self) -> None:
+        """Each row: the precision in force (and the rule that set it), and the fate of the
+        last request sent from that row."""
+        for name, (cell, _) in list(self._rows.items()):
+            precision, rule = self._in_force.get(name, (None, None))
+            if precision:
+                text = (f"<b>{html.escape(str(precision))}</b> "
+                        f"<span class='mpviz-muted'>({html.escape(str(rule))})</span>")
+            else:
+                text = "<span class='mpviz-muted'>autocast</span>"
+            text += self._row_status(name)
+            if cell.value != text:
+                cell.value = text
+
+    def _row_status(self, layer: str) -> str:
+        reqs = self._requests
+        mine = [rid for rid, lay in self._own.items() if lay == layer]
+        if not mine or reqs is None:
+            return ""
+        row = reqs[reqs["id"] == max(mine)]
+        return " · " + _status_html(row.iloc[0]) if len(row) else ""
+
+    def _show_requests(self) -> None:
+        import mpviz.mailbox as mailbox
+
+        if self.run_dir is None:
+            return
+        self._requests = reqs = mailbox.steer_requests(self.run_dir)
+        if reqs.empty:
+            self.requests.value = "<span class='mpviz-muted'>no requests yet</span>"
+            return
+        shown = reqs.iloc[::-1].head(SHOWN_REQUESTS)
+        rows = [(str(int(r["id"])), html.escape(_rules_text(r["rules"])), _status_html(r),
+                 time.strftime("%H:%M:%S", time.localtime(float(r["time"]))))
+                for _, r in shown.iterrows()]
+        self.requests.value = ui.html_table(["#", "rules", "status", "sent"], rows)
+
+
+def _rules_text(rules: Any) -> str:
+    if not isinstance(rules, dict):
+        return str(rules)
+    return ", ".join(f"{queries.layer_label(k)} → {v or 'no rule'}" for k, v in rules.items())
+
+
+def _status_html(r: Any) -> str:
+    status = str(r["status"])
+    if status == "applied":
+        return f"<span class='mpviz-steer-applied'>applied at step {int(r['step'])}</span>"
+    if status == "refused":
+        return f"<span class='mpviz-bad mpviz-steer-refused'>refused: {html.escape(str(r['reason']))}</span>"
+    return "<span class='mpviz-steer-pending'>pending</span>"
+
+
+def _in_force(run: Any) -> dict[str, tuple[Any, Any]]:
+    """``{layer: (precision, rule)}`` in force now, from ``run.policy_changes`` (its last change;
+    precision None: the layer went back to the outer autocast)."""
+    last = run.policy_changes.drop_duplicates("layer", keep="last")
+    return {str(layer): (p if isinstance(p, str) else None, rule if isinstance(rule, str) else None)
+            for layer, p, rule in zip(last["layer"], last["precision"], last["rule"])}
+
+
+def _own_rules(run: Any) -> dict[str, str]:
+    """Layers with a rule of their own in force: ``{layer: precision}``."""
+    return {layer: str(p) for layer, (p, rule) in _in_force(run).items()
+            if p and rule == layer and p in queries.PRECISIONS}
