@@ -13,6 +13,7 @@ when the run is finished, after `idle_timeout_s` without new steps, after `max_f
 from __future__ import annotations
 
 import html
+import sys
 import threading
 import time
 import traceback
@@ -21,7 +22,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from . import queries, ui
+from . import paths, queries, ui
 from .plots import RunFigure, layer_history_figure, show_static
 from .steer_panel import SteerPanel
 
@@ -91,6 +92,12 @@ class Explorer(ui.App):
         import mpviz
 
         runs = [Path(p) for p in mpviz.list_runs(self.runs_dir)]
+        refused = None
+        if select is not None:
+            try:
+                paths.confine(self.runs_dir, select)
+            except paths.RunUnavailable as e:  # outside the runs folder: not listed, not opened
+                refused, select = str(e), None
         if select is not None and Path(select) not in runs:
             runs.insert(0, Path(select))
         options = [(p.name, str(p)) for p in runs]
@@ -100,6 +107,10 @@ class Explorer(ui.App):
                                f"or with <code>python -m mpviz demo --run-dir {self.runs_dir}/demo</code>, "
                                f"then press Rescan.")
         self.picker.options = options
+        if refused is not None:
+            self.picker.value = None
+            self._show_problem(refused)
+            return
         if target is not None:
             if self.picker.value == target:
                 self.open(target)
@@ -112,18 +123,15 @@ class Explorer(ui.App):
 
     def open(self, run_dir: str | Path) -> None:
         """Show the run in `run_dir` (and follow it if it is still being written)."""
-        import mpviz
-
         self._stop_follower()
         with self._lock:
             if self.run is not None:
                 self.run.close()
                 self.run = None
             try:
-                self.run = mpviz.load_run(run_dir)
-            except mpviz.RunStoreError as e:  # e.g. created this instant, first commit pending
-                self.info.value = (f"<span class='mpviz-bad'>{html.escape(str(e))}</span> "
-                                   "(a run that just started: press Rescan in a second)")
+                self.run = paths.open_run(self.runs_dir, run_dir)  # confined, and read once
+            except paths.RunUnavailable as e:  # corrupt, empty, foreign, newer, outside the root
+                self._show_problem(e)
                 return
             self.last_seen = self.run.last_step
             meta = self.run.meta
@@ -175,7 +183,35 @@ class Explorer(ui.App):
 
     # ------------------------------------------------------------------ drawing
     def refresh(self, drill: bool = False) -> None:
-        """Re-read the run over the selected step range and update every view."""
+        """Re-read the run over the selected step range and update every view; a store that
+        became unreadable (corrupt, deleted) shows one message instead."""
+        with self._lock:
+            run = self.run
+            if run is None:
+                return
+            try:
+                self._draw(drill)
+            except paths.STORE_ERRORS as e:
+                self._show_problem(paths.describe(run.run_dir, e))
+
+    def _show_problem(self, message: str | BaseException) -> None:
+        """Show one message instead of a run: the run is closed, the views emptied, following
+        stops. Picking another run works as before."""
+        self._stop.set()
+        self._wake.set()
+        with self._lock:
+            run, self.run = self.run, None
+            if run is not None:
+                run.close()
+            self.fig.clear()
+            self.meta.value = self.overflows.value = ""
+            self.drill.outputs = ()
+            self.steer.hide()
+            self.layer.options = [("(pick a layer)", "")]
+            self.info.value = (f"<span class='mpviz-bad mpviz-problem'>{html.escape(str(message))}"
+                               f"</span>")
+
+    def _draw(self, drill: bool = False) -> None:
         if self.run is None:
             return
         with self._lock:
@@ -200,7 +236,7 @@ class Explorer(ui.App):
     def _show_info(self) -> None:
         run = self.run
         n = run.last_step + 1
-        status = run.meta.get("status", "?")
+        status = queries.run_status(run.meta)
         following = self._thread is not None and self._thread.is_alive()
         self.info.value = (f"<b>{run.run_dir.name}</b> · <span class='mpviz-step-count'>{n}</span> steps"
                            f" · {status}" + (" · following" if following else "")
@@ -218,8 +254,8 @@ class Explorer(ui.App):
     def _start_follower(self) -> None:
         if self.run is None or (self._thread is not None and self._thread.is_alive()):
             return
-        if not self.run.is_live:
-            return  # a finished run does not grow
+        if not self.run.is_live or queries.process_gone(self.run.meta):
+            return  # a finished (or killed) run does not grow
         self._stop.clear()
         self._thread = threading.Thread(target=self._follow, name="mpviz-explorer-follow", daemon=True)
         self._thread.start()
@@ -243,8 +279,15 @@ class Explorer(ui.App):
                 if self._stop.is_set():
                     break
                 run = self.run
+                if run is None:
+                    break
+                if not run.path.exists():   # rmtree'd while open: the connection would still read
+                    self._show_problem(f"{run.run_dir.name} was deleted while open (it had "
+                                       f"{self.last_seen + 1} steps): pick another run or press Rescan")
+                    break
                 new = run.steps_since(self.last_seen)
-                live = run.is_live
+                meta = run.meta
+                live = meta.get("status") == "running" and not queries.process_gone(meta)
                 if len(new):
                     self.last_seen = int(new["step"].iloc[-1])
                     last_new = time.monotonic()
@@ -257,8 +300,12 @@ class Explorer(ui.App):
                 now = time.monotonic()
                 if now - last_new > self.idle_timeout_s or now - started > self.max_follow_s:
                     break
+        except paths.STORE_ERRORS as e:   # the store broke (or vanished) while following
+            run = self.run
+            if run is not None:
+                self._show_problem(paths.describe(run.run_dir, e))
         except Exception:  # the page keeps what it has; the status line says following stopped
-            traceback.print_exc()
+            traceback.print_exc(file=sys.__stderr__)   # the server log, not the page
         finally:
             if self._thread is threading.current_thread():
                 self._thread = None
