@@ -14,7 +14,8 @@ unknown precision or one the device cannot run; removing a rule that does not ex
 applies it from the next step on (recorded in ``run.policy_changes`` at that step) or refuses it
 with the reason. Each request's fate is in :func:`steer_status` / ``run.steer_requests``:
 ``pending`` → ``applied`` (``step``: the first step computed with it) or ``refused``
-(``reason``).
+(``reason``). ``run.policy_changes`` shows an applied change once the recorder's writer commits
+it (within ``flush_every_s``).
 
 Who can steer: whoever can write the run directory (file permissions are the access control).
 

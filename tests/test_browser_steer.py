@@ -75,6 +75,7 @@ def test_explorer_steers_a_training_process(browser, shots, tmp_path):  # noqa: 
             p.wait(lambda: "applied at step" in row.inner_text(), what="the request applied")
             n = int(re.search(r"applied at step (\d+)", row.inner_text()).group(1))
             assert "fp32" in row.inner_text()
+            _wait(lambda: n in set(run.policy_changes["step"]), 30, "run.policy_changes", job)
             changes = run.policy_changes
             assert changes[changes["layer"] == "head"][["step", "precision"]].values.tolist() \
                 == [[n, "fp32"]]

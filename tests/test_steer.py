@@ -90,6 +90,9 @@ def test_steer_a_training_process(tmp_path):
 
         # What the job recorded: the change at the step it took effect, and the layer's dtypes
         # (seen by the recorder's own hooks) switching at exactly that step.
+        # (run.db is committed by the job's writer thread every flush_every_s: wait for it)
+        wait_for(lambda: set(run.policy_changes["step"]) >= {n, st[glob]["step"]}, 30,
+                 "the changes in run.policy_changes", proc)
         changes = run.policy_changes
         assert changes[changes["layer"] == "head"][["step", "precision", "rule"]].values.tolist() \
             == [[n, "fp32", "head"]]
