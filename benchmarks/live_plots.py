@@ -14,7 +14,9 @@ ratio is lab / mean(headless before, headless after). Bytes per update: every we
 the page receives (Playwright ``framereceived``) is timed; frames closer than 80 ms form one
 update (one redraw of the figure, status and tables); an update's step is read off the run's
 ``wall_time``. Reported: the median update size while the run was at steps 50-200 and at
-1,000+.
+1,000+. Page busy: the page's main-thread task time while training (Chrome DevTools
+``Performance.getMetrics`` ``TaskDuration``), per second and per update -- what the page takes
+from the cores that train, and less sensitive than samples/s to other load on the machine.
 
     python benchmarks/live_plots.py                       # this checkout, digits fp32, 3,000 steps
     python benchmarks/live_plots.py --before HEAD~3       # also another revision, same run
@@ -95,11 +97,15 @@ def lab(browser, tree: Path, task: str, precision: str, steps: int, work: Path) 
             _fill(page, ".mpviz-max-steps", steps)
             _fill(page, ".mpviz-pause-at", 0)
             page.wait_for_timeout(500)
+            cdp = page.context.new_cdp_session(page)
+            cdp.send("Performance.enable")
+            busy0, t0 = _busy(cdp), time.time()
             page.get_by_role("button", name="Start").click()
             status = page.locator(".mpviz-status")
             end = time.monotonic() + 900
             while "done" not in status.inner_text() and time.monotonic() < end:
                 page.wait_for_timeout(200)
+            busy, seconds = _busy(cdp) - busy0, time.time() - t0
             page.wait_for_timeout(1000)
             page.close()
     finally:
@@ -127,9 +133,16 @@ def lab(browser, tree: Path, task: str, precision: str, steps: int, work: Path) 
         return statistics.median(sizes) if sizes else None
 
     return {"samples_per_s": sps, "updates": len(live), "bytes_total": sum(b for _, b in live),
+            "page_busy_s_per_s": busy / seconds, "page_busy_ms_per_update": 1000 * busy / max(len(live), 1),
             "bytes_per_update_50_200": median_at(50, 200),
             "bytes_per_update_1000_plus": median_at(1000, steps),
             "bytes_per_update_last_500": median_at(steps - 500, steps)}
+
+
+def _busy(cdp) -> float:
+    """Seconds the page's main thread has spent in tasks (scripts, layout, paint) so far."""
+    metrics = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
+    return float(metrics["TaskDuration"])
 
 
 def extract(ref: str, work: Path) -> Path:
@@ -170,13 +183,14 @@ def main() -> None:
         browser.close()
     print(f"\n{args.task} {args.precision}, {args.steps} steps")
     print("| code | lab samples/s | headless samples/s | ratio | bytes/update, steps 50-200 | steps 1000+ "
-          "| load avg |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| page busy (main thread) | load avg |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in results.items():
         fmt = lambda b: "–" if b is None else f"{b / 1000:.1f} kB"  # noqa: E731
         print(f"| {name} | {r['samples_per_s']:.0f} | {r['headless_samples_per_s'][0]:.0f}, "
               f"{r['headless_samples_per_s'][1]:.0f} | {r['ratio']:.2f}x | "
               f"{fmt(r['bytes_per_update_50_200'])} | {fmt(r['bytes_per_update_1000_plus'])} | "
+              f"{100 * r['page_busy_s_per_s']:.0f}% ({r['page_busy_ms_per_update']:.0f} ms/update) | "
               f"{r['load_average_1min']:.1f} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"task": args.task, "precision": args.precision,
