@@ -208,6 +208,7 @@ class Explorer(ui.App):
             self.drill.outputs = ()
             self.steer.hide()
             self.layer.options = [("(pick a layer)", "")]
+            self._set_slider(0, 0, follow_end=False, reset=True)
             self.info.value = (f"<span class='mpviz-bad mpviz-problem'>{html.escape(str(message))}"
                                f"</span>")
 
