@@ -212,6 +212,10 @@ def test_explorer_stops_following_a_run_deleted_while_open(bad_runs, tmp_path):
             assert proc.poll() is None                     # the training process is unharmed
             ex.picker.value = str(root / "good")           # pick another run: drawn
             assert _loss_points(ex) == 30 and ">30</span> steps" in ex.info.value
+            ex.picker.value = str(live)                    # still listed until Rescan
+            assert "live: the run directory no longer exists" in ex.info.value
+            ex.rescan()
+            assert str(live) not in [v for _, v in ex.picker.options]
         finally:
             ex.close()
     finally:
