@@ -161,6 +161,7 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--before", default=None, help="a git revision to measure too (e.g. HEAD)")
+    ap.add_argument("--variant", default=None, help="a folder with mpviz/ and notebooks/ to measure too")
     ap.add_argument("--out", default=None, help="write the JSON summary here")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
@@ -171,6 +172,8 @@ def main() -> None:
         trees = {"after": ROOT}
         if args.before:
             trees = {"before": extract(args.before, work), **trees}
+        if args.variant:
+            trees["variant"] = Path(args.variant).resolve()
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         for name, tree in trees.items():
             h0 = headless(tree, args.task, args.precision, args.steps, work)

@@ -177,3 +177,22 @@ def test_compare_smooths_samples_per_s_too(tmp_path):
     np.testing.assert_allclose(np.asarray(t.y, float), ref, rtol=1e-9)
     np.testing.assert_allclose(np.asarray(t.customdata, float), raw, rtol=1e-9)
     run.close()
+
+
+def test_heatmaps_are_sent_at_most_every_detail_every_s_and_the_last_state_arrives(tmp_path):
+    import time
+
+    with _one_thread():
+        run_dir = record_demo(tmp_path / "mlp", task="mlp", steps=30, every=5)
+    run = mpviz.load_run(run_dir)
+    fig = RunFigure(detail_every_s=2.0)
+    first = fig.detail_out.outputs                       # the empty heatmaps, sent at once
+    for hi in (9, 19, 29):                               # three changes within 2 s
+        snap = queries.snapshot(run, 0, hi)
+        fig.update(0, snap.steps, snap.skipped, snap.marks, snap.dtypes, snap.heat)
+    assert fig.detail_out.outputs is first               # held back...
+    time.sleep(2.5)
+    sent = fig.detail_out.outputs[0]["data"]["application/vnd.plotly.v1+json"]
+    grads = [t for t in sent["data"] if t["meta"] == "grads"][0]
+    assert grads["x"][-1] == int(snap.heat.steps[-1])    # ...then the latest one arrives
+    run.close()

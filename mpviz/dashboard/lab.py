@@ -169,7 +169,10 @@ class Lab(ui.App):
         self.pause_at.observe(lambda _: self._set_pause_at(), names="value")  # also while training
 
         # ---- figure and tables
-        self.fig = RunFigure(n_slots=1 + MAX_ALONGSIDE, width=900, max_heat_cells=LIVE_HEAT_CELLS)
+        # Heatmaps: a static plot the page re-creates each time (measured: the page's largest
+        # cost while training), so at most every 10 s while training; the last state always arrives.
+        self.fig = RunFigure(n_slots=1 + MAX_ALONGSIDE, width=900, max_heat_cells=LIVE_HEAT_CELLS,
+                             detail_every_s=10.0)
         self.fig.widget.add_class("mpviz-figure")
         self.layer_box = widgets.VBox()
         self.layer_box.add_class("mpviz-layer-table")

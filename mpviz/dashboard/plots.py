@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import warnings
 from copy import deepcopy
 
@@ -136,8 +137,9 @@ class RunFigure:
     cells, so one update of it stays small (~20 B per cell as JSON)."""
 
     def __init__(self, n_slots: int = 1, height: int = 900, width: int | None = None,
-                 max_heat_cells: int = queries.MAX_HEATMAP_CELLS) -> None:
+                 max_heat_cells: int = queries.MAX_HEATMAP_CELLS, detail_every_s: float = 0.0) -> None:
         self.n_slots = n_slots
+        self.detail_every_s = detail_every_s
         self.width = width
         self.max_heat_cells = max_heat_cells
         self.lock = threading.RLock()
@@ -204,6 +206,8 @@ class RunFigure:
                                   margin=dict(l=60, r=20, t=60, b=40))
         self._detail_index = {t.meta: i for i, t in enumerate(self.detail.data)}
         self._detail_sent: str | None = None
+        self._detail_at = -np.inf
+        self._detail_timer: threading.Timer | None = None
         self.detail_out = widgets.Output()
         self.detail_out.add_class("mpviz-detail")
         # A fixed-width figure keeps its box that wide (a FigureWidget's own box takes the row).
@@ -302,11 +306,24 @@ class RunFigure:
         self._show_detail()
 
     def _show_detail(self) -> None:
-        """Send the heatmaps to the page, only if they changed since the last time."""
+        """Send the heatmaps to the page if they changed, at most every `detail_every_s` (a
+        change within that time is sent when it is up: the last state always arrives)."""
+        wait = self._detail_at + self.detail_every_s - time.monotonic()
+        if wait > 0:
+            if self._detail_timer is None:
+                self._detail_timer = threading.Timer(wait, self._flush_detail)
+                self._detail_timer.daemon = True
+                self._detail_timer.start()
+            return
         spec = pio.to_json(self.detail, validate=False)
         if spec != self._detail_sent:
-            self._detail_sent = spec
+            self._detail_sent, self._detail_at = spec, time.monotonic()
             show_static(self.detail_out, self.detail, spec)
+
+    def _flush_detail(self) -> None:
+        with self.lock:
+            self._detail_timer = None
+            self._show_detail()
 
 
 def cap_columns(steps: np.ndarray, z: np.ndarray, max_cells: int) -> tuple[np.ndarray, np.ndarray]:
