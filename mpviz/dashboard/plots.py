@@ -7,8 +7,9 @@ their data changed. A restyle makes plotly.js recompute and redraw every trace o
 heatmaps inside the live widget would be re-rendered on every redraw of the lines.
 
 What one update of the lines costs is bounded by the number of points the caller gives
-(`queries.snapshot(max_points=...)`): x and samples/s travel as float32 (4 B/point), the loss
-and its log2 scale as float64; traces whose data did not change are not sent.
+(`queries.snapshot(max_points=...)`): samples/s travels as float32 (4 B/point), steps, the loss
+and its log2 scale as float64 (with float32 steps, a followed run's page stopped drawing new
+points: tests/test_browser_steer.py); traces whose data did not change are not sent.
 
 >>> from mpviz.dashboard.plots import RunFigure
 >>> fig = RunFigure(n_slots=2)
@@ -249,7 +250,7 @@ class RunFigure:
                heat: queries.Heatmap | None = None) -> None:
         """Show one run's views (DataFrames from `queries`) in `slot`; dtypes/heat if given."""
         x = _arr(steps["step"])
-        x32 = _arr32(x)
+        x32 = x  # float64: with float32 steps the page stopped drawing a followed run (see tests)
         loss = _arr(steps["loss"])
         speed = _arr32(steps["samples_per_s"])
         bad_x, bad_text = nonfinite_marks(x, loss)
