@@ -42,13 +42,7 @@ EXPECTED = {
 UNREADABLE = ("truncated", "corrupt", "empty", "garbage", "foreign", "newer")
 
 
-def _wait(cond, timeout: float = 120.0, every: float = 0.1) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(every)
-    return False
+from waiting import wait_for as _wait
 
 
 def start_demo(run_dir: Path) -> subprocess.Popen:

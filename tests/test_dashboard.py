@@ -24,14 +24,7 @@ from mpviz.dashboard.compare import differences
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _wait(cond, timeout=120.0, every=0.1):
-    """Poll `cond` until true (no timing assertion: the timeout only bounds a broken test)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(every)
-    return False
+from waiting import wait_for as _wait
 
 
 # --------------------------------------------------------------------------- no torch

@@ -34,13 +34,11 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+from waiting import wait_for
+
+
 def _wait(cond, timeout=180.0, every=0.05):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(every)
-    return False
+    return wait_for(cond, timeout, every)
 
 
 def _hooks(model: torch.nn.Module) -> int:
