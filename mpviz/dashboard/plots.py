@@ -7,9 +7,9 @@ their data changed. A restyle makes plotly.js recompute and redraw every trace o
 heatmaps inside the live widget would be re-rendered on every redraw of the lines.
 
 What one update of the lines costs is bounded by the number of points the caller gives
-(`queries.snapshot(max_points=...)`): samples/s travels as float32 (4 B/point), steps, the loss
-and its log2 scale as float64 (with float32 steps, a followed run's page stopped drawing new
-points: tests/test_browser_steer.py); traces whose data did not change are not sent.
+(`queries.snapshot(max_points=...)`): arrays travel as float64 binary buffers (float32 ones made
+the page stop drawing a followed run: tests/test_browser_steer.py); traces whose data did not
+change are not sent.
 
 >>> from mpviz.dashboard.plots import RunFigure
 >>> fig = RunFigure(n_slots=2)
@@ -53,8 +53,9 @@ def _arr(values) -> np.ndarray:
 
 
 def _arr32(values) -> np.ndarray:
-    # Steps (exact up to 2**24) and samples/s need no more than float32: 4 B/point.
-    return np.asarray(values, dtype=np.float32)
+    # float64, like every array the page gets: float32 buffers made the page stop applying a
+    # followed run's updates (the browser tests of the explorer), and cost more than they saved.
+    return np.asarray(values, dtype=float)
 
 
 def _log2(values) -> np.ndarray:
@@ -266,7 +267,7 @@ class RunFigure:
             t.x, t.y = mx, _at(x, loss, mx)
             t.hovertext = list(marks["text"])
             t = self.trace("nonfinite", slot)
-            t.x, t.y = _arr32(bad_x), np.full(len(bad_x), 0.97 - 0.04 * slot, dtype=np.float32)
+            t.x, t.y = _arr32(bad_x), np.full(len(bad_x), 0.97 - 0.04 * slot)
             t.hovertext = bad_text
             if dtypes is not None or heat is not None:
                 self._set_heatmaps(dtypes, heat)
