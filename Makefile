@@ -28,11 +28,7 @@ dashboard: venv
 	  --MappingKernelManager.cull_connected=True
 
 # Without Chromium the browser tests skip; with CI=true (set by CI services) they fail instead.
-# Bytecode is compiled first: the browser tests' kernels import mpviz many times, and a tree
-# with no __pycache__ (a fresh clone, PYTHONDONTWRITEBYTECODE=1) changes their timing enough to
-# expose a known race in the explorer's first draw (see the closing note of issue 9's session).
 test: venv browser
-	$(BIN)/python -m compileall -q mpviz tests > /dev/null
 	$(BIN)/python -m pytest -q
 
 # Refresh docs/*.png (the README's screenshots) from the browser tests; the tests alone never
