@@ -200,6 +200,24 @@ def _fill(page, selector: str, value: int) -> None:
     box.press("Enter")   # an IntText sends its value on Enter
 
 
+def toggle_at_pause(p: "Page", layer: str, precision: str, pause_at: int) -> None:
+    """The lab paused itself at `pause_at` (drawn so far): set `layer` to `precision`, resume,
+    and wait for its precision cell and the ★ on the loss curve."""
+    page, status = p.page, p.page.locator(".mpviz-status")
+    p.wait(lambda: "paused" in status.inner_text(), what="the lab to pause by itself")
+    p.wait(lambda: p.trace_len("loss:0") == pause_at, what="the loss curve up to the pause")
+    row = page.locator(".mpviz-layer-row", has_text=layer)
+    row.locator("select").select_option(precision)
+    p.wait(lambda: f"{layer} → {precision} from the next step" in status.inner_text(),
+           what="the toggle's note")
+    page.locator(".mpviz-pause").click()   # Resume
+    p.wait(lambda: precision in row.locator(".mpviz-cell").inner_text(),
+           what=f"{layer}'s precision cell")
+    p.wait(lambda: any(f"{layer} → {precision}" in h
+                       for h in (p.trace("marks:0") or {}).get("hovertext", [])),
+           what="the precision-change marker on the loss curve")
+
+
 def test_lab_trains_live_and_shows_a_layer_toggle(browser, shots, tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -217,15 +235,7 @@ def test_lab_trains_live_and_shows_a_layer_toggle(browser, shots, tmp_path):
         # The lab pauses itself after `pause_at` steps (whatever the machine's speed), drawn so far.
         p.wait(lambda: "paused" in status.inner_text(), what="the lab to pause by itself")
         assert f"step {pause_at} / {max_steps}" in status.inner_text()
-        p.wait(lambda: p.trace_len("loss:0") == pause_at, what="the loss curve up to the pause")
-
-        row = page.locator(".mpviz-layer-row", has_text="head")
-        row.locator("select").select_option("fp32")
-        p.wait(lambda: "head → fp32 from the next step" in status.inner_text(), what="the toggle's note")
-        page.locator(".mpviz-pause").click()   # Resume
-        p.wait(lambda: "fp32" in row.locator(".mpviz-cell").inner_text(), what="head's precision cell")
-        p.wait(lambda: any("head → fp32" in h for h in (p.trace("marks:0") or {}).get("hovertext", [])),
-               what="the precision-change marker on the loss curve")
+        toggle_at_pause(p, "head", "fp32", pause_at)
         marks = p.trace("marks:0")
         step = marks["x"][[i for i, h in enumerate(marks["hovertext"]) if "head → fp32" in h][0]]
         assert step == pause_at   # toggled while paused: it took effect at the next step

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import mpviz
 
-from test_browser import Page, _fill, browser, shots, voila  # noqa: F401  (fixtures)
+from test_browser import Page, _fill, browser, shots, toggle_at_pause, voila  # noqa: F401  (fixtures)
 
 
 def test_lab_trains_your_model_and_shows_a_layer_toggle(browser, shots, tmp_path):  # noqa: F811
@@ -25,16 +25,7 @@ def test_lab_trains_your_model_and_shows_a_layer_toggle(browser, shots, tmp_path
         page.get_by_role("button", name="Start").click()
         status = page.locator(".mpviz-status")
 
-        p.wait(lambda: "paused" in status.inner_text(), what="the lab to pause by itself")
-        p.wait(lambda: p.trace_len("loss:0") == pause_at, what="the loss curve up to the pause")
-
-        row = page.locator(".mpviz-layer-row", has_text="classifier")
-        row.locator("select").select_option("bf16")
-        p.wait(lambda: "classifier → bf16 from the next step" in status.inner_text(), what="the toggle's note")
-        page.locator(".mpviz-pause").click()   # Resume
-        p.wait(lambda: "bf16" in row.locator(".mpviz-cell").inner_text(), what="classifier's precision cell")
-        p.wait(lambda: any("classifier → bf16" in h for h in (p.trace("marks:0") or {}).get("hovertext", [])),
-               what="the precision-change marker on the loss curve")
+        toggle_at_pause(p, "classifier", "bf16", pause_at)
         p.wait(lambda: "done" in status.inner_text() and p.trace_len("loss:0") == max_steps,
                what="the step limit")
 
