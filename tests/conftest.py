@@ -35,3 +35,17 @@ def dash_two_runs(tmp_path_factory):
     b = record_demo(root / "digits-fp16", task="digits", precision="fp16", steps=30)
     return root, a, b
 # ---------------------------------------------------------------- end of dashboard fixtures
+
+
+# ---------------------------------------------------------------- one torch thread
+@_pytest.fixture(scope="module")
+def one_torch_thread():
+    """Train with one torch thread, restored after: on a shared 2-core machine torch's two
+    intra-op threads spin-wait on each other when another process holds a core (steps measured
+    20-30x slower). Use as `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

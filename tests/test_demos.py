@@ -16,14 +16,7 @@ from mpviz.demos import TASKS, Trainer, get_task, stdlib_text
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On a shared 2-core machine, torch's 2 intra-op threads spin-wait on each other when another
-    # process holds a core: steps measured 20-30x slower than with one thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # (task, low precision, steps, check(before, after)) -- margins are well inside what fixed

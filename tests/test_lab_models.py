@@ -25,13 +25,7 @@ from mpviz.demos import new_run_dir
 from models import SPECS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Shared 2-core machine: torch's 2 intra-op threads spin-wait when another process holds a core.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 from waiting import wait_for
