@@ -29,6 +29,8 @@ _EXPORTS = {
     "steer": "mpviz.mailbox",
     "steer_status": "mpviz.mailbox",
     "SteerError": "mpviz.mailbox",
+    "export": "mpviz.integrations.export",
+    "thin": "mpviz.store",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

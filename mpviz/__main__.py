@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 TASK_NAMES = ("digits", "text", "mlp")  # mirrors mpviz.demos.TASKS without importing torch for --help
+EXPORT_FORMATS = ("tensorboard", "csv", "parquet")  # mirrors mpviz.integrations.export.FORMATS
 PRECISION_NAMES = ("fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2")
 
 
@@ -97,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="summarise a recorded run")
     i.add_argument("run_dir", help="a run directory (holds run.db)")
+
+    x = sub.add_parser("export", help="write a run as TensorBoard event files, CSV or Parquet")
+    x.add_argument("format", type=_choice("export format", EXPORT_FORMATS),
+                   help=f"one of {', '.join(EXPORT_FORMATS)}")
+    x.add_argument("run_dir", help="a run directory (holds run.db)")
+    x.add_argument("out_dir", help="where to write (created if missing)")
     return p
 
 
@@ -234,6 +241,19 @@ def _policy_summary(changes: Any) -> str:
             f"last at step {int(later['step'].max())}")
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from mpviz.integrations.export import export
+    from mpviz.store import RunStoreError
+
+    try:
+        files = export(args.run_dir, args.format, args.out_dir)
+    except (RunStoreError, ImportError, OSError) as e:
+        fail(str(e))
+    print(f"wrote {len(files)} file(s) to {args.out_dir}"
+          + (f" (tensorboard --logdir {args.out_dir})" if args.format == "tensorboard" else ""))
+    return 0
+
+
 class UserError(Exception):
     """Something the user can fix: :func:`main` prints it as one line and returns 2."""
 
@@ -249,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)  # bad arguments: argparse's usage + error, exit 2
     try:
+        if args.command == "export":
+            return cmd_export(args)
         return cmd_demo(args) if args.command == "demo" else cmd_info(args)
     except UserError as e:  # one line ``mpviz: error: ...``, exit status 2 (as argparse's)
         print(f"mpviz: error: {e}", file=sys.stderr)

@@ -348,3 +348,52 @@ class RunWriter:
                 cols = COLUMNS[table]
                 con.executemany(f"INSERT INTO {table} ({','.join(cols)}) "
                                 f"VALUES ({','.join('?' * len(cols))})", rows)
+
+
+def thin(run_dir: str | Path, keep_every: int = 100, before_step: int | None = None,
+         vacuum: bool | None = None) -> dict[str, Any]:
+    """Drop old per-layer statistics of a run (every rank's store in ``run_dir``), keeping those
+    of steps that are multiples of ``keep_every`` and of every step that overflowed, was skipped
+    or changed the loss scale. Rows of steps >= ``before_step`` (default: all steps) are kept.
+    Steps, overflow events, dtypes and policy changes are never dropped. Call it again later to
+    thin on a schedule; it works on a run still being written (its freed pages are reused by
+    new rows), and ``vacuum`` (default: when the run is not running) shrinks the file.
+
+        >>> mpviz.thin("runs/exp1", keep_every=100, before_step=50_000)   # doctest: +SKIP
+        {'rows_dropped': 5346000, 'bytes_before': ..., 'bytes_after': ...}
+    """
+    run_dir = Path(run_dir)
+    paths = sorted(run_dir.glob("run*.db")) if run_dir.is_dir() else [run_dir]
+    if not paths or not paths[0].exists():
+        raise RunStoreError(f"no mpviz run at {run_dir}: pass the run_dir given to mpviz.Recorder")
+    if int(keep_every) < 1:
+        raise ValueError(f"keep_every must be >= 1, got {keep_every}")
+    size = lambda: sum(p.stat().st_size for p in run_dir.glob("run*.db*"))  # noqa: E731 (+ WAL)
+    before, dropped = size(), 0
+    for path in paths:
+        ro = connect_readonly(path)  # a corrupt or newer store is refused here, clearly
+        meta = {k: json.loads(v) for k, v in ro.execute("SELECT key, value FROM meta")}
+        ro.close()
+        every = int(meta.get("every") or 1)
+        if int(keep_every) % every:
+            raise ValueError(f"keep_every={keep_every} is not a multiple of the run's statistics "
+                             f"interval (every={every}): use e.g. keep_every={every * 10}")
+        end = int(before_step) if before_step is not None else 1 << 62
+        where = ("step < ? AND step % ? != 0 AND step NOT IN (SELECT step FROM overflows) AND "
+                 "step NOT IN (SELECT step FROM steps WHERE skipped = 1 OR nonfinite_grads = 1 "
+                 "OR loss_scale_after != loss_scale)")
+        con = sqlite3.connect(path, timeout=60)
+        try:
+            with con:
+                n = sum(con.execute(f"DELETE FROM {t} WHERE {where}", (end, int(keep_every))).rowcount
+                        for t in ("layer_stats", "histograms"))
+                RunWriter._write_meta(con, {"thinned": list(meta.get("thinned") or []) + [
+                    {"keep_every": int(keep_every), "before_step": before_step,
+                     "rows_dropped": n, "time": time.time()}]})
+            dropped += n
+            if vacuum if vacuum is not None else meta.get("status") != "running":
+                con.execute("VACUUM")
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            con.close()
+    return {"rows_dropped": dropped, "bytes_before": before, "bytes_after": size()}
