@@ -1,0 +1,310 @@
+"""``diagnose(run)``: name what went wrong in a recorded run, where, and what to change.
+
+Each rule reads what the run already holds (steps, overflow events, statistics, histograms,
+recorded diagnostics) and returns findings; nothing here imports torch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..formats import FORMATS
+from ..store import unpack_hist
+from .findings import Diagnosis, Finding
+from .headroom import hist_percentile
+from .timeline import scale_timeline, scale_advice, warmup_backoffs
+
+# Thresholds (module constants, so the dashboards and the docs can quote them)
+CONSECUTIVE_SKIPS = 3          # this many skipped steps in a row with forward overflows: an error
+COLLAPSE_SKIPS = 10            # this many in a row, or a scale below 1: the scale collapsed
+UNDERFLOW_BITS = 4.0           # 1% of nonzero gradients within this many bits of fp16's floor
+LOST_UPDATES_WARN, LOST_UPDATES_ERROR = 0.25, 0.75
+SHADOW_REL_ERR = 0.05          # relative error of a layer's output against fp32
+
+
+def _runs(steps: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs in a sorted list of steps: [(first, last), ...]."""
+    out: list[tuple[int, int]] = []
+    for s in steps:
+        if out and s == out[-1][1] + 1:
+            out[-1] = (out[-1][0], s)
+        else:
+            out.append((s, s))
+    return out
+
+
+def _name(layer: str) -> str:
+    return layer if layer else "(model)"
+
+
+def _output_dtype(dtypes: pd.DataFrame, layer: str, step: int) -> str | None:
+    d = dtypes[(dtypes["layer"] == layer) & (dtypes["tensor"] == "output") & (dtypes["step"] <= step)]
+    return d["dtype"].iloc[-1] if len(d) else None
+
+
+def _forward_overflow(steps: pd.DataFrame, ov: pd.DataFrame, dtypes: pd.DataFrame) -> list[Finding]:
+    fwd = ov[(ov["phase"] == "forward") & ov["first"]]
+    out = []
+    skipped = set(steps.loc[steps["skipped"], "step"].tolist())
+    for layer, g in fwd.groupby("layer", sort=False):
+        st = sorted(set(g["step"].tolist()))
+        longest = max((b - a + 1 for a, b in _runs([s for s in st if s in skipped])), default=0)
+        dt = _output_dtype(dtypes, layer, st[0])
+        low_precision = dt in ("float16", "bfloat16") or dt is None or dt.startswith("float8")
+        sev = "error" if longest >= CONSECUTIVE_SKIPS or len(st) >= max(3, 0.1 * len(steps)) else "warning"
+        msg = (f"{_name(layer)}'s output went inf/nan in the forward pass (its output was "
+               f"{dt or 'of unknown dtype'}) at {len(st)} step{'s' * (len(st) > 1)}")
+        if longest >= 2:
+            msg += (f", {longest} of them skipped in a row: loss scaling cannot fix a forward "
+                    "overflow (the loss scale multiplies only the loss and the gradients), so "
+                    "GradScaler kept halving the scale to no effect")
+        msg += "."
+        if low_precision:
+            sug = (f"keep {_name(layer)} in fp32 (or bf16, whose range is fp32's): "
+                   f"PrecisionPolicy({{'*': 'fp16', {layer!r}: 'fp32'}}), or mpviz.advise(run). "
+                   "If its weights grew after a too-high learning rate, lower the learning rate.")
+        else:
+            sug = ("the layer overflowed in fp32 too: training diverged; lower the learning rate, "
+                   "clip gradients, or normalise this layer's input.")
+        out.append(Finding("forward_overflow", sev, (st[0], st[-1]), [layer], msg, sug,
+                           {"steps": len(st), "consecutive_skips": longest, "dtype": dt}))
+    return out
+
+
+def _gradient_overflow(steps: pd.DataFrame, timeline: pd.DataFrame, settings: Any) -> list[Finding]:
+    if not len(timeline):
+        return []
+    back = timeline[(timeline["event"] == "backoff") & (timeline["cause"] == "gradient_overflow")]
+    if not len(back):
+        return []
+    n_warm = warmup_backoffs(steps)
+    later = back[back["step"] >= n_warm]
+    counts: dict[str, int] = {}
+    for layers in back["layers"]:
+        for l in layers[:1]:  # the first layer in backward order whose gradient went inf/nan
+            counts[l] = counts.get(l, 0) + 1
+    layers = sorted(counts, key=lambda l: -counts[l])
+    n_after = len(steps) - n_warm
+    runs = _runs(back["step"].tolist())
+    longest = max(b - a + 1 for a, b in runs)
+    if longest >= COLLAPSE_SKIPS:
+        sev = "error"
+    elif len(later) > max(2, 0.01 * max(n_after, 1)):
+        sev = "warning"
+    else:
+        sev = "info"
+    msg = (f"GradScaler skipped {len(back)} step{'s' * (len(back) > 1)} because gradients "
+           f"overflowed ({len(back) - len(later)} during the warm-up at the start, {len(later)} "
+           f"after); first to overflow in backward: "
+           + ", ".join(f"{_name(l)} ({counts[l]}x)" for l in layers[:4]) + ".")
+    if sev == "info":
+        sug = "nothing to change: this is GradScaler finding its scale."
+    elif sev == "warning":
+        sug = ("skips cost steps: a longer growth_interval (GradScaler(growth_interval=...)) "
+               f"grows the scale into overflow less often; or keep {_name(layers[0])} in bf16/fp32.")
+    else:
+        sug = (f"gradients of {_name(layers[0])} overflow fp16 even at a small scale: lower the "
+               "learning rate, clip gradients, or keep that layer in bf16/fp32.")
+    return [Finding("gradient_overflow", sev, (int(back["step"].min()), int(back["step"].max())),
+                    layers, msg, sug, {"skips": len(back), "after_warmup": len(later),
+                                       "longest_run": longest})]
+
+
+def _scale_collapse(steps: pd.DataFrame, timeline: pd.DataFrame, fwd: list[Finding]) -> list[Finding]:
+    sc = steps.dropna(subset=["loss_scale"])
+    if not len(sc):
+        return []
+    low = float(np.nanmin(np.r_[sc["loss_scale"].to_numpy(), sc["loss_scale_after"].to_numpy()]))
+    skipped = sc.loc[sc["skipped"], "step"].tolist()
+    runs = _runs(skipped)
+    longest = max(((a, b) for a, b in runs), key=lambda r: r[1] - r[0], default=None)
+    n_long = longest[1] - longest[0] + 1 if longest else 0
+    if low >= 1 and n_long < COLLAPSE_SKIPS:
+        return []
+    first = float(sc["loss_scale"].iloc[0])
+    span = longest if longest else (int(sc["step"].iloc[0]), int(sc["step"].iloc[-1]))
+    msg = (f"the loss scale fell from {first:g} to {low:g} (2^{math.log2(low):.0f}) "
+           f"with {n_long} steps skipped in a row ({span[0]}-{span[1]}).") if low > 0 else (
+           f"the loss scale fell from {first:g} to 0 with {n_long} steps skipped in a row.")
+    if fwd:
+        layers = [f.layers[0] for f in fwd]
+        msg += (" Caused by the forward overflow in " + ", ".join(map(_name, layers))
+                + ": no loss scale can fix it.")
+        sug = "fix the forward overflow (see above); the scale recovers by itself."
+    else:
+        back = timeline[timeline["event"] == "backoff"] if len(timeline) else timeline
+        layers = sorted({l for ls in back["layers"] for l in ls[:1]}) if len(back) else []
+        msg += " Gradients overflowed even at a tiny scale: they exceed fp16's range unscaled."
+        sug = ("lower the learning rate or clip gradients; keep the layers named here in "
+               "bf16/fp32 (mpviz.advise(run)).")
+    return [Finding("scale_collapse", "error", span, layers, msg, sug,
+                    {"min_scale": low, "first_scale": first, "longest_skip_run": n_long})]
+
+
+def _nonfinite_loss(steps: pd.DataFrame, ov: pd.DataFrame, fwd: list[Finding]) -> list[Finding]:
+    # SQLite stores NaN as NULL, as it does a loss never given: a NULL loss counts as
+    # non-finite on steps that went wrong (skipped, inf/nan gradients, an overflow event).
+    loss = pd.to_numeric(steps["loss"], errors="coerce").to_numpy(dtype=float)
+    went_wrong = (steps["skipped"] | steps["nonfinite_grads"] | steps["step"].isin(ov["step"])).to_numpy()
+    is_bad = np.isinf(loss) | (np.isnan(loss) & went_wrong)
+    bad = steps[is_bad]
+    if not len(bad):
+        return []
+    st = bad["step"].tolist()
+    last_bad = bool(is_bad[-1])
+    culprits = ov[(ov["phase"] == "forward") & ov["first"] & ov["step"].isin(st)]
+    layers = culprits["layer"].value_counts().index.tolist()
+    msg = (f"the loss was inf/nan at {len(st)} of {len(steps)} steps (first {st[0]}"
+           + (", still at the last step" if last_bad else "") + ")")
+    sev = "error" if last_bad or len(st) > max(3, 0.1 * len(steps)) else "warning"
+    if fwd:
+        msg += "; explained by the forward overflow in " + ", ".join(_name(f.layers[0]) for f in fwd) + "."
+        sug = "fix the forward overflow (see above)."
+    else:
+        msg += (("; the first layer whose output went inf/nan: " + ", ".join(map(_name, layers[:3])))
+                if layers else "") + "."
+        sug = ("training diverged: lower the learning rate, add warm-up or gradient clipping, "
+               "and check the data for inf/nan.")
+    return [Finding("nonfinite_loss", sev, (st[0], st[-1]), layers, msg, sug,
+                    {"steps": len(st), "at_end": last_bad})]
+
+
+def _gradient_underflow(run: Any, steps: pd.DataFrame, dtypes: pd.DataFrame) -> list[Finding]:
+    """Layers whose gradients, at the loss scale in force, sit at fp16's subnormal floor."""
+    low_layers = set(dtypes.loc[(dtypes["tensor"].isin(["output", "weight"]))
+                                & (dtypes["dtype"] == "float16"), "layer"])
+    if not low_layers:
+        return []
+    h = run.query("SELECT h.step, l.layer, h.lo, h.counts FROM histograms h JOIN layers l "
+                  "ON l.idx = h.layer_idx WHERE h.tensor = 'grad' ORDER BY h.step")
+    if not len(h):
+        return []
+    scale = dict(zip(steps["step"], steps["loss_scale"].fillna(1.0)))
+    floor = math.log2(FORMATS["fp16"].min_subnormal)        # -24
+    sub_edge = 128 + math.log2(FORMATS["fp16"].min_normal)  # bins below 2^-14 end here (114)
+    per_layer: dict[str, list[tuple[int, float, float]]] = {}
+    for st, layer, lo, blob in zip(h["step"], h["layer"], h["lo"], h["counts"]):
+        if layer not in low_layers:
+            continue
+        counts = np.asarray(unpack_hist(int(lo), blob), dtype=float)
+        counts = np.pad(counts, (0, max(0, 257 - len(counts))))
+        s = float(scale.get(st, 1.0) or 1.0)
+        shift = int(round(math.log2(s))) if s > 0 else 0
+        p1 = hist_percentile(counts, 1.0)
+        if not p1 > 0:
+            continue
+        bits_under = math.log2(p1 * s) - floor
+        nz = counts[1:256].sum()
+        cut = int(sub_edge - shift)  # bins whose values, times the scale, are below 2^-14
+        frac_sub = counts[1:max(1, min(cut, 256))].sum() / nz if nz else 0.0
+        per_layer.setdefault(layer, []).append((int(st), bits_under, frac_sub))
+    out = []
+    hits = {l: v for l, v in per_layer.items()
+            if np.median([b for _, b, _ in v]) < UNDERFLOW_BITS}
+    if not hits:
+        return []
+    first = min(v[0][0] for v in hits.values())
+    last = max(v[-1][0] for v in hits.values())
+    frac = {l: float(np.median([f for _, _, f in v])) for l, v in hits.items()}
+    zs = run.query("SELECT l.layer, CAST(s.zeros AS REAL) / s.numel AS z FROM layer_stats s "
+                   "JOIN layers l ON l.idx = s.layer_idx WHERE s.tensor = 'grad'")
+    zero = zs.groupby("layer")["z"].median().to_dict() if len(zs) else {}
+    layers = sorted(hits, key=lambda l: -frac[l])
+    worst = max(frac.values())
+    scaled = bool(steps["loss_scale"].notna().any())
+    msg = ("gradients of " + ", ".join(f"{_name(l)} ({zero.get(l, 0):.0%} zeros, {frac[l]:.0%} of the "
+                                       "rest subnormal)" for l in layers[:4])
+           + f" sit at fp16's floor (2^{floor:.0f})" + (" at the loss scale in force" if scaled else "")
+           + ": smaller values were flushed to zero in the backward pass, and the survivors "
+           "below 2^-14 keep few significant bits.")
+    sug = ("turn loss scaling on: torch.amp.GradScaler() (init_scale 2^16 is a good start)"
+           if not scaled else "raise the loss scale (GradScaler(init_scale=...)); or use bf16.")
+    out.append(Finding("gradient_underflow", "error" if worst > 0.25 else "warning",
+                       (first, last), layers, msg, sug,
+                       {"subnormal_frac": frac, "zero_frac": {l: zero.get(l) for l in layers},
+                        "loss_scaling": scaled}))
+    return out
+
+
+def _lost_updates(run: Any) -> list[Finding]:
+    lu = run.lost_updates()
+    if not len(lu):
+        return []
+    med = lu.groupby("layer", sort=False)["lost_frac"].median()
+    hits = med[med >= LOST_UPDATES_WARN].sort_values(ascending=False)
+    if not len(hits):
+        return []
+    st = lu[lu["layer"].isin(hits.index)]["step"]
+    sev = "error" if hits.max() >= LOST_UPDATES_ERROR else "warning"
+    msg = ("weights held in low precision lost most of their optimizer updates (rounded away: "
+           "the update was smaller than half a unit in the last place): "
+           + ", ".join(f"{_name(l)} {v:.0%}" for l, v in hits.head(4).items()) + " of elements "
+           "with a nonzero gradient stayed unchanged (median over statistics steps).")
+    sug = ("keep fp32 master weights: train the fp32 model under torch.autocast instead of "
+           "model.to(bfloat16), or use stochastic rounding / Kahan summation, or a larger "
+           "learning rate for these layers.")
+    return [Finding("lost_updates", sev, (int(st.min()), int(st.max())), hits.index.tolist(),
+                    msg, sug, {"median_lost_frac": hits.to_dict()})]
+
+
+def _precision_loss(run: Any) -> list[Finding]:
+    sh = run.shadow()
+    if not len(sh):
+        return []
+    med = sh.groupby("layer", sort=False)["rel_err"].median()
+    hits = med[med > SHADOW_REL_ERR].sort_values(ascending=False)
+    if not len(hits):
+        worst = med.sort_values(ascending=False).head(3)
+        return [Finding("precision_loss", "info", (int(sh["step"].min()), int(sh["step"].max())),
+                        worst.index.tolist(),
+                        "fp32 shadow error is small: " + ", ".join(
+                            f"{_name(l)} {v:.2g}" for l, v in worst.items()) + " (relative, median).",
+                        "", {"median_rel_err": med.to_dict()})]
+    st = sh[sh["layer"].isin(hits.index)]["step"]
+    msg = ("outputs differ from the same layer rerun in fp32 on the same inputs by "
+           + ", ".join(f"{_name(l)} {v:.1%}" for l, v in hits.head(4).items())
+           + " (relative error, median over shadow steps).")
+    return [Finding("precision_loss", "warning", (int(st.min()), int(st.max())),
+                    hits.index.tolist(), msg,
+                    "keep these layers in fp32 (mpviz.advise(run)) if the loss suffers.",
+                    {"median_rel_err": hits.to_dict()})]
+
+
+def diagnose(run: Any) -> Diagnosis:
+    """What went wrong in a run, where, and what to change.
+
+    ``run``: a :class:`mpviz.Run` or a run directory. Returns a :class:`Diagnosis` whose
+    ``findings`` are sorted worst first; ``str(diagnosis)`` is a short report.
+
+        >>> d = mpviz.diagnose("runs/exp1")        # doctest: +SKIP
+        >>> print(d)                                # doctest: +SKIP
+        >>> d.findings[0].kind, d.findings[0].layers, d.findings[0].steps   # doctest: +SKIP
+        ('forward_overflow', ['fc3'], (1, 79))
+    """
+    from ..run import Run, load_run
+
+    own = not isinstance(run, Run)
+    run = load_run(run) if own else run
+    try:
+        steps, ov, dtypes, meta = run.steps, run.overflows, run.dtypes, run.meta
+        timeline = scale_timeline(steps, ov)
+        findings: list[Finding] = []
+        if len(steps):
+            fwd = _forward_overflow(steps, ov, dtypes)
+            fwd_err = [f for f in fwd if f.severity == "error"]
+            findings += fwd
+            findings += _gradient_overflow(steps, timeline, meta.get("scaler"))
+            findings += _scale_collapse(steps, timeline, fwd_err)
+            findings += _nonfinite_loss(steps, ov, fwd_err)
+            findings += _gradient_underflow(run, steps, dtypes)
+        findings += _lost_updates(run)
+        findings += _precision_loss(run)
+        findings.sort(key=Finding.rank)
+        advice = scale_advice(steps, timeline, meta.get("scaler"))
+        return Diagnosis(findings, timeline, advice, str(run.run_dir), len(steps))
+    finally:
+        if own:
+            run.close()

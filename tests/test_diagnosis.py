@@ -1,0 +1,235 @@
+"""mpviz.diagnose / headroom / advise and the recording-time diagnostics, on real training runs
+made to fail, each checked against an independent reference (the test's own hooks, NumPy,
+an fp32 run, a hand computation)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mpviz
+from mpviz.__main__ import main as cli
+from mpviz.demos import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+F = nn.functional
+
+g = torch.Generator().manual_seed(1)
+X = torch.randn(30, 32, 16, generator=g)
+Y = (X @ torch.randn(16, 4, generator=g)).argmax(-1)
+
+
+def big_model() -> nn.Module:
+    """An MLP whose layer `big` makes activations ~1e5, past fp16's 65504 (its weights x1e6);
+    the LayerNorm after it (fp32 under autocast) brings them back."""
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    for name, mod in [("fc1", nn.Linear(16, 32)), ("act1", nn.ReLU()), ("big", nn.Linear(32, 32)),
+                      ("norm", nn.LayerNorm(32)), ("act2", nn.ReLU()), ("head", nn.Linear(32, 4))]:
+        m.add_module(name, mod)
+    with torch.no_grad():
+        m.big.weight.mul_(1e6)
+    return m
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    for name, mod in [("fc1", nn.Linear(16, 64)), ("act1", nn.ReLU()), ("fc2", nn.Linear(64, 64)),
+                      ("act2", nn.ReLU()), ("head", nn.Linear(64, 4))]:
+        m.add_module(name, mod)
+    return m
+
+
+def train(model, precision="fp32", scaler=False, run_dir=None, policy=None, steps=30, lr=1e-2,
+          loss_weight=1.0, every=5, hooks=None, **rec_kwargs):
+    """Adam on (X, Y) under fp16 autocast (or fp32); recorded when run_dir is given.
+    Returns the losses; `hooks(model)` may watch the plain run."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sc = torch.amp.GradScaler("cpu", enabled=scaler)
+    rec = (mpviz.Recorder(model, optimizer=opt, scaler=sc, run_dir=run_dir, every=every,
+                          policy=policy, **rec_kwargs) if run_dir else None)
+    losses = []
+    if rec:
+        rec.attach()
+    try:
+        for i in range(steps):
+            with torch.autocast("cpu", dtype=torch.float16, enabled=precision == "fp16"):
+                loss = loss_weight * F.cross_entropy(model(X[i % len(X)]).float(), Y[i % len(X)])
+            sc.scale(loss).backward()
+            if hooks:
+                hooks(model, i)
+            sc.step(opt)
+            sc.update()
+            opt.zero_grad()
+            if rec:
+                rec.step(loss=loss)
+            losses.append(loss.item())
+    finally:
+        if rec:
+            rec.close()
+    return losses
+
+
+# ------------------------------------------------------------------ the issue's example
+@pytest.fixture(scope="module")
+def lr5_run(tmp_path_factory):
+    """`python -m mpviz demo --task mlp --precision fp16 --lr 5`, 20 steps; the test's own hooks
+    note, per step, the first module whose fp16 output held inf/nan."""
+    d = tmp_path_factory.mktemp("lr5") / "run"
+    t = Trainer(task="mlp", precision="fp16", lr=5, run_dir=str(d), every=5)
+    first_bad: dict[int, str] = {}
+    step = [0]
+
+    def hook(name):
+        def h(mod, args, out):
+            if torch.is_grad_enabled() and step[0] not in first_bad and not torch.isfinite(out).all():
+                first_bad[step[0]] = name
+        return h
+
+    hs = [m.register_forward_hook(hook(n)) for n, m in t.model.named_modules() if n]
+    with t:
+        for i in range(20):
+            step[0] = i
+            t.step()
+    for h in hs:
+        h.remove()
+    return d, first_bad
+
+
+def test_lr5_is_a_forward_overflow_in_fc3(lr5_run, capsys):
+    d, first_bad = lr5_run
+    diag = mpviz.diagnose(d)
+    top = diag.findings[0]
+    assert (top.kind, top.severity, top.layers) == ("forward_overflow", "error", ["fc3"])
+    assert set(first_bad.values()) == {"fc3"}  # the test's own hooks agree
+    assert top.steps == (min(first_bad), max(first_bad)) == (1, 19)
+    assert "cannot fix a forward overflow" in top.message and "fp32" in top.suggestion
+    kinds = [f.kind for f in diag.findings]
+    assert kinds.index("forward_overflow") < kinds.index("scale_collapse")
+    assert "nonfinite_loss" in kinds
+    # the timeline: every backoff annotated with its cause and layer
+    tl = diag.timeline
+    back = tl[tl["event"] == "backoff"]
+    assert back["step"].tolist() == list(range(1, 20))
+    assert set(back["cause"]) == {"forward_overflow"} and all(l == ["fc3"] for l in back["layers"])
+    steps = mpviz.load_run(d).steps
+    assert np.allclose(back["scale"], steps["loss_scale"].iloc[1:])
+    # the CLI prints the same report, exit 0; a missing run exits 2 with a message
+    assert cli(["diagnose", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == str(diag) and "forward_overflow" in out and "fc3" in out
+    assert cli(["diagnose", str(d.parent / "nope")]) == 2
+    assert "no run at" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ acceptance: forward overflow
+@pytest.fixture(scope="module")
+def big_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("big")
+    ref = train(big_model())                                           # fp32, not recorded
+    f16 = train(big_model(), "fp16", scaler=True, run_dir=root / "fp16")
+    return root, ref, f16
+
+
+def test_forward_overflow_diagnosed_and_advised(big_runs):
+    root, ref, f16 = big_runs
+    diag = mpviz.diagnose(root / "fp16")
+    top = diag.findings[0]
+    assert (top.kind, top.layers, top.steps) == ("forward_overflow", ["big"], (0, 29))
+    # reference: big's own output, in fp16, overflows on the first batch
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        m = big_model()
+        h = m.act1(m.fc1(X[0]))
+        assert torch.isfinite(m.fc1(X[0])).all() and not torch.isfinite(m.big(h)).all()
+    policy = mpviz.advise(root / "fp16")
+    assert policy.rules == {"*": "fp16", "big": "fp32"}
+    assert set(policy.reasons) == {"big"} and "forward" in policy.reasons["big"]
+    # estimate: big's share of the leaf modules' parameters (hand count)
+    n = {"fc1": 16 * 32 + 32, "big": 32 * 32 + 32, "norm": 64, "head": 32 * 4 + 4}
+    assert policy.estimate["time_share"] == pytest.approx(n["big"] / sum(n.values()))
+    assert 0 < policy.estimate["memory_share"] < 1
+    # training under the advice: no skipped step, and fp32's loss (mean of the last 10 within
+    # 5%); fp16 everywhere is NaN
+    adv = train(big_model(), "fp16", scaler=True, run_dir=root / "advised", policy=policy)
+    run = mpviz.load_run(root / "advised")
+    assert not run.steps["skipped"].any()
+    assert np.mean(adv[-10:]) == pytest.approx(np.mean(ref[-10:]), rel=0.05)
+    assert all(math.isnan(l) for l in f16)
+    assert mpviz.diagnose(run).ok
+
+
+def test_advise_from_an_fp32_run_uses_headroom(tmp_path):
+    train(big_model(), run_dir=tmp_path / "fp32", steps=6)
+    policy = mpviz.advise(tmp_path / "fp32", target="fp16")
+    assert policy.rules == {"*": "fp16", "big": "fp32"}
+    assert "exceed fp16's largest value" in policy.reasons["big"]
+
+
+# ------------------------------------------------------------------ acceptance: gradient underflow
+def test_gradient_underflow_without_loss_scaling(tmp_path):
+    """A loss weighted by 1e-5 (an auxiliary loss, say): in fp16 without GradScaler the weight
+    gradients underflow. Reference: the fp32 run's own gradients, of which a good share lies
+    below fp16's smallest subnormal (2^-24)."""
+    below: dict[str, list[float]] = {}
+
+    def watch(model, i):
+        for name in ("fc1", "fc2", "head"):
+            gr = np.abs(getattr(model, name).weight.grad.numpy())
+            below.setdefault(name, []).append(float(((gr > 0) & (gr < 2.0 ** -24)).mean()))
+
+    ref = train(small_model(), lr=1e-3, loss_weight=1e-5, steps=20, hooks=watch)
+    f16 = train(small_model(), "fp16", lr=1e-3, loss_weight=1e-5, steps=20, run_dir=tmp_path / "u")
+    expected = {n for n, v in below.items() if np.median(v) > 0.1}
+    assert expected == {"fc1", "fc2", "head"}
+    diag = mpviz.diagnose(tmp_path / "u")
+    top = diag.findings[0]
+    assert top.kind == "gradient_underflow" and set(top.layers) == expected
+    assert top.steps[0] == 0 and "GradScaler" in top.suggestion
+    assert np.mean(f16[-5:]) > np.mean(ref[-5:]) * 1.02  # fp16 without scaling trains worse
+    # with GradScaler: no underflow, and fp32's loss
+    scaled = train(small_model(), "fp16", scaler=True, lr=1e-3, loss_weight=1e-5, steps=20,
+                   run_dir=tmp_path / "s")
+    assert mpviz.diagnose(tmp_path / "s").ok
+    assert np.mean(scaled[-5:]) == pytest.approx(np.mean(ref[-5:]), rel=0.01)
+
+
+# ------------------------------------------------------------------ healthy runs
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_healthy_demo_runs_have_nothing_above_info(tmp_path, precision):
+    with Trainer(task="mlp", precision=precision, run_dir=str(tmp_path / "r"), every=5) as t:
+        for _ in range(30):
+            t.step()
+    diag = mpviz.diagnose(tmp_path / "r")
+    assert diag.ok, str(diag)
+
+
+# ------------------------------------------------------------------ headroom against NumPy
+def test_headroom_matches_numpy(tmp_path):
+    """One recorded fp16 step; the test keeps its own copies of fc2's output and weight
+    gradient and computes the headroom with NumPy."""
+    model = small_model()
+    seen = {}
+    model.fc2.register_forward_hook(lambda m, a, out: seen.__setitem__("act", out.detach().float().numpy().copy()))
+    train(model, "fp16", scaler=True, run_dir=tmp_path / "h", steps=1,
+          hooks=lambda m, i: seen.__setitem__("grad", np.concatenate(
+              [m.fc2.weight.grad.numpy().ravel(), m.fc2.bias.grad.numpy().ravel()])))
+    run = mpviz.load_run(tmp_path / "h")
+    scale = float(run.steps["loss_scale"].iloc[0])
+    h = mpviz.headroom(run)
+    from mpviz.formats import FORMATS
+    # (the hook sees the scaled gradients; a layer's row is its weight and bias together)
+    for tensor, x, s in [("activation", seen["act"], 1.0), ("grad", seen["grad"] / scale, scale)]:
+        ax = np.abs(x.astype(np.float64)).ravel()
+        for fmt in ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2"):
+            row = h[(h.layer == "fc2") & (h.tensor == tensor) & (h.format == fmt)].iloc[0]
+            f = FORMATS[fmt]
+            over = math.log2(f.max / (s * ax.max()))
+            low = np.percentile(ax[ax > 0], 1.0)
+            under = math.log2(s * low / f.min_subnormal)
+            assert row.bits_to_overflow == pytest.approx(over, abs=1e-5), (tensor, fmt)
+            # binade resolution: the histogram's lower bin edge, so within one bit below
+            assert under - 1 - 1e-9 <= row.bits_to_underflow <= under + 1e-9, (tensor, fmt)
