@@ -31,6 +31,11 @@ _EXPORTS = {
     "SteerError": "mpviz.mailbox",
     "export": "mpviz.integrations.export",
     "thin": "mpviz.store",
+    "diagnose": "mpviz.diagnosis",
+    "advise": "mpviz.diagnosis",
+    "headroom": "mpviz.diagnosis",
+    "Diagnosis": "mpviz.diagnosis",
+    "Finding": "mpviz.diagnosis",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

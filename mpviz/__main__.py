@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one of {', '.join(EXPORT_FORMATS)}")
     x.add_argument("run_dir", help="a run directory (holds run.db)")
     x.add_argument("out_dir", help="where to write (created if missing)")
+
+    g = sub.add_parser("diagnose", help="say what went wrong in a run, where, and what to change")
+    g.add_argument("run_dir", help="a run directory (holds run.db)")
     return p
 
 
@@ -227,6 +230,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """Print :func:`mpviz.diagnose`'s report (exit 0 whatever it finds; 2 for no readable run)."""
+    import mpviz
+
+    if not (Path(args.run_dir) / "run.db").exists() and not Path(args.run_dir).is_file():
+        fail(f"no run at {args.run_dir!r} (expected {args.run_dir}/run.db)")
+    try:
+        print(mpviz.diagnose(args.run_dir))
+    except mpviz.RunStoreError as e:
+        fail(str(e))
+    return 0
+
+
 def _policy_summary(changes: Any) -> str:
     """The policy the run started with (its rows at step 0, recorded when training starts) and
     the per-layer changes made later."""
@@ -269,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)  # bad arguments: argparse's usage + error, exit 2
     try:
+        if args.command == "diagnose":
+            return cmd_diagnose(args)
         if args.command == "export":
             return cmd_export(args)
         return cmd_demo(args) if args.command == "demo" else cmd_info(args)
