@@ -233,3 +233,137 @@ def test_headroom_matches_numpy(tmp_path):
             assert row.bits_to_overflow == pytest.approx(over, abs=1e-5), (tensor, fmt)
             # binade resolution: the histogram's lower bin edge, so within one bit below
             assert under - 1 - 1e-9 <= row.bits_to_underflow <= under + 1e-9, (tensor, fmt)
+
+
+# ------------------------------------------------------------------ lost updates (bf16 weights)
+def test_lost_updates_match_a_hand_computation(tmp_path):
+    """model.to(bfloat16), plain SGD: an element's update is lost when bf16(p - lr*g), computed
+    in float64 here, rounds back to p. Recorded on statistics steps (every 2)."""
+    def run(run_dir=None):
+        model = small_model().to(torch.bfloat16)
+        opt = torch.optim.SGD(model.parameters(), lr=2e-3)
+        rec = mpviz.Recorder(model, optimizer=opt, run_dir=run_dir, every=2).attach() if run_dir else None
+        expect: dict[int, dict[str, float]] = {}
+        for i in range(6):
+            loss = F.cross_entropy(model(X[i].bfloat16()).float(), Y[i])
+            loss.backward()
+            if i % 2 == 0:
+                expect[i] = {}
+                for name in ("fc1", "fc2", "head"):
+                    lost = eligible = 0
+                    for p in getattr(model, name).parameters():
+                        p64, g64 = p.detach().double(), p.grad.double()
+                        new = (p64 - 2e-3 * g64).to(torch.bfloat16)
+                        nz = g64 != 0
+                        lost += int((nz & (new == p.detach())).sum())
+                        eligible += int(nz.sum())
+                    expect[i][name] = lost / eligible
+            opt.step()
+            opt.zero_grad()
+            if rec:
+                rec.step(loss=loss)
+        if rec:
+            rec.close()
+        return model, expect
+
+    plain, _ = run()
+    model, expect = run(tmp_path / "bf16")
+    for a, b in zip(plain.parameters(), model.parameters()):  # recording changed nothing
+        assert torch.equal(a, b)
+    lu = mpviz.load_run(tmp_path / "bf16").lost_updates()
+    assert sorted(lu["step"].unique()) == [0, 2, 4]
+    for st, per in expect.items():
+        for name, frac in per.items():
+            got = lu[(lu.step == st) & (lu.layer == name)]["lost_frac"].iloc[0]
+            assert got == pytest.approx(frac, abs=2e-3), (st, name)
+    assert max(f for per in expect.values() for f in per.values()) > 0.5
+    diag = mpviz.diagnose(tmp_path / "bf16")
+    found = diag.by_kind("lost_updates")
+    assert found and found[0].severity in ("warning", "error")
+    assert set(found[0].layers) == {n for n in ("fc1", "fc2", "head")
+                                    if np.median([expect[s][n] for s in expect]) >= 0.25}
+
+
+# ------------------------------------------------------------------ fp32 shadow
+def shadow_model() -> nn.Module:
+    torch.manual_seed(0)
+    m = small_model()
+    m.add_module("block", nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5)))
+    return m
+
+
+def test_shadow_error_zero_for_fp32_layers_positive_for_low_precision(tmp_path):
+    policy = mpviz.PrecisionPolicy({"*": "fp16", "fc1": "fp32", "block": "fp32", "head": "bf16"})
+
+    def run(run_dir=None):
+        model = shadow_model()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        sc = torch.amp.GradScaler("cpu")
+        rec = (mpviz.Recorder(model, optimizer=opt, scaler=sc, run_dir=run_dir, every=5,
+                              policy=policy, shadow=["fc*", "head", "block"], shadow_every=3).attach()
+               if run_dir else mpviz.apply_policy(model, policy))
+        torch.manual_seed(1)
+        for i in range(7):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(X[i]).float()[:, :4], Y[i])
+            sc.scale(loss).backward()
+            sc.step(opt)
+            sc.update()
+            opt.zero_grad()
+            if run_dir:
+                rec.step(loss=loss)
+        rec.close() if run_dir else rec.remove()
+        return model
+
+    plain = run()
+    model = run(tmp_path / "s")
+    for a, b in zip(plain.parameters(), model.parameters()):  # bit-identical, dropout included
+        assert torch.equal(a, b)
+    run_ = mpviz.load_run(tmp_path / "s")
+    assert not run_.meta.get("recorder_errors")
+    sh = run_.shadow()
+    assert sorted(sh["step"].unique()) == [0, 3, 6]
+    err = sh.groupby("layer")["rel_err"].max()
+    assert err["fc1"] == 0 and err["block"] == 0  # fp32 layers (block with its dropout mask)
+    assert 1e-5 < err["fc2"] < 1e-2      # fp16: ~2^-11 relative rounding
+    assert err["fc2"] < err["head"] < 5e-2  # bf16: ~2^-8
+    assert (sh[sh.layer == "fc1"]["sqnr_db"] == np.inf).all()
+    with pytest.raises(ValueError, match="close matches: 'fc1'"):
+        mpviz.Recorder(shadow_model(), run_dir=tmp_path / "bad", shadow=["fc11"]).attach()
+
+
+# ------------------------------------------------------------------ the explained scale timeline
+def test_backoffs_annotated_with_the_layers_whose_gradients_overflowed(tmp_path):
+    """GradScaler(init_scale=2^40): its warm-up backs off until the scaled gradients fit fp16.
+    Reference: the test's own look at the scaled .grad of each layer before scaler.step."""
+    bad: dict[int, set[str]] = {}
+
+    def watch(model, i):
+        for name in ("fc1", "fc2", "head"):
+            if not all(torch.isfinite(p.grad).all() for p in getattr(model, name).parameters()):
+                bad.setdefault(i, set()).add(name)
+
+    model = small_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sc = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+    with mpviz.Recorder(model, optimizer=opt, scaler=sc, run_dir=tmp_path / "r", every=5) as rec:
+        for i in range(30):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(X[i]).float(), Y[i])
+            sc.scale(loss).backward()
+            watch(model, i)
+            sc.step(opt)
+            sc.update()
+            opt.zero_grad()
+            rec.step(loss=loss)
+    diag = mpviz.diagnose(tmp_path / "r")
+    back = diag.timeline[diag.timeline["event"] == "backoff"]
+    assert back["step"].tolist() == sorted(bad) and len(bad) >= 3
+    for st, layers in zip(back["step"], back["layers"]):
+        assert set(layers) == bad[st] and set(back["cause"]) == {"gradient_overflow"}
+    f = diag.by_kind("gradient_overflow")[0]
+    assert f.severity == "info" and f.steps == (min(bad), max(bad))  # the warm-up: expected
+    assert diag.ok
+    settled = mpviz.load_run(tmp_path / "r").steps["loss_scale"].iloc[len(bad)]
+    assert diag.scale_advice["init_scale"] == settled  # start where the warm-up ended
+    assert "init_scale" in str(diag)

@@ -88,8 +88,8 @@ def _gradient_overflow(steps: pd.DataFrame, timeline: pd.DataFrame, settings: An
             counts[l] = counts.get(l, 0) + 1
     layers = sorted(counts, key=lambda l: -counts[l])
     n_after = len(steps) - n_warm
-    runs = _runs(back["step"].tolist())
-    longest = max(b - a + 1 for a, b in runs)
+    runs = [(a, b) for a, b in _runs(back["step"].tolist()) if a >= n_warm]  # after warm-up
+    longest = max((b - a + 1 for a, b in runs), default=0)
     if longest >= COLLAPSE_SKIPS:
         sev = "error"
     elif len(later) > max(2, 0.01 * max(n_after, 1)):
@@ -119,7 +119,8 @@ def _scale_collapse(steps: pd.DataFrame, timeline: pd.DataFrame, fwd: list[Findi
         return []
     low = float(np.nanmin(np.r_[sc["loss_scale"].to_numpy(), sc["loss_scale_after"].to_numpy()]))
     skipped = sc.loc[sc["skipped"], "step"].tolist()
-    runs = _runs(skipped)
+    n_warm = warmup_backoffs(sc)  # a warm-up that ended is GradScaler finding its scale
+    runs = [r for r in _runs(skipped) if not (n_warm < len(sc) and r[0] == sc["step"].iloc[0])]
     longest = max(((a, b) for a, b in runs), key=lambda r: r[1] - r[0], default=None)
     n_long = longest[1] - longest[0] + 1 if longest else 0
     if low >= 1 and n_long < COLLAPSE_SKIPS:

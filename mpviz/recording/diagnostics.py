@@ -1,0 +1,195 @@
+"""Diagnostics measured while training (read back with ``run.lost_updates()`` / ``run.shadow()``,
+judged by :func:`mpviz.diagnose`):
+
+- **lost updates** (``Recorder(lost_updates=...)``; default: on when the model holds bf16/fp16
+  parameters, as in ``model.to(torch.bfloat16)``): on statistics steps, around
+  ``optimizer.step()``, per layer, the fraction of the elements with a nonzero gradient whose
+  stored value did not change (the update was smaller than half a unit in the last place, so
+  rounding to the weight's format threw it away). The pre-step copy is taken on statistics
+  steps only, of low-precision parameters only; one host read per statistics step.
+- **fp32 shadow** (``Recorder(shadow=["fc1", "blocks.*.mlp"], shadow_every=50)``): every
+  ``shadow_every`` steps each chosen layer is rerun in fp32 (a hook-free fp32 copy, autocast
+  off) on the very inputs its forward received (upcast), with the RNG state its forward started
+  from (dropout draws the same mask) and restored after; the relative error and SQNR of its
+  output against that are stored. Forward only: the backward shadow (weight gradients on the
+  same upstream gradient) is not implemented.
+
+Neither changes training: tensors are only read and copied, and the RNG state is put back
+(``tests/test_twin.py`` keeps passing with the defaults; ``tests/test_diagnosis.py`` checks
+training with both on against one without).
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .. import compat, tree
+
+LOW = (torch.bfloat16, torch.float16)
+
+
+class LostUpdates:
+    """Optimizer step pre/post hooks measuring rounded-away updates of low-precision weights."""
+
+    def __init__(self, rec: Any) -> None:
+        self.rec = rec
+        self.before: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def pre(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        s = self.rec._state
+        self.before = []
+        if s is None or not s.stats_step or (len(args) > 1 or kwargs.get("closure")):
+            return
+        for i, p in enumerate(self.rec._params):
+            if p.dtype in LOW and p.grad is not None:
+                self.before.append((i, p.detach().clone(), p.grad.detach() != 0))
+
+    def post(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        if not self.before:
+            return
+        before, self.before = self.before, []
+        layer_of = self.rec._param_layer
+        counts = []
+        for i, old, nonzero in before:
+            p = self.rec._params[i]
+            counts.append(torch.stack([(nonzero & (p.detach() == old)).sum(), nonzero.sum()]))
+        values = torch.stack(counts).tolist()  # one host read (a sync on an accelerator)
+        per: dict[int, list[float]] = {}
+        for (i, _, _), (lost, eligible) in zip(before, values):
+            acc = per.setdefault(layer_of[i], [0.0, 0.0])
+            acc[0] += lost
+            acc[1] += eligible
+        step = self.rec._state.index
+        rows = []
+        for layer, (lost, eligible) in per.items():
+            rows.append((step, layer, "lost_updates", "lost_frac",
+                         lost / eligible if eligible else None))
+            rows.append((step, layer, "lost_updates", "eligible", eligible))
+        self.rec._writer.put("diagnostics", rows)
+
+
+def _bare_fp32_copy(module: nn.Module) -> nn.Module:
+    """An fp32 copy of ``module`` with no hooks (ours, the policy's, the user's), not requiring
+    grad. The hooks are taken off the original for the time of the copy and put back."""
+    saved = []
+    for m in module.modules():
+        hooks = {k: v for k, v in vars(m).items() if "hooks" in k and isinstance(v, dict)}
+        saved.append((m, hooks))
+        for k, v in hooks.items():
+            setattr(m, k, type(v)())
+    try:
+        c = copy.deepcopy(module)
+    finally:
+        for m, hooks in saved:
+            for k, v in hooks.items():
+                setattr(m, k, v)
+    c.float().requires_grad_(False)
+    for p in c.parameters():
+        p.grad = None
+    return c
+
+
+class Shadow:
+    """Forward (pre-)hooks on chosen layers that rerun them in fp32 every ``every`` steps."""
+
+    def __init__(self, rec: Any, patterns: Sequence[str], every: int) -> None:
+        if int(every) < 1:
+            raise ValueError(f"shadow_every must be >= 1, got {every}")
+        names = rec._names
+        self.layers: list[int] = []
+        for pat in patterns:
+            hit = [i for i, n in enumerate(names) if n and fnmatch.fnmatchcase(n, pat)]
+            if not hit:
+                import difflib
+
+                close = difflib.get_close_matches(pat, [n for n in names if n], n=3)
+                raise ValueError(f"shadow pattern {pat!r} matches no layer of the model"
+                                 + (f"; close matches: {', '.join(map(repr, close))}" if close else "")
+                                 + ". Patterns are fnmatch globs over named_modules() names.")
+            self.layers += [i for i in hit if i not in self.layers]
+        self.rec, self.every = rec, int(every)
+        self.copies: dict[int, nn.Module] = {}
+        self.rng: dict[int, Any] = {}
+        self.done: set[tuple[int, int]] = set()
+
+    def _on(self) -> int | None:
+        rec = self.rec
+        s = rec._state
+        if s is None or rec._replaying or not torch.is_grad_enabled() or s.index % self.every:
+            return None
+        return s.index
+
+    def attach(self, hook: Any) -> None:
+        for i in self.layers:
+            m = self.rec._modules[i]
+            hook(m.register_forward_pre_hook(self.rec._contained("shadow", self._pre(i))))
+            hook(m.register_forward_hook(self.rec._contained("shadow", self._post(i)),
+                                         with_kwargs=True))
+
+    def _pre(self, i: int) -> Any:
+        def pre(module: nn.Module, args: tuple) -> None:
+            step = self._on()
+            if step is not None and (step, i) not in self.done:
+                self.rng[i] = compat.get_rng_state(self.rec.device)
+        return pre
+
+    def _post(self, i: int) -> Any:
+        def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            step = self._on()
+            if step is None or (step, i) in self.done or i not in self.rng:
+                return
+            self.done = {k for k in self.done if k[0] == step} | {(step, i)}
+            y = tree.first_float(output)
+            if y is None:
+                return
+            self._shadow(i, module, args, kwargs, y.detach(), step)
+        return post
+
+    def _shadow(self, i: int, module: nn.Module, args: tuple, kwargs: dict, y: torch.Tensor,
+                step: int) -> None:
+        c = self.copies.get(i)
+        if c is None:
+            c = self.copies[i] = _bare_fp32_copy(module)
+        device = self.rec.device
+        after = compat.get_rng_state(device)
+        up = lambda t: t.detach().float()  # noqa: E731
+        try:
+            with torch.no_grad():
+                for dst, src in zip(c.parameters(), module.parameters()):
+                    dst.copy_(src.detach())
+                for dst, src in zip(c.buffers(), module.buffers()):
+                    dst.copy_(src.detach())
+                c.train(module.training)
+                compat.set_rng_state(self.rng.pop(i), device)  # the same dropout mask
+                with torch.autocast(device.type, enabled=False):
+                    ref = tree.first_float(c(*tree.map_floats(up, args), **tree.map_floats(up, kwargs)))
+                if ref is None or ref.shape != y.shape:
+                    return
+                ref = ref.float()
+                sq = torch.stack([((y.float() - ref) ** 2).sum(), (ref ** 2).sum()]).double()
+                err2, ref2 = sq.tolist()  # one host read per layer and shadow step
+        finally:
+            compat.set_rng_state(after, device)
+        rel = math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
+        sqnr = 10 * math.log10(ref2 / err2) if err2 > 0 else math.inf
+        self.rec._writer.put("diagnostics", [(step, i, "shadow", "rel_err", rel),
+                                             (step, i, "shadow", "sqnr_db", sqnr)])
+
+
+def attach_diagnostics(rec: Any, hook: Any, lost_updates: bool | None, shadow: Sequence[str] | None,
+                       shadow_every: int) -> None:
+    """Wire the diagnostics into a recorder being attached (``hook`` keeps each handle for
+    removal); errors are contained per part (``rec._contained``)."""
+    if lost_updates is None:
+        lost_updates = any(p.dtype in LOW for p in rec._params)
+    if lost_updates and rec.optimizer is not None:
+        lu = LostUpdates(rec)
+        hook(rec.optimizer.register_step_pre_hook(rec._contained("lost updates", lu.pre)))
+        hook(rec.optimizer.register_step_post_hook(rec._contained("lost updates", lu.post)))
+    if shadow:
+        Shadow(rec, [shadow] if isinstance(shadow, str) else list(shadow), shadow_every).attach(hook)
