@@ -108,6 +108,9 @@ def test_lr5_is_a_forward_overflow_in_fc3(lr5_run, capsys):
     assert set(first_bad.values()) == {"fc3"}  # the test's own hooks agree
     assert top.steps == (min(first_bad), max(first_bad)) == (1, 19)
     assert "cannot fix a forward overflow" in top.message and "fp32" in top.suggestion
+    # lr 5: Adam's first step moves every weight by ~5 (max |w| 0.12 -> 5.1 in fc3)
+    assert "grew 41x from step 0 to step 5" in top.message
+    assert top.suggestion.startswith("lower the learning rate")
     kinds = [f.kind for f in diag.findings]
     assert kinds.index("forward_overflow") < kinds.index("scale_collapse")
     assert "nonfinite_loss" in kinds
@@ -367,3 +370,19 @@ def test_backoffs_annotated_with_the_layers_whose_gradients_overflowed(tmp_path)
     settled = mpviz.load_run(tmp_path / "r").steps["loss_scale"].iloc[len(bad)]
     assert diag.scale_advice["init_scale"] == settled  # start where the warm-up ended
     assert "init_scale" in str(diag)
+
+
+def test_runs_recorded_before_the_diagnostics_table_still_diagnose(lr5_run, tmp_path):
+    import shutil
+    import sqlite3
+
+    d, _ = lr5_run
+    old = tmp_path / "old"
+    shutil.copytree(d, old)
+    con = sqlite3.connect(old / "run.db")
+    con.execute("DROP TABLE diagnostics")
+    con.commit()
+    con.close()
+    run = mpviz.load_run(old)
+    assert run.diagnostics.empty and run.lost_updates().empty and run.shadow().empty
+    assert [f.kind for f in mpviz.diagnose(run).findings] == [f.kind for f in mpviz.diagnose(d).findings]

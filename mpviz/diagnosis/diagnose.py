@@ -23,6 +23,8 @@ COLLAPSE_SKIPS = 10            # this many in a row, or a scale below 1: the sca
 UNDERFLOW_BITS = 4.0           # 1% of nonzero gradients within this many bits of fp16's floor
 LOST_UPDATES_WARN, LOST_UPDATES_ERROR = 0.25, 0.75
 SHADOW_REL_ERR = 0.05          # relative error of a layer's output against fp32
+GROWTH = 8.0                   # a layer's max |w| grown this much before it overflowed: the lr
+MAX_HIST_STEPS = 200           # gradient underflow: histograms of at most this many steps
 
 
 def _runs(steps: list[int]) -> list[tuple[int, int]]:
@@ -45,7 +47,19 @@ def _output_dtype(dtypes: pd.DataFrame, layer: str, step: int) -> str | None:
     return d["dtype"].iloc[-1] if len(d) else None
 
 
-def _forward_overflow(steps: pd.DataFrame, ov: pd.DataFrame, dtypes: pd.DataFrame) -> list[Finding]:
+def _weight_growth(weights: pd.DataFrame, layer: str, at: int) -> tuple[float, int, int] | None:
+    """How much ``layer``'s max |w| grew from the first statistics step to the first one at or
+    after step ``at``: (factor, from step, to step), or None without two such rows."""
+    w = weights[weights["layer"] == layer].sort_values("step")
+    later = w[w["step"] >= at]
+    if not len(w) or not len(later) or later["step"].iloc[0] == w["step"].iloc[0]:
+        return None
+    a, b = float(w["max_abs"].iloc[0]), float(later["max_abs"].iloc[0])
+    return (b / a if a > 0 else math.inf), int(w["step"].iloc[0]), int(later["step"].iloc[0])
+
+
+def _forward_overflow(steps: pd.DataFrame, ov: pd.DataFrame, dtypes: pd.DataFrame,
+                      weights: pd.DataFrame) -> list[Finding]:
     fwd = ov[(ov["phase"] == "forward") & ov["first"]]
     out = []
     skipped = set(steps.loc[steps["skipped"], "step"].tolist())
@@ -62,7 +76,16 @@ def _forward_overflow(steps: pd.DataFrame, ov: pd.DataFrame, dtypes: pd.DataFram
                     "overflow (the loss scale multiplies only the loss and the gradients), so "
                     "GradScaler kept halving the scale to no effect")
         msg += "."
-        if low_precision:
+        growth = _weight_growth(weights, layer, st[0])
+        grew = growth is not None and growth[0] >= GROWTH
+        if grew:
+            msg += (f" Its weights' max |w| grew {growth[0]:.0f}x from step {growth[1]} to step "
+                    f"{growth[2]}: the learning rate is too high for this model.")
+        if grew:
+            sug = (f"lower the learning rate first (keeping {layer} in fp32 alone would move the "
+                   f"overflow to the layers after it); then, if {layer} still overflows, keep it "
+                   f"in fp32: PrecisionPolicy({{'*': 'fp16', {layer!r}: 'fp32'}}).")
+        elif low_precision:
             sug = (f"keep {_name(layer)} in fp32 (or bf16, whose range is fp32's): "
                    f"PrecisionPolicy({{'*': 'fp16', {layer!r}: 'fp32'}}), or mpviz.advise(run). "
                    "If its weights grew after a too-high learning rate, lower the learning rate.")
@@ -179,8 +202,13 @@ def _gradient_underflow(run: Any, steps: pd.DataFrame, dtypes: pd.DataFrame) -> 
                                 & (dtypes["dtype"] == "float16"), "layer"])
     if not low_layers:
         return []
+    # at most MAX_HIST_STEPS statistics steps, evenly spread (a long run has thousands)
+    have = run.query("SELECT DISTINCT step FROM histograms WHERE tensor = 'grad' ORDER BY step")["step"]
+    pick = have.iloc[np.unique(np.linspace(0, len(have) - 1, min(len(have), MAX_HIST_STEPS)).astype(int))] \
+        if len(have) else have
     h = run.query("SELECT h.step, l.layer, h.lo, h.counts FROM histograms h JOIN layers l "
-                  "ON l.idx = h.layer_idx WHERE h.tensor = 'grad' ORDER BY h.step")
+                  "ON l.idx = h.layer_idx WHERE h.tensor = 'grad' AND h.step IN (%s) ORDER BY h.step"
+                  % ",".join(str(int(x)) for x in pick)) if len(pick) else have.to_frame()
     if not len(h):
         return []
     scale = dict(zip(steps["step"], steps["loss_scale"].fillna(1.0)))
@@ -294,7 +322,9 @@ def diagnose(run: Any) -> Diagnosis:
         timeline = scale_timeline(steps, ov)
         findings: list[Finding] = []
         if len(steps):
-            fwd = _forward_overflow(steps, ov, dtypes)
+            weights = run.query("SELECT s.step, l.layer, s.max_abs FROM layer_stats s JOIN layers l "
+                                "ON l.idx = s.layer_idx WHERE s.tensor = 'weight'")
+            fwd = _forward_overflow(steps, ov, dtypes, weights)
             fwd_err = [f for f in fwd if f.severity == "error"]
             findings += fwd
             findings += _gradient_overflow(steps, timeline, meta.get("scaler"))
