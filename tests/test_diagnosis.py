@@ -386,3 +386,15 @@ def test_runs_recorded_before_the_diagnostics_table_still_diagnose(lr5_run, tmp_
     run = mpviz.load_run(old)
     assert run.diagnostics.empty and run.lost_updates().empty and run.shadow().empty
     assert [f.kind for f in mpviz.diagnose(run).findings] == [f.kind for f in mpviz.diagnose(d).findings]
+
+
+def test_a_failing_shadow_is_contained(tmp_path):
+    """A layer that cannot be copied (it keeps a non-leaf tensor, which deepcopy refuses): the
+    shadow stops with one warning and a recorder error; training goes on and the rest is recorded."""
+    model = small_model()
+    model.fc2.cache = model.fc1.weight * 2  # non-leaf: copy.deepcopy raises
+    with pytest.warns(RuntimeWarning, match="'shadow' stopped"):
+        losses = train(model, run_dir=tmp_path / "r", steps=4, shadow=["fc2"], shadow_every=1)
+    run = mpviz.load_run(tmp_path / "r")
+    assert [e["part"] for e in run.meta["recorder_errors"]] == ["shadow"]
+    assert len(run.steps) == 4 and all(math.isfinite(l) for l in losses) and run.shadow().empty
