@@ -331,6 +331,10 @@ def test_shadow_error_zero_for_fp32_layers_positive_for_low_precision(tmp_path):
     assert 1e-5 < err["fc2"] < 1e-2      # fp16: ~2^-11 relative rounding
     assert err["fc2"] < err["head"] < 5e-2  # bf16: ~2^-8
     assert (sh[sh.layer == "fc1"]["sqnr_db"] == np.inf).all()
+    # backward: weight gradients from the same upstream gradient, against the fp32 copy's
+    gerr = sh.groupby("layer")["grad_rel_err"].max()
+    assert gerr["fc1"] == 0 and gerr["block"] == 0
+    assert 1e-5 < gerr["fc2"] < 5e-2 and 1e-4 < gerr["head"] < 1e-1
     with pytest.raises(ValueError, match="close matches: 'fc1'"):
         mpviz.Recorder(shadow_model(), run_dir=tmp_path / "bad", shadow=["fc11"]).attach()
 

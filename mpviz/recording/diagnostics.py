@@ -11,8 +11,10 @@ judged by :func:`mpviz.diagnose`):
   ``shadow_every`` steps each chosen layer is rerun in fp32 (a hook-free fp32 copy, autocast
   off) on the very inputs its forward received (upcast), with the RNG state its forward started
   from (dropout draws the same mask) and restored after; the relative error and SQNR of its
-  output against that are stored. Forward only: the backward shadow (weight gradients on the
-  same upstream gradient) is not implemented.
+  output against that are stored; and for the backward, when the upstream gradient of the
+  layer's output arrives, the fp32 copy computes the weight gradients from that very gradient,
+  compared with the layer's own weight gradients of that backward (``grad_rel_err``,
+  ``grad_sqnr_db``).
 
 Neither changes training: tensors are only read and copied, and the RNG state is put back
 (``tests/test_twin.py`` keeps passing with the defaults; ``tests/test_diagnosis.py`` checks
@@ -116,6 +118,9 @@ class Shadow:
         self.copies: dict[int, nn.Module] = {}
         self.rng: dict[int, Any] = {}
         self.done: set[tuple[int, int]] = set()
+        # per layer: the step and backward hooks (output, parameters) of its last shadow step,
+        # removed at the layer's next forward
+        self.pending: dict[int, tuple[int, list[Any]]] = {}
 
     def _on(self) -> int | None:
         rec = self.rec
@@ -125,6 +130,7 @@ class Shadow:
         return s.index
 
     def attach(self, hook: Any) -> None:
+        hook(self)  # removes the pending backward hooks
         for i in self.layers:
             m = self.rec._modules[i]
             hook(m.register_forward_pre_hook(self.rec._contained("shadow", self._pre(i))))
@@ -133,6 +139,10 @@ class Shadow:
 
     def _pre(self, i: int) -> Any:
         def pre(module: nn.Module, args: tuple) -> None:
+            s = self.rec._state
+            if i in self.pending and (s is None or self.pending[i][0] != s.index):
+                for h in self.pending.pop(i)[1]:
+                    h.remove()
             step = self._on()
             if step is not None and (step, i) not in self.done:
                 self.rng[i] = compat.get_rng_state(self.rec.device)
@@ -147,7 +157,7 @@ class Shadow:
             y = tree.first_float(output)
             if y is None:
                 return
-            self._shadow(i, module, args, kwargs, y.detach(), step)
+            self._shadow(i, module, args, kwargs, y, step)
         return post
 
     def _shadow(self, i: int, module: nn.Module, args: tuple, kwargs: dict, y: torch.Tensor,
@@ -157,7 +167,9 @@ class Shadow:
             c = self.copies[i] = _bare_fp32_copy(module)
         device = self.rec.device
         after = compat.get_rng_state(device)
+        rng = self.rng.pop(i)
         up = lambda t: t.detach().float()  # noqa: E731
+        args, kwargs = tree.map_floats(up, args), tree.map_floats(up, kwargs)
         try:
             with torch.no_grad():
                 for dst, src in zip(c.parameters(), module.parameters()):
@@ -165,13 +177,13 @@ class Shadow:
                 for dst, src in zip(c.buffers(), module.buffers()):
                     dst.copy_(src.detach())
                 c.train(module.training)
-                compat.set_rng_state(self.rng.pop(i), device)  # the same dropout mask
+                compat.set_rng_state(rng, device)  # the same dropout mask
                 with torch.autocast(device.type, enabled=False):
-                    ref = tree.first_float(c(*tree.map_floats(up, args), **tree.map_floats(up, kwargs)))
+                    ref = tree.first_float(c(*args, **kwargs))
                 if ref is None or ref.shape != y.shape:
                     return
                 ref = ref.float()
-                sq = torch.stack([((y.float() - ref) ** 2).sum(), (ref ** 2).sum()]).double()
+                sq = torch.stack([((y.detach().float() - ref) ** 2).sum(), (ref ** 2).sum()]).double()
                 err2, ref2 = sq.tolist()  # one host read per layer and shadow step
         finally:
             compat.set_rng_state(after, device)
@@ -179,6 +191,71 @@ class Shadow:
         sqnr = 10 * math.log10(ref2 / err2) if err2 > 0 else math.inf
         self.rec._writer.put("diagnostics", [(step, i, "shadow", "rel_err", rel),
                                              (step, i, "shadow", "sqnr_db", sqnr)])
+        if y.requires_grad:
+            self._backward(i, module, c, args, kwargs, rng, y, step)
+
+    def _backward(self, i: int, module: nn.Module, c: nn.Module, args: Any, kwargs: Any,
+                  rng: Any, y: torch.Tensor, step: int) -> None:
+        """The backward shadow: when the upstream gradient of the layer's output arrives, the
+        fp32 copy computes its weight gradients from that very gradient; the layer's own weight
+        gradients of this backward (hooks on its parameters, before accumulation into .grad)
+        are compared with them. A parameter shared with other layers gets their gradient too."""
+        live = [p for p in module.parameters() if p.requires_grad]
+        if not live:
+            return
+        mine = [cp for cp, p in zip(c.parameters(), module.parameters()) if p.requires_grad]
+        ref: list[torch.Tensor | None] = []
+        got: dict[int, torch.Tensor] = {}
+        device = self.rec.device
+
+        def on_output(g: torch.Tensor) -> None:
+            if ref:
+                return
+            after = compat.get_rng_state(device)
+            try:
+                c.requires_grad_(True)
+                with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+                    compat.set_rng_state(rng, device)
+                    out = tree.first_float(c(*args, **kwargs))
+                    ref.extend(torch.autograd.grad(out, mine, g.detach().float(), allow_unused=True))
+            finally:
+                c.requires_grad_(False)
+                compat.set_rng_state(after, device)
+
+        def on_param(k: int) -> Any:
+            def h(g: torch.Tensor) -> None:
+                if k in got or len(ref) != len(live):
+                    return  # a later backward (the hooks go at the layer's next forward)
+                got[k] = g.detach().float()
+                if len(got) == len(live):
+                    self._grad_rows(i, step, [got[j] for j in range(len(live))], ref)
+            return h
+
+        for h in self.pending.pop(i, (0, []))[1]:
+            h.remove()
+        hooks = [y.register_hook(self.rec._contained("shadow", on_output))]
+        hooks += [p.register_hook(self.rec._contained("shadow", on_param(k)))
+                  for k, p in enumerate(live)]
+        self.pending[i] = (step, hooks)
+
+    def _grad_rows(self, i: int, step: int, got: list[torch.Tensor],
+                   ref: list[torch.Tensor | None]) -> None:
+        pairs = [(a, b.float()) for a, b in zip(got, ref) if b is not None and a.shape == b.shape]
+        if not pairs:
+            return
+        sq = torch.stack([sum(((a - b) ** 2).sum() for a, b in pairs),
+                          sum((b ** 2).sum() for _, b in pairs)]).double()
+        err2, ref2 = sq.tolist()
+        rel = math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
+        sqnr = 10 * math.log10(ref2 / err2) if err2 > 0 else math.inf
+        self.rec._writer.put("diagnostics", [(step, i, "shadow", "grad_rel_err", rel),
+                                             (step, i, "shadow", "grad_sqnr_db", sqnr)])
+
+    def remove(self) -> None:
+        for _, hooks in self.pending.values():
+            for h in hooks:
+                h.remove()
+        self.pending = {}
 
 
 def attach_diagnostics(rec: Any, hook: Any, lost_updates: bool | None, shadow: Sequence[str] | None,
