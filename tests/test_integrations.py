@@ -96,12 +96,14 @@ def test_hf_trainer_fp16_on_cpu_runs_fp32(tmp_path):
     from mpviz.integrations.hf import MpvizCallback
 
     cb = MpvizCallback(run_dir=tmp_path / "run", every=5)
-    trainer, logged, _ = _hf_train(tmp_path / "out", cb, fp16=True)
+    # with gradient accumulation: a step is 2 micro-batches, its loss the one the Trainer logs
+    trainer, logged, _ = _hf_train(tmp_path / "out", cb, fp16=True, gradient_accumulation_steps=2)
     assert trainer.accelerator.scaler is None
     run = mpviz.load_run(cb.run_dir)
     assert run.meta["scaler"] is None and run.meta["autocast_dtype"] is None
     assert set(run.dtypes["dtype"].dropna()) == {"float32"}
     assert run.steps["loss"].tolist() == pytest.approx(logged, rel=1e-6, abs=0)
+    assert len(logged) == HF_STEPS and (run.steps["samples"] == 4).all()
 
 
 # ---------------------------------------------------------------- Lightning
