@@ -335,6 +335,8 @@ def test_shadow_error_zero_for_fp32_layers_positive_for_low_precision(tmp_path):
     gerr = sh.groupby("layer")["grad_rel_err"].max()
     assert gerr["fc1"] == 0 and gerr["block"] == 0
     assert 1e-5 < gerr["fc2"] < 5e-2 and 1e-4 < gerr["head"] < 1e-1
+    # advise keeps the layers whose shadow error is over the threshold (bf16 head: ~2^-9)
+    assert mpviz.advise(run_, shadow_threshold=1e-3).rules == {"*": "fp16", "head": "fp32"}
     with pytest.raises(ValueError, match="close matches: 'fc1'"):
         mpviz.Recorder(shadow_model(), run_dir=tmp_path / "bad", shadow=["fc11"]).attach()
 

@@ -59,10 +59,13 @@ def advise(run: Any, target: str = "fp16", keep: str = "fp32", margin_bits: floa
             elif f.kind == "gradient_overflow" and f.severity != "info":
                 reasons.setdefault(f.layers[0], f"gradients overflowed first on {f.evidence['skips']} "
                                                 "skipped steps")
-            elif f.kind == "precision_loss" and f.severity != "info":
-                for l, e in f.evidence.get("median_rel_err", {}).items():
-                    if e > shadow_threshold:
-                        reasons.setdefault(l, f"fp32 shadow error {e:.1%} > {shadow_threshold:.0%}")
+        sh = run.shadow()
+        if len(sh):
+            err = np.fmax(sh["rel_err"].astype(float), sh["grad_rel_err"].astype(float))
+            med = sh.assign(err=err).groupby("layer", sort=False)["err"].median()
+            for l, e in med[med > shadow_threshold].items():
+                reasons.setdefault(l, f"fp32 shadow error {e:.2%} > {shadow_threshold:.2%} "
+                                      "(median relative error of outputs / weight gradients)")
         layers = run.layers
         leaf = dict(zip(layers["layer"], layers["is_leaf"]))
         bad_steps = set(run.overflows.query("phase == 'forward'")["step"])

@@ -283,7 +283,9 @@ def _precision_loss(run: Any) -> list[Finding]:
     sh = run.shadow()
     if not len(sh):
         return []
-    med = sh.groupby("layer", sort=False)["rel_err"].median()
+    # the output's error, or the weight gradients' (backward shadow) where larger
+    sh = sh.assign(err=np.fmax(sh["rel_err"].astype(float), sh["grad_rel_err"].astype(float)))
+    med = sh.groupby("layer", sort=False)["err"].median()
     hits = med[med > SHADOW_REL_ERR].sort_values(ascending=False)
     if not len(hits):
         worst = med.sort_values(ascending=False).head(3)
@@ -293,7 +295,8 @@ def _precision_loss(run: Any) -> list[Finding]:
                             f"{_name(l)} {v:.2g}" for l, v in worst.items()) + " (relative, median).",
                         "", {"median_rel_err": med.to_dict()})]
     st = sh[sh["layer"].isin(hits.index)]["step"]
-    msg = ("outputs differ from the same layer rerun in fp32 on the same inputs by "
+    msg = ("outputs (or weight gradients) differ from the same layer rerun in fp32 on the same "
+           "inputs (upstream gradient) by "
            + ", ".join(f"{_name(l)} {v:.1%}" for l, v in hits.head(4).items())
            + " (relative error, median over shadow steps).")
     return [Finding("precision_loss", "warning", (int(st.min()), int(st.max())),
