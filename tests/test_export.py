@@ -133,3 +133,21 @@ def test_thin_keeps_overflows_and_scale_changes(run_dir, tmp_path):
     ref = stats0[stats0["step"].isin(kept)].reset_index(drop=True)
     pd.testing.assert_frame_equal(run.layer_stats, ref)
     assert run.meta["thinned"][0]["keep_every"] == 8
+
+
+def test_tensorboard_one_folder_per_rank(run_dir, tmp_path):
+    """A run with two ranks' stores (here rank 0's copied as rank 1) gives rank0/ and rank1/."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    two = tmp_path / "two"
+    shutil.copytree(run_dir, two)
+    shutil.copy(two / "run.db", two / "run-rank1.db")
+    steps = mpviz.load_run(two).steps
+    if "rank" not in steps or steps["rank"].nunique() != 2:
+        pytest.skip("this mpviz's load_run does not read several ranks")
+    files = mpviz.export(two, "tensorboard", tmp_path / "tb")
+    assert [p.parent.name for p in files] == ["rank0", "rank1"]
+    for p in files:
+        acc = EventAccumulator(str(p.parent), size_guidance={"scalars": 0})
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("train/loss")] == list(range(STEPS))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 from ..run import Run, load_run
 
 FORMATS = ("tensorboard", "csv", "parquet")
@@ -37,7 +38,8 @@ TABLES = ("steps", "layer_stats", "overflows", "dtypes", "policy_changes", "laye
 def export(run: Run | str | Path, fmt: str, out_dir: str | Path) -> list[Path]:
     """Write ``run`` (a :class:`mpviz.Run` or a run directory) to ``out_dir`` as ``fmt``, one of
     ``tensorboard``, ``csv``, ``parquet``. Returns the files written (for TensorBoard, the event
-    file; point ``tensorboard --logdir`` at ``out_dir``).
+    file, one per rank in ``out_dir/rank<r>`` for a run with several; point ``tensorboard
+    --logdir`` at ``out_dir``).
 
         >>> mpviz.export("runs/exp1", "csv", "out/exp1")   # doctest: +SKIP
     """
@@ -49,7 +51,7 @@ def export(run: Run | str | Path, fmt: str, out_dir: str | Path) -> list[Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
         if fmt == "tensorboard":
-            return [_tensorboard(r, out)]
+            return _tensorboard(r, out)
         return _tables(r, out, fmt)
     finally:
         if own:
@@ -75,19 +77,28 @@ def _tables(run: Run, out: Path, fmt: str) -> list[Path]:
     return written + [meta]
 
 
-def _tensorboard(run: Run, out: Path) -> Path:
+def _tensorboard(run: Run, out: Path) -> list[Path]:
+    """One event file; for a run read with several ranks, one folder per rank (``rank0``, ...:
+    TensorBoard shows them as runs, overlaid)."""
     from . import require
 
     require("tensorboard", "export", "mpviz.export(..., 'tensorboard', ...)")
+    meta, steps, stats, overflows = run.meta, run.steps, run.layer_stats, run.overflows
+    if "rank" not in steps or steps["rank"].nunique() < 2:
+        return [_events(meta, steps, stats, overflows, out)]
+    return [_events(meta, steps[steps["rank"] == r], stats[stats["rank"] == r],
+                    overflows[overflows["rank"] == r], out / f"rank{r}")
+            for r in sorted(steps["rank"].unique())]
+
+
+def _events(meta: dict, steps: Any, stats: Any, overflows: Any, out: Path) -> Path:
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.compat.proto.summary_pb2 import Summary
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-    meta = run.meta
     fmts = {"float16": ["fp16"], "bfloat16": ["bf16"]}.get(meta.get("autocast_dtype") or "",
                                                             ["fp16", "bf16"])
-    steps = run.steps
-    events = run.overflows.groupby("step").size() if len(run.overflows) else {}
+    events = overflows.groupby("step").size().to_dict()
     wall = dict(zip(steps["step"].tolist(), steps["wall_time"].tolist()))
     scaler = isinstance(meta.get("scaler"), dict) and meta["scaler"].get("enabled", True)
     values: dict[int, list[tuple[str, float]]] = {}
@@ -100,9 +111,8 @@ def _tensorboard(run: Run, out: Path) -> Path:
                 v.append((tag, float(x)))
         skipped_total += bool(row.skipped)
         v += [("train/skipped", float(bool(row.skipped))), ("train/skipped_total", float(skipped_total)),
-              ("overflow/events", float(events.get(row.step, 0) if len(events) else 0))]
-    stats = run.layer_stats
-    stats["layer"] = stats["layer"].where(stats["layer"] != "", "(model)")
+              ("overflow/events", float(events.get(row.step, 0)))]
+    stats = stats.assign(layer=stats["layer"].where(stats["layer"] != "", "(model)"))
     for row in stats.itertuples(index=False):
         v = values.setdefault(int(row.step), [])
         if row.tensor == "grad":
