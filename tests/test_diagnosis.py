@@ -217,9 +217,13 @@ def test_headroom_matches_numpy(tmp_path):
     model = small_model()
     seen = {}
     model.fc2.register_forward_hook(lambda m, a, out: seen.__setitem__("act", out.detach().float().numpy().copy()))
-    train(model, "fp16", scaler=True, run_dir=tmp_path / "h", steps=1,
-          hooks=lambda m, i: seen.__setitem__("grad", np.concatenate(
-              [m.fc2.weight.grad.numpy().ravel(), m.fc2.bias.grad.numpy().ravel()])))
+    def keep(m, i):
+        for name in ("fc1", "fc2", "head"):
+            mod = getattr(m, name)
+            seen[name] = np.concatenate([mod.weight.grad.numpy().ravel(), mod.bias.grad.numpy().ravel()])
+        seen["grad"] = seen["fc2"]
+
+    train(model, "fp16", scaler=True, run_dir=tmp_path / "h", steps=1, hooks=keep)
     run = mpviz.load_run(tmp_path / "h")
     scale = float(run.steps["loss_scale"].iloc[0])
     h = mpviz.headroom(run)
@@ -236,6 +240,11 @@ def test_headroom_matches_numpy(tmp_path):
             assert row.bits_to_overflow == pytest.approx(over, abs=1e-5), (tensor, fmt)
             # binade resolution: the histogram's lower bin edge, so within one bit below
             assert under - 1 - 1e-9 <= row.bits_to_underflow <= under + 1e-9, (tensor, fmt)
+    # in words: how many more times the scale can double before a gradient overflows fp16
+    bits = {n: math.log2(65504 / np.abs(seen[n].astype(np.float64)).max()) for n in ("fc1", "fc2", "head")}
+    worst = min(bits, key=bits.get)
+    note = f"the scale can double {math.floor(bits[worst])} more times before {worst}'s gradients"
+    assert any(note in n for n in mpviz.diagnose(run).notes), (note, mpviz.diagnose(run).notes)
 
 
 # ------------------------------------------------------------------ lost updates (bf16 weights)

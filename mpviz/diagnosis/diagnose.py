@@ -305,6 +305,38 @@ def _precision_loss(run: Any) -> list[Finding]:
                     {"median_rel_err": hits.to_dict()})]
 
 
+def _headroom_notes(run: Any, scaling: bool) -> list[str]:
+    """Headroom against fp16 at the last statistics step, in words."""
+    from .headroom import headroom
+
+    last = run.query("SELECT MAX(step) AS s FROM layer_stats")["s"].iloc[0]
+    if last is None or pd.isna(last):
+        return []
+    h = headroom(run, formats=["fp16"], step=int(last))
+    h = h[(h["layer"] != "") & np.isfinite(h["bits_to_overflow"].astype(float))]
+    notes = []
+    g = h[h["tensor"] == "grad"]
+    if scaling and len(g):
+        w = g.loc[g["bits_to_overflow"].astype(float).idxmin()]
+        k = math.floor(w["bits_to_overflow"])
+        notes.append(f"at step {int(last)} (loss scale {w['scale']:g}) the scale can double {k} more "
+                     f"time{'s' * (k != 1)} before {_name(w['layer'])}'s gradients overflow fp16"
+                     if k >= 0 else f"at step {int(last)} {_name(w['layer'])}'s gradients are past "
+                     f"fp16's range at the loss scale in force ({w['scale']:g})")
+    a = h[h["tensor"] == "activation"]
+    out = run.dtype_map(int(last))
+    if "output" in out:  # layers that ran in fp16, if any did (an fp32 run: all of them)
+        f16 = set(out.index[out["output"] == "float16"])
+        a = a[a["layer"].isin(f16)] if f16 else a
+    if len(a):
+        w = a.loc[a["bits_to_overflow"].astype(float).idxmin()]
+        b = float(w["bits_to_overflow"])
+        notes.append(f"at step {int(last)} the activation closest to fp16's largest value is "
+                     + (f"{_name(w['layer'])}'s: {b:.1f} bits of headroom" if b >= 0 else
+                        f"{_name(w['layer'])}'s, {-b:.1f} bits past it (it would overflow in fp16)"))
+    return notes
+
+
 def diagnose(run: Any) -> Diagnosis:
     """What went wrong in a run, where, and what to change.
 
@@ -338,7 +370,9 @@ def diagnose(run: Any) -> Diagnosis:
         findings += _precision_loss(run)
         findings.sort(key=Finding.rank)
         advice = scale_advice(steps, timeline, meta.get("scaler"))
-        return Diagnosis(findings, timeline, advice, str(run.run_dir), len(steps))
+        scaling = bool((meta.get("scaler") or {}).get("enabled"))
+        notes = _headroom_notes(run, scaling) if len(steps) else []
+        return Diagnosis(findings, timeline, advice, str(run.run_dir), len(steps), notes)
     finally:
         if own:
             run.close()

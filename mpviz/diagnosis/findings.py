@@ -56,7 +56,8 @@ class Diagnosis:
     ``timeline``: the explained loss-scale timeline (one row per backoff or growth of the scale:
     ``step, scale, scale_after, event, cause, layers``); ``scale_advice``: suggested GradScaler
     ``init_scale`` / ``growth_interval`` with the reason (empty without a GradScaler);
-    ``run_dir``, ``n_steps``.
+    ``run_dir``, ``n_steps``; ``notes``: headroom at the last statistics step, in words ("the
+    scale can double 3 more times before fc1's gradients overflow fp16").
     """
 
     findings: list[Finding]
@@ -64,6 +65,7 @@ class Diagnosis:
     scale_advice: dict[str, Any]
     run_dir: str
     n_steps: int
+    notes: list[str] = field(default_factory=list)  # headroom at the last statistics step
 
     @property
     def worst(self) -> str | None:
@@ -93,7 +95,7 @@ class Diagnosis:
         head = (f"mpviz diagnosis of {self.run_dir} ({self.n_steps} steps): "
                 + (", ".join(f"{n} {s}" + ("s" if n > 1 and s != "info" else "")
                              for s, n in reversed(counts.items()) if n) or "nothing found"))
-        parts = [head] + [str(f) for f in self.findings]
+        parts = [head] + [str(f) for f in self.findings] + [f"headroom: {n}" for n in self.notes]
         if self.scale_advice.get("reason"):
             adv = ", ".join(f"{k}={v:g}" for k, v in self.scale_advice.items()
                             if k in ("init_scale", "growth_interval") and v is not None)
