@@ -22,8 +22,8 @@ arm's writer works. Two ratios come out:
 
 Besides the demo tasks, ``gpt2``: a Hugging Face ``GPT2LMHeadModel`` built from a small config
 (2 layers, width 64, 2 heads, bytes as tokens: vocabulary 256), trained like the ``text`` demo on
-the bytes of Python's own standard-library source, with the same four arms (:class:`GPT2Trainer`).
-No weights are downloaded.
+the bytes of Python's own standard-library source, with the same four arms (:func:`gpt2_trainer`,
+a demo ``Trainer`` given the model; ``benchmarks/peers.py`` uses it too). No weights are downloaded.
 
     python benchmarks/overhead.py                  # all tasks, fp32 and fp16 + GradScaler
     python benchmarks/overhead.py --quick          # a smoke run (fewer steps)
@@ -45,12 +45,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 import mpviz
-from mpviz.demos import TASKS, Trainer
+from mpviz.demos import TASKS, Trainer, stdlib_text
 
 ARMS = ("bare", "plain", "rec10", "rec1")
 BENCH_TASKS = (*TASKS, "gpt2")
@@ -58,80 +58,58 @@ DEFAULT_PRECISIONS = "fp32,fp16"
 RESULTS = Path(__file__).with_name("results.json")
 
 
-class GPT2Trainer:
-    """The demo ``Trainer``'s interface (``step()``, ``recorder``, ``policy_handle``,
-    ``close()``) around a Hugging Face GPT-2 built from a config, trained with Adam on the
-    ``text`` demo's batches (byte windows of the stdlib source, next-byte targets) at fp32 or
-    fp16 autocast + GradScaler. Like ``Trainer``, an empty precision policy is always applied."""
-
-    def __init__(self, precision: str, seed: int, record: bool, every: int = 10,
-                 run_dir: Path | None = None) -> None:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        if precision not in ("fp32", "fp16"):
-            raise ValueError(f"gpt2 runs at fp32 or fp16 (+ GradScaler), not {precision!r}")
-        text = TASKS["text"]
-        config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=256, n_positions=64,
-                            bos_token_id=0, eos_token_id=0)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.model = GPT2LMHeadModel(config)
-        self.model.train()
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
-        self.scaler = torch.amp.GradScaler("cpu") if precision == "fp16" else None
-        self.precision = precision
-        self._batches = text.batches(seed=seed, batch_size=text.batch_size)
-        policy = mpviz.PrecisionPolicy({})
-        self.recorder: Any = None
-        if record:
-            self.recorder = mpviz.Recorder(self.model, optimizer=self.optimizer, scaler=self.scaler,
-                                           run_dir=run_dir, every=every, policy=policy)
-            self.recorder.__enter__()
-            self.policy_handle = self.recorder.policy
-        else:
-            self.policy_handle = mpviz.apply_policy(self.model, policy, device_type="cpu")
-
-    def step(self) -> float:
-        x, y = next(self._batches)
-        with torch.autocast("cpu", dtype=torch.float16, enabled=self.scaler is not None):
-            logits = self.model(input_ids=x).logits
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.recorder is not None:
-            self.recorder.step(loss=loss, samples=len(x))
-        return float(loss.detach())
-
-    def close(self) -> None:
-        if self.recorder is not None:
-            self.recorder.__exit__(None, None, None)
-            self.recorder = None
-        elif self.policy_handle is not None:
-            self.policy_handle.remove()
-        self.policy_handle = None
+def _byte_windows(seq: int, batch: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless random windows of ``seq`` bytes of the stdlib's source; targets shifted by one."""
+    data = torch.frombuffer(bytearray(stdlib_text()), dtype=torch.uint8).long()
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.arange(seq + 1)
+    while True:
+        win = data[torch.randint(0, len(data) - seq - 1, (batch,), generator=g)[:, None] + offsets]
+        yield win[:, :-1], win[:, 1:]
 
 
-def _make(arm: str, task: str, precision: str, seed: int, root: Path) -> Trainer | GPT2Trainer:
+def _next_byte_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    logits = model(input_ids=x).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+def gpt2_trainer(precision: str, seed: int = 0, record: bool = False, every: int = 10,
+                 run_dir: Path | None = None, n_layer: int = 2, n_embd: int = 64, n_head: int = 2,
+                 seq: int = 32, batch: int = 16, vocab: int = 256, device: str = "cpu") -> Trainer:
+    """A :class:`mpviz.demos.Trainer` around a Hugging Face ``GPT2LMHeadModel`` built from a
+    config (no download; bytes as tokens; ``vocab`` >= 256 sets the output layer's width),
+    trained with Adam (lr 1e-3) on byte windows of the stdlib's source, next-byte targets.
+    ``precision``: fp32, bf16 or fp16 (the Trainer's autocast, + GradScaler for fp16). The
+    defaults are the ``gpt2`` task's size.
+    Like every Trainer, it applies an empty precision policy (``policy_handle``)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if vocab < 256:
+        raise ValueError(f"vocab must be >= 256 (the tokens are bytes), got {vocab}")
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab,
+                        n_positions=max(64, seq), bos_token_id=0, eos_token_id=0)
+    with torch.random.fork_rng(devices=[]), torch.device(device):  # initialised where it trains
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config).train()
+    return Trainer(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+                   loss_fn=_next_byte_loss, data=_byte_windows(seq, batch, seed),
+                   precision=precision, seed=seed, record=record, every=every, run_dir=run_dir,
+                   meta={"task": "gpt2"})
+
+
+def _make(arm: str, task: str, precision: str, seed: int, root: Path) -> Trainer:
+    record = arm not in ("bare", "plain")
+    every = 1 if arm == "rec1" else 10
+    run_dir = root / f"{task}-{precision}-{arm}"
     if task == "gpt2":
-        t = GPT2Trainer(precision, seed, record=arm not in ("bare", "plain"),
-                        every=1 if arm == "rec1" else 10, run_dir=root / f"{task}-{precision}-{arm}")
-        if arm == "bare":
-            t.close()  # nothing of mpviz attached; close() only removed the empty policy
-        return t
-    if arm in ("bare", "plain"):
-        t = Trainer(task=task, precision=precision, seed=seed, record=False)
-        if arm == "bare" and t.policy_handle is not None:
-            t.policy_handle.remove()  # a training loop with nothing of mpviz attached
-        return t
-    every = 10 if arm == "rec10" else 1
-    return Trainer(task=task, precision=precision, seed=seed, record=True, every=every,
-                   run_dir=root / f"{task}-{precision}-{arm}")
+        t = gpt2_trainer(precision, seed, record=record, every=every, run_dir=run_dir)
+    else:
+        t = Trainer(task=task, precision=precision, seed=seed, record=record, every=every,
+                    run_dir=run_dir if record else None)
+    if arm == "bare" and t.policy_handle is not None:
+        t.policy_handle.remove()  # a training loop with nothing of mpviz attached
+    return t
 
 
 def measure(task: str, precision: str, steps: int, block: int, warmup: int, seed: int,
@@ -195,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default=",".join(BENCH_TASKS),
                    help=f"comma-separated, from {', '.join(BENCH_TASKS)} (default all)")
     p.add_argument("--precisions", default=DEFAULT_PRECISIONS,
-                   help=f"comma-separated (default {DEFAULT_PRECISIONS}; gpt2: fp32, fp16)")
+                   help=f"comma-separated (default {DEFAULT_PRECISIONS})")
     p.add_argument("--steps", type=int, default=600, help="timed steps per arm (default 600)")
     p.add_argument("--block", type=int, default=50, help="steps per turn (default 50)")
     p.add_argument("--warmup", type=int, default=30, help="untimed steps per arm first (default 30)")
@@ -216,8 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(BENCH_TASKS)}")
     precisions = [q.strip() for q in args.precisions.split(",") if q.strip()]
-    if "gpt2" in tasks and set(precisions) - {"fp32", "fp16"}:
-        p.error(f"gpt2 runs at fp32 and fp16 only, got --precisions {args.precisions}")
     full = (set(tasks) == set(BENCH_TASKS) and set(precisions) == set(DEFAULT_PRECISIONS.split(","))
             and not args.quick)
     out = args.out if args.out is not None else (str(RESULTS) if full else None)
