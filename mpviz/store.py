@@ -41,11 +41,13 @@ CREATE INDEX IF NOT EXISTS layer_stats_layer ON layer_stats (layer_idx, tensor, 
 CREATE TABLE IF NOT EXISTS dtypes (step INTEGER, layer_idx INTEGER, tensor TEXT, dtype TEXT);
 CREATE TABLE IF NOT EXISTS overflows (
     step INTEGER, layer_idx INTEGER, tensor TEXT, phase TEXT, first INTEGER, nonfinite INTEGER,
-    skipped INTEGER);
+    skipped INTEGER, origin INTEGER);
 CREATE TABLE IF NOT EXISTS histograms (
     step INTEGER, layer_idx INTEGER, tensor TEXT, lo INTEGER, counts BLOB);
 CREATE INDEX IF NOT EXISTS histograms_layer ON histograms (layer_idx, tensor, step);
 CREATE TABLE IF NOT EXISTS policy_changes (step INTEGER, layer_idx INTEGER, precision TEXT, rule TEXT);
+CREATE TABLE IF NOT EXISTS diagnostics (
+    step INTEGER, layer_idx INTEGER, kind TEXT, metric TEXT, value REAL);
 """
 
 COLUMNS = {
@@ -55,9 +57,11 @@ COLUMNS = {
                     "zeros", "nonfinite", "underflow_fp16", "overflow_fp16", "underflow_bf16",
                     "overflow_bf16", "numel"),
     "dtypes": ("step", "layer_idx", "tensor", "dtype"),
-    "overflows": ("step", "layer_idx", "tensor", "phase", "first", "nonfinite", "skipped"),
+    "overflows": ("step", "layer_idx", "tensor", "phase", "first", "nonfinite", "skipped",
+                  "origin"),
     "histograms": ("step", "layer_idx", "tensor", "lo", "counts"),
     "policy_changes": ("step", "layer_idx", "precision", "rule"),
+    "diagnostics": ("step", "layer_idx", "kind", "metric", "value"),
     "layers": ("idx", "layer", "type", "n_params", "param_dtype", "depth", "is_leaf"),
 }
 
@@ -165,7 +169,8 @@ def _create(path: Path, meta: dict[str, Any], layers: list[tuple]) -> None:
     con.close()
 
 
-_STEP_TABLES = ("steps", "layer_stats", "dtypes", "overflows", "histograms", "policy_changes")
+_STEP_TABLES = ("steps", "layer_stats", "dtypes", "overflows", "histograms", "policy_changes",
+                "diagnostics")
 
 
 def _resume(path: Path, meta: dict[str, Any], layers: list[tuple], start: int) -> int:
@@ -173,6 +178,9 @@ def _resume(path: Path, meta: dict[str, Any], layers: list[tuple], start: int) -
     connect_readonly(path).close()  # a corrupt or newer store is refused here, clearly
     con = sqlite3.connect(path, timeout=30)
     try:
+        con.executescript(SCHEMA)  # tables added since the run was created (diagnostics)
+        if "origin" not in {r[1] for r in con.execute("PRAGMA table_info(overflows)")}:
+            con.execute("ALTER TABLE overflows ADD COLUMN origin INTEGER")  # added after v1
         old = [r[0] for r in con.execute("SELECT layer FROM layers ORDER BY idx")]
         new = [l[1] for l in layers]
         if old != new:

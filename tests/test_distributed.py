@@ -1,15 +1,22 @@
-"""Several ranks under torch.distributed (gloo, CPU): each rank writes its own store in one run_dir."""
+"""torch.distributed, started the way users start jobs: `torchrun --nproc-per-node 2` on gloo/CPU
+(tests/ddp_script.py, launched once for the module). Rank 1 overflows on purpose at step 3."""
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch import nn
 
 import mpviz
+from mpviz.distributed import stats_ranks
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+SCRIPT = Path(__file__).with_name("ddp_script.py")
 
 
 def _free_port() -> int:
@@ -18,34 +25,96 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, run_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    torch.manual_seed(0)
-    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(8, 16), nn.ReLU(),
-                                                              nn.Linear(16, 1)))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    g = torch.Generator().manual_seed(rank)
-    with mpviz.Recorder(model, optimizer=opt, run_dir=run_dir, every=2) as rec:
-        for _ in range(6):
-            x = torch.randn(32, 8, generator=g)
-            loss = nn.functional.mse_loss(model(x), x[:, :1] * 2)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            rec.step(loss=loss, samples=32)
-    dist.destroy_process_group()
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """The torchrun job's output folder and each rank's JSON report."""
+    out = tmp_path_factory.mktemp("ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(SCRIPT), str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_each_rank_records_its_own_store(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "run")), nprocs=2, join=True)
-    r0 = mpviz.load_run(tmp_path / "run")
-    r1 = mpviz.load_run(tmp_path / "run", rank=1)
-    assert r0.meta["rank"] == 0 and r1.meta["rank"] == 1 and r1.meta["world_size"] == 2
-    assert r0.last_step == r1.last_step == 5
-    # different data per rank, so different losses; DDP averages gradients, so equal grad norms
-    assert r0.steps["loss"].tolist() != r1.steps["loss"].tolist()
-    g0 = r0.layer_stats.query("tensor == 'grad'")["norm"].to_numpy()
-    g1 = r1.layer_stats.query("tensor == 'grad'")["norm"].to_numpy()
+def test_one_run_all_ranks(job):
+    out, _ = job
+    run = mpviz.load_run(out / "run")
+    assert run.ranks == [0, 1] and run.world_size == 2 and run.rank is None
+    steps = run.steps
+    assert steps.groupby("rank")["step"].apply(list).to_dict() == {0: list(range(6)),
+                                                                  1: list(range(6))}
+    # each rank its own data: different losses; DDP averages gradients: the same gradient norms
+    r0, r1 = (steps[steps["rank"] == r].reset_index() for r in (0, 1))
+    assert (r0["loss"] != r1["loss"]).all()
+    grads = run.layer_stats.query("tensor == 'grad'")
+    g0, g1 = (grads[grads["rank"] == r]["norm"].to_numpy() for r in (0, 1))
     assert len(g0) and g0 == pytest.approx(g1, rel=1e-5)
+    one = mpviz.load_run(out / "run", rank=1)
+    assert one.rank == 1 and set(one.steps["rank"]) == {1} and one.meta["rank"] == 1
+    assert one.steps["loss"].tolist()[:3] == r1["loss"].tolist()[:3]
+
+
+def test_overflow_names_the_rank_where_it_was_born(job):
+    """Rank 1's own gradients went non-finite (origin True, the layers a plain copy of the model
+    says); rank 0 got them only through the all-reduce (origin False): its local ones were finite."""
+    out, reports = job
+    ov = mpviz.load_run(out / "run").overflows
+    assert set(ov["step"]) == {3} and ov["skipped"].all()
+    r0, r1 = ov[ov["rank"] == 0], ov[ov["rank"] == 1]
+    assert reports[0]["local_nonfinite_layers"] == []
+    assert not r0["origin"].any() and set(r0["phase"]) == {"backward"}
+    first_fwd = r1[(r1["phase"] == "forward") & r1["first"]]
+    assert first_fwd["layer"].tolist() == ["module.0"] and first_fwd["origin"].all()
+    bwd = r1[r1["phase"] == "backward"]
+    assert sorted(bwd.loc[bwd["origin"], "layer"]) == reports[1]["local_nonfinite_layers"]
+    assert reports[1]["local_nonfinite_layers"] == ["module.0", "module.2", "module.4"]
+
+
+def test_ddp_training_is_bit_identical_with_the_hook(job):
+    _, reports = job
+    for rep in reports:
+        assert rep["identical"], rep
+        assert rep["recorder_errors"] == [] and rep["second_recorder_errors"] == []
+
+
+def test_user_comm_hook_refused_or_chained_and_fsdp_refused(job):
+    out, reports = job
+    for rep in reports:
+        assert "mpviz.distributed.checked(your_hook)" in rep["user_hook"]
+        assert not rep["user_hook_run_created"]  # refused before anything touched the disk
+        assert rep["chained_watch_used"] and rep["chained_errors"] == []
+        assert rep["fsdp"].startswith("mpviz does not record FSDP models yet")
+
+
+def test_stats_on_a_sample_of_ranks(job):
+    out, _ = job
+    run = mpviz.load_run(out / "sampled")  # stats_ranks="sample:1": rank 0 only
+    assert set(run.steps["rank"]) == {0, 1}
+    assert set(run.layer_stats["rank"]) == {0} and run.meta["stats_ranks"] == [0]
+
+
+def test_stats_ranks_spec():
+    assert stats_ranks(None, 4) == [0, 1, 2, 3]
+    assert stats_ranks([7, 0, 0], 8) == [0, 7] and stats_ranks([0, 7], 2) == [0]
+    assert stats_ranks("sample:4", 1000) == [0, 333, 666, 999]
+    assert stats_ranks("sample:8", 3) == [0, 1, 2] and stats_ranks("sample:1", 64) == [0]
+    for bad in ("every:2", "sample:0", [-1], ["x"]):
+        with pytest.raises(ValueError, match="stats_ranks"):
+            stats_ranks(bad, 8)
+
+
+def test_explorer_picks_a_rank(job):
+    from mpviz.dashboard import explorer_app
+
+    out, _ = job
+    ex = explorer_app(run_dir=out / "run", runs_dir=out, follow=False)
+    try:
+        assert ex.rank_pick.layout.display is None   # shown: the run has two ranks
+        assert [v for _, v in ex.rank_pick.options] == [0, 1] and ex.run.rank == 0
+        rank0_overflows = ex.overflows.value
+        ex.rank_pick.value = 1
+        assert ex.run.rank == 1 and ex.run.last_step == 5
+        assert ex.overflows.value != rank0_overflows   # rank 1 also has the forward culprits
+    finally:
+        ex.close()

@@ -50,6 +50,11 @@ class Explorer(ui.App):
         self.picker = widgets.Dropdown(description="run", layout=widgets.Layout(width="60%"))
         self.picker.add_class("mpviz-run-picker")
         self.rescan_btn = ui.button("Rescan", "mpviz-rescan")
+        # A distributed run: which rank's store to show (shown only when the run has several).
+        self.rank_pick = widgets.Dropdown(description="rank", options=[("rank 0", 0)], value=0,
+                                          layout=widgets.Layout(width="150px", display="none"))
+        self.rank_pick.add_class("mpviz-rank-pick")
+        self._own_rank_change = False
         self.follow = widgets.Checkbox(value=follow, description="follow live", indent=False)
         self.follow.add_class("mpviz-follow")
         self.info = widgets.HTML()
@@ -71,13 +76,14 @@ class Explorer(ui.App):
 
         self.rescan_btn.on_click(lambda _: self.rescan())
         self.picker.observe(self._on_pick, names="value")
+        self.rank_pick.observe(self._on_rank, names="value")
         self.follow.observe(self._on_follow, names="value")
         self.range.observe(self._on_range, names="value")
         self.layer.observe(lambda _: self._request_refresh(drill=True), names="value")
 
         self.widget = widgets.VBox([
             ui.title("mpviz run explorer", "open a run, finished or still training"),
-            widgets.HBox([self.picker, self.rescan_btn, self.follow]),
+            widgets.HBox([self.picker, self.rank_pick, self.rescan_btn, self.follow]),
             self.info, self.meta, self.range, self.fig.view, self.steer.widget,
             widgets.HBox([widgets.VBox([self.layer, self.drill], layout=widgets.Layout(width="60%")),
                           widgets.VBox([self.overflows], layout=widgets.Layout(width="40%"))]),
@@ -133,6 +139,7 @@ class Explorer(ui.App):
             except paths.RunUnavailable as e:  # corrupt, empty, foreign, newer, outside the root
                 self._show_problem(e)
                 return
+            self._show_ranks()
             self.last_seen = self.run.last_step
             meta = self.run.meta
             self.meta.value = ui.html_table(
@@ -150,6 +157,39 @@ class Explorer(ui.App):
         if self.follow.value:
             self._start_follower()
 
+    def _show_ranks(self) -> None:
+        """A run of several ranks: show the rank menu (rank 0 first) and read that rank only."""
+        ranks = list(self.run.ranks)
+        self._own_rank_change = True
+        try:
+            self.rank_pick.options = [(f"rank {r}", r) for r in ranks]
+            self.rank_pick.value = ranks[0]
+        finally:
+            self._own_rank_change = False
+        self.rank_pick.layout.display = None if len(ranks) > 1 else "none"
+        if len(ranks) > 1:
+            one = self.run.for_rank(ranks[0])
+            self.run.close()
+            self.run = one
+
+    def _on_rank(self, change: dict) -> None:
+        if self._own_rank_change or self.run is None or change["new"] is None:
+            return
+        self._stop_follower()
+        with self._lock:
+            try:
+                one = self.run.for_rank(int(change["new"]))
+            except paths.STORE_ERRORS as e:
+                self._show_problem(paths.describe(self.run.run_dir, e))
+                return
+            self.run.close()
+            self.run = one
+            self.last_seen = one.last_step
+            self._set_slider(0, max(self.last_seen, 0), follow_end=True)
+            self.refresh(drill=True)
+        if self.follow.value:
+            self._start_follower()
+
     # ------------------------------------------------------------------ range
     def set_range(self, lo: int, hi: int) -> None:
         """Show steps [lo, hi] (the slider does the same)."""
@@ -159,13 +199,16 @@ class Explorer(ui.App):
         """Grow the slider to the run's length; keep the user's window unless it touched the end."""
         self._own_slider_change = True
         try:
-            old_lo, old_hi = self.range.value
-            at_end = old_hi >= self.range.max
-            self.range.max = max(hi_max, 0)
-            if reset:
-                self.range.value = (0, self.range.max)
-            elif follow_end and at_end:
-                self.range.value = (old_lo, self.range.max)
+            # One message for max and value: a page that applied a new value before the new max
+            # clamped it to the old max and sent that back, and the range stopped following.
+            with self.range.hold_sync():
+                old_lo, old_hi = self.range.value
+                at_end = old_hi >= self.range.max
+                self.range.max = max(hi_max, 0)
+                if reset:
+                    self.range.value = (0, self.range.max)
+                elif follow_end and at_end:
+                    self.range.value = (old_lo, self.range.max)
         finally:
             self._own_slider_change = False
 

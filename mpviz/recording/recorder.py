@@ -51,12 +51,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import compat, tree
+from .. import compat, distributed, tree
 from ..run import Run
 from ..stats import ROW
 from ..store import RunWriter, db_path
 from . import overflow
 from .activations import ForwardWatch, dtype_name
+from .diagnostics import attach_diagnostics
 from .gradients import Gradients
 from .rows import stat_rows
 from .step import StepState
@@ -110,6 +111,17 @@ class Recorder:
             says how many. Without a run there, a new one is started. Without ``resume``, a
             ``run_dir`` that holds a run is refused.
         start_step: the index of the first step recorded (the checkpoint's step when resuming).
+        stats_ranks: in a distributed job, the ranks that take per-layer statistics: a list
+            (``[0, 7]``), ``"sample:K"`` (K ranks spread evenly), or None (every rank). Every rank
+            records its steps, losses and overflow events (with DDP, whether its own gradients
+            were non-finite: :mod:`mpviz.distributed`).
+        lost_updates: on statistics steps, the fraction of each bf16/fp16 weight's elements
+            whose optimizer update was rounded away (``run.lost_updates()``); None (default):
+            on when the model holds bf16/fp16 parameters. See :mod:`.diagnostics`.
+        shadow, shadow_every: layer names or globs (``["fc1", "blocks.*.mlp"]``) rerun in fp32
+            on the very inputs they saw every ``shadow_every`` steps (``run.shadow()``: relative
+            error and SQNR of their outputs, and of their weight gradients from the same
+            upstream gradient). Off by default.
 
     ``attach()`` (or ``with rec:``) is all-or-nothing: if anything in it fails, what was attached
     is removed and the run (if its store was created) is marked ``failed``.
@@ -119,7 +131,9 @@ class Recorder:
                  scaler: Any = None, run_dir: str | os.PathLike | None = None, every: int = 10,
                  policy: Any = None, name: str | None = None, flush_every_s: float = 2.0,
                  meta: dict[str, Any] | None = None, resume: bool = False,
-                 start_step: int = 0, steerable: bool = False) -> None:
+                 start_step: int = 0, steerable: bool = False, stats_ranks: Any = None,
+                 lost_updates: bool | None = None, shadow: Any = None,
+                 shadow_every: int = 50) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Recorder needs an nn.Module, got {type(model).__name__}")
         if int(every) < 1:
@@ -143,6 +157,9 @@ class Recorder:
             run_dir = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(run_dir)
         self.rank, self.world_size = compat.dist_rank_world()
+        self.stats_ranks = distributed.stats_ranks(stats_ranks, self.world_size)
+        self._diag_args = (lost_updates, shadow, int(shadow_every))
+        self._origin: distributed.OriginWatch | None = None
         self.policy = None  # PolicyHandle while attached
         self._writer: RunWriter | None = None
         self._handles: list[Any] = []
@@ -174,6 +191,7 @@ class Recorder:
 
     def _attach(self, undo: contextlib.ExitStack) -> None:
         model = self.model
+        distributed.check_supported(model)  # FSDP: refused before anything is attached
         self._names = [n for n, _ in model.named_modules()]
         self._modules = [m for _, m in model.named_modules()]
         self._name_idx = {n: i for i, n in enumerate(self._names)}
@@ -215,6 +233,7 @@ class Recorder:
             "every": self.every, "start_time": time.time(), "end_time": None, "status": "running",
             "host": socket.gethostname(), "pid": os.getpid(), "python": platform.python_version(),
             "rank": self.rank, "world_size": self.world_size, "steerable": self.steerable,
+            "stats_ranks": self.stats_ranks,
             **self._extra_meta,
         }
         self._writer = RunWriter(db_path(self.run_dir, self.rank), meta, layers,
@@ -243,6 +262,10 @@ class Recorder:
                 self._contained("optimizer", self._on_optimizer_step)))
             hook(self.optimizer.register_step_post_hook(
                 self._contained("optimizer", self._on_optimizer_stepped)))
+        attach_diagnostics(self, hook, *self._diag_args)  # lost updates, fp32 shadow
+        self._origin = distributed.watch(model, self)  # DDP: each rank's own inf/nan
+        if self._origin is not None:
+            undo.callback(self._origin.remove)
         if policy is not None:
             from ..precision import apply_policy
 
@@ -283,6 +306,8 @@ class Recorder:
             h.remove()
         self._handles.clear()
         self._watch.remove()
+        if self._origin is not None:
+            self._origin.remove()
         if self._steering is not None:
             self._contained("steering", self._steering.close)(self._state.index)
         self._drop_policy()
@@ -358,7 +383,8 @@ class Recorder:
 
     # ----------------------------------------------------------------- the step's phases
     def _new_state(self, index: int) -> None:
-        self._state = StepState(index=index, stats_step=index % self.every == 0)
+        self._state = StepState(index=index, stats_step=index % self.every == 0
+                                and self.rank in self.stats_ranks)
         self._watch.state = self._state
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -500,10 +526,11 @@ class Recorder:
                    for l in s.losses if isinstance(l, torch.Tensor)]
         values, stats = _to_host(self._grads.on_host, self.device,
                                  [s.scale_used if has_scale else None,
-                                  scale_now if has_scale else None, s.grad_bad, *loss_ts],
+                                  scale_now if has_scale else None, s.grad_bad,
+                                  self._origin.flag if self._origin else None, *loss_ts],
                                  s.stats)
-        scale_used, scale_after, bad = values[:3]
-        losses = values[3:] + [float(l) for l in s.losses
+        scale_used, scale_after, bad, local_bad = values[:4]
+        losses = values[4:] + [float(l) for l in s.losses
                                if l is not None and not isinstance(l, torch.Tensor)]
         loss_v = sum(losses) / len(losses) if losses else None
         any_bad = bool(bad)
@@ -538,14 +565,18 @@ class Recorder:
             culprits = s.precheck
             if culprits is None:
                 culprits = self._contained("overflow", self._replay)() or []
-            w.put("overflows", overflow.overflow_rows(
-                s.index, culprits, bad_params, s.grads or [], self._param_layer,
-                self._watch.fwd_order, skipped))
+            rows = overflow.overflow_rows(s.index, culprits, bad_params, s.grads or [],
+                                          self._param_layer, self._watch.fwd_order, skipped)
+            local = None if self._origin is None else (
+                self._contained("overflow origin", self._origin.bad_layers)() or set())
+            w.put("overflows", distributed.with_origin(rows, local))
         self._take_writer_errors()
 
         # ---- the next step
         if any_bad:
             self._grads.found_inf.zero_()
+        if self._origin is not None:
+            self._origin.end_step(bool(local_bad))
         self._new_state(s.index + 1)
         self._watch.end_step(self._state.stats_step)
         if self._steering is not None:

@@ -1,0 +1,230 @@
+"""torch.distributed: which rank's gradients went inf/nan first, and which ranks take statistics.
+
+Under DDP the all-reduce spreads one rank's inf/nan to every rank, so after ``backward()`` every
+rank sees the same non-finite gradients. :func:`watch` registers a DDP communication hook that
+does exactly what DDP does without one (scale each bucket by 1/world size, all-reduce it: the
+reduced gradients are bit-identical to DDP's own) and, before the all-reduce, measures each
+bucket's *local* gradients: one on-device max |g| per parameter (``torch._foreach_norm`` with
+``ord=inf``, which keeps inf and nan) and one per-step flag, read at the step's one host copy;
+the per-parameter values are read only on a step whose flag is set. The Recorder attaches it by
+itself when it is given a ``DistributedDataParallel`` model, and ``run.overflows`` gets ``origin``
+(True where this rank's own gradients were non-finite).
+
+DDP takes one communication hook per model and cannot remove it. So:
+- after ``Recorder.close()`` the hook stays registered and only does the plain all-reduce (no
+  check); a later Recorder on the same model takes it over;
+- a model that already has a hook of its own is refused at attach, with the fix: register yours
+  through :func:`checked` (``ddp.register_comm_hook(state, mpviz.distributed.checked(hook))``),
+  which runs the local check and then your hook.
+
+FSDP (``fully_shard`` / ``FullyShardedDataParallel``) is refused at attach (see
+:func:`check_supported`). Per-layer statistics on a sample of ranks: ``Recorder(...,
+stats_ranks=[0, 7])`` or ``stats_ranks="sample:8"`` (:func:`stats_ranks`); docs/SCALE.md.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import compat
+
+
+def stats_ranks(spec: Any, world_size: int) -> list[int]:
+    """The ranks that record per-layer statistics for ``Recorder(stats_ranks=spec)``.
+
+    ``None``: every rank. A list of ranks (ranks the job does not have are left out).
+    ``"sample:K"``: K ranks spread evenly from 0 to the last (always rank 0 and the last).
+
+        >>> stats_ranks("sample:4", 1000)
+        [0, 333, 666, 999]
+    """
+    if spec is None:
+        return list(range(world_size))
+    if isinstance(spec, str):
+        head, _, k = spec.partition(":")
+        if head != "sample" or not k.isdigit() or int(k) < 1:
+            raise ValueError(f"stats_ranks={spec!r}: use 'sample:K' (K >= 1 ranks spread evenly), "
+                             "a list of ranks such as [0, 7], or None for every rank")
+        k = min(int(k), world_size)
+        if k == 1:
+            return [0]
+        return sorted({round(i * (world_size - 1) / (k - 1)) for i in range(k)})
+    try:
+        ranks = sorted({int(r) for r in spec})
+    except (TypeError, ValueError):
+        raise ValueError(f"stats_ranks={spec!r}: use a list of ranks such as [0, 7], "
+                         "'sample:K', or None for every rank") from None
+    if any(r < 0 for r in ranks):
+        raise ValueError(f"stats_ranks={spec!r}: ranks are >= 0")
+    return [r for r in ranks if r < world_size]
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse, before anything is attached, what mpviz cannot record: FSDP, and a DDP model
+    with a communication hook of the user's own (see :func:`checked`)."""
+    if is_ddp(model):
+        _registered(model)
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):  # FSDP needs a process group
+        return
+    fsdp_types: tuple[type, ...] = ()
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        fsdp_types += (FullyShardedDataParallel,)
+    except ImportError:  # torch built without distributed
+        pass
+    try:
+        from torch.distributed.fsdp import FSDPModule
+
+        fsdp_types += (FSDPModule,)
+    except ImportError:
+        pass
+    if fsdp_types and any(isinstance(m, fsdp_types) for m in model.modules()):
+        raise NotImplementedError(
+            "mpviz does not record FSDP models yet (torch.distributed.fsdp fully_shard / "
+            "FullyShardedDataParallel): parameters and gradients are shards (DTensor or flat "
+            "parameters) that mpviz's per-layer statistics do not read. Losses and steps alone "
+            "can be recorded from the unwrapped model on one rank with another tool; record with "
+            "DistributedDataParallel (each rank holds whole layers) to use mpviz.")
+
+
+def is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def _registered(ddp: nn.Module) -> "OriginWatch | None":
+    """mpviz's watch already registered on ``ddp`` (by :func:`checked` or an earlier Recorder),
+    or None when it has no comm hook; a hook of the user's own is refused with the fix."""
+    hooks = getattr(ddp, "_comm_hooks", [])
+    if not hooks:
+        return None
+    w = getattr(hooks[0][0], "_mpviz_watch", None)
+    if w is None:
+        name = getattr(hooks[0][0], "__qualname__", "?")
+        raise ValueError(
+            f"this DDP model already has a communication hook ({name}) and DDP takes only one, "
+            "so mpviz cannot add its per-rank inf/nan check. Register yours through mpviz: "
+            "ddp.register_comm_hook(state, mpviz.distributed.checked(your_hook)), which runs the "
+            "check and then your hook.")
+    if w.active:
+        raise RuntimeError("this DDP model is already watched by another mpviz Recorder: close "
+                           "it first (one Recorder per model)")
+    return w
+
+
+class OriginWatch:
+    """State of the comm hook: each bucket's local max |g| per parameter, before all-reduce."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.flag: torch.Tensor | None = None  # nonzero once a local gradient was non-finite
+        self.buckets: list[tuple[list[int], torch.Tensor]] = []
+        self.check: Callable[[Any], Any] = lambda bucket: None
+
+    def bind(self, params: list[nn.Parameter], param_layer: list[int], device: torch.device,
+             contained: Callable[[str, Callable], Callable]) -> None:
+        """Start checking for a Recorder (its parameters, and its error containment)."""
+        self._index = {id(p): i for i, p in enumerate(params)}
+        self._param_layer = param_layer
+        self.flag = torch.zeros(1, device=device)
+        self.buckets = []
+        self.check = contained("overflow origin", self._check)
+        self.active = True
+
+    def remove(self) -> None:
+        """Stop checking: the hook goes on doing the plain all-reduce (DDP cannot remove it)."""
+        self.active = False
+        self.buckets = []
+        self.check = lambda bucket: None
+
+    def _check(self, bucket: Any) -> None:
+        grads = bucket.gradients()
+        if not grads:
+            return
+        idx = [self._index.get(id(p), -1) for p in bucket.parameters()]
+        # max |g| per parameter in one fused call; inf and nan propagate (unlike a 2-norm, it
+        # cannot overflow on finite values).
+        local = torch.stack(torch._foreach_norm(grads, math.inf)).float()
+        compat.check_nonfinite([local], self.flag)
+        self.buckets.append((idx, local))
+
+    def bad_layers(self) -> set[int]:
+        """Layers whose local gradients on this rank were non-finite (call on bad steps only:
+        it reads the per-parameter values, one host copy)."""
+        out: set[int] = set()
+        for idx, local in self.buckets:
+            for k in (~torch.isfinite(local)).nonzero().flatten().tolist():
+                if idx[k] >= 0:
+                    out.add(self._param_layer[idx[k]])
+        return out
+
+    def end_step(self, flagged: bool) -> None:
+        self.buckets = []
+        if flagged and self.flag is not None:
+            self.flag.zero_()
+
+
+def _allreduce(process_group: Any, bucket: Any, divide: bool) -> torch.futures.Future:
+    """What DDP does without a hook: scale by 1/world size (its reducer multiplies while copying
+    into the bucket; with ``gradient_as_bucket_view`` it divides in place), then all-reduce."""
+    dist = torch.distributed
+    group = process_group if process_group is not None else dist.group.WORLD
+    buf = bucket.buffer()
+    if divide:
+        buf.div_(group.size())
+    else:
+        buf.mul_(1.0 / group.size())
+    return dist.all_reduce(buf, group=group, async_op=True).get_future().then(
+        lambda fut: fut.value()[0])
+
+
+def _hook_of(watch: OriginWatch, inner: Callable | None, divide: bool) -> Callable:
+    # No annotations: DDP compares them literally (and this module's are strings).
+    def mpviz_allreduce_hook(state, bucket):  # type: ignore[no-untyped-def]
+        if watch.active:
+            watch.check(bucket)
+        if inner is not None:
+            return inner(state, bucket)
+        return _allreduce(state, bucket, divide)
+
+    mpviz_allreduce_hook._mpviz_watch = watch  # type: ignore[attr-defined]
+    return mpviz_allreduce_hook
+
+
+def checked(hook: Callable) -> Callable:
+    """Your own DDP communication hook, with mpviz's local inf/nan check run before it.
+
+        >>> ddp.register_comm_hook(state, mpviz.distributed.checked(my_hook))   # doctest: +SKIP
+        >>> rec = mpviz.Recorder(ddp, ...)   # finds the check and uses it     # doctest: +SKIP
+    """
+    return _hook_of(OriginWatch(), hook, divide=False)
+
+
+def watch(model: nn.Module, recorder: Any) -> OriginWatch | None:
+    """Check each DDP bucket's local gradients for ``recorder`` (None: not a DDP model).
+    Called by the Recorder at attach; ``OriginWatch.remove()`` stops it."""
+    if not is_ddp(model):
+        return None
+    w = _registered(model)
+    if w is None:
+        w = OriginWatch()
+        hook = _hook_of(w, None, divide=bool(getattr(model, "gradient_as_bucket_view", False)))
+        try:
+            model.register_comm_hook(model.process_group, hook)
+        except RuntimeError as e:  # a built-in hook (register_builtin_comm_hook) is there
+            raise ValueError(f"mpviz cannot register its DDP communication hook ({e}): this model "
+                             "has a built-in one already. Remove it (DDP takes one hook), or "
+                             "wrap a Python hook with mpviz.distributed.checked.") from None
+    w.bind(recorder._params, recorder._param_layer, recorder.device, recorder._contained)
+    return w
+
+
+def with_origin(rows: list[tuple], bad_layers: set[int] | None) -> list[tuple]:
+    """``overflows`` rows with ``origin`` appended: forward rows are always this rank's own; a
+    gradient row is when its layer's local gradient was non-finite (``bad_layers``; None: no
+    all-reduce, so every gradient is local)."""
+    return [(*r, int(bad_layers is None or r[3] == "forward" or r[1] in bad_layers)) for r in rows]
