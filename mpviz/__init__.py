@@ -41,6 +41,8 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "distributed":  # a submodule that imports torch: mpviz.distributed.checked(...)
+        return importlib.import_module("mpviz.distributed")
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'mpviz' has no attribute {name!r}")

@@ -3,10 +3,13 @@
 Under DDP the all-reduce spreads one rank's inf/nan to every rank, so after ``backward()`` every
 rank sees the same non-finite gradients. :func:`watch` registers a DDP communication hook that
 does exactly what DDP does without one (scale each bucket by 1/world size, all-reduce it: the
-reduced gradients are bit-identical to DDP's own) and, before the all-reduce, measures each
-bucket's *local* gradients: one on-device max |g| per parameter (``torch._foreach_norm`` with
-``ord=inf``, which keeps inf and nan) and one per-step flag, read at the step's one host copy;
-the per-parameter values are read only on a step whose flag is set. The Recorder attaches it by
+reduced gradients are bit-identical to DDP's own) and, before the all-reduce, checks each
+bucket's *local* gradients. On an accelerator: one max |g| per parameter (one fused
+``torch._foreach_norm(grads, inf)``, which keeps inf and nan) and one per-step flag, all on the
+device and read at the step's one host copy (no extra sync); the per-parameter values are read
+only on a step whose flag is set. On the CPU, where reading a tensor is no sync: one fused inf/nan
+check of the bucket (GradScaler's kernel, about one pass over it), and the per-parameter values
+only for a bucket that failed it. The Recorder attaches it by
 itself when it is given a ``DistributedDataParallel`` model, and ``run.overflows`` gets ``origin``
 (True where this rank's own gradients were non-finite).
 
@@ -131,6 +134,8 @@ class OriginWatch:
         self._index = {id(p): i for i, p in enumerate(params)}
         self._param_layer = param_layer
         self.flag = torch.zeros(1, device=device)
+        # CPU: read flags in the hook (no sync there); tests switch it off to run the other path
+        self.on_host = device.type == "cpu"
         self.buckets = []
         self.check = contained("overflow origin", self._check)
         self.active = True
@@ -142,14 +147,23 @@ class OriginWatch:
         self.check = lambda bucket: None
 
     def _check(self, bucket: Any) -> None:
+        if self.on_host:
+            # Reading a CPU tensor is no sync: one fused check of the whole bucket (about one
+            # pass over it), and the per-parameter values only for a bucket that holds inf/nan.
+            found = torch.zeros(1, device=self.flag.device)
+            compat.check_nonfinite([bucket.buffer()], found)
+            if not found.item():
+                return
+            self.flag += found
         grads = bucket.gradients()
         if not grads:
             return
         idx = [self._index.get(id(p), -1) for p in bucket.parameters()]
-        # max |g| per parameter in one fused call; inf and nan propagate (unlike a 2-norm, it
-        # cannot overflow on finite values).
+        # max |g| per parameter in one fused call (on an accelerator); inf and nan propagate,
+        # and unlike a 2-norm it cannot overflow on finite values.
         local = torch.stack(torch._foreach_norm(grads, math.inf)).float()
-        compat.check_nonfinite([local], self.flag)
+        if not self.on_host:
+            compat.check_nonfinite([local], self.flag)
         self.buckets.append((idx, local))
 
     def bad_layers(self) -> set[int]:

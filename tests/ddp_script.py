@@ -42,6 +42,8 @@ def train(rank: int, run_dir: str | None, out: dict) -> list[torch.Tensor]:
         if run_dir else None
     if rec is not None:
         rec.attach()
+        if rank == BAD_RANK:  # the accelerator's path (on-device values, no read in the hook)
+            rec._origin.on_host = False
     for step in range(STEPS):
         x, y = torch.randn(16, 8, generator=g), torch.randn(16, 1, generator=g)
         if step == BAD_STEP and rank == BAD_RANK:
@@ -95,7 +97,10 @@ def refusals(out_dir: Path, out: dict) -> None:
     ddp = nn.parallel.DistributedDataParallel(make_model())
     ddp.register_comm_hook(None, mpviz.distributed.checked(allreduce_hook))
     with mpviz.Recorder(ddp, run_dir=str(out_dir / "chained")) as rec:
-        ddp(torch.randn(4, 8)).sum().backward()
+        x = torch.randn(4, 8)
+        if dist.get_rank() == BAD_RANK:
+            x[0, 0] = float("inf")  # CPU path of the check: rank 1's own gradients go inf/nan
+        ddp(x).sum().backward()
         out["chained_watch_used"] = rec._origin is not None and rec._origin.active
         rec.step()
     out["chained_errors"] = rec.errors

@@ -85,6 +85,10 @@ def test_user_comm_hook_refused_or_chained_and_fsdp_refused(job):
         assert not rep["user_hook_run_created"]  # refused before anything touched the disk
         assert rep["chained_watch_used"] and rep["chained_errors"] == []
         assert rep["fsdp"].startswith("mpviz does not record FSDP models yet")
+    # the check chained before torch's allreduce_hook, on its CPU path: rank 1's inf is its own
+    chained = mpviz.load_run(out / "chained").overflows
+    grads = chained[chained["phase"] == "backward"]
+    assert set(grads.loc[grads["origin"], "rank"]) == {1} and len(grads[grads["rank"] == 0])
 
 
 def test_stats_on_a_sample_of_ranks(job):
