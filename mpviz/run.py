@@ -355,6 +355,7 @@ def list_runs(root: str | Path = "runs") -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    dbs = [p for p in root.glob("*/run.db")]
-    return [p.parent for p in sorted(dbs, key=lambda p: p.stat().st_mtime, reverse=True)]
+    # a node of a distributed job may hold only other ranks' stores (run-rank{r}.db)
+    dbs = {p.parent: p for pat in ("*/run-rank*.db", "*/run.db") for p in root.glob(pat)}
+    return sorted(dbs, key=lambda d: dbs[d].stat().st_mtime, reverse=True)
 
