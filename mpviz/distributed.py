@@ -182,28 +182,30 @@ class OriginWatch:
             self.flag.zero_()
 
 
-def _allreduce(process_group: Any, bucket: Any, divide: bool) -> torch.futures.Future:
-    """What DDP does without a hook: scale by 1/world size (its reducer multiplies while copying
-    into the bucket; with ``gradient_as_bucket_view`` it divides in place), then all-reduce."""
+def _allreduce(process_group: Any, bucket: Any) -> torch.futures.Future:
+    """What DDP does without a hook: scale by 1/world size, then all-reduce.
+
+    DDP's reducer multiplies by 1/world size while copying a gradient into the bucket; it
+    divides in place instead only for a gradient that already is the bucket's view
+    (``gradient_as_bucket_view=True`` with ``zero_grad(set_to_none=False)``), which this cannot
+    see. There, for a world size that is not a power of two, a value can differ from DDP's by one
+    unit in the last place (for powers of two, multiplying and dividing agree exactly)."""
     dist = torch.distributed
     group = process_group if process_group is not None else dist.group.WORLD
     buf = bucket.buffer()
-    if divide:
-        buf.div_(group.size())
-    else:
-        buf.mul_(1.0 / group.size())
+    buf.mul_(1.0 / group.size())
     return dist.all_reduce(buf, group=group, async_op=True).get_future().then(
         lambda fut: fut.value()[0])
 
 
-def _hook_of(watch: OriginWatch, inner: Callable | None, divide: bool) -> Callable:
+def _hook_of(watch: OriginWatch, inner: Callable | None) -> Callable:
     # No annotations: DDP compares them literally (and this module's are strings).
     def mpviz_allreduce_hook(state, bucket):  # type: ignore[no-untyped-def]
         if watch.active:
             watch.check(bucket)
         if inner is not None:
             return inner(state, bucket)
-        return _allreduce(state, bucket, divide)
+        return _allreduce(state, bucket)
 
     mpviz_allreduce_hook._mpviz_watch = watch  # type: ignore[attr-defined]
     return mpviz_allreduce_hook
@@ -215,7 +217,7 @@ def checked(hook: Callable) -> Callable:
         >>> ddp.register_comm_hook(state, mpviz.distributed.checked(my_hook))   # doctest: +SKIP
         >>> rec = mpviz.Recorder(ddp, ...)   # finds the check and uses it     # doctest: +SKIP
     """
-    return _hook_of(OriginWatch(), hook, divide=False)
+    return _hook_of(OriginWatch(), hook)
 
 
 def watch(model: nn.Module, recorder: Any) -> OriginWatch | None:
@@ -226,7 +228,7 @@ def watch(model: nn.Module, recorder: Any) -> OriginWatch | None:
     w = _registered(model)
     if w is None:
         w = OriginWatch()
-        hook = _hook_of(w, None, divide=bool(getattr(model, "gradient_as_bucket_view", False)))
+        hook = _hook_of(w, None)
         try:
             model.register_comm_hook(model.process_group, hook)
         except RuntimeError as e:  # a built-in hook (register_builtin_comm_hook) is there
