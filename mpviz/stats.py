@@ -275,7 +275,11 @@ def tensor_stats_device(tensors: list[torch.Tensor], scaled: tuple[int, int, Any
     bits = m.view(torch.int32)
     key = bits >> 23  # biased exponent: 0 for zeros and fp32 subnormals, 255 for inf/nan
     key += _row_base(n, device)  # exponent e -> bin e + 1 of its row
-    hist = torch.bincount(key.view(-1), minlength=n * N_BINS).view(n, N_BINS).float()
+    if device.type == "cpu":
+        hist = torch.bincount(key.view(-1), minlength=n * N_BINS).view(n, N_BINS).float()
+    else:  # bincount on an accelerator reads min and max back to the host: two syncs
+        hist = torch.zeros(n * N_BINS, device=device).index_add_(
+            0, key.view(-1), torch.ones(key.numel(), device=device)).view(n, N_BINS)
     zeros = width - torch.count_nonzero(m, 1)  # padding included
     hist[:, 1] -= zeros
     hist[:, 0] = zeros - (width - _const(lengths, device))
@@ -288,7 +292,7 @@ def tensor_stats_device(tensors: list[torch.Tensor], scaled: tuple[int, int, Any
     big = [k for k in range(n) if numel[k] > SAMPLE_CAP]
     if big:  # norm and max over every element, not the sample (fp32 accumulation)
         full = [flat[k] for k in big]
-        idx = torch.tensor(big, device=device)
+        idx = _index(tuple(big), device)   # cached: a fresh host -> device copy blocks
         big_norms, big_maxes = _norm_max(full)
         if scaled is not None:
             d = torch.where((idx >= i) & (idx < j), scale, 1.0)
@@ -311,6 +315,11 @@ def _row_slots(lengths: tuple[int, ...], width: int, device: torch.device) -> to
 def _row_base(rows: int, device: torch.device) -> torch.Tensor:
     """Per row, the offset of its histogram in the flat bincount (+1: exponent e -> bin e+1)."""
     return (torch.arange(rows, dtype=torch.int32) * N_BINS + 1).view(rows, 1).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, device=device)
 
 
 @functools.lru_cache(maxsize=256)
