@@ -23,6 +23,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from . import paths, queries, ui
+from .diagnosis_panel import DiagnosisPanel
 from .plots import RunFigure, layer_history_figure, show_static
 from .steer_panel import SteerPanel
 
@@ -73,6 +74,7 @@ class Explorer(ui.App):
         self.fig = RunFigure(n_slots=1)
         self.fig.widget.add_class("mpviz-figure")
         self.steer = SteerPanel()  # shown for a live run recorded with steerable=True
+        self.diagnosis = DiagnosisPanel()  # mpviz.diagnose(run), re-read at most every 2 s
 
         self.rescan_btn.on_click(lambda _: self.rescan())
         self.picker.observe(self._on_pick, names="value")
@@ -86,7 +88,7 @@ class Explorer(ui.App):
             widgets.HBox([self.picker, self.rank_pick, self.rescan_btn, self.follow]),
             self.info, self.meta, self.range, self.fig.view, self.steer.widget,
             widgets.HBox([widgets.VBox([self.layer, self.drill], layout=widgets.Layout(width="60%")),
-                          widgets.VBox([self.overflows], layout=widgets.Layout(width="40%"))]),
+                          widgets.VBox([self.overflows, self.diagnosis.widget], layout=widgets.Layout(width="40%"))]),
         ])
         self.widget.add_class("mpviz-app")
         self.widget.add_class("mpviz-explorer")
@@ -250,6 +252,7 @@ class Explorer(ui.App):
             self.meta.value = self.overflows.value = ""
             self.drill.outputs = ()
             self.steer.hide()
+            self.diagnosis.clear()
             self.layer.options = [("(pick a layer)", "")]
             self._set_slider(0, 0, follow_end=False, reset=True)
             self.info.value = (f"<span class='mpviz-bad mpviz-problem'>{html.escape(str(message))}"
@@ -269,6 +272,7 @@ class Explorer(ui.App):
             df, total = queries.overflow_table(run, limit=20)
             self.overflows.value = ui.overflow_html(df, total)
             self.steer.refresh(run)
+            self.diagnosis.refresh(run, force=drill or run.meta.get("status") != "running")
             now = time.monotonic()
             if self.layer.value and (drill or now - self._drill_at >= DRILL_EVERY_S):
                 self._drill_at = now

@@ -41,6 +41,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from . import queries, ui
+from .diagnosis_panel import DiagnosisPanel
 from .plots import RunFigure
 from .worker import DONE, FAILED, IDLE, PAUSED, RUNNING, TrainingWorker, make_trainer, torch_thread
 
@@ -179,6 +180,7 @@ class Lab(ui.App):
         self.overflows = widgets.HTML()
         self.overflows.add_class("mpviz-overflows")
         self._rows: dict[str, tuple[widgets.HTML, widgets.Dropdown]] = {}
+        self.diagnosis = DiagnosisPanel(on_apply=self.apply_advice)  # live; Apply advice
 
         controls = widgets.VBox([
             widgets.HBox([self.task, self.precision, self.batch, self.lr]),
@@ -193,7 +195,8 @@ class Lab(ui.App):
         side = widgets.VBox([widgets.HTML("<b>Layers</b> <span class='mpviz-muted'>(precision "
                                           "applies at the next step)</span>"),
                              widgets.HBox([self.rule_text, self.rule_precision, self.rule_btn]),
-                             self.rule_msg, self.layer_box, self.eval_out, self.overflows],
+                             self.rule_msg, self.layer_box, self.eval_out, self.overflows,
+                             self.diagnosis.widget],
                             layout=widgets.Layout(flex="1 1 420px", overflow="auto"))
         self.widget = widgets.VBox([
             ui.title("mpviz precision lab", "mixed-precision training, live, layer by layer"),
@@ -250,6 +253,7 @@ class Lab(ui.App):
             self._end_session()
             self.fig.clear()
             self.overflows.value = ""
+            self.diagnosis.clear()
             main = self._new_trainer(self.precision.value, self.session_policy(), self._tag())
             self.trainers, self.readers = [main], [self._open_reader(main)]
             self._labels = [self._tag()]
@@ -472,6 +476,27 @@ class Lab(ui.App):
         what = "follows the policy" if value == INHERIT else f"→ {value}"
         self._set_status(f"{queries.layer_label(layer)} {what} from the next step")
 
+    def apply_advice(self) -> tuple[dict[str, str], dict[str, str], dict]:
+        """Keep in fp32 the layers `mpviz.advise` names for the main run (the Apply advice
+        button), through the layer table's precision menus (rule box for other names); from the
+        next step. Returns ({layer: new precision}, policy.reasons, policy.estimate)."""
+        import mpviz
+
+        if not self.trainers:
+            raise RuntimeError("no run yet: press Start first")
+        self.trainers[0].recorder.flush()   # the last steps' rows are in the store
+        target = self.precision.value if self.precision.value in ("fp16", "bf16") else "fp16"
+        policy = mpviz.advise(self.readers[0], target=target)
+        changed = {}
+        for layer in policy.reasons:
+            keep = policy.rules[layer]
+            if layer in self._rows:
+                self.set_layer_precision(layer, keep)
+            elif not self.add_rule(layer, keep):
+                continue
+            changed[layer] = keep
+        return changed, dict(policy.reasons), dict(policy.estimate)
+
     def _build_layer_table(self) -> None:
         layers = self.readers[0].layers
         rows, self._rows = [], {}
@@ -519,6 +544,7 @@ class Lab(ui.App):
         if now - self._table_at >= TABLE_EVERY_S or final:
             self._table_at = now
             self._refresh_tables(trainers[0], readers[0])
+        self.diagnosis.refresh(readers[0], force=final)
         if final:
             self._sync_buttons()   # paused by `pause_at`: the buttons say Resume
         self._set_status()
