@@ -15,6 +15,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+import mpviz
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
@@ -32,8 +34,8 @@ def test_the_three_apps_have_notebooks():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes_headless_and_displays_its_app(path, dash_two_runs, tmp_path, monkeypatch):
     root, _, _ = dash_two_runs
-    # The lab writes a new run as soon as it opens: give it a folder of its own.
-    runs = tmp_path if path.stem == "lab" else root
+    # The lab writes a new run as soon as it opens, the tour trains its own: a folder of their own.
+    runs = tmp_path if path.stem in ("lab", "tour") else root
     monkeypatch.setenv("MPVIZ_RUNS_DIR", str(runs))
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=300, kernel_name="python3", store_widget_state=False,
@@ -48,3 +50,8 @@ def test_notebook_executes_headless_and_displays_its_app(path, dash_two_runs, tm
     assert shown, f"{path.name} displayed no widget; outputs: {outputs}"
     if path.stem == "lab":  # the lab built its model and opened a run where it was told to
         assert [p.name.startswith("lab-") for p in runs.iterdir()] == [True]
+    if path.stem == "tour":  # its five recorded runs, where the explorer lists them
+        assert sorted(p.name for p in runs.iterdir()) == [
+            "tour-mlp-lr5", "tour-policy", "tour-scaler", "tour-small-loss-scaled",
+            "tour-small-loss-unscaled"]
+        assert len(mpviz.list_runs(runs)) == 5
