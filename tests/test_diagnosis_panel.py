@@ -3,6 +3,8 @@
 against the policy changes the run itself recorded, and the fp16 output dtypes it recorded."""
 from __future__ import annotations
 
+import math
+
 import pytest
 
 import mpviz
@@ -105,3 +107,43 @@ def test_lab_apply_advice_keeps_the_overflowing_layer_in_fp32(tmp_path, monkeypa
             run.close()
     finally:
         lab.close()
+
+
+def _bin(lo: float, hi: float) -> int:
+    """The stats bin of a run.histogram row (0 zeros, 1 fp32 subnormals, 256 inf/nan)."""
+    if lo == hi:
+        return 0 if lo == 0 else 256
+    return 1 if lo == 0 else int(math.log2(lo)) + 128
+
+
+def test_explorer_exponent_view_matches_run_histogram(runs):
+    root, bad, _ = runs
+    ex = explorer_app(run_dir=bad, runs_dir=root, follow=False)
+    try:
+        ex.layer.value = "fc3"     # the drill-down: redrawn at once (not following)
+        spec = ex.exponents.outputs[0]["data"]["application/vnd.plotly.v1+json"]
+        heat = {t["name"]: t for t in spec["data"] if t["type"] == "heatmap"}
+        meta = spec["layout"]["meta"]
+        assert set(heat) == {"activation", "grad"}
+        run = mpviz.load_run(bad)
+        try:
+            for tensor in ("activation", "grad"):
+                steps, bins = meta[tensor]["steps"], meta[tensor]["bins"]
+                assert steps == list(range(0, 20, 5)) and heat[tensor]["x"] == steps
+                z = heat[tensor]["z"]
+                for j, step in enumerate(steps):
+                    h = run.histogram("fc3", tensor, step=step)
+                    want = {_bin(lo, hi): c / h["count"].sum()
+                            for lo, hi, c in zip(h["lo"], h["hi"], h["count"])}
+                    got = {k: row[j] for k, row in zip(bins, z) if row[j] is not None}
+                    assert got.keys() == want.keys() and all(
+                        got[k] == pytest.approx(want[k]) for k in want), (tensor, step)
+            # fc3's activations went inf/nan from step 1 (the forward overflow): an inf/nan row
+            assert 256 in meta["activation"]["bins"]
+        finally:
+            run.close()
+        # fp16's largest value and smallest subnormal are drawn as lines
+        lines = {(s["line"]["color"], round(s["y0"], 3)) for s in spec["layout"]["shapes"]}
+        assert ("#c62828", round(math.log2(65504), 3)) in lines and ("#c62828", -24.0) in lines
+    finally:
+        ex.close()

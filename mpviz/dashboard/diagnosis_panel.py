@@ -2,8 +2,9 @@
 
 It shows the findings worst first (severity colour, kind, steps, layers, message, suggestion),
 the last loss-scale backoffs with their cause and layers, the suggested GradScaler settings and
-the headroom notes. ``refresh(run)`` re-diagnoses at most every ``min_interval_s`` and only when
-the run grew, so the apps can call it on every redraw. Given ``on_apply``, an "Apply advice"
+the headroom notes. ``refresh(run)`` re-diagnoses only when the run grew, at most every
+``min_interval_s`` and never more than 10% of the time (``COST_SHARE``: a long run's diagnosis
+takes longer, so it is re-read less often), so the apps can call it on every redraw. Given ``on_apply``, an "Apply advice"
 button calls it (the lab applies :func:`mpviz.advise` to its running model) and shows what it
 changed. The diagnosis covers the whole run, whatever step range a plot shows. No torch.
 """
@@ -21,6 +22,7 @@ from . import ui
 
 COLORS = {"error": "#c62828", "warning": "#ef6c00", "info": "#607d8b"}
 SHOWN_BACKOFFS = 5
+COST_SHARE = 0.1   # diagnose at most this share of the time while a run is followed
 
 
 def _steps(steps: tuple[int, int] | None) -> str:
@@ -110,6 +112,7 @@ class DiagnosisPanel:
         self.diagnosis: Any = None
         self._at = -math.inf
         self._key: tuple | None = None
+        self.cost_s = 0.0   # how long the last diagnosis took
         self.html = widgets.HTML()
         self.html.add_class("mpviz-diagnosis")
         self.advice = widgets.HTML()
@@ -130,7 +133,8 @@ class DiagnosisPanel:
         if run is None:
             return False
         key = (str(run.run_dir), getattr(run, "rank", None), run.last_step)
-        if key == self._key or (not force and now - self._at < self.min_interval_s):
+        wait = max(self.min_interval_s, self.cost_s / COST_SHARE)
+        if key == self._key or (not force and now - self._at < wait):
             return False
         self._at, self._key = now, key
         import mpviz   # mpviz.diagnosis reads the store with pandas; no torch
@@ -138,6 +142,7 @@ class DiagnosisPanel:
         try:
             self.diagnosis = mpviz.diagnose(run)
             text = diagnosis_html(self.diagnosis, self.backoffs)
+            self.cost_s = time.monotonic() - now
         except Exception as e:   # the panel must not break the app's redraw
             self.diagnosis = None
             text = (f'<b>Diagnosis</b> <span class="mpviz-bad">unavailable: '
@@ -162,3 +167,102 @@ class DiagnosisPanel:
     def clear(self) -> None:
         self.diagnosis, self._key, self._at = None, None, -math.inf
         self.html.value = self.advice.value = ""
+
+
+# ---------------------------------------------------------------- exponent histogram view
+MAX_COLUMNS = 300   # steps drawn at most (evenly spaced among the recorded ones)
+ZERO_BIN, INF_BIN = 0, 256   # mpviz.stats: bin 0 exact zeros, bin 256 inf/nan, bin k 2**(k-128)..
+LINE_FORMATS = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
+LINE_COLORS = {"fp16": "#c62828", "bf16": "#1565c0", "fp8_e4m3": "#2e7d32", "fp8_e5m2": "#6a1b9a"}
+
+
+def exponent_history(run: Any, layer: str, tensor: str, lo: int, hi: int,
+                     max_columns: int = MAX_COLUMNS) -> tuple[list[int], dict[int, list[float]]]:
+    """One layer's stored log2 histograms over steps [lo, hi] (at most ``max_columns`` steps,
+    evenly spaced): ``(steps, {bin: [share of elements per step]})`` for every bin that holds
+    anything (bins as in :mod:`mpviz.stats`: 0 zeros, 1 fp32 subnormals, k = 2..255 the binade
+    [2**(k-128), 2**(k-127)), 256 inf/nan)."""
+    from mpviz.store import unpack_hist
+
+    idx = run.query("SELECT idx FROM layers WHERE layer = ?", (layer,))
+    if idx.empty:
+        return [], {}
+    key = (int(idx["idx"].iloc[0]), tensor)
+    have = run.query("SELECT step FROM histograms WHERE layer_idx = ? AND tensor = ? AND step "
+                     "BETWEEN ? AND ? ORDER BY step", key + (lo, hi))["step"].tolist()
+    stride = max(1, math.ceil(len(have) / max_columns))
+    chosen = have[::stride]
+    if not chosen:
+        return [], {}
+    rows = run.query(f"SELECT step, lo, counts FROM histograms WHERE layer_idx = ? AND tensor = ? "
+                     f"AND step IN ({','.join('?' * len(chosen))}) ORDER BY step",
+                     key + tuple(int(s) for s in chosen))
+    steps = [int(s) for s in rows["step"]]
+    shares: dict[int, list[float]] = {}
+    for j, (first, blob) in enumerate(zip(rows["lo"], rows["counts"])):
+        counts = unpack_hist(int(first), blob)
+        total = sum(counts) or 1
+        for k, c in enumerate(counts):
+            if c:
+                shares.setdefault(k, [0.0] * len(steps))[j] = c / total
+    return steps, shares
+
+
+def exponent_figure(run: Any, layer: str, lo: int, hi: int,
+                    tensors: tuple[str, ...] = ("activation", "grad")) -> Any:
+    """Per tensor, log2|x| over time as a heatmap (share of elements per binade; zero and
+    inf/nan as rows of their own), with each format's largest value and smallest subnormal as
+    lines. Gradients are shown unscaled (divided by the loss scale). ``fig.meta`` holds, per
+    tensor, the ``steps`` and the ``bins`` of each heatmap row (tests)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from mpviz.formats import FORMATS
+
+    data = [(t, *exponent_history(run, layer, t, lo, hi)) for t in tensors]
+    data = [d for d in data if d[1]]
+    if not data:
+        fig = go.Figure()
+        fig.update_layout(height=120, title=dict(text=f"{layer}: no histograms recorded in steps "
+                                                       f"{lo}-{hi}", font=dict(size=12)))
+        return fig
+    fig = make_subplots(rows=len(data), cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=[f"{layer} · {t}" + (" (unscaled)" if t == "grad" else "")
+                                        for t, _, _ in data])
+    meta = {}
+    for r, (tensor, steps, shares) in enumerate(data, start=1):
+        mid = sorted(k for k in shares if ZERO_BIN < k < INF_BIN)
+        y_lo = min(mid[0] - 128, -24) if mid else -24     # always show fp16's subnormal floor
+        y_hi = max(mid[-1] - 128, 16) if mid else 16     # ... and its largest value
+        bins = list(range(y_lo + 128, y_hi + 129))
+        ys = [k - 128 + 0.5 for k in bins]                 # the binade's middle, in log2 units
+        if ZERO_BIN in shares:
+            bins, ys = [ZERO_BIN] + bins, [y_lo - 1.5] + ys
+        if INF_BIN in shares:
+            bins, ys = bins + [INF_BIN], ys + [y_hi + 2.5]
+        z = [[(v if v > 0 else None) for v in shares.get(k, [0.0] * len(steps))] for k in bins]
+        fig.add_trace(go.Heatmap(x=steps, y=ys, z=z, colorscale="Viridis", zmin=0, zmax=1,
+                                 showscale=r == 1, name=tensor,
+                                 colorbar=dict(title="share", len=0.5, y=1, yanchor="top"),
+                                 hovertemplate="step %{x}<br>log2|x| %{y}<br>share %{z:.3f}"
+                                               "<extra></extra>"), row=r, col=1)
+        for name in LINE_FORMATS:
+            f = FORMATS[name]
+            for v, dash in ((f.max, "solid"), (f.min_subnormal, "dot")):
+                y = math.log2(v)
+                if y_lo - 0.5 <= y <= y_hi + 1.5:
+                    fig.add_hline(y=y, line=dict(color=LINE_COLORS[name], width=1, dash=dash),
+                                  row=r, col=1, annotation_text=name, annotation_font_size=9,
+                                  annotation_position="right")
+        ticks = list(range(y_lo - y_lo % 8, y_hi + 2, 8))
+        tv, tt = [float(t) for t in ticks], [f"2^{t}" for t in ticks]
+        if ZERO_BIN in shares:
+            tv, tt = [y_lo - 1.5] + tv, ["zero"] + tt
+        if INF_BIN in shares:
+            tv, tt = tv + [y_hi + 2.5], tt + ["inf/nan"]
+        fig.update_yaxes(tickvals=tv, ticktext=tt, row=r, col=1)
+        meta[tensor] = {"steps": steps, "bins": bins}
+    fig.update_layout(height=230 * len(data) + 40, margin=dict(l=60, r=70, t=40, b=30),
+                      meta=meta, showlegend=False)
+    fig.update_xaxes(title_text="step", row=len(data), col=1)
+    return fig

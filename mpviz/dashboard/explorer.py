@@ -23,7 +23,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from . import paths, queries, ui
-from .diagnosis_panel import DiagnosisPanel
+from .diagnosis_panel import DiagnosisPanel, exponent_figure
 from .plots import RunFigure, layer_history_figure, show_static
 from .steer_panel import SteerPanel
 
@@ -68,6 +68,8 @@ class Explorer(ui.App):
         self.layer.add_class("mpviz-layer-pick")
         self.drill = widgets.Output()
         self.drill.add_class("mpviz-drill")
+        self.exponents = widgets.Output()  # the drill-down layer's log2|x| over time
+        self.exponents.add_class("mpviz-exponents")
         self.overflows = widgets.HTML()
         self.overflows.add_class("mpviz-overflows")
         self.meta = widgets.HTML()
@@ -87,7 +89,7 @@ class Explorer(ui.App):
             ui.title("mpviz run explorer", "open a run, finished or still training"),
             widgets.HBox([self.picker, self.rank_pick, self.rescan_btn, self.follow]),
             self.info, self.meta, self.range, self.fig.view, self.steer.widget,
-            widgets.HBox([widgets.VBox([self.layer, self.drill], layout=widgets.Layout(width="60%")),
+            widgets.HBox([widgets.VBox([self.layer, self.drill, self.exponents], layout=widgets.Layout(width="60%")),
                           widgets.VBox([self.overflows, self.diagnosis.widget], layout=widgets.Layout(width="40%"))]),
         ])
         self.widget.add_class("mpviz-app")
@@ -250,7 +252,7 @@ class Explorer(ui.App):
                 run.close()
             self.fig.clear()
             self.meta.value = self.overflows.value = ""
-            self.drill.outputs = ()
+            self.drill.outputs = self.exponents.outputs = ()
             self.steer.hide()
             self.diagnosis.clear()
             self.layer.options = [("(pick a layer)", "")]
@@ -278,6 +280,7 @@ class Explorer(ui.App):
                 self._drill_at = now
                 hist = queries.layer_history(run, self.layer.value, lo, hi)
                 show_static(self.drill, layer_history_figure(hist, self.layer.value))
+                show_static(self.exponents, exponent_figure(run, self.layer.value, lo, hi))
             self.refresh_cost_s = time.perf_counter() - t0
             self._show_info()
 
