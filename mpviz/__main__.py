@@ -198,6 +198,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     try:
         meta, steps = run.meta, run.steps
         layers, overflows, changes = run.layers, run.overflows, run.policy_changes
+        ranks = sorted(steps["rank"].unique().tolist()) if "rank" in steps and len(steps) else [0]
+        if len(ranks) > 1:   # a distributed job: the steps of rank 0, where each rank's inf/nan was born
+            steps = steps[steps["rank"] == ranks[0]]
+            if "origin" in overflows and len(overflows):
+                overflows = overflows[overflows["origin"].fillna(True).astype(bool)]
         start, end = meta.get("start_time"), meta.get("end_time")
         dur = f", {end - start:.1f} s" if isinstance(start, (int, float)) and isinstance(end, (int, float)) else ""
         print(f"run {run.run_dir}: {meta.get('status')}{dur}")
@@ -208,6 +213,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             print("  " + ", ".join(f"{k} {_fmt(v)}" for k, v in extras.items()))
         print(f"  autocast {_fmt(meta.get('autocast_dtype'))}, {_fmt_scaler(meta.get('scaler'))}, "
               f"statistics every {meta.get('every')} steps")
+        if len(ranks) > 1:
+            print(f"  {len(ranks)} ranks; steps below are rank {ranks[0]}'s, overflow events the ones "
+                  f"born on a rank (origin)")
         if len(steps):
             tail = steps["loss"].tail(10)
             sps = steps["samples"].sum() / steps["step_time_s"].sum() if steps["samples"].notna().any() else float("nan")
@@ -222,8 +230,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         else:
             print("  no steps recorded yet")
         firsts = overflows[overflows["first"]] if len(overflows) else overflows
+        where = (f" of rank {int(firsts['rank'].iloc[0])}" if len(ranks) > 1 and len(firsts) and "rank" in firsts
+                 else "")
         print(f"  {len(overflows)} overflow events on {overflows['step'].nunique() if len(overflows) else 0} steps"
-              + (f"; first culprit {firsts['layer'].iloc[0]!r} at step {int(firsts['step'].iloc[0])}" if len(firsts) else ""))
+              + (f"; first culprit {firsts['layer'].iloc[0]!r}{where} at step {int(firsts['step'].iloc[0])}"
+                 if len(firsts) else ""))
         print("  " + _policy_summary(changes))
     finally:
         run.close()

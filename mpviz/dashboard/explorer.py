@@ -73,7 +73,9 @@ class Explorer(ui.App):
         self.overflows = widgets.HTML()
         self.overflows.add_class("mpviz-overflows")
         self.meta = widgets.HTML()
-        self.fig = RunFigure(n_slots=1)
+        # Static: it follows runs already training, and a page that loads while a live widget
+        # is being updated can freeze that widget (liveplot.py); an Output never does.
+        self.fig = RunFigure(n_slots=1, static=True)
         self.fig.widget.add_class("mpviz-figure")
         self.steer = SteerPanel()  # shown for a live run recorded with steerable=True
         self.diagnosis = DiagnosisPanel()  # mpviz.diagnose(run), re-read at most every 2 s

@@ -23,7 +23,7 @@ copies of it, and of the optimizer state, made when the race starts. A demo task
 code path: `mpviz.demos.demo_parts` builds its model, optimizer, data and `loss_fn`.
 
 Data flow: the worker thread steps the `mpviz.demos.Trainer`(s); a few times a second it reads
-the recorded runs back through `mpviz.load_run` + SQL (`queries`), and updates one FigureWidget
+the recorded runs back through `mpviz.load_run` + SQL (`queries`), and updates one LivePlot
 in place (`plots.RunFigure`). Toggles post to `trainer.policy_handle.update()` (a thread-safe
 mailbox); the change takes effect at the next step and is read back from `run.policy_changes`.
 """

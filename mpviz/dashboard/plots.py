@@ -1,24 +1,25 @@
-"""Figures of the apps: built once, then updated in place under a lock with `batch_update()`.
+"""Figures of the apps: a `go.Figure` built once and updated in place under a lock; its page
+view is a `LivePlot` (liveplot.py), drawn from synced state, so a page never freezes.
 
-One `FigureWidget` per app (each one ships plotly's ~5 MB bundle to the page). The run figure's
+One `LivePlot` per app (each ships plotly.js, ~5 MB, like a FigureWidget). The run figure's
 live lines (loss, samples/s, loss scale) are that widget; its heatmaps (dtype map, gradient
 norms) are a static `go.Figure` in an `Output` (`show_static`, ~20 B per cell), re-sent only when
-their data changed. A restyle makes plotly.js recompute and redraw every trace of its figure, so
-heatmaps inside the live widget would be re-rendered on every redraw of the lines.
+their data changed: every redraw of the live lines redraws its whole figure.
 
 What one update of the lines costs is bounded by the number of points the caller gives
-(`queries.snapshot(max_points=...)`): arrays travel as float64 binary buffers (float32 ones made
-the page stop drawing a followed run: tests/test_browser_steer.py); traces whose data did not
-change are not sent.
+(`queries.snapshot(max_points=...)`): arrays travel as float64 binary buffers; an update in
+which no trace changed sends nothing.
 
 >>> from mpviz.dashboard.plots import RunFigure
 >>> fig = RunFigure(n_slots=2)
->>> [t.meta for t in fig.widget.data][:3]
+>>> [t.meta for t in fig.figure.data][:3]
 ['loss:0', 'marks:0', 'speed:0']
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import threading
 import time
@@ -30,8 +31,10 @@ import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
+from plotly.utils import PlotlyJSONEncoder
 
 from . import queries
+from .liveplot import LivePlot
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 SLOT_TRACES = ("loss", "marks", "speed", "scale", "skips", "nonfinite")
@@ -117,21 +120,67 @@ def _assign(trace, **props) -> None:
         trace[name] = value
 
 
-def sync_figure_state(fig: go.FigureWidget, lock: threading.RLock) -> None:
-    """Copy a FigureWidget's current traces and layout into its synced state.
+def _plain_json(fig: go.Figure) -> str:
+    """The figure as JSON with arrays as plain lists (non-finite -> null, a gap): what
+    `pio.to_json` writes as base64 typed arrays stays an object in the page's `gd.data`."""
+    def plain(v):
+        if isinstance(v, np.ndarray):
+            if v.dtype.kind in "fc":
+                return [float(x) if np.isfinite(x) else None for x in v.tolist()]
+            return v.tolist()
+        if isinstance(v, dict):
+            if "bdata" in v and "dtype" in v:   # plotly's own base64 typed-array spec
+                a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
+                return plain(a.reshape(v["shape"]) if "shape" in v else a)
+            return {k: plain(w) for k, w in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(w) for w in v]
+        return v
+    return json.dumps(plain(fig.to_plotly_json()), cls=PlotlyJSONEncoder)
 
-    Updates made before the page shows the figure travel as one-off messages that nobody
-    receives; a FigureWidget nested in a box is not synced at display (only a top-level one is),
-    so the apps call this when they are displayed.
-    """
-    with lock:
-        fig._widget_layout = deepcopy(fig._layout_obj._props)
-        fig._widget_data = deepcopy(fig._data)
+
+class _Pushed:
+    """Mixin: `self.figure` (a go.Figure) drawn by `self.widget`; mutations go through
+    `with self.lock, self._pushing():`, which sends what changed once, at the end.
+
+    `widget` is a `LivePlot`, or with `static=True` an `Output` holding a static copy of the
+    figure, re-sent whole when it changed (see liveplot.py for why the explorer wants that)."""
+
+    lock: threading.RLock
+    widget: LivePlot | widgets.Output
+    figure: go.Figure
+
+    def _make_widget(self, static: bool) -> None:
+        self.static = static
+        self._static_sent: str | None = None
+        self.widget = widgets.Output() if static else LivePlot(self.figure)
+        if static:
+            self._push()
+
+    def _push(self) -> None:
+        if not self.static:
+            self.widget.push()
+            return
+        spec = _plain_json(self.figure)
+        if spec != self._static_sent:
+            self._static_sent = spec
+            show_static(self.widget, self.figure, spec)
+
+    @contextlib.contextmanager
+    def _pushing(self):
+        try:
+            yield
+        finally:
+            self._push()
+
+    def sync(self) -> None:
+        """Nothing to do: the page always draws the widget's current state (kept for
+        `ui.App`, which calls it before display)."""
 
 
-class RunFigure:
-    """Loss, samples/s, loss scale (+ skipped steps) of up to `n_slots` runs in one FigureWidget
-    (`widget`), and the dtype map and grad-norm heatmap of the first run in a static figure
+class RunFigure(_Pushed):
+    """Loss, samples/s, loss scale (+ skipped steps) of up to `n_slots` runs in `figure`, drawn
+    by `widget` (a LivePlot), and the dtype map and grad-norm heatmap of the first run in a static figure
     below it (`detail`, shown in `detail_out`). Put `view` (both) in an app's layout.
     Thread-safe: every mutation holds `self.lock`.
 
@@ -139,7 +188,8 @@ class RunFigure:
     cells, so one update of it stays small (~20 B per cell as JSON)."""
 
     def __init__(self, n_slots: int = 1, height: int = 900, width: int | None = None,
-                 max_heat_cells: int = queries.MAX_HEATMAP_CELLS, detail_every_s: float = 0.0) -> None:
+                 max_heat_cells: int = queries.MAX_HEATMAP_CELLS, detail_every_s: float = 0.0,
+                 static: bool = False) -> None:
         self.n_slots = n_slots
         self.detail_every_s = detail_every_s
         self.width = width
@@ -186,8 +236,9 @@ class RunFigure:
                            height=round(height * 0.6), width=width,
                            margin=dict(l=60, r=20, t=40, b=40),
                            legend=dict(orientation="h", y=1.1), uirevision="keep")
-        self.widget = go.FigureWidget(base)
-        self._index = {t.meta: i for i, t in enumerate(self.widget.data)}
+        self.figure = base
+        self._make_widget(static)
+        self._index = {t.meta: i for i, t in enumerate(self.figure.data)}
 
         self.detail = make_subplots(
             rows=1, cols=2, column_widths=[0.28, 0.72], horizontal_spacing=0.16,
@@ -212,24 +263,20 @@ class RunFigure:
         self._detail_timer: threading.Timer | None = None
         self.detail_out = widgets.Output()
         self.detail_out.add_class("mpviz-detail")
-        # A fixed-width figure keeps its box that wide (a FigureWidget's own box takes the row).
+        # A fixed-width figure keeps its box that wide (the widget's own box takes the row).
         self.view = widgets.VBox([self.widget, self.detail_out],
                                  layout=widgets.Layout(width=f"{width + 10}px" if width else None))
         self._show_detail()
-
-    def sync(self) -> None:
-        """See `sync_figure_state` (call before the figure is displayed)."""
-        sync_figure_state(self.widget, self.lock)
 
     def trace(self, name: str, slot: int | None = None):
         """The trace with meta `name:slot`, or `name` for the heatmaps ("dtypes", "grads")."""
         if slot is None:
             return self.detail.data[self._detail_index[name]]
-        return self.widget.data[self._index[f"{name}:{slot}"]]
+        return self.figure.data[self._index[f"{name}:{slot}"]]
 
     def set_labels(self, labels: list[str]) -> None:
         """Name the slots (legend) and hide the unused ones."""
-        with self.lock, self.widget.batch_update():
+        with self.lock, self._pushing():
             for slot in range(self.n_slots):
                 used = slot < len(labels)
                 for kind in SLOT_TRACES:
@@ -240,7 +287,7 @@ class RunFigure:
 
     def clear(self) -> None:
         """Empty every trace (a fresh session)."""
-        with self.lock, self.widget.batch_update():
+        with self.lock, self._pushing():
             for slot in range(self.n_slots):
                 for kind in SLOT_TRACES:
                     t = self.trace(kind, slot)
@@ -255,7 +302,7 @@ class RunFigure:
         loss = _arr(steps["loss"])
         speed = _arr32(steps["samples_per_s"])
         bad_x, bad_text = nonfinite_marks(x, loss)
-        with self.lock, self.widget.batch_update():
+        with self.lock, self._pushing():
             _assign(self.trace("loss", slot), x=x32, y=loss)
             _assign(self.trace("speed", slot), x=x32, y=_arr32(rolling_median(speed)), customdata=speed)
             _assign(self.trace("scale", slot), x=x32, y=_log2(steps["loss_scale"]))
@@ -275,9 +322,9 @@ class RunFigure:
     def set_step_range(self, lo: int | None, hi: int | None) -> None:
         """Zoom the step axes to [lo, hi] (None: autorange)."""
         rng = None if lo is None or hi is None else [lo, max(hi, lo + 1)]
-        with self.lock, self.widget.batch_update():
+        with self.lock, self._pushing():
             for ax in ("xaxis", "xaxis2", "xaxis3"):
-                axis = self.widget.layout[ax]
+                axis = self.figure.layout[ax]
                 axis.range = rng
                 axis.autorange = rng is None
             self.detail.layout.xaxis2.range = rng
@@ -348,13 +395,14 @@ def cap_columns(steps: np.ndarray, z: np.ndarray, max_cells: int) -> tuple[np.nd
         return np.asarray(steps)[::k], np.nanmax(zp, axis=2)
 
 
-class CompareFigure:
+class CompareFigure(_Pushed):
     """Loss vs step, loss vs wall time, samples/s and loss scale of several runs overlaid."""
 
     PANELS = (("loss", "step", 1, 1), ("loss", "wall", 1, 2), ("samples_per_s", "step", 2, 1),
               ("loss_scale", "step", 2, 2))
 
-    def __init__(self, n_slots: int = 6, height: int = 700, width: int | None = None) -> None:
+    def __init__(self, n_slots: int = 6, height: int = 700, width: int | None = None,
+                 static: bool = False) -> None:
         self.n_slots = n_slots
         self.lock = threading.RLock()
         base = make_subplots(rows=2, cols=2, subplot_titles=(
@@ -377,19 +425,16 @@ class CompareFigure:
                                       showlegend=False, visible=False), 2, 2)
         base.update_layout(height=height, width=width, margin=dict(l=60, r=20, t=40, b=40), uirevision="keep",
                            legend=dict(orientation="h", y=1.08))
-        self.widget = go.FigureWidget(base)
-        self._index = {t.meta: i for i, t in enumerate(self.widget.data)}
-
-    def sync(self) -> None:
-        """See `sync_figure_state` (call before the figure is displayed)."""
-        sync_figure_state(self.widget, self.lock)
+        self.figure = base
+        self._make_widget(static)
+        self._index = {t.meta: i for i, t in enumerate(self.figure.data)}
 
     def trace(self, meta: str):
-        return self.widget.data[self._index[meta]]
+        return self.figure.data[self._index[meta]]
 
     def show(self, runs: list[tuple[str, object, object]]) -> None:
         """runs: [(label, step DataFrame, skipped DataFrame)], at most n_slots of them."""
-        with self.lock, self.widget.batch_update():
+        with self.lock, self._pushing():
             for slot in range(self.n_slots):
                 used = slot < len(runs)
                 for col, xkind, _, _ in self.PANELS:
