@@ -7,7 +7,6 @@ store's own rows, pandas' rolling median, a loop over heatmap columns).
 from __future__ import annotations
 
 import contextlib
-import json
 
 import numpy as np
 import pandas as pd
