@@ -217,6 +217,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  {len(ranks)} ranks; steps below are rank {ranks[0]}'s, overflow events the ones "
                   f"born on a rank (origin)")
         if len(steps):
+            steps = steps.assign(loss=steps["loss"].astype(float))   # None (no loss given) -> NaN
             tail = steps["loss"].tail(10)
             sps = steps["samples"].sum() / steps["step_time_s"].sum() if steps["samples"].notna().any() else float("nan")
             print(f"  {len(steps)} steps; loss {_fmt(float(steps['loss'].iloc[0]))} -> {_fmt(float(tail.mean()))} "
