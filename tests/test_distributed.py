@@ -122,3 +122,22 @@ def test_explorer_picks_a_rank(job):
         assert ex.overflows.value != rank0_overflows   # rank 1 also has the forward culprits
     finally:
         ex.close()
+
+
+def test_compare_overlays_the_ranks(job):
+    from mpviz.dashboard import compare_app
+
+    out, _ = job
+    cmp = compare_app(runs=[out / "run"], runs_dir=out)
+    try:
+        labels = [label for label, _ in cmp.picker.options if label.startswith("run ")]
+        assert [label.rsplit(" ", 2)[-2:] for label in labels] == [["rank", "0"], ["rank", "1"]]
+        assert len(cmp.picker.value) == 2            # the run given: both its ranks, overlaid
+        runs = {p: run for p, run in cmp._readable()}
+        assert sorted(run.rank for run in runs.values()) == [0, 1]
+        for p, run in runs.items():   # each line is that rank's own steps
+            ref = mpviz.load_run(out / "run", rank=run.rank).steps
+            assert len(run.steps) == len(ref) == 6
+        assert "rank 1" in cmp.info.value and not cmp.problems
+    finally:
+        cmp.close()

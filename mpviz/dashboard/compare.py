@@ -22,6 +22,13 @@ from . import paths, queries, ui
 from .plots import CompareFigure
 
 MAX_RUNS = 6
+RANK_SEP = "#rank"   # picker value of one rank of a distributed run: "<run dir>#rank<r>"
+
+
+def _split(path: str) -> tuple[str, int | None]:
+    """"runs/job#rank1" -> ("runs/job", 1); a plain path -> (path, None)."""
+    base, sep, r = path.rpartition(RANK_SEP)
+    return (base, int(r)) if sep and r.isdigit() else (path, None)
 
 
 def differences(summaries: dict[str, pd.DataFrame], top: int | None = None) -> pd.DataFrame:
@@ -104,12 +111,21 @@ class Compare(ui.App):
             if str(p) not in found:
                 found.append(str(p))
         labels = {}
-        for p in found:
+        for p in list(found):
             try:
-                meta = self._run(p).meta
+                run = self._run(p)
+                meta, ranks = run.meta, list(run.ranks)
             except (paths.RunUnavailable, *paths.STORE_ERRORS):  # listed, so the user sees it
-                meta = {"precision": "unreadable"}
+                meta, ranks = {"precision": "unreadable"}, [0]
             labels[p] = ui.run_label(Path(p), meta)
+            if len(ranks) > 1:   # a distributed run: one entry per rank, to overlay or pick
+                i = found.index(p)
+                found[i:i + 1] = [f"{p}{RANK_SEP}{r}" for r in ranks]
+                for r in ranks:
+                    labels[f"{p}{RANK_SEP}{r}"] = f"{labels[p]} rank {r}"
+        if select:
+            select = [q for p in select for q in
+                      ([str(p)] if str(p) in found else [f for f in found if _split(f)[0] == str(p)])]
         previous = self.picker.value if keep else ()
         self.picker.options = [(labels[p], p) for p in found]
         chosen = ([str(p) for p in select if str(p) in found] if select else
@@ -132,10 +148,15 @@ class Compare(ui.App):
         run = self.opened.get(path)
         if run is not None and not run.path.exists():
             self._forget(path)
-            raise paths.RunUnavailable(f"{Path(path).name} was deleted while open: "
+            raise paths.RunUnavailable(f"{Path(_split(path)[0]).name} was deleted while open: "
                                        f"pick other runs or press Refresh")
         if run is None:
-            run = self.opened[path] = paths.open_run(self.runs_dir, path)
+            base, rank = _split(path)
+            run = paths.open_run(self.runs_dir, base)
+            if rank is not None:   # that rank's own store
+                whole, run = run, run.for_rank(rank)
+                whole.close()
+            self.opened[path] = run
         return run
 
     def _forget(self, path: str) -> None:
@@ -158,15 +179,21 @@ class Compare(ui.App):
         msgs = self.refused + list(self.problems.values())
         return "".join(f"<div class='mpviz-bad mpviz-problem'>{html.escape(m)}</div>" for m in msgs)
 
+    @staticmethod
+    def _label(path: str, run: Any) -> str:
+        base, rank = _split(path)
+        label = ui.run_label(Path(base), run.meta)
+        return label if rank is None else f"{label} rank {rank}"
+
     def labels(self) -> dict[str, str]:
-        return {p: ui.run_label(Path(p), run.meta) for p, run in self._readable()}
+        return {p: self._label(p, run) for p, run in self._readable()}
 
     def refresh(self) -> None:
         """Draw the selected runs; each one that cannot be shown gets one message instead."""
         shown, summaries = [], {}
         for p, run in self._readable():
             try:   # all of a run is read before any of it is drawn
-                label = ui.run_label(Path(p), run.meta)
+                label = self._label(p, run)
                 snap = queries.snapshot(run, detail=False)
                 summaries[label] = queries.layer_summary(run)
             except paths.STORE_ERRORS as e:   # corrupt beyond what opening it read
@@ -189,7 +216,7 @@ class Compare(ui.App):
         summaries = {}
         for p, run in self._readable():
             try:
-                summaries[ui.run_label(Path(p), run.meta)] = queries.layer_summary(run)
+                summaries[self._label(p, run)] = queries.layer_summary(run)
             except paths.STORE_ERRORS as e:
                 self.problems[p] = paths.describe(run.run_dir, e)
                 self._forget(p)
