@@ -202,9 +202,10 @@ def test_request_applies_from_the_next_step_and_matches_a_live_update(tmp_path):
     for (name, a), (_, b) in zip(steered.state_dict().items(), live_model.state_dict().items()):
         assert torch.equal(a, b), name
     assert mpviz.steer_status(d, ids["head"])["step"] == 3
-    assert mpviz.load_run(d).policy_changes.values.tolist() == [[3, "head", "fp32", "head"]]
-    assert mpviz.load_run(tmp_path / "live").policy_changes.values.tolist() == \
-        [[3, "head", "fp32", "head"]]
+    changes = mpviz.load_run(d).policy_changes[["step", "layer", "precision", "rule"]]
+    assert changes.values.tolist() == [[3, "head", "fp32", "head"]]
+    live_changes = mpviz.load_run(tmp_path / "live").policy_changes[["step", "layer", "precision", "rule"]]
+    assert live_changes.values.tolist() == [[3, "head", "fp32", "head"]]
 
 
 def test_a_request_no_step_boundary_reaches_is_refused_when_the_run_ends(tmp_path):
