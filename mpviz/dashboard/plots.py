@@ -1,5 +1,6 @@
 """Figures of the apps: a `go.Figure` built once and updated in place under a lock; its page
-view is a `LivePlot` (liveplot.py), drawn from synced state, so a page never freezes.
+view is a `LivePlot` (liveplot.py, drawn from synced state) or, in the explorer, a static copy
+in an `Output` (see liveplot.py's "Known limit").
 
 One `LivePlot` per app (each ships plotly.js, ~5 MB, like a FigureWidget). The run figure's
 live lines (loss, samples/s, loss scale) are that widget; its heatmaps (dtype map, gradient
@@ -24,7 +25,6 @@ import json
 import threading
 import time
 import warnings
-from copy import deepcopy
 
 import ipywidgets as widgets
 import numpy as np
@@ -52,12 +52,6 @@ DTYPE_COLORSCALE = [
 
 def _arr(values) -> np.ndarray:
     # 1-D float arrays travel as binary buffers (8 B/point) instead of JSON lists.
-    return np.asarray(values, dtype=float)
-
-
-def _arr32(values) -> np.ndarray:
-    # float64, like every array the page gets: float32 buffers made the page stop applying a
-    # followed run's updates (the browser tests of the explorer), and cost more than they saved.
     return np.asarray(values, dtype=float)
 
 
@@ -172,10 +166,6 @@ class _Pushed:
             yield
         finally:
             self._push()
-
-    def sync(self) -> None:
-        """Nothing to do: the page always draws the widget's current state (kept for
-        `ui.App`, which calls it before display)."""
 
 
 class RunFigure(_Pushed):
@@ -298,14 +288,13 @@ class RunFigure(_Pushed):
                heat: queries.Heatmap | None = None) -> None:
         """Show one run's views (DataFrames from `queries`) in `slot`; dtypes/heat if given."""
         x = _arr(steps["step"])
-        x32 = x  # float64: with float32 steps the page stopped drawing a followed run (see tests)
         loss = _arr(steps["loss"])
-        speed = _arr32(steps["samples_per_s"])
+        speed = _arr(steps["samples_per_s"])
         bad_x, bad_text = nonfinite_marks(x, loss)
         with self.lock, self._pushing():
-            _assign(self.trace("loss", slot), x=x32, y=loss)
-            _assign(self.trace("speed", slot), x=x32, y=_arr32(rolling_median(speed)), customdata=speed)
-            _assign(self.trace("scale", slot), x=x32, y=_log2(steps["loss_scale"]))
+            _assign(self.trace("loss", slot), x=x, y=loss)
+            _assign(self.trace("speed", slot), x=x, y=rolling_median(speed), customdata=speed)
+            _assign(self.trace("scale", slot), x=x, y=_log2(steps["loss_scale"]))
             t = self.trace("skips", slot)
             t.x, t.y = _arr(skipped["step"]), _log2(skipped["loss_scale"])
             t.hovertext = list(skipped["culprit"])
@@ -314,7 +303,7 @@ class RunFigure(_Pushed):
             t.x, t.y = mx, _at(x, loss, mx)
             t.hovertext = list(marks["text"])
             t = self.trace("nonfinite", slot)
-            t.x, t.y = _arr32(bad_x), np.full(len(bad_x), 0.97 - 0.04 * slot)
+            t.x, t.y = _arr(bad_x), np.full(len(bad_x), 0.97 - 0.04 * slot)
             t.hovertext = bad_text
             if dtypes is not None or heat is not None:
                 self._set_heatmaps(dtypes, heat)

@@ -126,12 +126,10 @@ def button(label: str, cls: str, style: str = "", icon: str = "") -> widgets.But
 
 
 class App:
-    """Base of the three apps: displaying one shows its ``widget``, with ``fig`` synced first
-    (what was drawn before display must be in the widget state the page loads)."""
+    """Base of the three apps: displaying one shows its ``widget`` (the figures keep their
+    page state current themselves, so nothing needs syncing first)."""
 
     widget: widgets.Box
-    fig: Any
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        self.fig.sync()
         return self.widget._repr_mimebundle_(**kwargs)
