@@ -54,19 +54,46 @@ function unpack(v) {   // binary buffers arrive as DataViews (or ArrayBuffers): 
   return v;
 }
 
+// A fixed layout.width wider than the room the page gives is drawn at the room's width instead
+// of being clipped (JupyterLab with its file browser open: ~870 px in a 1,300 px window). The
+// room is measured from the output area (or the page), never from the figure's own box.
+function room(el) {
+  const area = el.closest(".jp-OutputArea-output") || document.body;
+  return Math.floor(area.getBoundingClientRect().right - el.getBoundingClientRect().left) - 2;
+}
+
+// Redraws take at most SHARE of the page's main thread (a redraw that took 40 ms waits 0.76 s
+// for the next; only the newest state is drawn), so a browser on the machine that trains takes
+// little from it, however long the run and however slow the page.
+const SHARE = 0.05, MIN_GAP_MS = 250;
+
 function render({ model, el }) {
   const Plotly = plotly(model);
   const gd = document.createElement("div");
   el.appendChild(gd);
-  let busy = false, again = false, gone = false;
+  let busy = false, again = false, gone = false, area = null;
+  let next = 0;   // performance.now() before which no redraw starts (see SHARE)
+  const ro = new ResizeObserver(() => resize());
   const draw = async () => {   // always the newest state; changes during a draw redraw once
     if (busy) { again = true; return; }
     busy = true;
     try {
       do {
-        again = false;
-        await Plotly.react(gd, unpack(model.get("traces")), JSON.parse(JSON.stringify(model.get("plot_layout"))),
-                           { responsive: true, displaylogo: false });
+        const wait = next - performance.now();
+        if (wait > 0) await new Promise((ok) => setTimeout(ok, wait));
+        if (gone) break;
+        again = false;   // what changed while waiting is drawn now
+        const t0 = performance.now();
+        if (!area && el.isConnected) {   // follow the room as the page resizes
+          area = el.closest(".jp-OutputArea-output") || document.body;
+          ro.observe(area);
+        }
+        const layout = JSON.parse(JSON.stringify(model.get("plot_layout")));
+        const w = el.isConnected ? room(el) : 0;
+        if (layout.width && w > 200 && w < layout.width) layout.width = w;
+        await Plotly.react(gd, unpack(model.get("traces")), layout, { responsive: true, displaylogo: false });
+        const took = performance.now() - t0;
+        next = performance.now() + Math.max(MIN_GAP_MS, took * (1 - SHARE) / SHARE);
       } while (again && !gone);
     } catch (e) {
       console.error("mpviz live plot:", e);
@@ -74,10 +101,12 @@ function render({ model, el }) {
       busy = false;
     }
   };
-  const resize = () => { if (!gone && gd.layout && el.isConnected) Plotly.Plots.resize(gd); };
+  const resize = () => {   // a fixed width is re-clamped to the room; an autosized one resized
+    if (gone || !gd.layout || !el.isConnected) return;
+    if (model.get("plot_layout").width) draw(); else Plotly.Plots.resize(gd);
+  };
   model.on("change:traces", draw);
   model.on("change:plot_layout", draw);
-  const ro = new ResizeObserver(resize);
   ro.observe(el);
   draw();
   return () => {
