@@ -40,6 +40,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from ..scenarios import SCENARIOS, Scenario, get_scenario
 from . import queries, ui
 from .diagnosis_panel import DiagnosisPanel
 from .plots import RunFigure
@@ -51,8 +52,9 @@ REMOVE = "(remove rule)"  # rule box: drop the rule for that pattern
 SCALES = tuple(2.0**k for k in range(0, 25, 2))  # GradScaler init_scale choices
 AUTOCAST_NAMES = {"bfloat16": "bf16", "float16": "fp16", None: "fp32"}
 MAX_ALONGSIDE = 2     # race: the main run + up to two more
-TABLE_EVERY_S = 1.0   # the layer/overflow tables refresh at most this often
-DETAIL_EVERY_S = 2.0  # the dtype map and gradient heatmap too
+TABLE_EVERY_S = 2.0   # the layer/overflow tables refresh at most this often
+DETAIL_EVERY_S = 10.0  # the dtype map and gradient heatmap too (re-drawn whole by the page) ...
+DETAIL_AFTER_CHANGE_S = 2.0  # ... and this long after a precision change shows on the loss curve
 LIVE_POINTS = 600      # points per line while training (the plots are ~400-800 px wide)
 LIVE_HEAT_CELLS = 6000  # cells of the live gradient heatmap (columns merged beyond)
 
@@ -67,7 +69,8 @@ class Lab(ui.App):
                  train_step: Any = None, data: Any = None, scaler: Any = None,
                  eval_fn: Any = None, eval_data: Any = None, eval_every: int = 25,
                  name: str | None = None, grad_scaler: bool | None = None,
-                 init_scale: float = 2.0**16, growth_interval: int = 2000) -> None:
+                 init_scale: float = 2.0**16, growth_interval: int = 2000,
+                 scenario: str | None = None) -> None:
         self.runs_dir = ui.runs_root(runs_dir)
         self.every, self.seed, self.redraw_s, self.eval_every = every, seed, redraw_s, eval_every
         # Your model's parts (None: a demo task, built fresh by each session).
@@ -96,6 +99,7 @@ class Lab(ui.App):
         self.readers: list[Any] = []      # mpviz.Run over each trainer's run, same order
         self._created: list[Path] = []    # run dirs this lab made (empty ones are tidied up)
         self._table_at = self._detail_at = 0.0
+        self._marks_seen = 0   # precision changes shown on the loss curve (see _refresh)
         self._lock = threading.RLock()
 
         # ---- controls
@@ -168,6 +172,24 @@ class Lab(ui.App):
         for w in (self.task, self.batch, self.lr, self.grad_scaler, self.init_scale, self.growth_interval):
             w.observe(self._on_config, names="value")
         self.pause_at.observe(lambda _: self._set_pause_at(), names="value")  # also while training
+        # Scenarios that teach (mpviz.scenarios): one click loads a run made to fail in one way.
+        self._scenario: Scenario | None = None
+        self._home = {"parts": self._parts, "owns_step": self.owns_step, "task": self.task.options,
+                      "precision": precision, "every": every, "lrs": self.lr.options,
+                      "grad_scaler": self.grad_scaler.value}
+        self.scenario = widgets.Dropdown(options=[("(none)", "")] + [(sc.title, n) for n, sc in SCENARIOS.items()],
+                                         value="", description="scenario",
+                                         layout=widgets.Layout(width="430px"))
+        self.scenario_fixed = widgets.Checkbox(value=False, description="with the fix", indent=False,
+                                               layout=widgets.Layout(width="110px"))
+        self.scenario_note = widgets.HTML()
+        for w, cls in ((self.scenario, "mpviz-scenario"), (self.scenario_fixed, "mpviz-scenario-fixed"),
+                       (self.scenario_note, "mpviz-scenario-note")):
+            w.add_class(cls)
+        for w in (self.scenario, self.scenario_fixed):
+            w.observe(lambda _: self._syncing or self.load_scenario(self.scenario.value or None,
+                                                                     self.scenario_fixed.value),
+                      names="value")
 
         # ---- figure and tables
         # Heatmaps: a static plot the page re-creates each time (measured: the page's largest
@@ -183,6 +205,7 @@ class Lab(ui.App):
         self.diagnosis = DiagnosisPanel(on_apply=self.apply_advice)  # live; Apply advice
 
         controls = widgets.VBox([
+            widgets.HBox([self.scenario, self.scenario_fixed]), self.scenario_note,
             widgets.HBox([self.task, self.precision, self.batch, self.lr]),
             widgets.HBox([self.alongside,
                           widgets.HTML("<span class='mpviz-muted'>race: also train these, same seed "
@@ -203,7 +226,10 @@ class Lab(ui.App):
             controls, ui.wrap_row(self.fig.view, side)])
         self.widget.add_class("mpviz-app")
         self.widget.add_class("mpviz-lab")
-        self.reset()
+        if scenario:
+            self.load_scenario(scenario)
+        else:
+            self.reset()
 
     # --------------------------------------------------------------------- sessions
     @property
@@ -225,8 +251,11 @@ class Lab(ui.App):
     def _new_trainer(self, precision: str, policy: dict[str, str] | None, tag: str) -> Any:
         """The session's main trainer, in a run directory of its own (claimed atomically)."""
         precision = precision if self.owns_step else "fp32"   # a train_step brings its autocast
-        t = torch_thread.call(make_trainer, None if self._parts else self.task.value, precision,
-                              parts=self._parts, runs_root=str(self.runs_dir),
+        parts = self._parts
+        if self._scenario is not None:   # fresh parts each session: the phenomenon shows again
+            parts = torch_thread.call(self._scenario.parts, self.seed, self.lr.value or None)
+        t = torch_thread.call(make_trainer, None if parts else self.task.value, precision,
+                              parts=parts, runs_root=str(self.runs_dir),
                               run_name=self._run_name(tag),
                               batch_size=self.batch.value or None, lr=self.lr.value or None,
                               seed=self.seed, every=self.every, policy=policy, meta={"app": "lab"},
@@ -354,6 +383,54 @@ class Lab(ui.App):
     def _on_done(self, worker: TrainingWorker) -> None:
         self._sync_buttons()
         self._set_status()
+
+    # --------------------------------------------------------------------- scenarios
+    def load_scenario(self, name: str | None, fixed: bool | None = None) -> Scenario | None:
+        """Load a teaching scenario of `mpviz.scenarios` (the Scenario menu): its model, data,
+        optimizer and AMP knobs, through the same path as ``lab_app(model=...)``, with its
+        explanation shown; each session starts from fresh weights. ``fixed=True`` (or
+        ``"NAME-fixed"``): its healthy counterpart. None or "": back to what the lab was built
+        with. Stops any training first; press Start (or ``start()``) to train it."""
+        sc = get_scenario(name) if name else None
+        if sc is not None and fixed is not None:
+            base = get_scenario(sc.name.removesuffix("-fixed"))
+            sc = base.fixed() if fixed else base
+        with self._lock:
+            self._end_session()
+            home = self._home
+            self._scenario = sc
+            self._syncing = True
+            try:
+                self.scenario.value = sc.name.removesuffix("-fixed") if sc else ""
+                self.scenario_fixed.value = bool(sc and sc.name.endswith("-fixed"))
+                self._parts = None if sc else home["parts"]
+                self.owns_step = True if sc else home["owns_step"]
+                self.task.options = (sc.name,) if sc else home["task"]
+                self.precision.options = queries.PRECISIONS if self.owns_step else self.precision.options
+                self.precision.value = sc.precision if sc else home["precision"]
+                self.grad_scaler.value = sc.grad_scaler if sc else home["grad_scaler"]
+                if sc is not None:
+                    v = float(sc.init_scale)
+                    if v not in [o[1] for o in self.init_scale.options]:
+                        self.init_scale.options = list(self.init_scale.options) + [(f"{v:g}", v)]
+                    self.init_scale.value = v
+                    self.max_steps.value = sc.max_steps
+                    lrs = sorted({v for _, v in home["lrs"] if v} | {sc.lr, sc.fixed().lr})
+                    self.lr.options = [(f"{sc.lr:g} (scenario)", 0.0)] + [(f"{v:g}", v) for v in lrs]
+                else:
+                    self.lr.options = home["lrs"]
+                self.lr.value = 0.0
+                self.every = sc.every if sc else home["every"]
+                self._rules = dict(sc.policy or {}) if sc else {}
+                self.alongside.value = ()
+            finally:
+                self._syncing = False
+            own = home["parts"] is not None and sc is None
+            self.batch.layout.display = "none" if sc or own else None
+            self.lr.layout.display = "none" if own else None
+            self.scenario_note.value = _scenario_html(sc) if sc else ""
+            self.reset()
+        return sc
 
     # --------------------------------------------------------------------- configuration
     def _tag(self) -> str:
@@ -534,13 +611,16 @@ class Lab(ui.App):
         now = time.monotonic()
         final = worker is None or worker.state != RUNNING
         # The heatmaps are the heaviest part of a redraw (JSON, re-rendered by the page): at most
-        # every DETAIL_EVERY_S while training.
+        # every DETAIL_EVERY_S while training, and soon after a precision change (its dtypes).
         detail = final or now - self._detail_at >= DETAIL_EVERY_S
         if detail:
             self._detail_at = now
         for slot, reader in enumerate(readers):
             snap = queries.snapshot(reader, detail=detail and slot == 0, max_points=LIVE_POINTS)
             self.fig.update(slot, snap.steps, snap.skipped, snap.marks, snap.dtypes, snap.heat)
+            if slot == 0 and len(snap.marks) != self._marks_seen:
+                self._marks_seen = len(snap.marks)
+                self._detail_at = min(self._detail_at, now - DETAIL_EVERY_S + DETAIL_AFTER_CHANGE_S)
         if now - self._table_at >= TABLE_EVERY_S or final:
             self._table_at = now
             self._refresh_tables(trainers[0], readers[0])
@@ -630,10 +710,27 @@ class Lab(ui.App):
         self.stop_btn.disabled = not busy
         for w in (self.task, self.precision, self.batch, self.lr, self.alongside):
             w.disabled = busy
-        self.task.disabled = busy or self._parts is not None
+        self.task.disabled = busy or self._parts is not None or self._scenario is not None
+        self.scenario.disabled = self.scenario_fixed.disabled = busy
         for w in (self.grad_scaler, self.init_scale, self.growth_interval):
             w.disabled = busy or not self.owns_step
         self.precision.disabled = busy or not self.owns_step
+
+
+def _scenario_html(sc: Scenario) -> str:
+    """A scenario's explanation, what the Diagnosis should say, and the fix."""
+    e = html.escape
+    if sc.name.endswith("-fixed"):
+        expect = (f"<b>The fixed run</b>: {e(sc.fix)} Expect nothing above <i>info</i> in the "
+                  "Diagnosis; untick 'with the fix' to see it fail.")
+    else:
+        layers = ", ".join(f"<code>{e(l)}</code>" for l in sc.layers[:4])
+        more = f" and {len(sc.layers) - 4} more" if len(sc.layers) > 4 else ""
+        expect = (f"<b>Expect</b>: within {sc.max_steps} steps the Diagnosis names "
+                  f"<code>{e(sc.expect)}</code> in {layers}{more}. <b>The fix</b>: {e(sc.fix)} "
+                  "('with the fix' loads it).")
+    return (f'<div style="max-width:900px"><b>{e(sc.title)}</b>. {e(sc.explanation)}<br>{expect}'
+            "</div>")
 
 
 def _scaler_settings(scaler: Any) -> dict[str, Any] | None:
@@ -664,6 +761,8 @@ def lab_app(runs_dir: str | Path | None = None, **kwargs: Any) -> Lab:
     `loss_fn` or `train_step` (+ `scaler`), optionally `eval_fn(model, batch) -> metric` with
     `eval_data` (held-out batches; default: the last training batch) every `eval_every` steps,
     `name`, and AMP's starting knobs `grad_scaler`, `init_scale`, `growth_interval`.
+    `scenario`: start with a teaching scenario of `mpviz.scenarios` loaded (see
+    `Lab.load_scenario`), e.g. ``lab_app(scenario="fp16-no-scaling")``.
 
     >>> lab = lab_app(runs_dir="runs", task="mlp", precision="bf16")   # doctest: +SKIP
     >>> lab = lab_app(model=model, optimizer=opt, data=loader,
