@@ -13,6 +13,7 @@ from torch import nn
 import mpviz
 from mpviz.__main__ import main as cli
 from mpviz.demos import Trainer
+from mpviz.scenarios import overflow_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 F = nn.functional
@@ -24,15 +25,9 @@ Y = (X @ torch.randn(16, 4, generator=g)).argmax(-1)
 
 def big_model() -> nn.Module:
     """An MLP whose layer `big` makes activations ~1e5, past fp16's 65504 (its weights x1e6);
-    the LayerNorm after it (fp32 under autocast) brings them back."""
-    torch.manual_seed(0)
-    m = nn.Sequential()
-    for name, mod in [("fc1", nn.Linear(16, 32)), ("act1", nn.ReLU()), ("big", nn.Linear(32, 32)),
-                      ("norm", nn.LayerNorm(32)), ("act2", nn.ReLU()), ("head", nn.Linear(32, 4))]:
-        m.add_module(name, mod)
-    with torch.no_grad():
-        m.big.weight.mul_(1e6)
-    return m
+    the LayerNorm after it (fp32 under autocast) brings them back (the lab's fp16-overflow
+    scenario builds the same, for the demo MLP's data)."""
+    return overflow_model(n_in=16, hidden=32, n_out=4, seed=0)
 
 
 def small_model() -> nn.Module:
