@@ -9,7 +9,8 @@ layer at a known step; `resume()` goes on).
 
 Several trainers train interleaved, one step each per round, on the same batch (the lab's race
 mode), so they see the same data and the same wall-clock conditions. `on_tick(worker)` is called from this thread at most every
-`tick_s` seconds (stretched to 4x its own cost, so a slow UI cannot eat the training time).
+`tick_s` seconds, stretched so that ticks take at most `UI_SHARE` of the thread's time (a tick
+that took 50 ms waits ~1 s for the next): a slow UI or a busy machine cannot eat the training.
 
 >>> from mpviz.dashboard.worker import TrainingWorker, make_trainer
 >>> t = make_trainer("mlp", "fp32", runs_root="runs", run_name="doc-worker")  # doctest: +SKIP
@@ -28,6 +29,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Sequence
 
 IDLE, RUNNING, PAUSED, DONE, FAILED = "idle", "running", "paused", "done", "failed"
+UI_SHARE = 0.05   # the most of the training thread's time that on_tick (the page's redraws) takes
 
 
 class _TorchThread:
@@ -249,4 +251,4 @@ class TrainingWorker:
             self.tick_error = f"{type(e).__name__}: {e}"
             traceback.print_exc()
         self.tick_cost_s = time.perf_counter() - t0
-        return max(self.tick_s, 4 * self.tick_cost_s)
+        return max(self.tick_s, self.tick_cost_s * (1 - UI_SHARE) / UI_SHARE)
