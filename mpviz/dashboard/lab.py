@@ -20,7 +20,9 @@ GradScaler, backward and the optimizer step, and shows AMP's knobs as controls) 
 shown read-only). `data` is any iterable, iterated again when it ends. Your model keeps training
 from where it is across sessions (Reset/Start begin a new run, not new weights); a race trains
 copies of it, and of the optimizer state, made when the race starts. A demo task is the same
-code path: `mpviz.demos.demo_parts` builds its model, optimizer, data and `loss_fn`.
+code path: `mpviz.demos.demo_parts` builds its model, optimizer, data and `loss_fn`. So is a
+teaching scenario (`mpviz.scenarios`: the Scenario menu, `lab.load_scenario(name)`,
+`lab_app(scenario=name)`), whose parts are built afresh for each session.
 
 Data flow: the worker thread steps the `mpviz.demos.Trainer`(s); a few times a second it reads
 the recorded runs back through `mpviz.load_run` + SQL (`queries`), and updates one LivePlot
