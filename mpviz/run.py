@@ -55,6 +55,15 @@ def rank_stores(run_dir: str | Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def _schedule(meta: dict[str, Any]) -> str:
+    """The statistics schedule a run was recorded with, in words."""
+    every, budget = meta.get("every"), meta.get("stats_budget")
+    if budget is None:
+        return f"every {every} steps"
+    return (f"at most every {every} steps, fewer when they cost more than {budget:.0%} of "
+            "the training time")
+
+
 def _did_you_mean(name: str, names: list[str] | tuple[str, ...]) -> str:
     close = difflib.get_close_matches(name, [n for n in names if n], n=3)
     return f"; close matches: {', '.join(map(repr, close))}." if close else "."
@@ -197,7 +206,8 @@ class Run:
         ``lo == hi == 0`` and inf/nan ``lo == hi == inf`` (see mpviz.stats for the bins);
         ``df.attrs["step"]`` is the step it was recorded at.
 
-        Histograms exist only on statistics steps (every ``meta["every"]`` steps). Raises
+        Histograms exist only on statistics steps (``meta["every"]``, ``meta["stats_budget"]``:
+        see :class:`mpviz.Recorder`). Raises
         ``ValueError``, never an empty frame: for a ``layer`` or ``tensor`` (``activation``,
         ``grad``, ``weight``) the run does not have, naming close matches; for a ``step``
         without this histogram, naming the nearest steps that have one; when the layer has no
@@ -234,7 +244,7 @@ class Run:
                 near = " and ".join(str(s) for s in (before, after) if s is not None)
                 raise ValueError(
                     f"no {tensor} histogram of {layer!r} at step {step}: histograms are recorded "
-                    f"on statistics steps (every {self.meta.get('every')} steps); nearest: {near}")
+                    f"on statistics steps ({_schedule(self.meta)}); nearest: {near}")
             has = self.query("SELECT DISTINCT tensor FROM histograms WHERE layer_idx = ?",
                              (int(idx),))["tensor"].tolist()
             raise ValueError(

@@ -243,6 +243,9 @@ class RunWriter:
         # other rows are still written; the recorder records them (take_errors).
         self.errors: list[BaseException] = []
         self._failed_makers: set[Any] = set()
+        # CPU seconds this writer's thread spent committing, and put_later items committed (the
+        # recorder's statistics schedule counts them as what statistics cost)
+        self.busy_s, self.later_done = 0.0, 0
         self._thread = threading.Thread(target=self._loop, name="mpviz-writer", daemon=True)
         self._thread.start()
 
@@ -312,12 +315,15 @@ class RunWriter:
                 waiters, self._waiters = self._waiters, []
                 self._pending_bytes = 0
             if pending:
+                t0 = time.thread_time()
                 try:
                     self._commit(con, pending)
                 except Exception as e:  # keep serving flush() so no caller hangs
                     self._error = e
                     with self._lock:
                         self.errors.append(RunStoreError(f"the run store could not be written: {e!r}"))
+                self.busy_s += time.thread_time() - t0
+                self.later_done += sum(len(rows) for table, rows in pending if table == "later")
             for w in waiters:
                 w.set()
             if closing:

@@ -176,14 +176,22 @@ def grad_heatmap(run, lo: int, hi: int, max_cells: int = MAX_HEATMAP_CELLS,
 
 def _recorded_steps(run, lo: int, hi: int) -> np.ndarray | None:
     """Steps in [lo, hi] with per-layer statistics: every `meta.every`-th step (the recorder's
-    schedule), checked against the steps table; None if the run does not say."""
-    every = run.query("SELECT value FROM meta WHERE key = 'every'")
-    if every.empty:
-        return None
+    schedule); None if the run does not say. A run recorded with a statistics budget
+    (`meta.stats_budget`, the default schedule) took only some of them: those are read from the
+    layer_stats index, one lookup per step taken (a skip scan, not a scan of its rows)."""
+    meta = run.query("SELECT key, value FROM meta WHERE key IN ('every', 'stats_budget')")
+    kv = dict(zip(meta["key"], meta["value"]))
     try:
-        n = int(json.loads(every["value"].iloc[0]))
-    except (TypeError, ValueError):
+        n = int(json.loads(kv["every"]))
+    except (KeyError, TypeError, ValueError):
         return None
+    if json.loads(kv.get("stats_budget") or "null") is not None:
+        steps = run.query(
+            "WITH RECURSIVE s(step) AS (SELECT MIN(step) FROM layer_stats WHERE step >= ? "
+            "UNION ALL SELECT (SELECT MIN(step) FROM layer_stats WHERE step > s.step) FROM s "
+            "WHERE s.step IS NOT NULL AND s.step <= ?) SELECT step FROM s WHERE step <= ?",
+            (int(lo), int(hi), int(hi)))["step"]
+        return steps.dropna().to_numpy(dtype=np.int64)
     first = lo + (-lo) % n
     return np.arange(first, hi + 1, n, dtype=np.int64)
 

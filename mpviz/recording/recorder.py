@@ -30,7 +30,9 @@ What it costs, and where the host syncs are:
   the scale (a sync on an accelerator) to tell a skipped step from a micro-batch.
 - on "watched" steps (statistics steps, and steps where dtypes may change): a forward hook per
   module (dtypes, activations).
-- every ``every`` steps: activation, gradient and weight statistics (:mod:`mpviz.stats`).
+- on statistics steps: activation, gradient and weight statistics (:mod:`mpviz.stats`). By
+  default at most every 10 steps and within a budget of 5% of the training time (what they cost
+  is measured; :mod:`.schedule`); ``every=N``: exactly every N steps.
 - steps with inf/nan: the forward of that step is replayed once with checks on.
 Rows go to a background writer thread (:mod:`mpviz.store`); nothing is written on this thread.
 """
@@ -60,6 +62,7 @@ from .activations import ForwardWatch, dtype_name
 from .diagnostics import attach_diagnostics
 from .gradients import Gradients
 from .rows import stat_rows
+from .schedule import DEFAULT_BUDGET, DEFAULT_EVERY, StatsSchedule
 from .step import StepState
 
 # A rec.step() with an optimizer but no optimizer step is a micro-batch. If the optimizer's step
@@ -98,8 +101,14 @@ class Recorder:
         scaler: optional ``torch.amp.GradScaler`` (enabled or not); gradients are recorded
             *unscaled*.
         run_dir: where the run is written (default ``runs/<time>``); must not hold a run yet.
-        every: per-layer tensor statistics every ``every`` steps (loss, scale, skips, overflow
-            events, dtypes and timing are recorded every step).
+        every: per-layer tensor statistics exactly every ``every`` steps. None (default): at
+            most every 10 steps (on multiples of 10), stretched so that what statistics cost
+            stays within ``stats_budget`` of the training time (:mod:`.schedule`). Loss, scale,
+            skips, overflow events with their layers, dtypes and timing are recorded every step
+            either way.
+        stats_budget: the share of training time statistics may cost (default 0.05 when
+            ``every`` is None; with an explicit ``every`` no budget unless given, then the
+            budget stretches that period). ``run.meta["stats_cost"]`` says what they cost.
         policy: an :class:`mpviz.PrecisionPolicy` (or its rules dict) to apply while recording;
             its changes are recorded in ``run.policy_changes``.
         meta: extra JSON-able facts stored in ``run.meta``.
@@ -128,16 +137,18 @@ class Recorder:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                 scaler: Any = None, run_dir: str | os.PathLike | None = None, every: int = 10,
+                 scaler: Any = None, run_dir: str | os.PathLike | None = None, every: int | None = None,
                  policy: Any = None, name: str | None = None, flush_every_s: float = 2.0,
                  meta: dict[str, Any] | None = None, resume: bool = False,
                  start_step: int = 0, steerable: bool = False, stats_ranks: Any = None,
                  lost_updates: bool | None = None, shadow: Any = None,
-                 shadow_every: int = 50) -> None:
+                 shadow_every: int = 50, stats_budget: float | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Recorder needs an nn.Module, got {type(model).__name__}")
-        if int(every) < 1:
-            raise ValueError(f"every must be >= 1 (statistics every N steps), got {every}")
+        if every is None:
+            every = DEFAULT_EVERY
+            stats_budget = DEFAULT_BUDGET if stats_budget is None else stats_budget
+        self._schedule = StatsSchedule(every, stats_budget)  # checks both
         if scaler is not None and not callable(getattr(scaler, "is_enabled", None)):
             raise TypeError(f"scaler must be a torch.amp.GradScaler (or None), got "
                             f"{type(scaler).__name__}")
@@ -230,7 +241,8 @@ class Recorder:
             "model": self.name, "device": str(self.device), "torch_version": torch.__version__,
             "autocast_dtype": None, "scaler": compat.scaler_settings(self.scaler),
             "optimizer": type(self.optimizer).__name__ if self.optimizer else None,
-            "every": self.every, "start_time": time.time(), "end_time": None, "status": "running",
+            "every": self.every, "stats_budget": self._schedule.budget,
+            "start_time": time.time(), "end_time": None, "status": "running",
             "host": socket.gethostname(), "pid": os.getpid(), "python": platform.python_version(),
             "rank": self.rank, "world_size": self.world_size, "steerable": self.steerable,
             "stats_ranks": self.stats_ranks,
@@ -240,6 +252,7 @@ class Recorder:
                                  flush_every_s=self.flush_every_s,
                                  resume_from=self.start_step if self.resume else None)
         undo.push(self._fail_writer)
+        self._schedule.writer = self._writer
 
         self._grads = Gradients(self._params, self._param_layer, self.scaler, self.device)
         self._watch = ForwardWatch(self._modules, model, lambda fn: self._contained("layers", fn))
@@ -318,6 +331,8 @@ class Recorder:
             self._take_writer_errors()
             status = "finished" if error is None else "failed"
             extra = {} if error is None else {"error": f"{type(error).__name__}: {error}"}
+            if self._schedule.budget is not None:
+                extra["stats_cost"] = self._schedule.summary()
             self._writer.set_meta(status=status, end_time=time.time(), **extra)
             self._writer.close()
         self._attached = False
@@ -383,8 +398,8 @@ class Recorder:
 
     # ----------------------------------------------------------------- the step's phases
     def _new_state(self, index: int) -> None:
-        self._state = StepState(index=index, stats_step=index % self.every == 0
-                                and self.rank in self.stats_ranks)
+        self._state = StepState(index=index, stats_step=self.rank in self.stats_ranks
+                                and self._schedule.is_stats_step(index))
         self._watch.state = self._state
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -577,6 +592,8 @@ class Recorder:
             self._grads.found_inf.zero_()
         if self._origin is not None:
             self._origin.end_step(bool(local_bad))
+        self._schedule.step_ended(time.perf_counter() - s.t_start,
+                                  time.thread_time() - s.cpu_start, s.stats_step)
         self._new_state(s.index + 1)
         self._watch.end_step(self._state.stats_step)
         if self._steering is not None:

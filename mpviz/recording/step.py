@@ -26,6 +26,7 @@ class StepState:
     index: int
     stats_step: bool  # per-layer statistics on this step
     t_start: float = field(default_factory=time.perf_counter)
+    cpu_start: float = field(default_factory=time.thread_time)  # this thread's CPU time
     # 1. forward
     inputs: tuple[tuple, dict] | None = None
     autocast: tuple[bool, torch.dtype] | None = None

@@ -1,0 +1,105 @@
+"""Which steps take per-layer statistics.
+
+- ``Recorder(every=N)``: exactly the multiples of ``N``.
+- ``Recorder()`` (the default, ``every=None``): at most every ``DEFAULT_EVERY`` (10) steps, on
+  multiples of it, and only while what statistics have cost so far stays within
+  ``stats_budget`` (default ``DEFAULT_BUDGET``, 5%) of the training time without them. A cheap
+  statistics step (a big model, a GPU) is taken every 10 steps; an expensive one relative to the
+  step (a tiny model on the CPU) is taken less often, so recording never costs much more than the
+  budget whatever the model.
+
+What a statistics step costs is measured, not guessed: on the training thread, how much more CPU
+time statistics steps take than plain steps (module hooks, copying the samples; the median of
+the last few of each, in the thread's own CPU time, so that a step another process delayed does
+not count); plain training time is the median duration of a plain step; on the writer thread,
+its CPU time (finishing the statistics, writing SQLite; counted whole, although part of it is the
+every-step rows). The writer commits every ``flush_every_s``: statistics steps it has not
+finished yet are charged what its finished ones cost on average (before its first commit, twice
+what they cost on the training thread, about what was measured on the CPU). The decision is a running balance: statistics so far times
+what one costs, plus the writer's time, against the budget times the steps so far times a plain
+step's (median) time; so the share converges to the budget, and a run that becomes cheaper or
+dearer per step is followed. Which steps were statistics steps is what ``run.layer_stats``
+holds; ``run.meta`` keeps ``every`` (the period the steps are multiples of), ``stats_budget``
+and, at the end, ``stats_cost`` (what the schedule measured). The first step (its warm-up) is
+not measured.
+
+Everything else (loss, loss scale, skips, inf/nan events and the layer that caused them, dtypes)
+is recorded on every step whatever the schedule.
+"""
+from __future__ import annotations
+
+from collections import deque
+from statistics import median
+from typing import Any
+
+DEFAULT_EVERY = 10
+DEFAULT_BUDGET = 0.05
+
+
+class StatsSchedule:
+    """Decides, step by step, whether the next step takes statistics (see the module docstring).
+
+    ``writer``: the run's :class:`mpviz.store.RunWriter` (its ``busy_s`` and ``later_done``),
+    set once the store is open.
+    """
+
+    def __init__(self, every: int, budget: float | None = None, writer: Any = None) -> None:
+        if int(every) < 1:
+            raise ValueError(f"every must be >= 1 (statistics every N steps), got {every}")
+        if budget is not None and not 0.0 < float(budget) < 1.0:
+            raise ValueError(f"stats_budget must be a share of training time between 0 and 1 "
+                             f"(e.g. 0.05 for 5%), got {budget}")
+        self.every = int(every)
+        self.budget = None if budget is None else float(budget)
+        self.writer = writer
+        self.steps = 0   # steps ended
+        self.taken = 0   # statistics steps ended
+        self.plain: deque[float] = deque(maxlen=64)  # recent durations (s) of plain steps,
+        self.plain_cpu: deque[float] = deque(maxlen=64)  # their CPU time on this thread,
+        self.stats_cpu: deque[float] = deque(maxlen=9)   # and that of statistics steps
+
+    def step_ended(self, seconds: float, cpu_seconds: float, stats_step: bool) -> None:
+        """A step took ``seconds`` (from the end of the previous one, the loop included), of
+        which ``cpu_seconds`` of the training thread's CPU time."""
+        self.steps += 1
+        self.taken += stats_step
+        if self.budget is None or self.steps == 1:  # the first step: warm-up
+            return
+        if stats_step:
+            self.stats_cpu.append(cpu_seconds)
+        else:
+            self.plain.append(seconds)
+            self.plain_cpu.append(cpu_seconds)
+
+    def is_stats_step(self, index: int) -> bool:
+        """Whether step ``index`` takes statistics (asked once, when the step begins)."""
+        if index % self.every:
+            return False
+        if self.budget is None or not self.plain:
+            return True
+        plain_s, train_s, writer_s = self._measured()
+        return train_s + writer_s <= self.budget * plain_s
+
+    def _measured(self) -> tuple[float, float, float]:
+        """Seconds so far: of plain training (steps x a plain step), of statistics on the
+        training thread, and on the writer thread."""
+        typical = median(self.plain) if self.plain else 0.0
+        extra = (max(0.0, median(self.stats_cpu) - median(self.plain_cpu))
+                 if self.stats_cpu and self.plain_cpu else 0.0)
+        train_s = self.taken * extra
+        w = self.writer
+        writer_s = 0.0
+        if w is not None:
+            busy, done = w.busy_s, w.later_done
+            each = busy / done if done else 2 * extra
+            writer_s = busy + max(0, self.taken - done) * each
+        return self.steps * typical, train_s, writer_s
+
+    def summary(self) -> dict[str, Any]:
+        """What the schedule measured (stored as ``run.meta["stats_cost"]`` at the end)."""
+        plain_s, train_s, writer_s = self._measured()
+        return {"stats_steps": self.taken, "budget": self.budget,
+                "share": (train_s + writer_s) / plain_s if plain_s else None,
+                "train_s": round(train_s, 6), "writer_s": round(writer_s, 6),
+                "plain_s": round(plain_s, 6),
+                "plain_step_s": round(plain_s / self.steps, 7) if self.steps else None}
