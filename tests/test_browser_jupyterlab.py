@@ -131,8 +131,9 @@ def test_lab_trains_your_model_in_jupyterlab(browser, shots, tmp_path):  # noqa:
         # lab) is drawn at that width instead of being clipped, and the layer table wraps below
         # it at full width instead of being squeezed beside it.
         assert page.locator(".jp-FileBrowser").is_visible()
-        room, svg = _figure_fit(page)
-        assert 700 < svg <= room, (svg, room)
+        p.wait(lambda: 700 < _figure_fit(page)[1] <= _figure_fit(page)[0], timeout=20,
+               what="the live figure to fit the output area")
+        room = _figure_fit(page)[0]
         assert page.locator(".mpviz-layer-table").bounding_box()["width"] >= room - 10
         _fill(page, ".mpviz-max-steps", max_steps)
         _fill(page, ".mpviz-pause-at", pause_at)

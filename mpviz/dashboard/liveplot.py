@@ -54,14 +54,6 @@ function unpack(v) {   // binary buffers arrive as DataViews (or ArrayBuffers): 
   return v;
 }
 
-// A fixed layout.width wider than the room the page gives is drawn at the room's width instead
-// of being clipped (JupyterLab with its file browser open: ~870 px in a 1,300 px window). The
-// room is measured from the output area (or the page), never from the figure's own box.
-function room(el) {
-  const area = el.closest(".jp-OutputArea-output") || document.body;
-  return Math.floor(area.getBoundingClientRect().right - el.getBoundingClientRect().left) - 2;
-}
-
 // Redraws take at most SHARE of the page's main thread (a redraw that took 40 ms waits 0.76 s
 // for the next; only the newest state is drawn), so a browser on the machine that trains takes
 // little from it, however long the run and however slow the page.
@@ -74,6 +66,15 @@ function render({ model, el }) {
   let busy = false, again = false, gone = false, area = null;
   let next = 0;   // performance.now() before which no redraw starts (see SHARE)
   const ro = new ResizeObserver(() => resize());
+  // A fixed layout.width wider than the room the page gives is drawn at the room's width instead
+  // of being clipped (JupyterLab with its file browser open: ~870 px in a 1,300 px window). The
+  // room is measured from the output area the view sits in now (or the page), never from the
+  // figure's own box, and that area is observed so that the figure follows it.
+  const room = () => {
+    const a = el.closest(".jp-OutputArea-output") || document.body;
+    if (a !== area) { if (area) ro.unobserve(area); area = a; ro.observe(a); }
+    return Math.floor(a.getBoundingClientRect().right - el.getBoundingClientRect().left) - 2;
+  };
   const draw = async () => {   // always the newest state; changes during a draw redraw once
     if (busy) { again = true; return; }
     busy = true;
@@ -81,16 +82,12 @@ function render({ model, el }) {
       do {
         const wait = next - performance.now();
         if (wait > 0) await new Promise((ok) => setTimeout(ok, wait));
-        if (gone) break;
+        if (gone || !el.isConnected) break;   // drawn once attached: the ResizeObserver calls resize
         again = false;   // what changed while waiting is drawn now
         const t0 = performance.now();
-        if (!area && el.isConnected) {   // follow the room as the page resizes
-          area = el.closest(".jp-OutputArea-output") || document.body;
-          ro.observe(area);
-        }
         const layout = JSON.parse(JSON.stringify(model.get("plot_layout")));
-        const w = el.isConnected ? room(el) : 0;
-        if (layout.width && w > 200 && w < layout.width) layout.width = w;
+        const w = room();
+        if (layout.width && w > 200 && w < layout.width) layout.width = w;   // else: as given
         await Plotly.react(gd, unpack(model.get("traces")), layout, { responsive: true, displaylogo: false });
         const took = performance.now() - t0;
         next = performance.now() + Math.max(MIN_GAP_MS, took * (1 - SHARE) / SHARE);
@@ -101,9 +98,9 @@ function render({ model, el }) {
       busy = false;
     }
   };
-  const resize = () => {   // a fixed width is re-clamped to the room; an autosized one resized
-    if (gone || !gd.layout || !el.isConnected) return;
-    if (model.get("plot_layout").width) draw(); else Plotly.Plots.resize(gd);
+  const resize = () => {   // first draw once attached; a fixed width re-clamped; autosize resized
+    if (gone || !el.isConnected) return;
+    if (!gd.layout || model.get("plot_layout").width) draw(); else Plotly.Plots.resize(gd);
   };
   model.on("change:traces", draw);
   model.on("change:plot_layout", draw);
