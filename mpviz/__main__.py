@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("diagnose", help="say what went wrong in a run, where, and what to change")
     g.add_argument("run_dir", help="a run directory (holds run.db)")
+    g.add_argument("--apply", action="store_true",
+                   help="send mpviz.advise's layers to the job recording RUN_DIR (a live run "
+                        "recorded with Recorder(..., steerable=True)) as one mpviz.steer request")
     return p
 
 
@@ -243,7 +246,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    """Print :func:`mpviz.diagnose`'s report (exit 0 whatever it finds; 2 for no readable run)."""
+    """Print :func:`mpviz.diagnose`'s report (exit 0 whatever it finds; 2 for no readable run);
+    ``--apply``: send :func:`mpviz.advise` to the live steerable job (2 if it cannot be sent)."""
     import mpviz
 
     if not (Path(args.run_dir) / "run.db").exists() and not Path(args.run_dir).is_file():
@@ -252,6 +256,23 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         print(mpviz.diagnose(args.run_dir))
     except mpviz.RunStoreError as e:
         fail(str(e))
+    if args.apply:
+        from mpviz.mailbox import advice_target
+
+        run = mpviz.load_run(args.run_dir)
+        try:
+            policy = mpviz.advise(run, target=advice_target(run))
+        finally:
+            run.close()
+        try:
+            rid = mpviz.steer(args.run_dir, policy)
+        except mpviz.SteerError as e:
+            fail(str(e))
+        rules = mpviz.steer_status(args.run_dir, rid)["rules"]
+        print(f"\nadvice sent to the job as steering request #{rid} (applied from its next step):")
+        for layer, precision in rules.items():
+            print(f"  {layer} -> {precision}: {policy.reasons.get(layer, '')}")
+        print(f"follow it: mpviz.steer_status({str(args.run_dir)!r}, {rid})")
     return 0
 
 

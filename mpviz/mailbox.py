@@ -42,7 +42,8 @@ import pandas as pd
 
 from .store import RunStoreError, connect_readonly, db_path
 
-__all__ = ["steer", "steer_status", "steer_requests", "SteerError", "STEER_DB"]
+__all__ = ["steer", "steer_status", "steer_requests", "SteerError", "STEER_DB",
+           "advice_rules", "advice_target", "precision_in_force"]
 
 STEER_DB = "steer.db"
 PENDING, APPLIED, REFUSED = "pending", "applied", "refused"
@@ -125,17 +126,34 @@ def _check_rules(rules: Any) -> dict[str, str | None]:
     return dict(rules)
 
 
-def steer(run_dir: str | os.PathLike, rules: Mapping[str, str | None]) -> int:
+def steer(run_dir: str | os.PathLike, rules: Mapping[str, str | None] | Any) -> int:
     """Ask the job recording ``run_dir`` to change per-layer precision; returns the request id.
 
     ``rules`` is ``{layer name or glob: precision}`` (``None`` removes that rule), as for
-    ``PolicyHandle.update``. The job checks and applies it at its next step boundary; follow it
-    with :func:`steer_status` (``pending``, ``applied`` at ``step``, or ``refused`` with a
-    ``reason``). Raises :class:`SteerError` if the run is missing, not steerable, finished, or its
-    process is gone.
+    ``PolicyHandle.update``, or the policy :func:`mpviz.advise` returns: then one request carries
+    only the layers it keeps in high precision whose precision in force differs
+    (:func:`advice_rules`; the rest of the job, and rules the user set, stay as they are). The
+    job checks and applies it at its next step boundary; follow it with :func:`steer_status`
+    (``pending``, ``applied`` at ``step``, or ``refused`` with a ``reason``). Raises
+    :class:`SteerError` if the run is missing, not steerable, finished, or its process is gone,
+    or if the advice changes nothing.
 
         >>> rid = mpviz.steer("runs/exp1", {"encoder.*.norm*": "fp32"})   # doctest: +SKIP
+        >>> rid = mpviz.steer("runs/exp1", mpviz.advise("runs/exp1"))     # doctest: +SKIP
     """
+    if _is_advice(rules):
+        check_steerable(run_dir)
+        from .run import load_run
+
+        run = load_run(run_dir)
+        try:
+            sent = advice_rules(run, rules)
+        finally:
+            run.close()
+        if not sent:
+            raise SteerError(f"the advice changes nothing in the job recording {str(run_dir)!r}: "
+                             + _nothing_why(rules))
+        rules = sent
     rules = _check_rules(rules)
     check_steerable(run_dir)
     con = connect(run_dir)
@@ -145,6 +163,56 @@ def steer(run_dir: str | os.PathLike, rules: Mapping[str, str | None]) -> int:
         return int(cur.lastrowid)
     finally:
         con.close()
+
+
+# ---------------------------------------------------------------- advice (mpviz.advise)
+HIGH = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}  # autocast_dtype -> precision
+
+
+def _is_advice(policy: Any) -> bool:
+    """A PrecisionPolicy from :func:`mpviz.advise` (it carries ``reasons``); no torch import."""
+    if isinstance(policy, Mapping) or not hasattr(policy, "rules"):
+        return False
+    if not isinstance(getattr(policy, "reasons", None), Mapping):
+        raise TypeError("steer takes a dict {layer name or glob: precision or None} or the policy "
+                        "mpviz.advise returns; for a PrecisionPolicy of your own, pass its rules: "
+                        "mpviz.steer(run_dir, policy.rules)")
+    return True
+
+
+def precision_in_force(run: Any) -> dict[str, str]:
+    """``{layer: precision}`` each layer of the job runs in now: its policy's decision (the last
+    of ``run.policy_changes``), or the outer autocast's (``fp32`` without one)."""
+    outer = HIGH.get(str(run.meta.get("autocast_dtype")), "fp32")
+    now = dict.fromkeys(run.layers["layer"].astype(str), outer)
+    last = run.policy_changes.drop_duplicates("layer", keep="last")
+    for layer, p in zip(last["layer"], last["precision"]):
+        now[str(layer)] = p if isinstance(p, str) else outer
+    return now
+
+
+def advice_target(run: Any) -> str:
+    """The low precision to advise the job for (``mpviz.advise(run, target=...)``): the one its
+    model runs in (``fp16`` or ``bf16``), else ``fp16`` (which layers fp16 would break)."""
+    root = precision_in_force(run).get("", "fp32")
+    return root if root in ("fp16", "bf16") else "fp16"
+
+
+def advice_rules(run: Any, policy: Any) -> dict[str, str]:
+    """The one request that applies ``policy`` (from :func:`mpviz.advise`) to the job recording
+    ``run``: ``{layer: precision}`` for each layer the advice keeps in high precision
+    (``policy.reasons``) whose precision in force differs. The advice's default (``"*"``) is not
+    sent and no rule is removed: the rest of the job runs as it did."""
+    now = precision_in_force(run)
+    rules = policy.rules
+    return {l: rules[l] for l in policy.reasons if l in rules and now.get(l) != rules[l]}
+
+
+def _nothing_why(policy: Any) -> str:
+    if not policy.reasons:
+        return "it keeps no layer in high precision (nothing the run shows needs it)."
+    kept = ", ".join(f"{l} ({policy.rules.get(l)})" for l in policy.reasons)
+    return f"the layers it keeps in high precision already run so: {kept}."
 
 
 def steer_requests(run_dir: str | os.PathLike) -> pd.DataFrame:

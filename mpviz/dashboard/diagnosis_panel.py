@@ -5,7 +5,8 @@ the last loss-scale backoffs with their cause and layers, the suggested GradScal
 the headroom notes. ``refresh(run)`` re-diagnoses only when the run grew, at most every
 ``min_interval_s`` and never more than 10% of the time (``COST_SHARE``: a long run's diagnosis
 takes longer, so it is re-read less often), so the apps can call it on every redraw. Given ``on_apply``, an "Apply advice"
-button calls it (the lab applies :func:`mpviz.advise` to its running model) and shows what it
+button calls it (the lab applies :func:`mpviz.advise` to its running model; the explorer sends it
+to a live steerable run, see :class:`~mpviz.dashboard.steer_panel.SteerPanel`) and shows what it
 changed. The diagnosis covers the whole run, whatever step range a plot shows. No torch.
 """
 
@@ -102,26 +103,36 @@ def advice_html(changed: dict[str, str], reasons: dict[str, str], estimate: dict
 class DiagnosisPanel:
     """``mpviz.diagnose(run)`` as a short list, refreshed live (rate-limited).
 
-    ``on_apply(diagnosis_panel) -> (changed, reasons, estimate)``: shows an "Apply advice"
-    button that calls it, then shows what it changed (see :func:`advice_html`).
+    ``on_apply() -> (changed, reasons, estimate)`` (or the HTML to show): shows an "Apply
+    advice" button that calls it, then shows what it changed (see :func:`advice_html`).
+    ``offer(run) -> (enabled, why)``, called with each new diagnosis, enables the button or
+    disables it with ``why`` in its tooltip and beside it; ``advice``: the HTML widget to show the
+    outcome in (default: the panel's own).
     """
 
     def __init__(self, min_interval_s: float = 2.0, backoffs: int = SHOWN_BACKOFFS,
-                 on_apply: Callable[[], tuple[dict, dict, dict]] | None = None) -> None:
+                 on_apply: Callable[[], tuple[dict, dict, dict] | str] | None = None,
+                 offer: Callable[[Any], tuple[bool, str]] | None = None,
+                 advice: widgets.HTML | None = None) -> None:
         self.min_interval_s, self.backoffs, self.on_apply = min_interval_s, backoffs, on_apply
+        self.offer_fn = offer
         self.diagnosis: Any = None
         self._at = -math.inf
         self._key: tuple | None = None
         self.cost_s = 0.0   # how long the last diagnosis took
         self.html = widgets.HTML()
         self.html.add_class("mpviz-diagnosis")
-        self.advice = widgets.HTML()
+        self.advice = advice if advice is not None else widgets.HTML()
         self.advice.add_class("mpviz-advice")
+        self.offer_note = widgets.HTML()   # why the button is disabled
+        self.offer_note.add_class("mpviz-advice-offer")
         self.apply_btn = ui.button("Apply advice", "mpviz-apply-advice", "info")
         self.apply_btn.tooltip = ("keep in fp32 only the layers the diagnosis says need it "
                                   "(mpviz.advise), from the next step")
         self.apply_btn.on_click(lambda _: self.apply())
-        children = [self.html] + ([widgets.HBox([self.apply_btn]), self.advice] if on_apply else [])
+        self._tip = self.apply_btn.tooltip
+        children = [self.html] + ([widgets.HBox([self.apply_btn, self.offer_note]), self.advice]
+                                  if on_apply else [])
         self.widget = widgets.VBox(children)
         self.widget.add_class("mpviz-diagnosis-panel")
 
@@ -132,7 +143,9 @@ class DiagnosisPanel:
         now = time.monotonic()
         if run is None:
             return False
-        key = (str(run.run_dir), getattr(run, "rank", None), run.last_step)
+        # the status too: a run that ends without a new step is no longer one to steer
+        key = (str(run.run_dir), getattr(run, "rank", None), run.last_step,
+               (getattr(run, "meta", None) or {}).get("status"))
         wait = max(self.min_interval_s, self.cost_s / COST_SHARE)
         if key == self._key or (not force and now - self._at < wait):
             return False
@@ -142,6 +155,11 @@ class DiagnosisPanel:
         try:
             self.diagnosis = mpviz.diagnose(run)
             text = diagnosis_html(self.diagnosis, self.backoffs)
+            if self.offer_fn is not None:
+                try:
+                    self.offer(*self.offer_fn(run))
+                except Exception as e:   # the diagnosis stays shown
+                    self.offer(False, f"advice unavailable: {type(e).__name__}: {e}")
             self.cost_s = time.monotonic() - now
         except Exception as e:   # the panel must not break the app's redraw
             self.diagnosis = None
@@ -151,22 +169,35 @@ class DiagnosisPanel:
             self.html.value = text
         return True
 
+    def offer(self, enabled: bool, why: str = "") -> None:
+        """Enable "Apply advice" (``why``: what it would do, in its tooltip), or disable it
+        with ``why`` in its tooltip and beside it."""
+        self.apply_btn.disabled = not enabled
+        self.apply_btn.tooltip = why or self._tip
+        note = "" if enabled else f'<span class="mpviz-muted">{html.escape(why)}</span>'
+        if self.offer_note.value != note:
+            self.offer_note.value = note
+
     def apply(self) -> dict[str, str]:
         """Call ``on_apply`` and show what changed; returns ``{layer: reason}``."""
         if self.on_apply is None:
             return {}
         try:
-            changed, reasons, estimate = self.on_apply()
+            out = self.on_apply()
         except Exception as e:
             self.advice.value = (f'<span class="mpviz-bad">advice not applied: '
                                  f"{html.escape(str(e))}</span>")
             return {}
+        if isinstance(out, str):   # the explorer: a request sent to the job, shown as is
+            self.advice.value = out
+            return {}
+        changed, reasons, estimate = out
         self.advice.value = advice_html(changed, reasons, estimate)
         return reasons
 
     def clear(self) -> None:
         self.diagnosis, self._key, self._at = None, None, -math.inf
-        self.html.value = self.advice.value = ""
+        self.html.value = self.advice.value = self.offer_note.value = ""
 
 
 # ---------------------------------------------------------------- exponent histogram view

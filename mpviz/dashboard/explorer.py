@@ -78,7 +78,9 @@ class Explorer(ui.App):
         self.fig = RunFigure(n_slots=1, static=True)
         self.fig.widget.add_class("mpviz-figure")
         self.steer = SteerPanel()  # shown for a live run recorded with steerable=True
-        self.diagnosis = DiagnosisPanel()  # mpviz.diagnose(run), re-read at most every 2 s
+        # mpviz.diagnose(run), re-read at most every 2 s; "Apply advice" steers a live steerable run
+        self.diagnosis = DiagnosisPanel(on_apply=self.steer.apply_advice,
+                                        offer=self.steer.advice_offer, advice=self.steer.advice)
 
         self.rescan_btn.on_click(lambda _: self.rescan())
         self.picker.observe(self._on_pick, names="value")

@@ -3,12 +3,18 @@
 It posts requests with :func:`mpviz.steer` (the run directory is the mailbox, see
 :mod:`mpviz.mailbox`) and shows each one's fate as the training process reports it: pending,
 applied at step N (the loss curve's ★ marks that step), or refused with the reason. Shown only for
-a run recorded with ``Recorder(..., steerable=True)`` whose status is ``running``. No torch.
+a run recorded with ``Recorder(..., steerable=True)`` whose status is ``running``.
+
+It also sends the Diagnosis panel's "Apply advice" (:meth:`SteerPanel.apply_advice`): what
+:func:`mpviz.advise` keeps in high precision, as one request (:func:`mpviz.mailbox.advice_rules`),
+shown with the reasons and followed like the others. No torch at import; the advice imports it
+(``mpviz.advise`` returns a PrecisionPolicy), only for a live steerable run.
 """
 
 from __future__ import annotations
 
 import html
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,9 @@ class SteerPanel:
         self._own: dict[int, str] = {}  # request id -> the layer row it was sent from
         self._requests: Any = None  # the last steer_requests() read
         self._in_force: dict[str, tuple[Any, Any]] = {}  # layer -> (precision, rule) in force
+        self._advice_sent: tuple[int, dict, dict, dict] | None = None  # id, rules, reasons, estimate
+        self.advice = widgets.HTML()   # the advice request's fate (shown in the Diagnosis panel)
+        self.error = ""   # why the last request could not be posted
         self.note = widgets.HTML()
         self.note.add_class("mpviz-steer-note")
         self.rows_box = widgets.VBox(layout=widgets.Layout(max_height="320px", overflow="auto"))
@@ -57,6 +66,8 @@ class SteerPanel:
         if not (meta.get("steerable") and meta.get("status") == "running"):
             self.hide()
             return
+        if self.run_dir != Path(run.run_dir):
+            self._advice_sent, self.advice.value = None, ""
         self.run_dir = Path(run.run_dir)
         self._own = {}
         self._build_rows(run)
@@ -65,7 +76,7 @@ class SteerPanel:
         self.refresh(run)
 
     def hide(self) -> None:
-        self.run_dir = None
+        self.run_dir, self._advice_sent, self.advice.value = None, None, ""
         self.widget.layout.display = "none"
 
     def _build_rows(self, run: Any) -> None:
@@ -113,6 +124,7 @@ class SteerPanel:
             rid = mpviz.steer(self.run_dir, rules)
         except (mpviz.SteerError, TypeError) as e:
             self.note.value = f"<span class='mpviz-bad'>{html.escape(str(e))}</span>"
+            self.error = str(e)
             return None
         what = ", ".join(f"{k or '(model)'} → {v or 'no rule'}" for k, v in rules.items())
         if layer is not None:
@@ -135,6 +147,81 @@ class SteerPanel:
         self._show_requests()
         self._in_force = _in_force(run)
         self._draw_rows()
+        self._draw_advice()
+
+    # ------------------------------------------------------------------ advice (mpviz.advise)
+    def advice_offer(self, run: Any) -> tuple[bool, str]:
+        """Whether "Apply advice" has something to send to ``run`` now; if not, why not."""
+        import mpviz
+        from mpviz.mailbox import FIX, advice_rules, advice_target
+
+        meta = run.meta if run is not None else {}
+        if run is None:
+            return False, "no run open"
+        if not meta.get("steerable"):
+            return False, (f"advice can be sent only to a steerable run: {FIX} to apply it "
+                           "from here (or use mpviz.advise(run) in the training script)")
+        if meta.get("status") != "running" or self.run_dir != Path(run.run_dir):
+            return False, (f"the run is {meta.get('status')}: advice can be sent only to a job "
+                           "still training")
+        if self._advice_pending():
+            return False, f"advice request #{self._advice_sent[0]} is pending"
+        policy = mpviz.advise(run, target=advice_target(run))
+        rules = advice_rules(run, policy)
+        if not rules:
+            return False, ("the advice changes nothing: " + (
+                "no layer needs high precision" if not policy.reasons else
+                ", ".join(policy.reasons) + " already run" + " in " +
+                "/".join(sorted({policy.rules[l] for l in policy.reasons}))))
+        return True, "send " + _rules_text(rules) + " to the job (mpviz.advise), from its next step"
+
+    def apply_advice(self) -> str:
+        """Send :func:`mpviz.advise` for the open run as one request; the HTML saying what was
+        sent, with the reasons (refreshed as the job applies or refuses it)."""
+        import mpviz
+        from mpviz.mailbox import advice_rules, advice_target
+
+        if self.run_dir is None:
+            raise mpviz.SteerError("no live steerable run is open")
+        if self._advice_pending():
+            return self.advice.value
+        run = mpviz.load_run(self.run_dir)
+        try:
+            policy = mpviz.advise(run, target=advice_target(run))
+            rules = advice_rules(run, policy)
+        finally:
+            run.close()
+        if not rules:
+            return '<span class="mpviz-muted">advice: nothing to change in this job</span>'
+        rid = self._post(rules)
+        if rid is None:   # refused here (the run ended, ...)
+            raise mpviz.SteerError(self.error)
+        reasons = {l: policy.reasons[l] for l in rules}
+        self._advice_sent = (rid, rules, reasons, dict(policy.estimate))
+        self._draw_advice()
+        return self.advice.value
+
+    def _advice_pending(self) -> bool:
+        if self._advice_sent is None or self._requests is None:
+            return False
+        row = self._requests[self._requests["id"] == self._advice_sent[0]]
+        return bool(len(row)) and row["status"].iloc[0] == "pending"
+
+    def _draw_advice(self) -> None:
+        if self._advice_sent is None or self._requests is None:
+            return
+        rid, rules, reasons, estimate = self._advice_sent
+        row = self._requests[self._requests["id"] == rid]
+        status = _status_html(row.iloc[0]) if len(row) else _status_html({"status": "pending"})
+        lines = [f"<code>{html.escape(l)}</code> → {html.escape(p)}: {html.escape(reasons.get(l, ''))}"
+                 for l, p in rules.items()]
+        share = (estimate or {}).get("time_share")
+        tail = (f'<br><span class="mpviz-muted">~{share:.0%} of the matmul work stays in high '
+                "precision</span>" if isinstance(share, float) and math.isfinite(share) else "")
+        text = (f"<b>Advice sent</b> as request #{rid} · <span class='mpviz-advice-status'>"
+                f"{status}</span><br>" + "<br>".join(lines) + tail)
+        if self.advice.value != text:
+            self.advice.value = text
 
     def _draw_rows(self) -> None:
         """Each row: the precision in force (and the rule that set it), and the fate of the
