@@ -5,8 +5,9 @@ extension manager, no announcements) serves a temporary folder holding a copy of
 `tests/lab_models.ipynb` (a Hugging Face BERT from a config, `lab_app(model=..., loss_fn=...)`).
 Chromium opens it, runs all cells, and drives the lab: it renders, its `LivePlot` draws and
 grows, and a layer's precision toggled from the table shows in the table and as a ★ on the loss
-curve. The window is 1,300 px wide with the file browser open, JupyterLab's narrow case.
-Harness and fixtures from test_browser.py.
+curve. The window is 1,300 px wide with the file browser open, JupyterLab's narrow case: the
+live figure (900 px in the lab) is drawn at the ~870 px the output area leaves, not clipped, and
+widens again when the file browser closes. Harness and fixtures from test_browser.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -126,6 +126,8 @@ def test_lab_trains_your_model_in_jupyterlab(browser, shots, tmp_path):  # noqa:
         page.wait_for_selector(".mpviz-lab", timeout=90_000)
         print(f"  lab shown at {time.monotonic() - t0:.1f} s")
         assert "BertForSequenceClassification" in page.locator(".mpviz-task").inner_text()
+        for name in ("start", "pause", "reset", "stop"):
+            assert page.locator(f".mpviz-{name}").is_visible(), name
         p.wait(lambda: p.trace_len("loss:0") == 0, what="the empty loss plot")
         # The file browser is open, so the lab gets ~870 px: the live figure (900 px wide in the
         # lab) is drawn at that width instead of being clipped, and the layer table wraps below
