@@ -88,6 +88,11 @@ def test_explorer_steers_a_training_process(browser, shots, tmp_path):  # noqa: 
             p.wait(lambda: "refused" in table.inner_text(), what="the typo refused")
             assert "Close matches: 'head'" in table.inner_text()
             assert run.steer_requests["status"].tolist() == ["applied", "refused"]
+            # A healthy job: the Diagnosis panel's "Apply advice" is there, disabled, saying why
+            # (tests/test_steer_advice.py sends advice to a failing job).
+            p.wait(lambda: "the advice changes nothing" in
+                   page.locator(".mpviz-advice-offer").inner_text(), what="the advice not offered")
+            assert page.locator("button.mpviz-apply-advice").is_disabled()
 
             page.wait_for_timeout(500)
             p.shoot(".mpviz-explorer", "explorer-steer.png")
