@@ -169,7 +169,12 @@ def test_explorer_apply_advice_sends_the_same_request(dash_runs):
         btn.click()                                            # still pending: not sent twice
         assert len(run.steer_requests) == 1
 
-        n = job.steps(2)   # picked up at the end of step 4: in force from step 5 (the last)
+        n = job.steps(1) + 1   # picked up at the end of step 4: in force from step 5
+        ex.refresh()
+        assert f"applied at step {n}" in panel.advice.value
+        panel.refresh(ex.run, force=True)                      # step 5 not recorded yet
+        assert btn.disabled and f"applies from step {n}: waiting" in btn.tooltip
+        job.steps(1)
         ex.refresh()
         assert f"applied at step {n}" in panel.advice.value
         assert run.policy_changes[run.policy_changes["step"] > 0][["step", "layer", "precision"]] \

@@ -166,6 +166,10 @@ class SteerPanel:
                            "still training")
         if self._advice_pending():
             return False, f"advice request #{self._advice_sent[0]} is pending"
+        applied_at = self._advice_step()
+        if applied_at is not None and run.last_step < applied_at:   # not in run.policy_changes yet
+            return False, (f"advice request #{self._advice_sent[0]} applies from step "
+                           f"{applied_at}: waiting for the job to record it")
         policy = mpviz.advise(run, target=advice_target(run))
         rules = advice_rules(run, policy)
         if not rules:
@@ -206,6 +210,15 @@ class SteerPanel:
             return False
         row = self._requests[self._requests["id"] == self._advice_sent[0]]
         return bool(len(row)) and row["status"].iloc[0] == "pending"
+
+    def _advice_step(self) -> int | None:
+        """The step the sent advice applies from, once the job applied it."""
+        if self._advice_sent is None or self._requests is None:
+            return None
+        row = self._requests[self._requests["id"] == self._advice_sent[0]]
+        if not len(row) or row["status"].iloc[0] != "applied":
+            return None
+        return int(row["step"].iloc[0])
 
     def _draw_advice(self) -> None:
         if self._advice_sent is None or self._requests is None:
