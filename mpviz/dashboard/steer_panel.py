@@ -153,17 +153,20 @@ class SteerPanel:
     def advice_offer(self, run: Any) -> tuple[bool, str]:
         """Whether "Apply advice" has something to send to ``run`` now; if not, why not."""
         import mpviz
-        from mpviz.mailbox import FIX, advice_rules, advice_target
+        from mpviz.mailbox import FIX, _process_gone, advice_rules, advice_target
 
-        meta = run.meta if run is not None else {}
         if run is None:
             return False, "no run open"
+        meta = run.meta
         if not meta.get("steerable"):
             return False, (f"advice can be sent only to a steerable run: {FIX} to apply it "
                            "from here (or use mpviz.advise(run) in the training script)")
         if meta.get("status") != "running" or self.run_dir != Path(run.run_dir):
             return False, (f"the run is {meta.get('status')}: advice can be sent only to a job "
                            "still training")
+        if _process_gone(meta):
+            return False, (f"the run's process (pid {meta.get('pid')}) is gone: advice can be "
+                           "sent only to a job still training")
         if self._advice_pending():
             return False, f"advice request #{self._advice_sent[0]} is pending"
         applied_at = self._advice_step()
@@ -173,10 +176,10 @@ class SteerPanel:
         policy = mpviz.advise(run, target=advice_target(run))
         rules = advice_rules(run, policy)
         if not rules:
+            kept = "/".join(sorted({policy.rules[l] for l in policy.reasons}))
             return False, ("the advice changes nothing: " + (
-                "no layer needs high precision" if not policy.reasons else
-                ", ".join(policy.reasons) + " already run" + " in " +
-                "/".join(sorted({policy.rules[l] for l in policy.reasons}))))
+                f"{', '.join(policy.reasons)} already run in {kept}" if policy.reasons
+                else "no layer needs high precision"))
         return True, "send " + _rules_text(rules) + " to the job (mpviz.advise), from its next step"
 
     def apply_advice(self) -> str:
