@@ -213,7 +213,8 @@ class Lab(ui.App):
                           widgets.HTML("<span class='mpviz-muted'>race: also train these, same seed "
                                        "and data,<br>interleaved step by step (ctrl-click, up to "
                                        f"{MAX_ALONGSIDE}; pick fp32 for a baseline)</span>"),
-                          widgets.VBox([self.max_steps, self.max_seconds, self.pause_at])]),
+                          widgets.VBox([self.max_steps, self.max_seconds, self.pause_at])],
+                         layout=widgets.Layout(flex_flow="row wrap")),   # narrow: limits below
             widgets.HBox([self.grad_scaler, self.init_scale, self.growth_interval, self.amp_note]),
             widgets.HBox([self.start_btn, self.pause_btn, self.reset_btn, self.stop_btn, self.status]),
         ])

@@ -245,17 +245,20 @@ class RunFigure(_Pushed):
         # The dtype map's placeholders would make its axes numeric: fix the types up front.
         self.detail.update_xaxes(type="category", row=1, col=1)
         self.detail.update_yaxes(type="category", autorange="reversed")  # first layer on top
-        self.detail.update_layout(height=self._detail_height, width=width,
-                                  margin=dict(l=60, r=20, t=60, b=40))
+        # No fixed width: the page's plotly draws it at the width its output has (a narrow
+        # JupyterLab output area would clip a fixed one).
+        self.detail.update_layout(height=self._detail_height, margin=dict(l=60, r=20, t=60, b=40))
         self._detail_index = {t.meta: i for i, t in enumerate(self.detail.data)}
         self._detail_sent: str | None = None
         self._detail_at = -np.inf
         self._detail_timer: threading.Timer | None = None
         self.detail_out = widgets.Output()
         self.detail_out.add_class("mpviz-detail")
-        # A fixed-width figure keeps its box that wide (the widget's own box takes the row).
+        # A fixed-width figure keeps its box at most that wide (the widget's own box takes the
+        # row); narrower where the page is (LivePlot then draws at the room it has).
         self.view = widgets.VBox([self.widget, self.detail_out],
-                                 layout=widgets.Layout(width=f"{width + 10}px" if width else None))
+                                 layout=widgets.Layout(max_width=f"{width + 10}px" if width else None,
+                                                       width="100%" if width else None))
         self._show_detail()
 
     def trace(self, name: str, slot: int | None = None):

@@ -120,7 +120,7 @@ def wrap_row(main: widgets.Widget, side: widgets.Widget, side_min_px: int = 420,
 
 def button(label: str, cls: str, style: str = "", icon: str = "") -> widgets.Button:
     b = widgets.Button(description=label, button_style=style, icon=icon,
-                       layout=widgets.Layout(width="auto"))
+                       layout=widgets.Layout(width="auto", flex="0 0 auto"))  # never "St…"
     b.add_class(cls)
     return b
 
