@@ -278,7 +278,7 @@ def test_layer_table_headroom_is_binades_below_the_format_max(dash_two_runs):
 def test_explorer_follows_a_run_written_by_another_process(dash_runs):
     run_dir = dash_runs / "live"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mpviz", "demo", "--task", "text", "--precision", "fp32", "--steps",
+        [sys.executable, "-m", "mpviz", "demo", "--task", "mlp", "--precision", "fp32", "--steps",
          "3000", "--every", "5", "--run-dir", str(run_dir), "--quiet"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
