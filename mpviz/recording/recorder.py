@@ -31,7 +31,7 @@ What it costs, and where the host syncs are:
 - on "watched" steps (statistics steps, and steps where dtypes may change): a forward hook per
   module (dtypes, activations).
 - on statistics steps: activation, gradient and weight statistics (:mod:`mpviz.stats`). By
-  default at most every 10 steps and within a budget of 5% of the training time (what they cost
+  default at most every 10 steps and within a budget of 3% of the training time (what they cost
   is measured; :mod:`.schedule`); ``every=N``: exactly every N steps.
 - steps with inf/nan: the forward of that step is replayed once with checks on.
 Rows go to a background writer thread (:mod:`mpviz.store`); nothing is written on this thread.
@@ -106,7 +106,7 @@ class Recorder:
             stays within ``stats_budget`` of the training time (:mod:`.schedule`). Loss, scale,
             skips, overflow events with their layers, dtypes and timing are recorded every step
             either way.
-        stats_budget: the share of training time statistics may cost (default 0.05 when
+        stats_budget: the share of training time statistics may cost (default 0.03 when
             ``every`` is None; with an explicit ``every`` no budget unless given, then the
             budget stretches that period). ``run.meta["stats_cost"]`` says what they cost.
         policy: an :class:`mpviz.PrecisionPolicy` (or its rules dict) to apply while recording;
@@ -407,6 +407,8 @@ class Recorder:
         if self._replaying or not torch.is_grad_enabled():
             return
         s = self._state
+        if s.cpu_start is None:  # what the step costs is measured from here (not data loading)
+            s.cpu_start = time.thread_time()
         s.inputs = (args, kwargs)  # kept for replaying this step's forward if it goes inf/nan
         s.autocast = compat.autocast_state(self.device.type)
         s.rng = compat.get_rng_state(self.device)
@@ -592,8 +594,10 @@ class Recorder:
             self._grads.found_inf.zero_()
         if self._origin is not None:
             self._origin.end_step(bool(local_bad))
-        self._schedule.step_ended(time.perf_counter() - s.t_start,
-                                  time.thread_time() - s.cpu_start, s.stats_step)
+        self._schedule.step_ended(
+            time.perf_counter() - s.t_start,
+            time.thread_time() - s.cpu_start if s.cpu_start is not None else 0.0, s.stats_step,
+            usual=s.cpu_start is not None and not (bad_params or loss_bad))
         self._new_state(s.index + 1)
         self._watch.end_step(self._state.stats_step)
         if self._steering is not None:

@@ -3,25 +3,30 @@
 - ``Recorder(every=N)``: exactly the multiples of ``N``.
 - ``Recorder()`` (the default, ``every=None``): at most every ``DEFAULT_EVERY`` (10) steps, on
   multiples of it, and only while what statistics have cost so far stays within
-  ``stats_budget`` (default ``DEFAULT_BUDGET``, 5%) of the training time without them. A cheap
+  ``stats_budget`` (default ``DEFAULT_BUDGET``, 3%) of the training time without them. A cheap
   statistics step (a big model, a GPU) is taken every 10 steps; an expensive one relative to the
   step (a tiny model on the CPU) is taken less often, so recording never costs much more than the
   budget whatever the model.
 
-What a statistics step costs is measured, not guessed: on the training thread, how much more CPU
-time statistics steps take than plain steps (module hooks, copying the samples; the median of
-the last few of each, in the thread's own CPU time, so that a step another process delayed does
-not count); plain training time is the median duration of a plain step; on the writer thread,
-its CPU time (finishing the statistics, writing SQLite; counted whole, although part of it is the
-every-step rows). The writer commits every ``flush_every_s``: statistics steps it has not
-finished yet are charged what its finished ones cost on average (before its first commit, twice
-what they cost on the training thread, about what was measured on the CPU). The decision is a running balance: statistics so far times
-what one costs, plus the writer's time, against the budget times the steps so far times a plain
-step's (median) time; so the share converges to the budget, and a run that becomes cheaper or
-dearer per step is followed. Which steps were statistics steps is what ``run.layer_stats``
-holds; ``run.meta`` keeps ``every`` (the period the steps are multiples of), ``stats_budget``
-and, at the end, ``stats_cost`` (what the schedule measured). The first step (its warm-up) is
-not measured.
+What a statistics step costs is measured, not guessed:
+- on the training thread: the CPU time of each statistics step, from its first forward to
+  ``rec.step()`` (the thread's own clock, so a step another process delayed does not count,
+  nor data loading or an evaluation between steps), less the median of recent plain steps'
+  (module hooks, copying the samples);
+- on the writer thread: its CPU time (finishing the statistics, writing SQLite; counted whole,
+  although part of it is the every-step rows). The writer commits every ``flush_every_s``:
+  statistics steps it has not finished yet are charged what its finished ones cost on average
+  (before its first commit, twice what they cost on the training thread, about what was
+  measured on the CPU).
+The plain training time is the steps so far times the median duration of a plain step. A
+statistics step is taken when the statistics so far cost at most the budget times that: a
+running balance, so the share converges to the budget, and an unusually expensive statistics
+step is paid back by a longer wait, once. Not measured: the first step (its warm-up) and steps
+whose forward was replayed to find an inf/nan.
+
+Which steps were statistics steps is what ``run.layer_stats`` holds; ``run.meta`` keeps
+``every`` (the period the steps are multiples of), ``stats_budget`` and, at the end,
+``stats_cost`` (what the schedule measured).
 
 Everything else (loss, loss scale, skips, inf/nan events and the layer that caused them, dtypes)
 is recorded on every step whatever the schedule.
@@ -33,7 +38,7 @@ from statistics import median
 from typing import Any
 
 DEFAULT_EVERY = 10
-DEFAULT_BUDGET = 0.05
+DEFAULT_BUDGET = 0.03
 
 
 class StatsSchedule:
@@ -55,21 +60,26 @@ class StatsSchedule:
         self.steps = 0   # steps ended
         self.taken = 0   # statistics steps ended
         self.plain: deque[float] = deque(maxlen=64)  # recent durations (s) of plain steps,
-        self.plain_cpu: deque[float] = deque(maxlen=64)  # their CPU time on this thread,
-        self.stats_cpu: deque[float] = deque(maxlen=9)   # and that of statistics steps
+        self.plain_cpu: deque[float] = deque(maxlen=64)  # and their CPU time on this thread
+        self.train_s = 0.0  # what the statistics steps measured so far cost on this thread
+        self.measured = 0   # how many were measured
 
-    def step_ended(self, seconds: float, cpu_seconds: float, stats_step: bool) -> None:
+    def step_ended(self, seconds: float, cpu_seconds: float, stats_step: bool,
+                   usual: bool = True) -> None:
         """A step took ``seconds`` (from the end of the previous one, the loop included), of
-        which ``cpu_seconds`` of the training thread's CPU time."""
+        ``cpu_seconds`` of the training thread's CPU time from its first forward on.
+        ``usual=False``: a step that did more than train (the forward replayed to find an
+        inf/nan) or whose forward was not seen: not measured."""
         self.steps += 1
         self.taken += stats_step
-        if self.budget is None or self.steps == 1:  # the first step: warm-up
+        if self.budget is None or self.steps == 1 or not usual:  # the first step: warm-up
             return
-        if stats_step:
-            self.stats_cpu.append(cpu_seconds)
-        else:
+        if not stats_step:
             self.plain.append(seconds)
             self.plain_cpu.append(cpu_seconds)
+        elif self.plain_cpu:
+            self.train_s += max(0.0, cpu_seconds - median(self.plain_cpu))
+            self.measured += 1
 
     def is_stats_step(self, index: int) -> bool:
         """Whether step ``index`` takes statistics (asked once, when the step begins)."""
@@ -84,9 +94,8 @@ class StatsSchedule:
         """Seconds so far: of plain training (steps x a plain step), of statistics on the
         training thread, and on the writer thread."""
         typical = median(self.plain) if self.plain else 0.0
-        extra = (max(0.0, median(self.stats_cpu) - median(self.plain_cpu))
-                 if self.stats_cpu and self.plain_cpu else 0.0)
-        train_s = self.taken * extra
+        extra = self.train_s / self.measured if self.measured else 0.0
+        train_s = self.train_s + (self.taken - self.measured) * extra  # (unmeasured: average)
         w = self.writer
         writer_s = 0.0
         if w is not None:

@@ -26,7 +26,7 @@ class StepState:
     index: int
     stats_step: bool  # per-layer statistics on this step
     t_start: float = field(default_factory=time.perf_counter)
-    cpu_start: float = field(default_factory=time.thread_time)  # this thread's CPU time
+    cpu_start: float | None = None  # this thread's CPU time at the step's first forward
     # 1. forward
     inputs: tuple[tuple, dict] | None = None
     autocast: tuple[bool, torch.dtype] | None = None
