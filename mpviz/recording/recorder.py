@@ -103,12 +103,14 @@ class Recorder:
         run_dir: where the run is written (default ``runs/<time>``); must not hold a run yet.
         every: per-layer tensor statistics exactly every ``every`` steps. None (default): at
             most every 10 steps (on multiples of 10), stretched so that what statistics cost
-            stays within ``stats_budget`` of the training time (:mod:`.schedule`). Loss, scale,
+            stays within ``stats_budget`` of the training time (:mod:`.schedule`; in a
+            distributed job exactly every 10, so that ranks take the same steps). Loss, scale,
             skips, overflow events with their layers, dtypes and timing are recorded every step
             either way.
         stats_budget: the share of training time statistics may cost (default 0.03 when
-            ``every`` is None; with an explicit ``every`` no budget unless given, then the
-            budget stretches that period). ``run.meta["stats_cost"]`` says what they cost.
+            ``every`` is None in a single process; in a distributed job, and with an explicit
+            ``every``, no budget unless given, then the budget stretches that period).
+            ``run.meta["stats_cost"]`` says what they cost.
         policy: an :class:`mpviz.PrecisionPolicy` (or its rules dict) to apply while recording;
             its changes are recorded in ``run.policy_changes``.
         meta: extra JSON-able facts stored in ``run.meta``.
@@ -145,9 +147,13 @@ class Recorder:
                  shadow_every: int = 50, stats_budget: float | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Recorder needs an nn.Module, got {type(model).__name__}")
+        self.rank, self.world_size = compat.dist_rank_world()
         if every is None:
             every = DEFAULT_EVERY
-            stats_budget = DEFAULT_BUDGET if stats_budget is None else stats_budget
+            # (in a distributed job each rank would measure and decide on its own, and ranks
+            # would take statistics on different steps: there the default is exactly every 10)
+            if stats_budget is None and self.world_size == 1:
+                stats_budget = DEFAULT_BUDGET
         self._schedule = StatsSchedule(every, stats_budget)  # checks both
         if scaler is not None and not callable(getattr(scaler, "is_enabled", None)):
             raise TypeError(f"scaler must be a torch.amp.GradScaler (or None), got "
@@ -167,7 +173,6 @@ class Recorder:
         if run_dir is None:
             run_dir = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(run_dir)
-        self.rank, self.world_size = compat.dist_rank_world()
         self.stats_ranks = distributed.stats_ranks(stats_ranks, self.world_size)
         self._diag_args = (lost_updates, shadow, int(shadow_every))
         self._origin: distributed.OriginWatch | None = None

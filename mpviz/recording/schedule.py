@@ -6,7 +6,8 @@
   ``stats_budget`` (default ``DEFAULT_BUDGET``, 3%) of the training time without them. A cheap
   statistics step (a big model, a GPU) is taken every 10 steps; an expensive one relative to the
   step (a tiny model on the CPU) is taken less often, so recording never costs much more than the
-  budget whatever the model.
+  budget whatever the model. (In a distributed job the default is exactly every 10 steps: each
+  rank measures its own costs, and ranks would take statistics on different steps.)
 
 What a statistics step costs is measured, not guessed:
 - on the training thread: the CPU time of each statistics step, from its first forward to
