@@ -99,13 +99,15 @@ def lab(browser, tree: Path, task: str, precision: str, steps: int, work: Path) 
             page.wait_for_timeout(500)
             cdp = page.context.new_cdp_session(page)
             cdp.send("Performance.enable")
-            busy0, t0 = _busy(cdp), time.time()
+            busy0, t0, cpu0 = _busy(cdp), time.time(), _cpu()
             page.get_by_role("button", name="Start").click()
             status = page.locator(".mpviz-status")
             end = time.monotonic() + 900
             while "done" not in status.inner_text() and time.monotonic() < end:
                 page.wait_for_timeout(200)
             busy, seconds = _busy(cdp) - busy0, time.time() - t0
+            cpu = {k: round((v - cpu0[k]) / seconds, 3) for k, v in _cpu().items()}
+            plot_ms, draws = page.evaluate("() => [window.mpvizPlotMs || 0, window.mpvizPlotDraws || 0]")
             page.wait_for_timeout(1000)
             page.close()
     finally:
@@ -133,10 +135,30 @@ def lab(browser, tree: Path, task: str, precision: str, steps: int, work: Path) 
         return statistics.median(sizes) if sizes else None
 
     return {"samples_per_s": sps, "updates": len(live), "bytes_total": sum(b for _, b in live),
+            "plot_draws": draws, "plot_busy_s_per_s": plot_ms / 1000 / seconds,
+            "cpu_s_per_s": cpu,   # cores used while training: browser, Voila server, kernel
             "page_busy_s_per_s": busy / seconds, "page_busy_ms_per_update": 1000 * busy / max(len(live), 1),
             "bytes_per_update_50_200": median_at(50, 200),
             "bytes_per_update_1000_plus": median_at(1000, steps),
             "bytes_per_update_last_500": median_at(steps - 500, steps)}
+
+
+def _cpu() -> dict[str, float]:
+    """CPU seconds used so far by the browser's processes, the Voila server and the kernel."""
+    import psutil
+
+    out = {"browser": 0.0, "voila server": 0.0, "kernel": 0.0}
+    for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        t = proc.info["cpu_times"]
+        if t is None:
+            continue
+        group = ("browser" if "chromium" in (proc.info["name"] or "") or "/chromium" in cmd
+                 else "kernel" if "ipykernel_launcher" in cmd
+                 else "voila server" if "-m voila" in cmd else None)
+        if group:
+            out[group] += t.user + t.system
+    return out
 
 
 def _busy(cdp) -> float:

@@ -104,7 +104,7 @@ def make_arms(precision: str, seed: int, size: dict[str, int], root: Path) -> li
         out = root / f"mpviz{every}"
         rec = mpviz.Recorder(t.model, optimizer=t.optimizer, scaler=t.scaler, run_dir=out,
                              every=every).attach()
-        arms.append(Arm(f"mpviz every={every}" + (" (default)" if every == 10 else ""), "mpviz",
+        arms.append(Arm(f"mpviz every={every}", "mpviz",
                         every, MPVIZ_RECORDS, t,
                         after=lambda o, rec=rec: rec.step(loss=o["loss"], samples=batch),
                         flush=rec.flush, close=rec.close, out_dir=out))

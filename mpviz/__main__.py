@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one of {', '.join(PRECISION_NAMES)} (default fp32)")
     d.add_argument("--steps", type=_positive, default=200, help="training steps (default 200)")
     d.add_argument("--run-dir", default=None, help="where to write the run (default runs/<task>-<precision>-<time>)")
-    d.add_argument("--every", type=_positive, default=10, help="per-layer statistics every N steps (default 10)")
+    d.add_argument("--every", type=_positive, default=None,
+                   help="per-layer statistics exactly every N steps (default: at most every 10, "
+                        "fewer when they would cost more than 3%% of the training time)")
     d.add_argument("--batch-size", type=_positive, default=None, help="default: the task's own")
     d.add_argument("--lr", type=_positive_float, default=None, help="Adam learning rate (default: the task's own)")
     d.add_argument("--seed", type=int, default=0)
@@ -215,7 +217,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if extras:
             print("  " + ", ".join(f"{k} {_fmt(v)}" for k, v in extras.items()))
         print(f"  autocast {_fmt(meta.get('autocast_dtype'))}, {_fmt_scaler(meta.get('scaler'))}, "
-              f"statistics every {meta.get('every')} steps")
+              f"statistics {mpviz.run._schedule(meta)}")
         if len(ranks) > 1:
             print(f"  {len(ranks)} ranks; steps below are rank {ranks[0]}'s, overflow events the ones "
                   f"born on a rank (origin)")

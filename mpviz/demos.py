@@ -504,7 +504,7 @@ class Trainer:
         lr: float | None = None,
         seed: int = 0,
         run_dir: str | os.PathLike[str] | None = None,
-        every: int = 10,
+        every: int | None = None,
         policy: Mapping[str, str] | Any | None = None,
         record: bool = True,
         meta: Mapping[str, Any] | None = None,

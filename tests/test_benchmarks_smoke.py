@@ -38,7 +38,7 @@ def test_peers_arms_run_and_write(tmp_path):
     rows = peers.measure("bf16", rounds=1, block=2, warmup=1, seed=0, size=peers.TINY,
                          root=tmp_path)
     assert [r["arm"] for r in rows] == [
-        "plain", "mpviz every=1", "mpviz every=10 (default)", "mpviz every=100",
+        "plain", "mpviz every=1", "mpviz every=10", "mpviz every=100",
         "wandb.watch log_freq=1", "wandb.watch log_freq=100", "tensorboard every=1",
         "tensorboard every=100"]
     assert rows[0]["ratio"] == 1.0 and all(r["ms_per_step"] > 0 for r in rows)

@@ -627,6 +627,8 @@ class Lab(ui.App):
         if now - self._table_at >= TABLE_EVERY_S or final:
             self._table_at = now
             self._refresh_tables(trainers[0], readers[0])
+        if detail:
+            self._draw_evals()   # a static plot, re-drawn whole by the page: as rarely as the heatmaps
         self.diagnosis.refresh(readers[0], force=final)
         if final:
             self._sync_buttons()   # paused by `pause_at`: the buttons say Resume
@@ -654,7 +656,6 @@ class Lab(ui.App):
                 cells.value = text
         df, total = queries.overflow_table(reader, limit=15)
         self.overflows.value = ui.overflow_html(df, total)
-        self._draw_evals()
 
     def _draw_evals(self) -> None:
         """The eval metric of each run (eval_fn every eval_every steps), a small static chart."""

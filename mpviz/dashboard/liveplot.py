@@ -90,6 +90,8 @@ function render({ model, el }) {
         if (layout.width && w > 200 && w < layout.width) layout.width = w;   // else: as given
         await Plotly.react(gd, unpack(model.get("traces")), layout, { responsive: true, displaylogo: false });
         const took = performance.now() - t0;
+        window.mpvizPlotMs = (window.mpvizPlotMs || 0) + took;   // read by benchmarks/live_plots.py
+        window.mpvizPlotDraws = (window.mpvizPlotDraws || 0) + 1;
         next = performance.now() + Math.max(MIN_GAP_MS, took * (1 - SHARE) / SHARE);
       } while (again && !gone);
     } catch (e) {

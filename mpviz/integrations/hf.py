@@ -38,7 +38,8 @@ class MpvizCallback(_transformers.TrainerCallback):
     Args:
         run_dir: where the run is written (default ``runs/<time>``); with several processes each
             rank writes its own store in it.
-        every: per-layer statistics every ``every`` optimizer steps.
+        every: per-layer statistics exactly every ``every`` optimizer steps; None (the
+            default): at most every 10, within the recorder's cost budget (``stats_budget``).
         policy: an optional :class:`mpviz.PrecisionPolicy` (or rules dict) applied while training.
         **recorder_kwargs: passed to :class:`mpviz.Recorder` (``meta``, ``flush_every_s``, ...).
 
@@ -46,7 +47,7 @@ class MpvizCallback(_transformers.TrainerCallback):
     ``callback.run_dir`` where the run is.
     """
 
-    def __init__(self, run_dir: str | os.PathLike | None = None, every: int = 10,
+    def __init__(self, run_dir: str | os.PathLike | None = None, every: int | None = None,
                  policy: Any = None, **recorder_kwargs: Any) -> None:
         self.run_dir, self.every, self.policy = run_dir, every, policy
         self.recorder_kwargs = recorder_kwargs
