@@ -25,10 +25,8 @@ from pathlib import Path
 
 import pytest
 
-import mpviz
-
-from test_browser import (ROOT, Page, _fill, _free_port, _required, browser, shots,  # noqa: F401
-                          toggle_at_pause)
+from test_browser import ROOT, Page, _fill, _free_port, _required, browser, shots  # noqa: F401
+from test_browser_lab_models import classifier_to_bf16_at_pause
 
 try:
     import jupyterlab  # noqa: F401
@@ -142,17 +140,7 @@ def test_lab_trains_your_model_in_jupyterlab(browser, shots, tmp_path):  # noqa:
         page.locator(".mpviz-start").click()
         status = page.locator(".mpviz-status")
 
-        toggle_at_pause(p, "classifier", "bf16", pause_at)
-        p.wait(lambda: "done" in status.inner_text() and p.trace_len("loss:0") == max_steps,
-               what="the step limit")
-
-        run_dir = next(runs.glob("lab-*BertForSequenceClassification*"))
-        run = mpviz.load_run(run_dir)
-        changes = run.policy_changes
-        cls = changes[(changes["layer"] == "classifier") & (changes["precision"] == "bf16")]
-        assert cls["step"].tolist() == [pause_at]
-        assert len(run.steps) == max_steps
-        run.close()
+        classifier_to_bf16_at_pause(p, runs, status, pause_at, max_steps)
         # Closing the file browser gives the figure its full 900 px again.
         page.evaluate("() => window.jupyterapp.commands.execute('application:toggle-left-area')")
         p.wait(lambda: _figure_fit(page)[1] == 900, what="the figure to widen to 900 px")

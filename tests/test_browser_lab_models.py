@@ -10,6 +10,20 @@ import mpviz
 from test_browser import Page, _fill, browser, shots, toggle_at_pause, voila  # noqa: F401  (fixtures)
 
 
+def classifier_to_bf16_at_pause(p: Page, runs, status, pause_at: int, max_steps: int) -> None:
+    """At the pause, set the BERT's `classifier` to bf16 from its dropdown; when the run is done,
+    the curve has every step and the run records the change at exactly that step."""
+    toggle_at_pause(p, "classifier", "bf16", pause_at)
+    p.wait(lambda: "done" in status.inner_text() and p.trace_len("loss:0") == max_steps,
+           what="the step limit")
+    run = mpviz.load_run(next(runs.glob("lab-*BertForSequenceClassification*")))
+    changes = run.policy_changes
+    cls = changes[(changes["layer"] == "classifier") & (changes["precision"] == "bf16")]
+    assert cls["step"].tolist() == [pause_at]
+    assert len(run.steps) == max_steps
+    run.close()
+
+
 def test_lab_trains_your_model_and_shows_a_layer_toggle(browser, shots, tmp_path):  # noqa: F811
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -25,17 +39,7 @@ def test_lab_trains_your_model_and_shows_a_layer_toggle(browser, shots, tmp_path
         page.get_by_role("button", name="Start").click()
         status = page.locator(".mpviz-status")
 
-        toggle_at_pause(p, "classifier", "bf16", pause_at)
-        p.wait(lambda: "done" in status.inner_text() and p.trace_len("loss:0") == max_steps,
-               what="the step limit")
-
-        run_dir = next(runs.glob("lab-*BertForSequenceClassification*"))
-        run = mpviz.load_run(run_dir)
-        changes = run.policy_changes
-        cls = changes[(changes["layer"] == "classifier") & (changes["precision"] == "bf16")]
-        assert cls["step"].tolist() == [pause_at]
-        assert len(run.steps) == max_steps
-        run.close()
+        classifier_to_bf16_at_pause(p, runs, status, pause_at, max_steps)
         page.wait_for_timeout(500)
         p.shoot(".mpviz-lab", "lab-your-model.png")
         p.no_python_errors_shown()
