@@ -99,7 +99,7 @@ def lab(browser, tree: Path, task: str, precision: str, steps: int, work: Path) 
             page.wait_for_timeout(500)
             cdp = page.context.new_cdp_session(page)
             cdp.send("Performance.enable")
-            busy0, t0, cpu0 = _busy(cdp), time.time(), _cpu()
+            busy0, t0, cpu0, parts0 = _busy(cdp), time.time(), _cpu(), _busy(cdp, parts=True)
             page.get_by_role("button", name="Start").click()
             status = page.locator(".mpviz-status")
             end = time.monotonic() + 900
@@ -107,6 +107,7 @@ def lab(browser, tree: Path, task: str, precision: str, steps: int, work: Path) 
                 page.wait_for_timeout(200)
             busy, seconds = _busy(cdp) - busy0, time.time() - t0
             cpu = {k: round((v - cpu0[k]) / seconds, 3) for k, v in _cpu().items()}
+            parts = {k: round((v - parts0[k]) / seconds, 3) for k, v in _busy(cdp, parts=True).items()}
             plot_ms, draws = page.evaluate("() => [window.mpvizPlotMs || 0, window.mpvizPlotDraws || 0]")
             page.wait_for_timeout(1000)
             page.close()
@@ -137,6 +138,7 @@ def lab(browser, tree: Path, task: str, precision: str, steps: int, work: Path) 
     return {"samples_per_s": sps, "updates": len(live), "bytes_total": sum(b for _, b in live),
             "plot_draws": draws, "plot_busy_s_per_s": plot_ms / 1000 / seconds,
             "cpu_s_per_s": cpu,   # cores used while training: browser, Voila server, kernel
+            "page_s_per_s": parts,   # the page's main thread: all tasks, scripts, layout, style
             "page_busy_s_per_s": busy / seconds, "page_busy_ms_per_update": 1000 * busy / max(len(live), 1),
             "bytes_per_update_50_200": median_at(50, 200),
             "bytes_per_update_1000_plus": median_at(1000, steps),
@@ -161,9 +163,15 @@ def _cpu() -> dict[str, float]:
     return out
 
 
-def _busy(cdp) -> float:
-    """Seconds the page's main thread has spent in tasks (scripts, layout, paint) so far."""
+PARTS = ("ScriptDuration", "LayoutDuration", "RecalcStyleDuration")
+
+
+def _busy(cdp, parts: bool = False):
+    """Seconds the page's main thread has spent in tasks (scripts, layout, paint) so far; with
+    ``parts``, also in scripts, layout and style recalculation."""
     metrics = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
+    if parts:
+        return {k: float(metrics.get(k, 0.0)) for k in ("TaskDuration",) + PARTS}
     return float(metrics["TaskDuration"])
 
 
