@@ -413,10 +413,7 @@ class Lab(ui.App):
                 self.precision.value = sc.precision if sc else home["precision"]
                 self.grad_scaler.value = sc.grad_scaler if sc else home["grad_scaler"]
                 if sc is not None:
-                    v = float(sc.init_scale)
-                    if v not in [o[1] for o in self.init_scale.options]:
-                        self.init_scale.options = list(self.init_scale.options) + [(f"{v:g}", v)]
-                    self.init_scale.value = v
+                    self._set_init_scale(sc.init_scale)
                     self.max_steps.value = sc.max_steps
                     lrs = sorted({v for _, v in home["lrs"] if v} | {sc.lr, sc.fixed().lr})
                     self.lr.options = [(f"{sc.lr:g} (scenario)", 0.0)] + [(f"{v:g}", v) for v in lrs]
@@ -466,16 +463,20 @@ class Lab(ui.App):
         try:
             self.grad_scaler.value = amp["grad_scaler"]
             if amp["init_scale"] is not None:
-                v = float(amp["init_scale"])
-                if v not in [o[1] for o in self.init_scale.options]:
-                    self.init_scale.options = list(self.init_scale.options) + [(f"{v:g}", v)]
-                self.init_scale.value = v
+                self._set_init_scale(amp["init_scale"])
             if amp["growth_interval"] is not None:
                 self.growth_interval.value = int(amp["growth_interval"])
         finally:
             self._syncing = False
         self.amp_note.value = ('<span class="mpviz-muted">set by your train_step and scaler '
                                '(read-only); autocast: seen once it steps</span>')
+
+    def _set_init_scale(self, value: float) -> None:
+        """Show ``value`` in the init-scale menu (added to its choices if it is not one)."""
+        v = float(value)
+        if v not in [o[1] for o in self.init_scale.options]:
+            self.init_scale.options = list(self.init_scale.options) + [(f"{v:g}", v)]
+        self.init_scale.value = v
 
     def session_policy(self) -> dict[str, str]:
         """The rules a new session starts with: the rule box's, then the table's per-layer ones."""

@@ -208,26 +208,29 @@ class SteerPanel:
         self._draw_advice()
         return self.advice.value
 
-    def _advice_pending(self) -> bool:
+    def _advice_row(self) -> Any:
+        """The sent advice's row of the last ``steer_requests()`` read (None: none sent or read
+        yet; empty while the read predates it)."""
         if self._advice_sent is None or self._requests is None:
-            return False
-        row = self._requests[self._requests["id"] == self._advice_sent[0]]
-        return bool(len(row)) and row["status"].iloc[0] == "pending"
+            return None
+        return self._requests[self._requests["id"] == self._advice_sent[0]]
+
+    def _advice_pending(self) -> bool:
+        row = self._advice_row()
+        return row is not None and bool(len(row)) and row["status"].iloc[0] == "pending"
 
     def _advice_step(self) -> int | None:
         """The step the sent advice applies from, once the job applied it."""
-        if self._advice_sent is None or self._requests is None:
-            return None
-        row = self._requests[self._requests["id"] == self._advice_sent[0]]
-        if not len(row) or row["status"].iloc[0] != "applied":
+        row = self._advice_row()
+        if row is None or not len(row) or row["status"].iloc[0] != "applied":
             return None
         return int(row["step"].iloc[0])
 
     def _draw_advice(self) -> None:
-        if self._advice_sent is None or self._requests is None:
+        row = self._advice_row()
+        if row is None:
             return
         rid, rules, reasons, estimate = self._advice_sent
-        row = self._requests[self._requests["id"] == rid]
         status = _status_html(row.iloc[0]) if len(row) else _status_html({"status": "pending"})
         lines = [f"<code>{html.escape(l)}</code> → {html.escape(p)}: {html.escape(reasons.get(l, ''))}"
                  for l, p in rules.items()]
