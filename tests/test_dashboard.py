@@ -362,3 +362,29 @@ def test_differences_puts_nonfinite_layers_first():
     d = differences({"x": base, "y": other})
     assert d["layer"].tolist() == ["b", "a"]
     assert d.set_index("layer").loc["a", "spread"] == pytest.approx(3.0)
+
+
+def test_a_slow_ui_takes_at_most_its_share_of_the_training_thread(tmp_path):
+    """The lab's redraws run on the training thread between steps: however slow one is (here
+    30 ms, a busy page), they are spaced so that all of them take at most UI_SHARE of it."""
+    from mpviz.dashboard.worker import UI_SHARE, TrainingWorker, make_trainer, torch_thread
+
+    trainer = torch_thread.call(make_trainer, "mlp", "fp32", runs_root=str(tmp_path),
+                                run_name="ui-share", every=10)
+    ticks: list[float] = []
+
+    def slow_ui(worker):
+        t0 = time.perf_counter()
+        time.sleep(0.03)
+        ticks.append(time.perf_counter() - t0)
+
+    w = TrainingWorker([trainer], max_steps=100_000, max_seconds=4.0, on_tick=slow_ui, tick_s=0.0)
+    t0 = time.perf_counter()
+    w.start()
+    w.join()
+    elapsed = time.perf_counter() - t0
+    assert w.reason == "time limit" and w.rounds > 100
+    # Each tick waits (1 - UI_SHARE) / UI_SHARE of its own cost; the last one (the final redraw)
+    # comes when training ends, so it may exceed the share by itself.
+    assert len(ticks) >= 3
+    assert sum(ticks[:-1]) <= UI_SHARE * elapsed + max(ticks), (len(ticks), sum(ticks), elapsed)
