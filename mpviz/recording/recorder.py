@@ -357,9 +357,11 @@ class Recorder:
         """Errors contained inside the recorder so far (also in ``run.meta["recorder_errors"]``)."""
         return list(self._errors)
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = True) -> None:
+        """Commit the rows recorded so far: block until they are readable (``wait=False``:
+        start the commit and return at once, e.g. for a live view that may lag by a moment)."""
         if self._writer is not None and not self._closed:
-            self._writer.flush()
+            self._writer.flush(wait=wait)
 
     def set_precision(self, rules: dict[str, str]) -> None:
         """Change per-layer precision from now on (same as ``rec.policy.update(rules)``)."""
