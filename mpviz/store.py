@@ -289,12 +289,8 @@ class RunWriter:
         with self._lock:
             self._pending.append(("meta", [meta]))
 
-    def flush(self, timeout: float = 30.0, wait: bool = True) -> None:
-        """Block until every row put so far is committed (``wait=False``: start that commit now
-        and return; a reader sees the rows once it is done)."""
-        if not wait:
-            self._wake.set()
-            return
+    def flush(self, timeout: float = 30.0) -> None:
+        """Block until every row put so far is committed."""
         done = threading.Event()
         with self._lock:
             self._waiters.append(done)

@@ -183,30 +183,3 @@ def test_histogram_names_what_is_wrong_instead_of_an_empty_frame(tmp_path):
         run.histogram("fc1", "grad", step=99)
     with pytest.raises(ValueError, match=r"no weight histogram of 'act1' .*\(it has activation\)"):
         run.histogram("act1", "weight")
-
-
-def test_flush_without_waiting_starts_the_commit_and_returns(tmp_path):
-    """A live view (the lab's redraw, on the training thread) starts the commit and reads the
-    rows a moment later instead of waiting for the writer; the timer would wait 10 minutes."""
-    import torch
-    from torch import nn
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = torch.randn(64, 8), torch.randn(64, 1)
-    with mpviz.Recorder(model, optimizer=opt, run_dir=tmp_path / "r", every=1,
-                        flush_every_s=600) as rec:
-        for _ in range(5):
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward(); opt.step(); opt.zero_grad()
-            rec.step(loss=loss, samples=64)
-        con = sqlite3.connect(tmp_path / "r" / "run.db")
-        count = lambda: con.execute("SELECT COUNT(*) FROM steps").fetchone()[0]  # noqa: E731
-        assert count() == 0            # nothing committed yet: the timer is 10 minutes away
-        rec.flush(wait=False)
-        deadline = time.monotonic() + 30
-        while count() < 5 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert count() == 5
-        con.close()

@@ -329,7 +329,7 @@ class Explorer(ui.App):
         try:
             while not self._stop.is_set():
                 # Redraws take at most UI_SHARE of a core (a refresh that took 50 ms waits
-                # ~1.6 s): a page on the machine that trains takes little from it.
+                # ~1 s): a page on the machine that trains takes little from it.
                 self._wake.wait(max(self.poll_s, self.refresh_cost_s * (1 - UI_SHARE) / UI_SHARE))
                 woken = self._wake.is_set()
                 self._wake.clear()

@@ -54,7 +54,7 @@ REMOVE = "(remove rule)"  # rule box: drop the rule for that pattern
 SCALES = tuple(2.0**k for k in range(0, 25, 2))  # GradScaler init_scale choices
 AUTOCAST_NAMES = {"bfloat16": "bf16", "float16": "fp16", None: "fp32"}
 MAX_ALONGSIDE = 2     # race: the main run + up to two more
-TABLE_EVERY_S = 3.0   # the layer/overflow tables refresh at most this often
+TABLE_EVERY_S = 2.0   # the layer/overflow tables refresh at most this often
 DETAIL_EVERY_S = 10.0  # the dtype map and gradient heatmap too (re-drawn whole by the page) ...
 DETAIL_AFTER_CHANGE_S = 2.0  # ... and this long after a precision change shows on the loss curve
 LIVE_POINTS = 600      # points per line while training (the plots are ~400-800 px wide)
@@ -610,13 +610,10 @@ class Lab(ui.App):
         trainers, readers = list(self.trainers), list(self.readers)
         if not readers:
             return
+        for t in trainers:
+            t.recorder.flush()  # rows of the last steps are committed before reading
         now = time.monotonic()
         final = worker is None or worker.state != RUNNING
-        for t in trainers:
-            # Paused or ended: the last steps' rows are committed before reading. While training
-            # the commit is only started (waiting for it took half a redraw's time on the
-            # training thread): this redraw shows the rows committed by the last one.
-            t.recorder.flush(wait=final)
         # The heatmaps are the heaviest part of a redraw (JSON, re-rendered by the page): at most
         # every DETAIL_EVERY_S while training, and soon after a precision change (its dtypes).
         detail = final or now - self._detail_at >= DETAIL_EVERY_S

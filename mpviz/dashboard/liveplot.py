@@ -55,10 +55,9 @@ function unpack(v) {   // binary buffers arrive as DataViews (or ArrayBuffers): 
 }
 
 // Redraws, painting included, take at most SHARE of the page's main thread (a redraw that took
-// 40 ms waits 1.3 s for the next, and none comes sooner than MIN_GAP_MS; only the newest state
-// is drawn), so a browser on the machine that trains takes little from it, however long the run
-// and however slow the page.
-const SHARE = 0.03, MIN_GAP_MS = 500;
+// 40 ms waits 0.76 s for the next; only the newest state is drawn), so a browser on the machine
+// that trains takes little from it, however long the run and however slow the page.
+const SHARE = 0.05, MIN_GAP_MS = 250;
 
 function render({ model, el }) {
   const Plotly = plotly(model);

@@ -10,7 +10,7 @@ layer at a known step; `resume()` goes on).
 Several trainers train interleaved, one step each per round, on the same batch (the lab's race
 mode), so they see the same data and the same wall-clock conditions. `on_tick(worker)` is called from this thread at most every
 `tick_s` seconds, stretched so that ticks take at most `UI_SHARE` of the thread's time (a tick
-that took 50 ms waits ~1.6 s for the next): a slow UI or a busy machine cannot eat the training.
+that took 50 ms waits ~1 s for the next): a slow UI or a busy machine cannot eat the training.
 
 >>> from mpviz.dashboard.worker import TrainingWorker, make_trainer
 >>> t = make_trainer("mlp", "fp32", runs_root="runs", run_name="doc-worker")  # doctest: +SKIP
@@ -29,7 +29,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Sequence
 
 IDLE, RUNNING, PAUSED, DONE, FAILED = "idle", "running", "paused", "done", "failed"
-UI_SHARE = 0.03   # the most of the training thread's time that on_tick (the page's redraws) takes
+UI_SHARE = 0.05   # the most of the training thread's time that on_tick (the page's redraws) takes
 
 
 class _TorchThread:

@@ -357,11 +357,9 @@ class Recorder:
         """Errors contained inside the recorder so far (also in ``run.meta["recorder_errors"]``)."""
         return list(self._errors)
 
-    def flush(self, wait: bool = True) -> None:
-        """Commit the rows recorded so far: block until they are readable (``wait=False``:
-        start the commit and return at once, e.g. for a live view that may lag by a moment)."""
+    def flush(self) -> None:
         if self._writer is not None and not self._closed:
-            self._writer.flush(wait=wait)
+            self._writer.flush()
 
     def set_precision(self, rules: dict[str, str]) -> None:
         """Change per-layer precision from now on (same as ``rec.policy.update(rules)``)."""
