@@ -106,6 +106,39 @@ def test_hf_trainer_fp16_on_cpu_runs_fp32(tmp_path):
     assert len(logged) == HF_STEPS and (run.steps["samples"] == 4).all()
 
 
+def test_hf_train_that_raises_marks_the_run_failed_and_removes_the_hooks(tmp_path):
+    """The Trainer has no exception event: `with callback: trainer.train()` closes the run as
+    failed, with the error, and the model has no hook left (without `with`, it stays "running")."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from mpviz.integrations.hf import MpvizCallback
+
+    class Crash(TrainerCallback):   # the user's own code failing at step 3
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise RuntimeError("data loader died")
+
+    def hooks(model) -> list[int]:
+        return [len(d) for m in model.modules() for d in (
+            m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)]
+
+    cb = MpvizCallback(run_dir=tmp_path / "run", every=2)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], seed=0,
+                             per_device_train_batch_size=2, max_steps=HF_STEPS, save_strategy="no",
+                             disable_tqdm=True, bf16=True)
+    model = SPECS["gpt2"].build()
+    before = hooks(model)
+    trainer = Trainer(model=model, args=args, train_dataset=_Samples(), callbacks=[cb, Crash()])
+    with pytest.raises(RuntimeError, match="data loader died"):
+        with cb:
+            trainer.train()
+    assert cb.recorder is None and hooks(model) == before
+    run = mpviz.load_run(cb.run_dir)
+    assert run.meta["status"] == "failed"
+    assert run.meta["error"] == "RuntimeError: data loader died"
+    assert run.steps["step"].tolist() == [0, 1, 2]   # the steps before the crash are kept
+
+
 # ---------------------------------------------------------------- Lightning
 PL_STEPS = 6
 

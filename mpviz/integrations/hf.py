@@ -45,7 +45,17 @@ class MpvizCallback(_transformers.TrainerCallback):
 
     ``callback.recorder`` is the Recorder while training (``callback.recorder.run``: the live run);
     ``callback.run_dir`` where the run is.
+
+    The Trainer has no event for a ``train()`` that raises: ``with callback: trainer.train()``
+    then marks the run "failed" with the error and removes the hooks (without it, the run stays
+    "running" and the hooks stay on the model until the next ``train()``).
     """
+
+    def __enter__(self) -> "MpvizCallback":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self._close(error=exc)
 
     def __init__(self, run_dir: str | os.PathLike | None = None, every: int | None = None,
                  policy: Any = None, **recorder_kwargs: Any) -> None:
@@ -131,12 +141,12 @@ class MpvizCallback(_transformers.TrainerCallback):
             if self.recorder is not None:
                 self.recorder._record_error("hf callback", e)
 
-    def _close(self) -> None:
+    def _close(self, error: BaseException | None = None) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
         if self.recorder is not None:
-            self.recorder.close()
+            self.recorder.close(error=error)
             self.recorder = None
         self._losses, self._samples = [], 0
 
