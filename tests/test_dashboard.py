@@ -364,6 +364,67 @@ def test_differences_puts_nonfinite_layers_first():
     assert d.set_index("layer").loc["a", "spread"] == pytest.approx(3.0)
 
 
+def test_the_explorer_follower_redraws_with_at_most_its_share_of_the_time(dash_runs):
+    """Following a live run, a slow page (here every redraw 40 ms longer) is redrawn less often:
+    the redraws take at most UI_SHARE of the follower's time, however fast rows arrive."""
+    import threading
+
+    import torch
+    from torch import nn
+
+    from mpviz.dashboard.worker import UI_SHARE
+
+    run_dir, stop = dash_runs / "follow-share", threading.Event()
+
+    def train():   # a job that commits every 50 ms, so new rows are always there to draw
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        x, y = torch.randn(32, 8), torch.randn(32, 1)
+        with mpviz.Recorder(model, optimizer=opt, run_dir=run_dir, every=10,
+                            flush_every_s=0.05) as rec:
+            while not stop.is_set():
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward(); opt.step(); opt.zero_grad()
+                rec.step(loss=loss, samples=32)
+                time.sleep(0.002)
+
+    job = threading.Thread(target=train, daemon=True)
+    job.start()
+    try:
+        def started():
+            try:
+                return mpviz.load_run(run_dir).last_step >= 0
+            except mpviz.RunStoreError:   # not created yet, or its first commit not written
+                return False
+
+        assert _wait(started)
+        ex = explorer_app(run_dir=run_dir, runs_dir=dash_runs, poll_s=0.01)
+        draws: list[float] = []
+        slow_part, draw = ex.steer.refresh, ex._draw
+
+        def slow_steer(run):   # inside the timed redraw, like a slow table or figure
+            time.sleep(0.04)
+            slow_part(run)
+
+        def timed_draw(drill=False):
+            t0 = time.perf_counter()
+            draw(drill)
+            draws.append(time.perf_counter() - t0)
+
+        ex.steer.refresh, ex._draw = slow_steer, timed_draw
+        t0 = time.perf_counter()
+        time.sleep(5)
+        elapsed, done = time.perf_counter() - t0, list(draws)
+        ex.close()
+    finally:
+        stop.set()
+        job.join(30)
+    assert len(done) >= 3 and min(done) >= 0.04   # it followed, with the slow redraws
+    # Each redraw waits (1 - UI_SHARE) / UI_SHARE of its own cost (the first follows the open).
+    assert sum(done) <= UI_SHARE * elapsed + 2 * max(done), (len(done), sum(done), elapsed)
+
+
 def test_a_slow_ui_takes_at_most_its_share_of_the_training_thread(tmp_path):
     """The lab's redraws run on the training thread between steps: however slow one is (here
     30 ms, a busy page), they are spaced so that all of them take at most UI_SHARE of it."""
