@@ -275,6 +275,13 @@ def test_layer_table_headroom_is_binades_below_the_format_max(dash_two_runs):
 
 
 # --------------------------------------------------------------------------- explorer
+def _has_a_step(run_dir: Path) -> bool:
+    try:
+        return mpviz.load_run(run_dir).last_step >= 0
+    except mpviz.RunStoreError:   # not created yet, or its first commit not written
+        return False
+
+
 def test_explorer_follows_a_run_written_by_another_process(dash_runs):
     run_dir = dash_runs / "live"
     proc = subprocess.Popen(
@@ -282,13 +289,7 @@ def test_explorer_follows_a_run_written_by_another_process(dash_runs):
          "3000", "--every", "5", "--run-dir", str(run_dir), "--quiet"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        def started():
-            try:
-                return mpviz.load_run(run_dir).last_step >= 0
-            except mpviz.RunStoreError:   # not created yet, or its first commit not written
-                return False
-
-        assert _wait(started)
+        assert _wait(lambda: _has_a_step(run_dir))
         ex = explorer_app(poll_s=0.2)   # the newest run under $MPVIZ_RUNS_DIR
         assert Path(ex.picker.value) == run_dir
         first = ex.run.last_step
@@ -392,13 +393,7 @@ def test_the_explorer_follower_redraws_with_at_most_its_share_of_the_time(dash_r
     job = threading.Thread(target=train, daemon=True)
     job.start()
     try:
-        def started():
-            try:
-                return mpviz.load_run(run_dir).last_step >= 0
-            except mpviz.RunStoreError:   # not created yet, or its first commit not written
-                return False
-
-        assert _wait(started)
+        assert _wait(lambda: _has_a_step(run_dir))
         ex = explorer_app(run_dir=run_dir, runs_dir=dash_runs, poll_s=0.01)
         draws: list[float] = []
         slow_part, draw = ex.steer.refresh, ex._draw
