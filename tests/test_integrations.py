@@ -13,6 +13,7 @@ import torch
 
 import mpviz
 from models import SPECS
+from test_recorder_trust import hooks_of
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -118,21 +119,18 @@ def test_hf_train_that_raises_marks_the_run_failed_and_removes_the_hooks(tmp_pat
             if state.global_step == 3:
                 raise RuntimeError("data loader died")
 
-    def hooks(model) -> list[int]:
-        return [len(d) for m in model.modules() for d in (
-            m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)]
-
     cb = MpvizCallback(run_dir=tmp_path / "run", every=2)
     args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], seed=0,
                              per_device_train_batch_size=2, max_steps=HF_STEPS, save_strategy="no",
                              disable_tqdm=True, bf16=True)
     model = SPECS["gpt2"].build()
-    before = hooks(model)
+    before = hooks_of(model, torch.optim.SGD(model.parameters()))
     trainer = Trainer(model=model, args=args, train_dataset=_Samples(), callbacks=[cb, Crash()])
     with pytest.raises(RuntimeError, match="data loader died"):
         with cb:
             trainer.train()
-    assert cb.recorder is None and hooks(model) == before
+    # the model's forward hooks and the optimizer's step hooks (accelerate's wrapper unwrapped)
+    assert cb.recorder is None and hooks_of(model, trainer.optimizer.optimizer) == before
     run = mpviz.load_run(cb.run_dir)
     assert run.meta["status"] == "failed"
     assert run.meta["error"] == "RuntimeError: data loader died"

@@ -51,12 +51,6 @@ class MpvizCallback(_transformers.TrainerCallback):
     "running" and the hooks stay on the model until the next ``train()``).
     """
 
-    def __enter__(self) -> "MpvizCallback":
-        return self
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        self._close(error=exc)
-
     def __init__(self, run_dir: str | os.PathLike | None = None, every: int | None = None,
                  policy: Any = None, **recorder_kwargs: Any) -> None:
         self.run_dir, self.every, self.policy = run_dir, every, policy
@@ -67,6 +61,12 @@ class MpvizCallback(_transformers.TrainerCallback):
         self._normalized = False  # the model's loss was divided by the step's item count
         self._samples = 0
         self._in_step = False  # the recorder's overflow replay runs a forward inside rec.step()
+
+    def __enter__(self) -> "MpvizCallback":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self._close(error=exc)
 
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
