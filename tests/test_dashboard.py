@@ -409,13 +409,14 @@ def test_the_explorer_follower_redraws_with_at_most_its_share_of_the_time(dash_r
 
         ex.steer.refresh, ex._draw = slow_steer, timed_draw
         t0 = time.perf_counter()
-        time.sleep(5)
+        # however long a redraw takes on a busy machine: until the fourth of them
+        assert _wait(lambda: len(draws) >= 4)   # it follows the run
         elapsed, done = time.perf_counter() - t0, list(draws)
         ex.close()
     finally:
         stop.set()
         job.join(30)
-    assert len(done) >= 3 and min(done) >= 0.04   # it followed, with the slow redraws
+    assert min(done) >= 0.04   # the slow redraws
     # Each redraw waits (1 - UI_SHARE) / UI_SHARE of its own cost (the first follows the open).
     assert sum(done) <= UI_SHARE * elapsed + 2 * max(done), (len(done), sum(done), elapsed)
 
