@@ -445,3 +445,32 @@ def test_a_slow_ui_takes_at_most_its_share_of_the_training_thread(tmp_path):
     # comes when training ends, so it may exceed the share by itself.
     assert len(ticks) >= 3
     assert sum(ticks[:-1]) <= UI_SHARE * elapsed + max(ticks), (len(ticks), sum(ticks), elapsed)
+
+
+def test_evaluations_left_to_the_worker_take_at_most_their_share_and_end_on_the_final_weights(tmp_path):
+    """The lab's default: eval_fn as often as it takes at most EVAL_SHARE of the training thread
+    (every 25 steps, a digits eval cost 4% of training), and once more on the final weights."""
+    from mpviz.dashboard.worker import EVAL_SHARE, TrainingWorker, make_trainer, torch_thread
+
+    trainer = torch_thread.call(make_trainer, "mlp", "fp32", runs_root=str(tmp_path),
+                                run_name="eval-share", every=10)
+    inner, costs = trainer.eval_fn, []
+
+    def slow_eval(model, batch):   # a held-out set that takes 20 ms
+        t0 = time.perf_counter()
+        time.sleep(0.02)
+        value = inner(model, batch)
+        costs.append(time.perf_counter() - t0)
+        return value
+
+    trainer.eval_fn = slow_eval
+    w = TrainingWorker([trainer], max_steps=100_000, max_seconds=3.0, eval_every=None)
+    t0 = time.perf_counter()
+    w.start()
+    w.join()
+    elapsed = time.perf_counter() - t0
+    assert w.reason == "time limit" and w.rounds > 100
+    steps = [s for s, _ in trainer.evals]
+    assert len(steps) >= 3 and steps == sorted(set(steps))
+    assert steps[-1] == w.rounds                       # the last one is on the final weights
+    assert sum(costs[:-1]) <= EVAL_SHARE * elapsed + max(costs), (len(costs), sum(costs), elapsed)

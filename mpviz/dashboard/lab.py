@@ -46,7 +46,8 @@ from ..scenarios import SCENARIOS, Scenario, get_scenario
 from . import queries, ui
 from .diagnosis_panel import DiagnosisPanel
 from .plots import RunFigure
-from .worker import DONE, FAILED, IDLE, PAUSED, RUNNING, TrainingWorker, make_trainer, torch_thread
+from .worker import (DONE, EVAL_SHARE, FAILED, IDLE, PAUSED, RUNNING, TrainingWorker, make_trainer,
+                     torch_thread)
 
 TASKS = ("digits", "text", "mlp")
 INHERIT = "(policy)"  # dropdown value: no per-layer override
@@ -69,7 +70,7 @@ class Lab(ui.App):
                  every: int = 5, seed: int = 0, redraw_s: float = 0.5, *,
                  model: Any = None, optimizer: Any = None, loss_fn: Any = None,
                  train_step: Any = None, data: Any = None, scaler: Any = None,
-                 eval_fn: Any = None, eval_data: Any = None, eval_every: int = 25,
+                 eval_fn: Any = None, eval_data: Any = None, eval_every: int | None = None,
                  name: str | None = None, grad_scaler: bool | None = None,
                  init_scale: float = 2.0**16, growth_interval: int = 2000,
                  scenario: str | None = None) -> None:
@@ -659,7 +660,8 @@ class Lab(ui.App):
         self.overflows.value = ui.overflow_html(df, total)
 
     def _draw_evals(self) -> None:
-        """The eval metric of each run (eval_fn every eval_every steps), a small static chart."""
+        """The eval metric of each run (eval_fn every eval_every steps, or on the worker's
+        EVAL_SHARE budget), a small static chart."""
         series = [(lab, list(t.evals)) for lab, t in zip(self._labels, self.trainers)]
         n = sum(len(e) for _, e in series)
         if n == 0 or n == self._eval_shown:
@@ -670,11 +672,13 @@ class Lab(ui.App):
         from .plots import COLORS, show_static
 
         name = getattr(self.trainers[0].eval_fn, "__name__", "eval") or "eval"
+        how = (f"every {self.eval_every} steps" if self.eval_every
+               else f"taking at most {EVAL_SHARE:.0%} of training time")
         fig = go.Figure([go.Scatter(x=[s for s, _ in e], y=[v for _, v in e], name=lab,
                                     mode="lines+markers", line=dict(color=COLORS[i % len(COLORS)]))
                          for i, (lab, e) in enumerate(series)])
         fig.update_layout(height=220, margin=dict(l=50, r=10, t=30, b=30),
-                          title=dict(text=f"eval: {name} (fp32, every {self.eval_every} steps)",
+                          title=dict(text=f"eval: {name} (fp32, {how})",
                                      font=dict(size=12)))
         show_static(self.eval_out, fig)
 
@@ -764,7 +768,8 @@ def lab_app(runs_dir: str | Path | None = None, **kwargs: Any) -> Lab:
     `Lab`: task, precision, max_steps, max_seconds, every, seed, redraw_s (the least time
     between two redraws while training); for your own model `model`, `optimizer`, `data` and
     `loss_fn` or `train_step` (+ `scaler`), optionally `eval_fn(model, batch) -> metric` with
-    `eval_data` (held-out batches; default: the last training batch) every `eval_every` steps,
+    `eval_data` (held-out batches; default: the last training batch) every `eval_every` steps
+    (default None: as often as takes at most 1% of the training thread, and on the final weights),
     `name`, and AMP's starting knobs `grad_scaler`, `init_scale`, `growth_interval`.
     `scenario`: start with a teaching scenario of `mpviz.scenarios` loaded (see
     `Lab.load_scenario`), e.g. ``lab_app(scenario="fp16-no-scaling")``.

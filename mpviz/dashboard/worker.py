@@ -11,6 +11,9 @@ Several trainers train interleaved, one step each per round, on the same batch (
 mode), so they see the same data and the same wall-clock conditions. `on_tick(worker)` is called from this thread at most every
 `tick_s` seconds, stretched so that ticks take at most `UI_SHARE` of the thread's time (a tick
 that took 50 ms waits ~1 s for the next): a slow UI or a busy machine cannot eat the training.
+Evaluations (`trainer.run_eval()`) come every `eval_every` rounds, or with ``eval_every=None``
+as often as they can while taking at most `EVAL_SHARE` of the thread's time, plus one on the
+final weights.
 
 >>> from mpviz.dashboard.worker import TrainingWorker, make_trainer
 >>> t = make_trainer("mlp", "fp32", runs_root="runs", run_name="doc-worker")  # doctest: +SKIP
@@ -30,6 +33,9 @@ from typing import Any, Callable, Sequence
 
 IDLE, RUNNING, PAUSED, DONE, FAILED = "idle", "running", "paused", "done", "failed"
 UI_SHARE = 0.05   # the most of the training thread's time that on_tick (the page's redraws) takes
+# The most that evaluations take when their cadence is left to the worker (eval_every=None). An
+# eval of the digits demo takes about one training step: every 25 steps, that was 4% of training.
+EVAL_SHARE = 0.01
 
 
 class _TorchThread:
@@ -107,7 +113,8 @@ class TrainingWorker:
     def __init__(self, trainers: Sequence[Any], max_steps: int = 1000, max_seconds: float = 600.0,
                  on_tick: Callable[["TrainingWorker"], None] | None = None,
                  on_done: Callable[["TrainingWorker"], None] | None = None,
-                 tick_s: float = 0.25, pause_at: int | None = None, eval_every: int = 0) -> None:
+                 tick_s: float = 0.25, pause_at: int | None = None,
+                 eval_every: int | None = 0) -> None:
         if max_steps < 1 or max_seconds <= 0:
             raise ValueError(f"max_steps must be >= 1 and max_seconds > 0, got {max_steps}, {max_seconds}")
         if pause_at is not None and pause_at < 1:
@@ -117,7 +124,9 @@ class TrainingWorker:
         self.max_seconds = float(max_seconds)
         self.on_tick, self.on_done, self.tick_s = on_tick, on_done, tick_s
         self.pause_at = pause_at  # pause by itself when this many steps are done
-        self.eval_every = int(eval_every)  # trainer.run_eval() every N rounds (0: never)
+        # trainer.run_eval() every N rounds (0: never; None: on the EVAL_SHARE budget)
+        self.eval_every = None if eval_every is None else int(eval_every)
+        self._next_eval, self._eval_round = 0.0, 0
         self.state = IDLE
         self.reason = ""          # why the thread ended: "step limit", "time limit", "stopped", error
         self.rounds = 0           # steps done by each trainer
@@ -199,15 +208,17 @@ class TrainingWorker:
                 for t in self.trainers:
                     t.step(batch)
                 self.rounds += 1
-                if self.eval_every and self.rounds % self.eval_every == 0:
-                    for t in self.trainers:
-                        t.run_eval()
+                if (time.monotonic() >= self._next_eval if self.eval_every is None
+                        else self.eval_every and self.rounds % self.eval_every == 0):
+                    self._eval()
                 if self.rounds == self.pause_at:
                     self.pause()
                     next_tick = 0.0   # draw the paused state now
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self._tick()
             self._drain_mailbox()
+            if self.eval_every is None and self._eval_round != self.rounds:
+                self._eval()    # the curve ends on the final weights
             self.state = DONE   # before the last tick, so it draws everything (tables included)
             self._tick()
         except BaseException as e:  # shown in the UI; the runs are still closed below
@@ -226,6 +237,14 @@ class TrainingWorker:
                     self.on_done(self)
                 except Exception:
                     traceback.print_exc()
+
+    def _eval(self) -> None:
+        t0 = time.perf_counter()
+        for t in self.trainers:
+            t.run_eval()
+        self._eval_round = self.rounds
+        cost = time.perf_counter() - t0
+        self._next_eval = time.monotonic() + cost * (1 - EVAL_SHARE) / EVAL_SHARE
 
     def _drain_mailbox(self) -> None:
         while True:
