@@ -217,7 +217,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if extras:
             print("  " + ", ".join(f"{k} {_fmt(v)}" for k, v in extras.items()))
         print(f"  autocast {_fmt(meta.get('autocast_dtype'))}, {_fmt_scaler(meta.get('scaler'))}, "
-              f"statistics {mpviz.run._schedule(meta)}")
+              f"statistics {run.stats_schedule}")
         if len(ranks) > 1:
             print(f"  {len(ranks)} ranks; steps below are rank {ranks[0]}'s, overflow events the ones "
                   f"born on a rank (origin)")

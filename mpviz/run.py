@@ -150,6 +150,12 @@ class Run:
         return {k: json.loads(v) for k, v in zip(df["key"], df["value"])}
 
     @property
+    def stats_schedule(self) -> str:
+        """The statistics schedule this run was recorded with, in words ("every 10 steps", or
+        "at most every 10 steps, fewer when they cost more than 5% of the training time")."""
+        return _schedule(self.meta)
+
+    @property
     def is_live(self) -> bool:
         """True while the recording process says it is running (it may have been killed)."""
         return self.meta.get("status") == "running"
@@ -244,7 +250,7 @@ class Run:
                 near = " and ".join(str(s) for s in (before, after) if s is not None)
                 raise ValueError(
                     f"no {tensor} histogram of {layer!r} at step {step}: histograms are recorded "
-                    f"on statistics steps ({_schedule(self.meta)}); nearest: {near}")
+                    f"on statistics steps ({self.stats_schedule}); nearest: {near}")
             has = self.query("SELECT DISTINCT tensor FROM histograms WHERE layer_idx = ?",
                              (int(idx),))["tensor"].tolist()
             raise ValueError(

@@ -79,6 +79,7 @@ def test_info_prints_the_recorded_numbers(fp16_run, tmp_path):
     assert set(ov["step"]) == {18}
     assert f"{len(ov)} overflow events on 1 steps; first culprit 'fc1' at step 18" in out
     assert "GradScaler(growth x2 every 2000 steps, backoff x0.5)" in out
+    assert run.stats_schedule == "every 5 steps" and "statistics every 5 steps" in out
 
 
 def test_info_of_a_run_without_gradscaler_says_so(tmp_path):
