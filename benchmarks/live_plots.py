@@ -124,19 +124,23 @@ class LabPage:
         open_before = {d for d in before if _status(d) == "running"}   # made at page load
         self.frames.clear()
         busy0, t0, cpu0, parts0 = _busy(cdp), time.time(), _cpu(), _busy(cdp, parts=True)
-        draws0 = page.evaluate("() => window.mpvizPlotDraws || 0")
+        plot = "() => [window.mpvizPlotMs || 0, window.mpvizPlotDraws || 0]"
+        plot_ms0, draws0 = page.evaluate(plot)
         page.get_by_role("button", name="Start").click()
         end = time.monotonic() + 900
-        watch = lambda: (set(self.runs.glob("lab-*")) - before) | open_before  # noqa: E731
-        while not any(_status(d) not in (None, "running") for d in watch()) \
-                and time.monotonic() < end:
+
+        def finished() -> Path | None:   # this session's run, once it is closed
+            mine = (set(self.runs.glob("lab-*")) - before) | open_before
+            return next((d for d in mine if _status(d) not in (None, "running")), None)
+
+        while (run_dir := finished()) is None and time.monotonic() < end:
             page.wait_for_timeout(500)
         busy, seconds = _busy(cdp) - busy0, time.time() - t0
         cpu = {k: round((v - cpu0[k]) / seconds, 3) for k, v in _cpu().items()}
         parts = {k: round((v - parts0[k]) / seconds, 3) for k, v in _busy(cdp, parts=True).items()}
-        draws = page.evaluate("() => window.mpvizPlotDraws || 0") - draws0
+        plot_ms, draws = (b - a for a, b in zip((plot_ms0, draws0), page.evaluate(plot)))
         page.wait_for_timeout(1000)
-        run_dir = next(d for d in watch() if _status(d) not in (None, "running"))
+        assert run_dir is not None, f"the lab session did not end in 900 s ({self.runs})"
         sps, n = throughput(run_dir)
         assert n == steps, f"the lab ran {n} steps, not {steps}"
         import mpviz
@@ -160,7 +164,7 @@ class LabPage:
             return statistics.median(sizes) if sizes else None
 
         return {"samples_per_s": sps, "updates": len(live), "bytes_total": sum(b for _, b in live),
-                "plot_draws": draws,
+                "plot_draws": draws, "plot_busy_s_per_s": plot_ms / 1000 / seconds,
                 "cpu_s_per_s": cpu,   # cores used while training: browser, Voila server, kernel
                 "page_s_per_s": parts,   # the page's main thread: all tasks, scripts, layout, style
                 "page_busy_s_per_s": busy / seconds,
@@ -182,12 +186,6 @@ def _status(run_dir: Path) -> str | None:
         return run.meta.get("status")
     finally:
         run.close()
-
-
-def lab(browser, tree: Path, task: str, precision: str, steps: int, work: Path) -> dict:
-    """One lab session of `steps` in a freshly opened page."""
-    with LabPage(browser, tree, task, precision, work) as page:
-        return page.run(steps)
 
 
 def interleaved(browser, tree: Path, task: str, precision: str, steps: int, rounds: int,
