@@ -26,7 +26,7 @@ from . import paths, queries, ui
 from .diagnosis_panel import DiagnosisPanel, exponent_figure
 from .plots import RunFigure, layer_history_figure, show_static
 from .steer_panel import SteerPanel
-from .worker import UI_SHARE
+from .worker import UI_SHARE, share_wait
 
 DRILL_EVERY_S = 2.0  # the drill-down chart re-renders at most this often while following
 
@@ -330,7 +330,7 @@ class Explorer(ui.App):
             while not self._stop.is_set():
                 # Redraws take at most UI_SHARE of a core (a refresh that took 50 ms waits
                 # ~1 s): a page on the machine that trains takes little from it.
-                self._wake.wait(max(self.poll_s, self.refresh_cost_s * (1 - UI_SHARE) / UI_SHARE))
+                self._wake.wait(max(self.poll_s, share_wait(self.refresh_cost_s, UI_SHARE)))
                 woken = self._wake.is_set()
                 self._wake.clear()
                 if self._stop.is_set():
