@@ -133,7 +133,14 @@ def test_hf_model_with_its_own_train_step(dash_runs):
         return opt, sched, scaler, train_step
 
     opt, sched, scaler, train_step = make_step(model)
-    lab = lab_app(model=model, optimizer=opt, scaler=scaler, train_step=train_step, data=data, every=3)
+    held_out = spec.batches(1, seed=7)
+
+    def eval_loss(model, batch):
+        return float(model(**batch).loss)
+
+    # eval_every left to the lab: evaluations on its 1% budget, the last on the final weights
+    lab = lab_app(model=model, optimizer=opt, scaler=scaler, train_step=train_step, data=data, every=3,
+                  eval_fn=eval_loss, eval_data=held_out)
     try:
         # AMP's knobs are the train_step's: shown as passed, read-only.
         assert lab.grad_scaler.value is True and lab.grad_scaler.disabled
@@ -156,9 +163,17 @@ def test_hf_model_with_its_own_train_step(dash_runs):
         assert run.meta["scaler"]["growth_interval"] == 5 and run.meta["amp"]["owner"] == "train_step"
         losses = run.steps["loss"].to_numpy(float)
         run.close()
+        steps = [s for s, _ in lab.trainers[0].evals]
+        assert steps[0] == 1 and steps[-1] == 10 and steps == sorted(set(steps))
+        model.eval()
+        with torch.no_grad():
+            final = eval_loss(model, held_out[0])
+        model.train()
+        assert lab.trainers[0].evals[-1][1] == pytest.approx(final)
     finally:
         lab.close()
-    # The same loop without the lab, from the same start, batches and seed: the same losses.
+    # The same loop without the lab (and without evaluations), from the same start, batches and
+    # seed: the same losses.
     _, _, _, ref_step = make_step(ref_model)
     torch.manual_seed(0)
     ref = [float(ref_step(ref_model, data[i % len(data)]).detach()) for i in range(10)]
