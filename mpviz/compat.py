@@ -86,3 +86,55 @@ def check_nonfinite(tensors: list[torch.Tensor], found: torch.Tensor) -> None:
 @functools.lru_cache(maxsize=None)
 def _one(device: torch.device) -> torch.Tensor:
     return torch.ones(1, device=device)
+
+
+# ---------------------------------------------------------------- torch.compile
+# `torch.compile(model)` returns an OptimizedModule whose named_modules() are prefixed
+# "_orig_mod."; `model.compile()` compiles in place. mpviz names layers by the user's own names.
+_COMPILED_SEGMENT = "_orig_mod"
+
+
+def is_compiled_wrapper(module: Any) -> bool:
+    """An ``OptimizedModule`` made by ``torch.compile(module)`` (the user's module is ``._orig_mod``)."""
+    return isinstance(getattr(module, _COMPILED_SEGMENT, None), torch.nn.Module) and \
+        type(module).__name__ == "OptimizedModule"
+
+
+def user_module(module: torch.nn.Module) -> torch.nn.Module:
+    """The user's own module behind ``torch.compile`` wrappers."""
+    while is_compiled_wrapper(module):
+        module = getattr(module, _COMPILED_SEGMENT)
+    return module
+
+
+def user_name(name: str) -> str:
+    """``name`` without the ``_orig_mod`` segments that ``torch.compile`` wrappers add."""
+    if _COMPILED_SEGMENT not in name:
+        return name
+    return ".".join(p for p in name.split(".") if p != _COMPILED_SEGMENT)
+
+
+def named_modules(model: torch.nn.Module, remove_duplicate: bool = True
+                  ) -> list[tuple[str, torch.nn.Module]]:
+    """``model.named_modules()`` by the user's names: compile wrappers (at the top or around a
+    child) are looked through, so ``torch.compile(model)`` and ``model`` list the same layers."""
+    out = []
+    for name, mod in user_module(model).named_modules(remove_duplicate=remove_duplicate):
+        if not is_compiled_wrapper(mod):
+            out.append((user_name(name), mod))
+    return out
+
+
+def is_compiling() -> bool:
+    """True while dynamo traces (hooks then record nothing and read no clock or RNG)."""
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(fn()) if fn is not None else False
+
+
+def force_eager() -> Any:
+    """A context in which compiled functions and modules run eagerly (with their hooks)."""
+    set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
+    if set_stance is None:
+        import contextlib
+        return contextlib.nullcontext()
+    return set_stance("force_eager")
