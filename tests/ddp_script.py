@@ -5,14 +5,18 @@
 gloo on the CPU, fp16 autocast + GradScaler("cpu"). Rank 1 multiplies its input by 1e30 at step 3,
 so its own gradients go inf/nan, the all-reduce spreads them to rank 0, and GradScaler skips the
 step on both. Each rank trains twice from the same seed and data, without mpviz and with it, and
-writes OUT_DIR/rank{r}.json: whether the two are bit-identical, which layers' local gradients went
-non-finite (from a plain copy of the model, the test's independent reference), and what mpviz
-says about a user's own comm hook and about FSDP. The recorded run is OUT_DIR/run.
+writes OUT_DIR/rank{r}.json: whether the two are bit-identical, and the test's independent
+references, measured on the plain run by this script's own code: each step's loss, each layer's
+unscaled gradient norm (after DDP's all-reduce: the sqrt of the sum of squares of the layer's
+weight and bias gradients over the loss scale in force), each module's output dtype (its own
+forward hooks), which layers' local gradients went non-finite (a plain copy of the model), and
+what mpviz says about a user's own comm hook and about FSDP. The recorded run is OUT_DIR/run.
 """
 from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -31,8 +35,30 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
 
 
+def output_dtypes(model: nn.Module, seen: dict[str, str]) -> list:
+    """Forward hooks that put each module's output dtype in ``seen`` (by its name)."""
+    def hook(name):
+        def record(module, args, output):
+            if isinstance(output, torch.Tensor):
+                seen[name] = str(output.dtype).removeprefix("torch.")
+        return record
+    return [m.register_forward_hook(hook(name)) for name, m in model.named_modules()]
+
+
+def grad_norms(model: nn.Module, scale: float) -> dict[str, float]:
+    """Each layer's gradient norm over its own parameters (weight and bias), divided by the
+    loss scale, in float64."""
+    norms = {}
+    for name, m in model.named_modules():
+        grads = [p.grad.double() / scale for p in m.parameters(recurse=False) if p.grad is not None]
+        if grads:
+            norms[name] = math.sqrt(sum(float((g * g).sum()) for g in grads))
+    return norms
+
+
 def train(rank: int, run_dir: str | None, out: dict) -> list[torch.Tensor]:
-    """STEPS steps of DDP training; with ``run_dir``, recorded by mpviz."""
+    """STEPS steps of DDP training; with ``run_dir``, recorded by mpviz; without, the
+    references are measured (``out``: losses, grad_norms, output_dtypes, one entry per step)."""
     # bucket_cap_mb: several buckets, so parameters are mapped back from more than one
     ddp = nn.parallel.DistributedDataParallel(make_model(), bucket_cap_mb=0.004)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
@@ -44,6 +70,10 @@ def train(rank: int, run_dir: str | None, out: dict) -> list[torch.Tensor]:
         rec.attach()
         if rank == BAD_RANK:  # the accelerator's path (on-device values, no read in the hook)
             rec._origin.on_host = False
+    else:
+        dtypes: dict[str, str] = {}
+        hooks = output_dtypes(ddp, dtypes)
+        out.update(losses=[], grad_norms=[], output_dtypes=[])
     for step in range(STEPS):
         x, y = torch.randn(16, 8, generator=g), torch.randn(16, 1, generator=g)
         if step == BAD_STEP and rank == BAD_RANK:
@@ -56,14 +86,23 @@ def train(rank: int, run_dir: str | None, out: dict) -> list[torch.Tensor]:
             out["local_nonfinite_layers"] = sorted({
                 "module." + name.rsplit(".", 1)[0] for name, p in plain.named_parameters()
                 if not torch.isfinite(p.grad).all()})
+            dtypes.clear()  # (the copy took the dtype hooks along)
         with torch.autocast("cpu", dtype=torch.float16):
             loss = nn.functional.mse_loss(ddp(x).float(), y)
         scaler.scale(loss).backward()
+        if rec is None:  # the gradients DDP all-reduced, before the optimizer step
+            out["losses"].append(loss.item())
+            out["grad_norms"].append(grad_norms(ddp, scaler.get_scale()))
+            out["output_dtypes"].append(dict(dtypes))
+            dtypes.clear()
         scaler.step(opt)
         scaler.update()
         opt.zero_grad()
         if rec is not None:
             rec.step(loss=loss, samples=len(x))
+    if rec is None:
+        for h in hooks:
+            h.remove()
     params = [p.detach().clone() for p in ddp.parameters()] + [scaler.get_scale()]
     if rec is not None:
         rec.close()

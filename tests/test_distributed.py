@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch.distributed as dist
 
@@ -38,21 +39,39 @@ def job(tmp_path_factory):
 
 
 def test_one_run_all_ranks(job):
-    out, _ = job
+    """Each rank's recorded losses, unscaled gradient norms and output dtypes are those its
+    plain (un-recorded) run measured with the script's own code and hooks (tests/ddp_script.py)."""
+    out, reports = job
     run = mpviz.load_run(out / "run")
     assert run.ranks == [0, 1] and run.world_size == 2 and run.rank is None
     steps = run.steps
     assert steps.groupby("rank")["step"].apply(list).to_dict() == {0: list(range(6)),
                                                                   1: list(range(6))}
-    # each rank its own data: different losses; DDP averages gradients: the same gradient norms
-    r0, r1 = (steps[steps["rank"] == r].reset_index() for r in (0, 1))
-    assert (r0["loss"] != r1["loss"]).all()
+    # each rank its own data: its own losses (rank 1's step 3 is NaN in both)
+    for r in (0, 1):
+        np.testing.assert_array_equal(steps.loc[steps["rank"] == r, "loss"].to_numpy(float),
+                                      reports[r]["losses"])
+    assert all(a != b for a, b in zip(reports[0]["losses"], reports[1]["losses"]))
+    # the all-reduced gradients, divided by the loss scale: weight and bias of each layer
     grads = run.layer_stats.query("tensor == 'grad'")
-    g0, g1 = (grads[grads["rank"] == r]["norm"].to_numpy() for r in (0, 1))
-    assert len(g0) and g0 == pytest.approx(g1, rel=1e-5)
+    assert sorted(set(grads["step"])) == [0, 2, 4]  # every=2
+    for r in (0, 1):
+        for step in (0, 2, 4):
+            got = grads[(grads["rank"] == r) & (grads["step"] == step)]
+            ref = reports[r]["grad_norms"][step]
+            assert sorted(got["layer"]) == sorted(ref) == ["module.0", "module.2", "module.4"]
+            assert dict(zip(got["layer"], got["norm"])) == pytest.approx(ref, rel=1e-5), (r, step)
+    # each module's output dtype at every step (the dtypes table holds the changes)
+    outs = run.dtypes.query("tensor == 'output'")
+    for r in (0, 1):
+        mine = outs[outs["rank"] == r].sort_values("step", kind="stable")
+        for step, ref in enumerate(reports[r]["output_dtypes"]):
+            in_force = mine[mine["step"] <= step].groupby("layer")["dtype"].last().to_dict()
+            assert in_force == ref, (r, step)
+            assert len(ref) == 7 and set(ref.values()) == {"float16"}  # "", module, module.0-4
     one = mpviz.load_run(out / "run", rank=1)
     assert one.rank == 1 and set(one.steps["rank"]) == {1} and one.meta["rank"] == 1
-    assert one.steps["loss"].tolist()[:3] == r1["loss"].tolist()[:3]
+    np.testing.assert_array_equal(one.steps["loss"].to_numpy(float), reports[1]["losses"])
 
 
 def test_overflow_names_the_rank_where_it_was_born(job):
