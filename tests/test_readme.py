@@ -1,9 +1,9 @@
-"""The README's code is real code: every ```python block runs, as written.
+"""The README's code is real code: every ```python block runs, as written, on its own.
 
-Blocks are read like a reader reads them: in order, each one continuing the ones above it (the
-steering block uses `torch`, `nn` and `mpviz` from the recording block). So they run once per
-session, in order, in one namespace, in a fresh temporary folder (the examples write `runs/`
-there); each block's test reports its own outcome. A block added to the README is picked up by
+A reader copies one block, not the whole page: each block runs alone, in a fresh namespace, in
+its own fresh temporary folder (the examples write `runs/` there), so a block that uses a name
+(or a run) only an earlier block made fails here with its NameError. Each block runs once per
+session; each block's test reports its own outcome. A block added to the README is picked up by
 itself. ```bash blocks are not run.
 """
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import re
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -40,29 +41,37 @@ BLOCKS = python_blocks()
 
 
 @dataclass
-class ReadmeRun:
-    cwd: Path
-    after: list[dict] = field(default_factory=list)   # the namespace after each block that ran
-    error: tuple[int, str] | None = None              # (block index, traceback) of the first failure
+class BlockRun:
+    cwd: Path                      # the folder it ran in
+    namespace: dict                # its namespace afterwards
+    error: str | None = None       # the traceback, if it raised
 
 
-@pytest.fixture(scope="module")
-def readme(tmp_path_factory) -> ReadmeRun:
-    result = ReadmeRun(tmp_path_factory.mktemp("readme"))
-    scope: dict = {"__name__": "__readme__"}
+def run_alone(k: int, cwd: Path) -> BlockRun:
+    """Block k, alone: a fresh namespace, `cwd` as the working folder."""
+    _, line, code = BLOCKS[k]
+    result = BlockRun(cwd, {"__name__": "__readme__"})
     old = os.getcwd()
-    os.chdir(result.cwd)
-    try:
-        for i, (_, line, code) in enumerate(BLOCKS):
-            try:   # padding keeps README line numbers in tracebacks
-                exec(compile("\n" * (line - 1) + code, str(README), "exec"), scope)
-            except Exception:
-                result.error = (i, traceback.format_exc())
-                break
-            result.after.append(dict(scope))
+    os.chdir(cwd)
+    try:   # padding keeps README line numbers in tracebacks
+        exec(compile("\n" * (line - 1) + code, str(README), "exec"), result.namespace)
+    except Exception:
+        result.error = traceback.format_exc()
     finally:
         os.chdir(old)
     return result
+
+
+@pytest.fixture(scope="module")
+def readme(tmp_path_factory) -> Callable[[int], BlockRun]:
+    """readme(k): block k's run, alone, each block once per session."""
+    done: dict[int, BlockRun] = {}
+
+    def run(k: int) -> BlockRun:
+        if k not in done:
+            done[k] = run_alone(k, tmp_path_factory.mktemp(f"readme-block{k}"))
+        return done[k]
+    return run
 
 
 def block_index(heading: str) -> int:
@@ -71,12 +80,13 @@ def block_index(heading: str) -> int:
     return found[0]
 
 
-def namespace_after(readme: ReadmeRun, k: int) -> dict:
-    if k >= len(readme.after):
-        i, tb = readme.error
-        _, line, _ = BLOCKS[i]
-        pytest.fail(f"README block {i} (line {line}) failed:\n{tb}", pytrace=False)
-    return readme.after[k]
+def ran(readme: Callable[[int], BlockRun], k: int) -> BlockRun:
+    result = readme(k)
+    if result.error is not None:
+        _, line, _ = BLOCKS[k]
+        pytest.fail(f"README block {k} (line {line}) failed when run on its own:\n{result.error}",
+                    pytrace=False)
+    return result
 
 
 def test_readme_has_python_blocks():
@@ -85,13 +95,13 @@ def test_readme_has_python_blocks():
 
 @pytest.mark.parametrize("k", range(len(BLOCKS)),
                          ids=[f"{i}-line{line}-{h[:30]}" for i, (h, line, _) in enumerate(BLOCKS)])
-def test_readme_python_block_runs(k, readme):
-    namespace_after(readme, k)
+def test_readme_python_block_runs_on_its_own(k, readme):
+    ran(readme, k)
 
 
 def test_readme_recording_example_records_what_it_says(readme):
-    namespace_after(readme, block_index("Record a training loop"))
-    run = mpviz.load_run(readme.cwd / "runs" / "exp1")
+    block = ran(readme, block_index("Record a training loop"))
+    run = mpviz.load_run(block.cwd / "runs" / "exp1")
     assert run.last_step == 49 and run.meta["status"] == "finished"
     assert run.meta["autocast_dtype"] == "float16" and run.steps["loss_scale"].notna().all()
     run.close()
@@ -100,8 +110,8 @@ def test_readme_recording_example_records_what_it_says(readme):
 def test_readme_steering_example_does_what_its_comments_say(readme):
     import torch
 
-    ns = namespace_after(readme, block_index("Steer precision per layer"))
-    model, policy = ns["model"], ns["policy"]
+    block = ran(readme, block_index("Steer precision per layer"))
+    model, policy = block.namespace["model"], block.namespace["policy"]
     table = mpviz.explain_policy(model, policy).set_index("layer")
     norms = [n for n in table.index if re.fullmatch(r"encoder\.layers\.\d+\.norm\d", n)]
     assert len(norms) == 4 and (table.loc[norms, "precision"] == "fp32").all()   # the glob
@@ -110,11 +120,24 @@ def test_readme_steering_example_does_what_its_comments_say(readme):
     assert model(torch.randn(2, 8, 32)).dtype == torch.float32
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     # The Recorder applied the policy and recorded the switch of head at the step after i == 9.
-    run = mpviz.load_run(readme.cwd / "runs" / "steer")
+    run = mpviz.load_run(block.cwd / "runs" / "steer")
     changes = run.policy_changes
     assert changes[changes["layer"] == "head"][["step", "precision"]].values.tolist() == [
         [0, "bf16"], [10, "fp32"]]
     assert run.last_step == 19 and run.meta["status"] == "finished"
+    run.close()
+
+
+def test_readme_diagnosis_example_does_what_its_comments_say(readme):
+    """The demo it records overflows in fc3's forward (as the text under it says): diagnose names
+    that, and advise keeps fc3 in fp32 for that reason."""
+    block = ran(readme, block_index("Diagnosis"))
+    d, policy = block.namespace["d"], block.namespace["policy"]
+    first = d.findings[0]
+    assert first.kind == "forward_overflow" and first.layers == ["fc3"], first
+    assert policy.rules["fc3"] == "fp32" and "forward" in policy.reasons["fc3"]
+    run = mpviz.load_run(block.cwd / "runs" / "lr5")
+    assert run.last_step == 79 and run.steps["skipped"].sum() == 79
     run.close()
 
 
