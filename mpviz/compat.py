@@ -48,6 +48,19 @@ def scaler_settings(scaler: Any) -> dict[str, Any] | None:
     return out
 
 
+def scaler_token(scaler: Any) -> Any:
+    """Something a GradScaler's ``update()`` replaces (its per-optimizer state), or None."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return getattr(scaler, "_per_optimizer_states", None)
+
+
+def scaler_updated(scaler: Any, token: Any) -> bool:
+    """Whether ``scaler.update()`` ran since ``token`` was taken (:func:`scaler_token`). Holding
+    the token keeps it alive, so a new state cannot reuse its identity."""
+    return token is not None and getattr(scaler, "_per_optimizer_states", None) is not token
+
+
 def get_rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     cpu = torch.get_rng_state()
     dev = torch.cuda.get_rng_state(device) if device.type == "cuda" else None

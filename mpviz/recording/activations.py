@@ -3,7 +3,11 @@
 Per-module hooks cost microseconds per module per call, so they are attached only on "watched"
 steps: statistics steps, and any step where the dtypes may have changed (the first, after a
 policy change, or when autocast's state or the model's input dtype changed). Outside those
-steps the model carries only the recorder's root hooks.
+steps the model carries only the recorder's entry hooks.
+
+They are on from the step's start, not from the model's own forward, so a loop that calls a
+child module is seen too. In compiled code they do not run: the recorder reruns a compiled
+model's forward eagerly on watched steps (``rerunning``) and they record that.
 """
 from __future__ import annotations
 
@@ -23,9 +27,8 @@ def dtype_name(dt: torch.dtype | None) -> str | None:
 class ForwardWatch:
     """Module hooks, attached on watched steps; what they saw goes into the step's state."""
 
-    def __init__(self, modules: list[nn.Module], root: nn.Module,
-                 wrap: Callable[[Callable], Callable]) -> None:
-        self.modules, self.root, self.wrap = modules, root, wrap
+    def __init__(self, modules: list[nn.Module], wrap: Callable[[Callable], Callable]) -> None:
+        self.modules, self.wrap = modules, wrap
         self.handles: list[Any] = []
         self.watch_next = True  # the first step, and after a policy change
         self.watch_key: Any = None
@@ -38,30 +41,48 @@ class ForwardWatch:
         self.last_dtypes: dict[tuple[int, str], str] = {}
         self.dtypes_seen: Any = None
         self.state: StepState | None = None
-        self.paused = False  # set while the recorder replays a forward
+        self.paused = False  # set while the recorder replays a forward to find inf/nan
+        self.rerunning = False  # set while it reruns a compiled forward eagerly (no grad)
+        self.fired: set[int] = set()  # modules seen this step
+        # The model runs compiled: hooks are on during reruns only (dynamo guards on a module's
+        # hooks, so hooks that come and go would make it compile the model once more).
+        self.compiled = False
 
-    def start(self, state: StepState, args: tuple) -> None:
-        """A training forward begins: decide whether this step is watched; hook the modules."""
-        self.state = state
+    def begin_step(self, state: StepState) -> None:
+        """A step begins: statistics steps and the step after a policy change are watched."""
+        self.state, self.fired = state, set()
+        state.watching, self.watch_next = state.stats_step or self.watch_next, False
+        self._hook(state.watching)
+
+    def start(self, state: StepState, args: Any, autocast: Any = None) -> None:
+        """A training forward begins: a change of autocast state or input dtype watches it."""
         first = tree.first_float(args)
-        key = (state.autocast, first.dtype if first is not None else None)
-        state.watching = state.watching or self.watch_next or key != self.watch_key or state.stats_step
+        key = (autocast or state.autocast, first.dtype if first is not None else None)
+        if self.watch_next or key != self.watch_key:
+            state.watching = True
         if state.watching:
             self.watch_key, self.watch_next = key, False
-            if not self.handles:
-                self.handles = [m.register_forward_hook(self.wrap(self._make_hook(i)),
-                                                        prepend=m is self.root)
-                                for i, m in enumerate(self.modules)]
+            self._hook(True)
+
+    def _hook(self, on: bool) -> None:
+        on = on and (not self.compiled or self.rerunning)
+        if on and not self.handles:
+            self.handles = [m.register_forward_hook(self.wrap(self._make_hook(i)), prepend=i == 0)
+                            for i, m in enumerate(self.modules)]
+        elif not on and self.handles:
+            self.remove()
 
     def forward_done(self) -> None:
-        if self.order_acc is not None:
+        if self.order_acc:
             self.fwd_order, self.order_acc = self.order_acc, None
 
     def _make_hook(self, idx: int) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             state = self.state
-            if state is None or not state.watching or self.paused or not torch.is_grad_enabled():
+            if state is None or not state.watching or self.paused or not (
+                    torch.is_grad_enabled() or self.rerunning):
                 return  # evaluation forwards under no_grad are not the training step's
+            self.fired.add(idx)
             out, inp = tree.first_float(output), tree.first_float(args)
             self.fwd_dtypes[idx] = (inp.dtype if inp is not None else None,
                                     out.dtype if out is not None else None)
@@ -83,12 +104,9 @@ class ForwardWatch:
             else:
                 self.clone_acts.add(idx)
         state.acts = {}
+        if 0 in acts and any(t is acts[0] for i, t in acts.items() if i):
+            del acts[0]  # the model's output is a child's: its row would only repeat that one
         return acts
-
-    def end_step(self, next_stats_step: bool) -> None:
-        """Take the module hooks off unless the next step is watched anyway."""
-        if self.handles and not self.watch_next and not next_stats_step:
-            self.remove()
 
     def remove(self) -> None:
         for h in self.handles:

@@ -1,9 +1,9 @@
 """The step's gradients: read once they are all accumulated, checked for inf/nan, measured.
 
-Gradients are read where they are complete, which depends on the loop:
-- with an optimizer and no GradScaler: in the optimizer's step pre-hook (no hook per backward);
-- with a GradScaler (it may skip the optimizer's step) or without an optimizer: at the end of
-  backward, from a callback queued by a tensor hook on the model's output;
+Gradients are read as backward produced them: before the loop clips or unscales them, at the end
+of backward, from a callback queued by a post-accumulate-grad hook on one parameter of each part
+of the model (so also when the model is compiled, or the loop calls a child module). Fallbacks:
+- a backward that reached none of those parameters: in the optimizer's step pre-hook;
 - ``optimizer.step(closure)`` (LBFGS): after the step, the closure's last gradients;
 - a statistics step whose gradients nobody read yet: in ``rec.step()``.
 :meth:`Gradients.ready` is the one place that reads them, whichever way it is reached.
@@ -39,6 +39,7 @@ class Gradients:
         state.grads = [p.grad for p in self.params]
         present = [g for g in state.grads if g is not None]
         scale = compat.scaler_scale(self.scaler)
+        state.scaler_token = compat.scaler_token(self.scaler)
         if scale is None:
             state.scale_used = None
         else:  # reading a CPU tensor is no sync; elsewhere keep a device copy for step()

@@ -1,7 +1,8 @@
 """Which layer produced the inf/nan? Found by replaying the bad step's forward with checks on.
 
 Clean steps pay nothing for this. When a step's loss or gradients are non-finite, the recorder
-replays that step's forward once (same inputs, same autocast state, same RNG state, no grad) with
+replays that step's forward once (same inputs, same autocast state, same RNG state, no grad;
+eagerly, also for a compiled model, whose RNG state is not known: dropout may differ) with
 a check on every module's output. Forward hooks fire when a module *finishes*, so the first module
 reported is the innermost one whose output went non-finite.
 
@@ -26,10 +27,12 @@ def _nonfinite(obj: Any) -> int:
     return sum(int((~torch.isfinite(t)).sum()) for t in tree.tensors(obj) if t.is_floating_point())
 
 
-def replay_forward(model: nn.Module, modules: list[nn.Module], inputs: tuple[tuple, dict],
-                   autocast: tuple[bool, torch.dtype] | None, rng: Any,
-                   device: torch.device) -> list[tuple[int, int]]:
-    """Re-run one forward; return ``(module index, non-finite count)`` in the order modules finished.
+def replay_forward(modules: list[nn.Module], inputs: tuple[int, tuple, dict],
+                   autocast: tuple[bool, torch.dtype] | None, rng: Any, device: torch.device,
+                   check: bool = True) -> list[tuple[int, int]]:
+    """Re-run one forward of ``modules[inputs[0]]`` (the module the loop called) eagerly, also
+    when it is compiled; with ``check``, return ``(module index, non-finite count)`` in the
+    order modules finished (without, the caller's own hooks watch it).
 
     Buffers, RNG states and train/eval flags are restored afterwards, so training continues
     exactly as it would have.
@@ -45,18 +48,21 @@ def replay_forward(model: nn.Module, modules: list[nn.Module], inputs: tuple[tup
                 found.append((i, n))
         return hook
 
+    model = modules[0]
     saved_rng = compat.get_rng_state(device)
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     modes = [(m, m.training) for m in model.modules()]
     handles = []
     enabled, dtype = autocast if autocast is not None else (False, torch.float32)
+    entry, args, kwargs = inputs
     try:
-        handles = [m.register_forward_hook(make(i)) for i, m in enumerate(modules)]
+        if check:
+            handles = [m.register_forward_hook(make(i)) for i, m in enumerate(modules)]
         if rng is not None:
             compat.set_rng_state(rng, device)
-        args, kwargs = inputs
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled):
-            model(*args, **kwargs)
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled), \
+                compat.force_eager():
+            modules[entry](*args, **kwargs)
     finally:
         for h in handles:
             h.remove()

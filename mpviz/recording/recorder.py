@@ -208,9 +208,13 @@ class Recorder:
     def _attach(self, undo: contextlib.ExitStack) -> None:
         model = self.model
         distributed.check_supported(model)  # FSDP: refused before anything is attached
-        self._names = [n for n, _ in model.named_modules()]
-        self._modules = [m for _, m in model.named_modules()]
+        # Layers go by the user's own names, also behind torch.compile's wrapper ("_orig_mod.").
+        named = compat.named_modules(model)
+        self._names = [n for n, _ in named]
+        self._modules = [m for _, m in named]
         self._name_idx = {n: i for i, n in enumerate(self._names)}
+        self._parent = [self._name_idx.get(n.rpartition(".")[0], 0) if n else -1
+                        for n in self._names]
         # Each parameter belongs to the first module (in named_modules order) that owns it.
         self._params: list[nn.Parameter] = []
         self._param_layer: list[int] = []
@@ -260,8 +264,15 @@ class Recorder:
         self._schedule.writer = self._writer
 
         self._grads = Gradients(self._params, self._param_layer, self.scaler, self.device)
-        self._watch = ForwardWatch(self._modules, model, lambda fn: self._contained("layers", fn))
+        self._watch = ForwardWatch(self._modules, lambda fn: self._contained("layers", fn))
         undo.callback(self._watch.remove)
+        # The model runs compiled code: module hooks inside it do not run as Python, so its
+        # per-layer dtypes and activations come from an eager rerun of the same batch.
+        self._compiled = self._watch.compiled = compat.is_compiled_wrapper(model) or \
+            getattr(model, "_compiled_call_impl", None) is not None
+        self._traced = _Traced()
+        self._in_root = False
+        self._entries: set[int] = {0}
         self._optim_seen = False
         self._micro_batches = 0  # rec.step() calls since the last optimizer step
         self._calls_are_steps = self.optimizer is None
@@ -272,9 +283,17 @@ class Recorder:
             self._handles.append(h)
             undo.callback(h.remove)
 
-        hook(model.register_forward_pre_hook(self._contained("forward", self._on_forward),
-                                             with_kwargs=True, prepend=True))
-        hook(model.register_forward_hook(self._contained("forward", self._on_forward_end)))
+        self._hook = hook
+        hook(model.register_forward_pre_hook(self._entry_hook(0), with_kwargs=True, prepend=True))
+        hook(model.register_forward_hook(self._root_end, always_call=True))
+        if getattr(model, "_compiled_call_impl", None) is not None:
+            _wrap_compiled_call(model, self._entry_hook(0), undo)  # model.compile()
+        # Gradients are read when backward has accumulated them, before any clipping or
+        # unscaling by the loop: a hook on one parameter of each top-level part of the model
+        # queues the read at the end of backward (whichever part the loop calls, compiled or not).
+        for p in _backward_markers(self._modules[0]):
+            hook(p.register_post_accumulate_grad_hook(
+                self._contained("gradients", self._on_grad_accumulated)))
         if self.optimizer is not None:
             hook(self.optimizer.register_step_pre_hook(
                 self._contained("optimizer", self._on_optimizer_step)))
@@ -373,6 +392,8 @@ class Recorder:
         """``fn``, with any exception recorded (once per part) instead of raised; a part that
         failed stops recording, and training goes on."""
         def run(*args: Any, **kwargs: Any) -> Any:
+            if compat.is_compiling():
+                return None  # traced into compiled code: nothing (a clock or RNG read would break the graph)
             if part in self._broken:
                 return None
             try:
@@ -405,40 +426,60 @@ class Recorder:
     def _new_state(self, index: int) -> None:
         self._state = StepState(index=index, stats_step=self.rank in self.stats_ranks
                                 and self._schedule.is_stats_step(index))
-        self._watch.state = self._state
+        self._watch.begin_step(self._state)
 
-    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _entry_hook(self, idx: int) -> Callable:
+        """The forward pre-hook of a module the loop calls (the model, or a child the loop calls
+        directly, e.g. Lightning's ``self.net(x)``)."""
+        traced, device_type = self._traced, self.device.type
+        on_forward = self._contained("forward", self._on_forward)
+
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if compat.is_compiling():
+                # Traced into compiled code (the model was compiled after attach): plain
+                # stores, which the compiled code repeats on every call, with no graph break.
+                traced.inputs = (idx, args, kwargs)
+                traced.autocast = compat.autocast_state(device_type)
+                return None
+            return on_forward(idx, args, kwargs)
+        return pre
+
+    def _root_end(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not compat.is_compiling():
+            self._in_root = False
+
+    def _on_forward(self, idx: int, args: tuple, kwargs: dict) -> None:
         """1. A training forward begins (evaluation forwards under no_grad are not recorded)."""
         if self._replaying or not torch.is_grad_enabled():
             return
+        if idx:
+            if self._in_root:
+                return  # a child entry called inside the model's own forward
+        else:
+            self._in_root = True
         s = self._state
         if s.cpu_start is None:  # what the step costs is measured from here (not data loading)
             s.cpu_start = time.thread_time()
-        s.inputs = (args, kwargs)  # kept for replaying this step's forward if it goes inf/nan
+        # kept for rerunning this step's forward (an inf/nan culprit; a compiled model's stats)
+        s.inputs = (idx, args, kwargs)
         s.autocast = compat.autocast_state(self.device.type)
         s.rng = compat.get_rng_state(self.device)
+        s.compiled = self._compiled
         s.acts = {}
         self._watch.start(s, args if args else kwargs)
 
-    def _on_forward_end(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._replaying or not torch.is_grad_enabled():
+    def _take_traced(self, s: StepState) -> None:
+        """What a compiled forward's traced pre-hook stored (see :meth:`_entry_hook`)."""
+        t = self._traced
+        if t.inputs is None:
             return
-        self._watch.forward_done()
-        if self.optimizer is not None and not self._grads.scaling():
-            return  # gradients are read in the optimizer's step pre-hook
-        # A GradScaler may skip the optimizer's step (then the gradients are needed to name the
-        # layers that went non-finite), and without an optimizer there is none: read the
-        # gradients at the end of backward (a tensor hook costs ~10 us a step). Any of the first
-        # few outputs may be the one the loss is made from.
-        hooked = 0
-        for t in tree.tensors(output):
-            if t.requires_grad and t.is_floating_point():
-                t.register_hook(self._on_backward_start)
-                hooked += 1
-                if hooked == 4:
-                    break
+        if s.inputs is None:  # (an eager pre-hook saw this forward already otherwise)
+            s.inputs, s.autocast, s.compiled = t.inputs, t.autocast, True
+            self._compiled = self._watch.compiled = True
+            self._watch.start(s, t.inputs[1] if t.inputs[1] else t.inputs[2], t.autocast)
+        t.inputs = t.autocast = None
 
-    def _on_backward_start(self, grad: torch.Tensor) -> None:
+    def _on_grad_accumulated(self, param: torch.Tensor) -> None:
         s = self._state
         if s is not None and not s.backward_queued:
             s.backward_queued = True
@@ -450,8 +491,19 @@ class Recorder:
     def _gradients_ready(self) -> None:
         """2. Every ``.grad`` of this backward is accumulated."""
         s = self._state
-        if s is not None and "gradients" not in self._broken:
-            self._grads.ready(s, self._watch.take_acts(s) if s.stats_step else {})
+        if s is None or "gradients" in self._broken:
+            return
+        self._forward_seen(s)
+        self._grads.ready(s, self._watch.take_acts(s) if s.stats_step else {})
+
+    def _forward_seen(self, s: StepState) -> None:
+        """The step's forward is over: a compiled one is rerun eagerly if this step is watched."""
+        self._take_traced(s)
+        if s.compiled and s.watching and s.inputs is not None and not s.rerun:
+            s.rerun = True
+            s.acts = {}
+            self._contained("layers", self._rerun)(self._watch)
+        self._watch.forward_done()
 
     def _on_optimizer_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
         """3. The optimizer is about to update the weights."""
@@ -474,6 +526,19 @@ class Recorder:
             # already updated, so a culprit is looked for with the new weights.
             self._contained("gradients", self._gradients_ready)()
 
+    def _find_entries(self) -> None:
+        """After a watched step: the modules the loop called directly (not from inside another
+        module) get an entry pre-hook, so a loop that never calls the model itself (Lightning's
+        ``training_step`` calls ``self.net(x)``) is seen like one that does."""
+        fired = self._watch.fired
+        if not fired or 0 in fired:
+            return
+        for i in sorted(fired):
+            if i not in self._entries and self._parent[i] not in fired:
+                self._entries.add(i)
+                self._hook(self._modules[i].register_forward_pre_hook(
+                    self._entry_hook(i), with_kwargs=True, prepend=True))
+
     def _on_policy_change(self, changes: list[tuple[str, str | None, str | None]]) -> None:
         self._watch.watch_next = True
         rows = [(self._state.index, self._name_idx[layer], prec, rule)
@@ -482,15 +547,26 @@ class Recorder:
             self._writer.put("policy_changes", rows)
 
     def _replay(self) -> list[tuple[int, int]]:
+        """The layers whose outputs went inf/nan first, from a rerun of the step's forward."""
+        return self._rerun(None) or []
+
+    def _rerun(self, watch: ForwardWatch | None) -> list[tuple[int, int]] | None:
+        """Rerun the step's forward (no grad, state restored after): with ``watch``, its hooks
+        record dtypes and activations; without, the inf/nan check runs."""
         s = self._state
         if s.inputs is None:
-            return []
-        self._replaying = self._watch.paused = True
+            return None
+        self._replaying = True
+        self._watch.paused, self._watch.rerunning = watch is None, watch is not None
         try:
-            return overflow.replay_forward(self.model, self._modules, s.inputs, s.autocast,
-                                           s.rng, self.device)
+            if watch is not None:
+                watch._hook(True)
+            return overflow.replay_forward(self._modules, s.inputs, s.autocast, s.rng,
+                                           self.device, check=watch is None)
         finally:
-            self._replaying = self._watch.paused = False
+            self._replaying = self._watch.paused = self._watch.rerunning = False
+            if self._watch.compiled:
+                self._watch.remove()
 
     # ----------------------------------------------------------------- 4. the step ends
     def step(self, loss: Any = None, samples: int | None = None) -> int:
@@ -524,8 +600,11 @@ class Recorder:
         scaling = self._grads.scaling()
         scale_now = compat.scaler_scale(self.scaler)
         if not self._calls_are_steps and s.optim_steps == 0:
-            backed_off = (scaling and s.scale_used is not None and scale_now is not None
-                          and float(scale_now) < float(s.scale_used))  # GradScaler skipped it
+            # No optimizer step: GradScaler skipped it if its scale backed off or (a scale that
+            # reached 0 backs off to 0 again) its update() ran, which replaces its state.
+            backed_off = scaling and s.scale_used is not None and scale_now is not None and (
+                float(scale_now) < float(s.scale_used)
+                or compat.scaler_updated(self.scaler, s.scaler_token))
             if not backed_off:
                 self._micro_batches += 1
                 if self._optim_seen or self._micro_batches < _MAX_MICRO_BATCHES:
@@ -540,6 +619,8 @@ class Recorder:
         if s.grads is None and s.stats_step and not scaling and any(
                 p.grad is not None for p in self._params):
             self._contained("gradients", self._gradients_ready)()  # nobody read them yet
+        if s.grads is None:
+            self._forward_seen(s)  # a forward without backward, or gradients never seen
         if s.acts and s.stats_step and "gradients" not in self._broken:
             self._grads.take_stats(s, [], self._watch.take_acts(s))  # a forward, no backward
 
@@ -599,15 +680,49 @@ class Recorder:
             self._grads.found_inf.zero_()
         if self._origin is not None:
             self._origin.end_step(bool(local_bad))
-        self._schedule.step_ended(
-            time.perf_counter() - s.t_start,
-            time.thread_time() - s.cpu_start if s.cpu_start is not None else 0.0, s.stats_step,
-            usual=s.cpu_start is not None and not (bad_params or loss_bad))
+        # (a forward the pre-hooks did not see, compiled in place after attach: from the step's
+        # creation, data loading included)
+        cpu_start = s.cpu_start if s.cpu_start is not None else s.cpu_begin
+        self._schedule.step_ended(time.perf_counter() - s.t_start,
+                                  time.thread_time() - cpu_start, s.stats_step,
+                                  usual=not (bad_params or loss_bad))
+        if s.watching:
+            self._contained("forward", self._find_entries)()
         self._new_state(s.index + 1)
-        self._watch.end_step(self._state.stats_step)
         if self._steering is not None:
             self._steer_poll(self._state.index)  # requests from mpviz.steer, applied from here
         return s.index
+
+
+class _Traced:
+    """What a pre-hook traced into compiled code stores on each call: the entry module's index
+    with its inputs, and the autocast state."""
+    inputs: tuple[int, tuple, dict] | None = None
+    autocast: tuple[bool, torch.dtype] | None = None
+
+
+def _wrap_compiled_call(model: nn.Module, pre: Callable, undo: contextlib.ExitStack) -> None:
+    """``model.compile()`` runs the model's hooks inside compiled code: see its calls from
+    outside (``pre`` eager), and put the original back on close."""
+    original = model._compiled_call_impl
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        pre(model, args, kwargs)
+        return original(*args, **kwargs)
+
+    model._compiled_call_impl = call
+    undo.callback(setattr, model, "_compiled_call_impl", original)
+
+
+def _backward_markers(root: nn.Module) -> list[nn.Parameter]:
+    """One trainable parameter of the model itself and of each of its children: any backward
+    through any part of the model accumulates at least one of them."""
+    found: dict[int, nn.Parameter] = {}
+    for part in [root, *root.children()]:
+        p = next((p for p in part.parameters(recurse=part is not root) if p.requires_grad), None)
+        if p is not None:
+            found.setdefault(id(p), p)
+    return list(found.values())
 
 
 def _to_host(on_host: bool, device: torch.device, values: list[Any],

@@ -7,7 +7,7 @@ are micro-batches of gradient accumulation, whose loss and samples join the step
 
 Its phases, in the order they happen:
 1. forward seen (``inputs``, ``autocast``, ``rng`` of the last training forward, kept for a replay;
-   ``acts`` and ``fwd_dtypes`` on watched steps);
+   ``acts`` and ``fwd_dtypes`` on watched steps; a compiled forward is rerun eagerly for them);
 2. gradients ready (``grads``, ``scale_used``, ``grad_bad``, ``stats``);
 3. optimizer stepped (``optim_steps``; ``precheck`` if the forward was replayed before the update);
 4. closed by ``rec.step()`` (``losses``, ``samples`` of every micro-batch).
@@ -27,8 +27,11 @@ class StepState:
     stats_step: bool  # per-layer statistics on this step
     t_start: float = field(default_factory=time.perf_counter)
     cpu_start: float | None = None  # this thread's CPU time at the step's first forward
+    cpu_begin: float = field(default_factory=time.thread_time)  # ... where no forward is seen
     # 1. forward
-    inputs: tuple[tuple, dict] | None = None
+    inputs: tuple[int, tuple, dict] | None = None  # (entry module index, args, kwargs)
+    compiled: bool = False  # the forward ran compiled code: watched steps rerun it eagerly
+    rerun: bool = False
     autocast: tuple[bool, torch.dtype] | None = None
     rng: Any = None
     watching: bool = False  # per-module hooks on (statistics or possible dtype change)
@@ -38,6 +41,7 @@ class StepState:
     grads: list[torch.Tensor | None] | None = None
     grad_bad: torch.Tensor | None = None  # our own inf/nan flag (no GradScaler)
     scale_used: Any = None  # the loss scale of this backward: a float (CPU) or a device tensor
+    scaler_token: Any = None  # GradScaler state that its update() replaces
     stats: Any = None  # HostSample (CPU) or device tensor, see mpviz.stats
     stats_owners: dict[str, list[int]] = field(default_factory=dict)
     act_rows: list[int] = field(default_factory=list)
