@@ -2,6 +2,8 @@
 
     torchrun --nproc-per-node 2 --master-port PORT tests/ddp_script.py OUT_DIR
 
+(``torchrun(out_dir)`` below, from tests/test_distributed.py and tests/test_export.py.)
+
 gloo on the CPU, fp16 autocast + GradScaler("cpu"). Rank 1 multiplies its input by 1e30 at step 3,
 so its own gradients go inf/nan, the all-reduce spreads them to rank 0, and GradScaler skips the
 step on both. Each rank trains twice from the same seed and data, without mpviz and with it, and
@@ -17,6 +19,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -156,6 +161,19 @@ def refusals(out_dir: Path, out: dict) -> None:
             out["fsdp"] = str(e)
     except Exception as e:  # noqa: BLE001 - what this torch allows on the CPU, recorded
         out["fsdp"] = f"fully_shard itself failed here: {type(e).__name__}: {e}"
+
+
+def torchrun(out_dir: Path, timeout: float = 180) -> list[dict]:
+    """Run this script as a 2-rank torchrun job writing to ``out_dir``; each rank's report."""
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(port), __file__, str(out_dir)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
 def main() -> None:

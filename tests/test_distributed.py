@@ -2,13 +2,6 @@
 (tests/ddp_script.py, launched once for the module). Rank 1 overflows on purpose at step 3."""
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch.distributed as dist
@@ -16,26 +9,16 @@ import torch.distributed as dist
 import mpviz
 from mpviz.distributed import stats_ranks
 
+from ddp_script import torchrun
+
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-SCRIPT = Path(__file__).with_name("ddp_script.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     """The torchrun job's output folder and each rank's JSON report."""
     out = tmp_path_factory.mktemp("ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(SCRIPT), str(out)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return out, torchrun(out)
 
 
 def test_one_run_all_ranks(job):

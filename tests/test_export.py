@@ -135,19 +135,46 @@ def test_thin_keeps_overflows_and_scale_changes(run_dir, tmp_path):
     assert run.meta["thinned"][0]["keep_every"] == 8
 
 
-def test_tensorboard_one_folder_per_rank(run_dir, tmp_path):
-    """A run with two ranks' stores (here rank 0's copied as rank 1) gives rank0/ and rank1/."""
+@pytest.fixture(scope="module")
+def ddp_job(tmp_path_factory):
+    """A real 2-rank job (tests/ddp_script.py under torchrun, gloo on the CPU): each rank trains
+    on its own data, rank 1 overflows at step 3, and each rank's plain (un-recorded) run measured
+    its own losses and unscaled gradient norms (the references). The recorded run and the
+    reports."""
+    from ddp_script import torchrun
+
+    out = tmp_path_factory.mktemp("ddp")
+    return out / "run", torchrun(out)
+
+
+def test_tensorboard_one_folder_per_rank(ddp_job, tmp_path):
+    """A run with two ranks gives rank0/ and rank1/, each holding that rank's own values."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    two = tmp_path / "two"
-    shutil.copytree(run_dir, two)
-    shutil.copy(two / "run.db", two / "run-rank1.db")
-    steps = mpviz.load_run(two).steps
-    if "rank" not in steps or steps["rank"].nunique() != 2:
-        pytest.skip("this mpviz's load_run does not read several ranks")
-    files = mpviz.export(two, "tensorboard", tmp_path / "tb")
+    run_dir, reports = ddp_job
+    steps = mpviz.load_run(run_dir).steps
+    assert set(steps["rank"]) == {0, 1}  # both ranks read (a failure, not a skip)
+    files = mpviz.export(run_dir, "tensorboard", tmp_path / "tb")
     assert [p.parent.name for p in files] == ["rank0", "rank1"]
-    for p in files:
+    assert reports[0]["losses"] != reports[1]["losses"]  # two different runs
+    events = []
+    for rank, p in enumerate(files):
         acc = EventAccumulator(str(p.parent), size_guidance={"scalars": 0})
         acc.Reload()
-        assert [e.step for e in acc.Scalars("train/loss")] == list(range(STEPS))
+        ref = reports[rank]
+        loss = acc.Scalars("train/loss")
+        assert [e.step for e in loss] == list(range(6))
+        # (rank 1's step 3 is NaN in both)
+        np.testing.assert_array_equal([e.value for e in loss], np.float32(ref["losses"]))
+        for layer in ("module.0", "module.2", "module.4"):
+            g = acc.Scalars(f"grad_norm/{layer}")
+            assert [e.step for e in g] == [0, 2, 4]  # every=2
+            assert [e.value for e in g] == pytest.approx(
+                [ref["grad_norms"][s][layer] for s in (0, 2, 4)], rel=1e-5)
+        own = mpviz.load_run(run_dir, rank=rank).overflows  # this rank's own store
+        per_step = own.groupby("step").size().reindex(range(6), fill_value=0)
+        events.append([e.value for e in acc.Scalars("overflow/events")])
+        assert events[-1] == per_step.tolist()
+    # rank 1's own inf/nan (forward and backward) are in its folder only
+    assert reports[1]["local_nonfinite_layers"] and not reports[0]["local_nonfinite_layers"]
+    assert sum(events[1]) > sum(events[0]) > 0
