@@ -272,6 +272,7 @@ class Recorder:
             getattr(model, "_compiled_call_impl", None) is not None
         self._traced = _Traced()
         self._in_root = False
+        self._autocast_known = False
         self._entries: set[int] = {0}
         self._optim_seen = False
         self._micro_batches = 0  # rec.step() calls since the last optimizer step
@@ -521,9 +522,10 @@ class Recorder:
         s = self._state
         s.optim_steps += 1
         self._optim_seen = True
-        if _closure(args, kwargs) is not None and not self._grads.scaling():
-            # step(closure) (LBFGS): the gradients of its last evaluation; the weights are
-            # already updated, so a culprit is looked for with the new weights.
+        if _closure(args, kwargs) is not None and self._state.grads is None:
+            # step(closure) (LBFGS, Lightning) whose backward was not seen: the gradients of its
+            # last evaluation; the weights are already updated, so a culprit is looked for with
+            # the new weights.
             self._contained("gradients", self._gradients_ready)()
 
     def _find_entries(self) -> None:
@@ -657,7 +659,8 @@ class Recorder:
         if s.watching and "layers" not in self._broken:
             w.put("dtypes", self._watch.dtype_rows(s.index, self._params, self._param_layer,
                                                    s.grads or []))
-        if s.index == 0 and s.autocast is not None:
+        if not self._autocast_known and s.autocast is not None:  # the first forward seen
+            self._autocast_known = True
             enabled, dt = s.autocast
             w.set_meta(autocast_dtype=dtype_name(dt) if enabled else None)
         if stats is not None:
