@@ -238,7 +238,7 @@ def test_headroom_matches_numpy(tmp_path):
     # in words: how many more times the scale can double before a gradient overflows fp16
     bits = {n: math.log2(65504 / np.abs(seen[n].astype(np.float64)).max()) for n in ("fc1", "fc2", "head")}
     worst = min(bits, key=bits.get)
-    note = f"the scale can double {math.floor(bits[worst])} more times before {worst}'s gradients"
+    note = f'the scale can double {math.floor(bits[worst])} more times before the gradients of "{worst}"'
     assert any(note in n for n in mpviz.diagnose(run).notes), (note, mpviz.diagnose(run).notes)
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 
 from ..formats import FORMATS
 from ..store import unpack_hist
-from .findings import Diagnosis, Finding
+from .findings import Diagnosis, Finding, layer_name as _name
 from .headroom import hist_percentile
 from .timeline import scale_timeline, scale_advice, warmup_backoffs
 
@@ -36,10 +36,6 @@ def _runs(steps: list[int]) -> list[tuple[int, int]]:
         else:
             out.append((s, s))
     return out
-
-
-def _name(layer: str) -> str:
-    return layer if layer else "(model)"
 
 
 def _output_dtype(dtypes: pd.DataFrame, layer: str, step: int) -> str | None:
@@ -69,7 +65,7 @@ def _forward_overflow(steps: pd.DataFrame, ov: pd.DataFrame, dtypes: pd.DataFram
         dt = _output_dtype(dtypes, layer, st[0])
         low_precision = dt in ("float16", "bfloat16") or dt is None or dt.startswith("float8")
         sev = "error" if longest >= CONSECUTIVE_SKIPS or len(st) >= max(3, 0.1 * len(steps)) else "warning"
-        msg = (f"{_name(layer)}'s output went inf/nan in the forward pass (its output was "
+        msg = (f"the output of {_name(layer)} went inf/nan in the forward pass (it was "
                f"{dt or 'of unknown dtype'}) at {len(st)} step{'s' * (len(st) > 1)}")
         if longest >= 2:
             msg += (f", {longest} of them skipped in a row: loss scaling cannot fix a forward "
@@ -82,9 +78,9 @@ def _forward_overflow(steps: pd.DataFrame, ov: pd.DataFrame, dtypes: pd.DataFram
             msg += (f" Its weights' max |w| grew {growth[0]:.0f}x from step {growth[1]} to step "
                     f"{growth[2]}: the learning rate is too high for this model.")
         if grew:
-            sug = (f"lower the learning rate first (keeping {layer} in fp32 alone would move the "
-                   f"overflow to the layers after it); then, if {layer} still overflows, keep it "
-                   f"in fp32: PrecisionPolicy({{'*': 'fp16', {layer!r}: 'fp32'}}).")
+            sug = (f"lower the learning rate first (keeping {_name(layer)} in fp32 alone would move "
+                   f"the overflow to the layers after it); then, if {_name(layer)} still "
+                   f"overflows, keep it in fp32: PrecisionPolicy({{'*': 'fp16', {layer!r}: 'fp32'}}).")
         elif low_precision:
             sug = (f"keep {_name(layer)} in fp32 (or bf16, whose range is fp32's): "
                    f"PrecisionPolicy({{'*': 'fp16', {layer!r}: 'fp32'}}), or mpviz.advise(run). "
@@ -320,9 +316,9 @@ def _headroom_notes(run: Any, scaling: bool) -> list[str]:
         w = g.loc[g["bits_to_overflow"].astype(float).idxmin()]
         k = math.floor(w["bits_to_overflow"])
         notes.append(f"at step {int(last)} (loss scale {w['scale']:g}) the scale can double {k} more "
-                     f"time{'s' * (k != 1)} before {_name(w['layer'])}'s gradients overflow fp16"
-                     if k >= 0 else f"at step {int(last)} {_name(w['layer'])}'s gradients are past "
-                     f"fp16's range at the loss scale in force ({w['scale']:g})")
+                     f"time{'s' * (k != 1)} before the gradients of {_name(w['layer'])} overflow fp16"
+                     if k >= 0 else f"at step {int(last)} the gradients of {_name(w['layer'])} are "
+                     f"past fp16's range at the loss scale in force ({w['scale']:g})")
     a = h[h["tensor"] == "activation"]
     out = run.dtype_map(int(last))
     if "output" in out:  # layers that ran in fp16, if any did (an fp32 run: all of them)
@@ -331,9 +327,10 @@ def _headroom_notes(run: Any, scaling: bool) -> list[str]:
     if len(a):
         w = a.loc[a["bits_to_overflow"].astype(float).idxmin()]
         b = float(w["bits_to_overflow"])
-        notes.append(f"at step {int(last)} the activation closest to fp16's largest value is "
-                     + (f"{_name(w['layer'])}'s: {b:.1f} bits of headroom" if b >= 0 else
-                        f"{_name(w['layer'])}'s, {-b:.1f} bits past it (it would overflow in fp16)"))
+        notes.append(f"at step {int(last)} the activation closest to fp16's largest value is the "
+                     f"output of {_name(w['layer'])}: "
+                     + (f"{b:.1f} bits of headroom" if b >= 0 else
+                        f"{-b:.1f} bits past it (it would overflow in fp16)"))
     return notes
 
 

@@ -7,6 +7,13 @@ from typing import Any
 import pandas as pd
 
 SEVERITIES = ("info", "warning", "error")
+
+
+def layer_name(layer: str) -> str:
+    """A layer as diagnosis messages write it: quoted (a name such as ``2`` or ``head`` reads
+    as a word otherwise), the root module ``""`` as ``(model)``, as the dashboards show it."""
+    return f'"{layer}"' if layer else "(model)"
+
 # Causes before their consequences: on equal severity, a forward overflow is listed before the
 # scale collapse and the NaN loss it causes.
 KINDS = ("forward_overflow", "gradient_underflow", "gradient_overflow", "lost_updates",
@@ -40,7 +47,7 @@ class Finding:
         where = f"steps {self.steps[0]}-{self.steps[1]}" if self.steps else ""
         if self.steps and self.steps[0] == self.steps[1]:
             where = f"step {self.steps[0]}"
-        layers = ", ".join(repr(l) if l else "(model)" for l in self.layers[:6])
+        layers = ", ".join(map(layer_name, self.layers[:6]))
         if len(self.layers) > 6:
             layers += f" and {len(self.layers) - 6} more"
         head = " | ".join(x for x in (where, layers) if x)
@@ -57,7 +64,7 @@ class Diagnosis:
     ``step, scale, scale_after, event, cause, layers``); ``scale_advice``: suggested GradScaler
     ``init_scale`` / ``growth_interval`` with the reason (empty without a GradScaler);
     ``run_dir``, ``n_steps``; ``notes``: headroom at the last statistics step, in words ("the
-    scale can double 3 more times before fc1's gradients overflow fp16").
+    scale can double 3 more times before the gradients of "fc1" overflow fp16").
     """
 
     findings: list[Finding]

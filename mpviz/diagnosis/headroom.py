@@ -6,7 +6,7 @@
 ``scale`` is the loss scale in force at that step for gradients (recorded gradients are
 unscaled; the backward computed them multiplied by it) and 1 for activations. A negative value
 means that part of the tensor is already past the edge: "the scale can double 3 more times
-before fc1's gradients overflow fp16" is ``floor(bits_to_overflow) == 3``.
+before the gradients of "fc1" overflow fp16" is ``floor(bits_to_overflow) == 3``.
 
 Nothing extra is recorded for this: ``max|x|`` is the exact one of ``layer_stats``, and the low
 percentile is read from the recorded log2 histogram, as the lower edge of the binade that holds
