@@ -195,6 +195,93 @@ def test_gradient_underflow_without_loss_scaling(tmp_path):
     assert np.mean(scaled[-5:]) == pytest.approx(np.mean(ref[-5:]), rel=0.01)
 
 
+# ------------------------------------------------------------------ gradients that vanish entirely
+def dead_model() -> nn.Module:
+    """small_model with act2 dead for every input (fc2's bias -100): fc1's and fc2's gradients
+    are zero in any precision."""
+    m = small_model()
+    with torch.no_grad():
+        m.fc2.bias.fill_(-100.0)
+    return m
+
+
+@pytest.mark.parametrize("weight, make", [(1e-6, small_model), (3e-6, small_model),
+                                          (3e-6, dead_model)])
+def test_gradients_that_underflow_to_zero(tmp_path, weight, make):
+    """fp16 autocast on the CPU without GradScaler, the loss x1e-6: every gradient underflows to
+    exactly zero (x3e-6: fc1's and fc2's; head's sits at fp16's floor). Reference: on every
+    step, the test computes the fp32 gradient of the run's very weights and batch (a hook-free
+    copy); the layers named, and their steps, are exactly those where the run's gradient is
+    all zero and the fp32 one is not. The dead model's zero gradients are zero in fp32 too:
+    not named. The same model and data trained in fp32 has no gradient_underflow."""
+    plain, seen = make(), {}
+
+    def watch(model, i):
+        plain.load_state_dict(model.state_dict())
+        plain.zero_grad()
+        (weight * F.cross_entropy(plain(X[i % len(X)]), Y[i % len(X)])).backward()
+        seen[i] = {n: tuple(max(float(p.grad.abs().max()) for p in getattr(m, n).parameters())
+                            for m in (model, plain)) for n in ("fc1", "fc2", "head")}
+
+    train(make(), "fp16", lr=1e-3, loss_weight=weight, steps=20, run_dir=tmp_path / "fp16",
+          hooks=watch)
+    run = mpviz.load_run(tmp_path / "fp16")
+    stat = sorted(run.layer_stats["step"].unique())
+    assert stat == [0, 5, 10, 15]
+    expected = {n: [s for s in stat if seen[s][n][0] == 0 < seen[s][n][1]]
+                for n in ("fc1", "fc2", "head")}
+    expected = {n: v for n, v in expected.items() if v}
+    g = run.layer_stats.query("tensor == 'grad'")  # the recorded max |g| is the hooks' one
+    assert [(r.step, r.layer) for r in g.itertuples() if r.max_abs == 0] == sorted(
+        ((s, n) for s in stat for n in ("fc1", "fc2", "head") if seen[s][n][0] == 0))
+    (f,) = mpviz.diagnose(run).by_kind("gradient_underflow")
+    assert f.severity == "error" and f.evidence["zero_steps"] == expected
+    if make is dead_model:      # head's gradients at the floor; fc1's and fc2's legitimately 0
+        assert expected == {} and f.layers == ["head"] and f.evidence["all_zero_steps"] == []
+        assert all(seen[s][n] == (0.0, 0.0) for s in stat for n in ("fc1", "fc2"))
+    elif weight == 1e-6:        # everything vanished, every step
+        assert expected == {n: stat for n in ("fc1", "fc2", "head")}
+        assert f.layers == ["fc1", "fc2", "head"] and f.evidence["all_zero_steps"] == stat
+        assert f.message.startswith('the gradients of "fc1", "fc2", "head" were entirely zero '
+                                    "on 4 of 4 statistics steps")
+    else:                       # head's at the floor, fc1's and fc2's vanished
+        assert expected == {"fc1": stat, "fc2": stat} and f.layers == ["head", "fc1", "fc2"]
+    assert f.steps == (0, 15) and "GradScaler()" in f.suggestion
+    # the same model and data in fp32: nonzero gradients, no finding
+    train(make(), lr=1e-3, loss_weight=weight, steps=20, run_dir=tmp_path / "fp32")
+    ref = mpviz.load_run(tmp_path / "fp32")
+    g32 = ref.layer_stats.query("tensor == 'grad'")
+    for n, steps in expected.items():
+        assert (g32[g32.layer == n].set_index("step").loc[steps, "max_abs"] > 0).all()
+    assert not mpviz.diagnose(ref).by_kind("gradient_underflow")
+
+
+class RootWeight(nn.Sequential):
+    """Children named "0", "1", "2", and a weight of the model itself (recorded as layer "")."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        super().__init__(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+        self.out = nn.Parameter(torch.randn(4, 8) / 3)
+
+    def forward(self, x):
+        return F.linear(super().forward(x), self.out)
+
+
+def test_messages_quote_layer_names_and_call_the_root_model(tmp_path):
+    train(RootWeight(), "fp16", loss_weight=1e-6, steps=10, run_dir=tmp_path / "u")
+    d = mpviz.diagnose(tmp_path / "u")
+    (f,) = d.findings
+    assert f.kind == "gradient_underflow" and f.layers == ["", "0", "2"]
+    assert f.message.startswith('the gradients of (model), "0", "2" were entirely zero')
+    assert '(steps 0-5 | (model), "0", "2")' in str(d)
+    assert 'the output of "0": ' in d.notes[-1]
+    train(RootWeight(), "fp16", scaler=True, steps=10, run_dir=tmp_path / "s")
+    note = mpviz.diagnose(tmp_path / "s").notes[0]
+    assert note.startswith("at step 5 (loss scale 65536) the scale can double")
+    assert note.endswith(' before the gradients of "2" overflow fp16')
+
+
 # ------------------------------------------------------------------ healthy runs
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_healthy_demo_runs_have_nothing_above_info(tmp_path, precision):

@@ -192,8 +192,44 @@ def _nonfinite_loss(steps: pd.DataFrame, ov: pd.DataFrame, fwd: list[Finding]) -
                     {"steps": len(st), "at_end": last_bad})]
 
 
+def _vanished(run: Any, steps: pd.DataFrame, picked: list[int],
+              at_floor: set[int]) -> tuple[dict[str, list[int]], list[int]]:
+    """Gradients that underflowed to exactly zero: ({layer: statistics steps}, the steps where
+    every layer's gradient was zero).
+
+    A layer's gradient counts on a statistics step when all of it is zero (max |g| = 0, exact),
+    the layer ran in fp16 that step (its output or its weights float16), the loss was not 0, no
+    module's output was entirely zero (a ReLU dead for the whole batch, or a zero-initialised
+    layer, zeroes the gradients behind it with no underflow), and the run shows that gradients
+    were at fp16's floor: every layer's was zero at once (the loss's own gradient vanished
+    before it reached any weight), or other layers' sat at the floor that step. A frozen layer,
+    or one that got no gradient, has no gradient row, and a gradient zero only in part (an
+    embedding's unused rows, some dead units) is not all zero: neither is named."""
+    s = run.query("SELECT s.step, l.layer, s.tensor, s.dtype, s.max_abs FROM layer_stats s JOIN "
+                  "layers l ON l.idx = s.layer_idx WHERE s.step IN (%s) ORDER BY s.step"
+                  % ",".join(str(int(x)) for x in picked))
+    grad, act = s[s["tensor"] == "grad"], s[s["tensor"] == "activation"]
+    zero = grad[grad["max_abs"] == 0]
+    if not len(zero):
+        return {}, []
+    low = s[(s["tensor"] != "grad") & (s["dtype"] == "float16")]
+    fp16 = set(zip(low["step"], low["layer"]))
+    cut = set(act.loc[act["max_abs"] == 0, "step"])
+    loss = dict(zip(steps["step"], pd.to_numeric(steps["loss"], errors="coerce")))
+    n_grad, n_zero = grad.groupby("step").size(), zero.groupby("step").size()
+    all_zero = {st for st, n in n_zero.items() if n == n_grad[st]}
+    out: dict[str, list[int]] = {}
+    for st, layer in zip(zero["step"], zero["layer"]):
+        if ((st, layer) in fp16 and st not in cut and loss.get(st) != 0
+                and (st in all_zero or st in at_floor)):
+            out.setdefault(layer, []).append(int(st))
+    named = {st for v in out.values() for st in v}
+    return out, sorted(int(st) for st in all_zero & named)
+
+
 def _gradient_underflow(run: Any, steps: pd.DataFrame, dtypes: pd.DataFrame) -> list[Finding]:
-    """Layers whose gradients, at the loss scale in force, sit at fp16's subnormal floor."""
+    """Layers whose gradients, at the loss scale in force, sit at fp16's subnormal floor or
+    underflowed to zero altogether (:func:`_vanished`)."""
     low_layers = set(dtypes.loc[(dtypes["tensor"].isin(["output", "weight"]))
                                 & (dtypes["dtype"] == "float16"), "layer"])
     if not low_layers:
@@ -202,11 +238,11 @@ def _gradient_underflow(run: Any, steps: pd.DataFrame, dtypes: pd.DataFrame) -> 
     have = run.query("SELECT DISTINCT step FROM histograms WHERE tensor = 'grad' ORDER BY step")["step"]
     pick = have.iloc[np.unique(np.linspace(0, len(have) - 1, min(len(have), MAX_HIST_STEPS)).astype(int))] \
         if len(have) else have
+    if not len(pick):
+        return []
     h = run.query("SELECT h.step, l.layer, h.lo, h.counts FROM histograms h JOIN layers l "
                   "ON l.idx = h.layer_idx WHERE h.tensor = 'grad' AND h.step IN (%s) ORDER BY h.step"
-                  % ",".join(str(int(x)) for x in pick)) if len(pick) else have.to_frame()
-    if not len(h):
-        return []
+                  % ",".join(str(int(x)) for x in pick))
     scale = dict(zip(steps["step"], steps["loss_scale"].fillna(1.0)))
     floor = math.log2(FORMATS["fp16"].min_subnormal)        # -24
     sub_edge = 128 + math.log2(FORMATS["fp16"].min_normal)  # bins below 2^-14 end here (114)
@@ -226,32 +262,47 @@ def _gradient_underflow(run: Any, steps: pd.DataFrame, dtypes: pd.DataFrame) -> 
         cut = int(sub_edge - shift)  # bins whose values, times the scale, are below 2^-14
         frac_sub = counts[1:max(1, min(cut, 256))].sum() / nz if nz else 0.0
         per_layer.setdefault(layer, []).append((int(st), bits_under, frac_sub))
-    out = []
     hits = {l: v for l, v in per_layer.items()
             if np.median([b for _, b, _ in v]) < UNDERFLOW_BITS}
-    if not hits:
+    at_floor = {st for v in per_layer.values() for st, b, _ in v if b < UNDERFLOW_BITS}
+    gone, everywhere = _vanished(run, steps, pick.tolist(), at_floor)
+    if not hits and not gone:
         return []
-    first = min(v[0][0] for v in hits.values())
-    last = max(v[-1][0] for v in hits.values())
+    first = min([v[0][0] for v in hits.values()] + [v[0] for v in gone.values()])
+    last = max([v[-1][0] for v in hits.values()] + [v[-1] for v in gone.values()])
     frac = {l: float(np.median([f for _, _, f in v])) for l, v in hits.items()}
     zs = run.query("SELECT l.layer, CAST(s.zeros AS REAL) / s.numel AS z FROM layer_stats s "
                    "JOIN layers l ON l.idx = s.layer_idx WHERE s.tensor = 'grad'")
     zero = zs.groupby("layer")["z"].median().to_dict() if len(zs) else {}
-    layers = sorted(hits, key=lambda l: -frac[l])
-    worst = max(frac.values())
+    layers = sorted(hits, key=lambda l: -frac[l]) + [l for l in gone if l not in hits]
     scaled = bool(steps["loss_scale"].notna().any())
-    msg = ("gradients of " + ", ".join(f"{_name(l)} ({zero.get(l, 0):.0%} zeros, {frac[l]:.0%} of the "
-                                       "rest subnormal)" for l in layers[:4])
-           + f" sit at fp16's floor (2^{floor:.0f})" + (" at the loss scale in force" if scaled else "")
-           + ": smaller values were flushed to zero in the backward pass, and the survivors "
-           "below 2^-14 keep few significant bits.")
+    at_scale = " at the loss scale in force" if scaled else ""
+    parts = []
+    if hits:
+        parts.append("gradients of " + ", ".join(
+            f"{_name(l)} ({zero.get(l, 0):.0%} zeros, {frac[l]:.0%} of the rest subnormal)"
+            for l in layers[:4] if l in hits)
+            + f" sit at fp16's floor (2^{floor:.0f}){at_scale}: smaller values were flushed to "
+            "zero in the backward pass, and the survivors below 2^-14 keep few significant bits")
+    if gone:
+        names = [l for l in layers if l in gone]
+        n = [len(gone[l]) for l in names[:4]]
+        parts.append("the gradients of " + ", ".join(map(_name, names[:4]))
+            + (f" and {len(names) - 4} more layers" if len(names) > 4 else "")
+            + f" were entirely zero on {n[0] if len(set(n)) == 1 else ', '.join(map(str, n))} "
+            f"of {len(pick)} statistics steps" + (" respectively" if len(set(n)) > 1 else "")
+            + (f" (on {len(everywhere)} of them every layer's at once, though the loss was not 0)"
+               if everywhere else "")
+            + f": they underflowed fp16 in the backward pass{at_scale}, and no gradient reached "
+            "these weights on those steps")
+    msg = "; ".join(parts) + "."
     sug = ("turn loss scaling on: torch.amp.GradScaler() (init_scale 2^16 is a good start)"
            if not scaled else "raise the loss scale (GradScaler(init_scale=...)); or use bf16.")
-    out.append(Finding("gradient_underflow", "error" if worst > 0.25 else "warning",
-                       (first, last), layers, msg, sug,
-                       {"subnormal_frac": frac, "zero_frac": {l: zero.get(l) for l in layers},
-                        "loss_scaling": scaled}))
-    return out
+    worst = max(list(frac.values()) + [len(v) / len(pick) for v in gone.values()])
+    return [Finding("gradient_underflow", "error" if worst > 0.25 else "warning",
+                    (first, last), layers, msg, sug,
+                    {"subnormal_frac": frac, "zero_frac": {l: zero.get(l) for l in layers},
+                     "zero_steps": gone, "all_zero_steps": everywhere, "loss_scaling": scaled})]
 
 
 def _lost_updates(run: Any) -> list[Finding]:
