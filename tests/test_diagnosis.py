@@ -387,10 +387,28 @@ def shadow_model() -> nn.Module:
 
 
 def test_shadow_error_zero_for_fp32_layers_positive_for_low_precision(tmp_path):
+    """Reference: on shadow steps the test's own hooks keep each Linear's input, weights, output
+    and the upstream gradient of its output, and its weight gradients of that backward; rerun
+    in float64 here, the relative error ||y - ref|| / ||ref|| and the SQNR 10 log10(||ref||^2 /
+    ||y - ref||^2), of the output and of the weight gradients (weight and bias together), match
+    the recorded ones."""
     policy = mpviz.PrecisionPolicy({"*": "fp16", "fc1": "fp32", "block": "fp32", "head": "bf16"})
+    kept: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    step = [0]
+
+    def keep(name):
+        def hook(m, args, out):
+            if step[0] % 3 == 0:  # a shadow step (shadow_every=3)
+                k = kept[(step[0], name)] = {"x": args[0], "w": m.weight, "b": m.bias, "y": out}
+                k.update({n: t.detach().double() for n, t in k.items()})  # copies
+                out.register_hook(lambda g: k.__setitem__("g", g.double()))
+        return hook
 
     def run(run_dir=None):
         model = shadow_model()
+        if run_dir:
+            for name in ("fc1", "fc2", "head"):
+                getattr(model, name).register_forward_hook(keep(name))
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         sc = torch.amp.GradScaler("cpu")
         rec = (mpviz.Recorder(model, optimizer=opt, scaler=sc, run_dir=run_dir, every=5,
@@ -398,9 +416,14 @@ def test_shadow_error_zero_for_fp32_layers_positive_for_low_precision(tmp_path):
                if run_dir else mpviz.apply_policy(model, policy))
         torch.manual_seed(1)
         for i in range(7):
+            step[0] = i
             with torch.autocast("cpu", dtype=torch.float16):
                 loss = F.cross_entropy(model(X[i]).float()[:, :4], Y[i])
             sc.scale(loss).backward()
+            for (st, name), k in kept.items():
+                if st == i:  # this backward's (scaled) weight gradients, as the upstream one is
+                    mod = getattr(model, name)
+                    k["gw"], k["gb"] = mod.weight.grad.double(), mod.bias.grad.double()
             sc.step(opt)
             sc.update()
             opt.zero_grad()
@@ -422,6 +445,22 @@ def test_shadow_error_zero_for_fp32_layers_positive_for_low_precision(tmp_path):
     assert 1e-5 < err["fc2"] < 1e-2      # fp16: ~2^-11 relative rounding
     assert err["fc2"] < err["head"] < 5e-2  # bf16: ~2^-8
     assert (sh[sh.layer == "fc1"]["sqnr_db"] == np.inf).all()
+    # the recorded errors against the test's own float64 reruns
+    assert sorted(kept) == [(s, n) for s in (0, 3, 6) for n in ("fc1", "fc2", "head")]
+    for (st, name), k in kept.items():
+        row = sh[(sh.step == st) & (sh.layer == name)].iloc[0]
+        ref = k["x"] @ k["w"].T + k["b"]
+        grads = [(k["gw"], k["g"].T @ k["x"]), (k["gb"], k["g"].sum(0))]
+        for got, want, rel, sqnr in [([k["y"]], [ref], row.rel_err, row.sqnr_db),
+                                     ([a for a, _ in grads], [b for _, b in grads],
+                                      row.grad_rel_err, row.grad_sqnr_db)]:
+            err2 = sum(float(((a - b) ** 2).sum()) for a, b in zip(got, want))
+            ref2 = sum(float((b ** 2).sum()) for b in want)
+            if name == "fc1":  # fp32: exactly 0 against the fp32 rerun; fp32 rounding here
+                assert rel == 0 and math.sqrt(err2 / ref2) < 1e-6
+            else:
+                assert rel == pytest.approx(math.sqrt(err2 / ref2), rel=1e-4), (st, name)
+                assert sqnr == pytest.approx(10 * math.log10(ref2 / err2), abs=1e-3), (st, name)
     # backward: weight gradients from the same upstream gradient, against the fp32 copy's
     gerr = sh.groupby("layer")["grad_rel_err"].max()
     assert gerr["fc1"] == 0 and gerr["block"] == 0
