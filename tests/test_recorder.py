@@ -570,3 +570,111 @@ def test_steps_after_a_bad_step_are_clean_again_without_a_scaler(digits, tmp_pat
                 model.load_state_dict(good)  # undo the non-finite update
             rec.step(loss=loss, samples=len(x))
     assert mpviz.load_run(tmp_path / "r").steps["nonfinite_grads"].tolist() == [True, False, False]
+
+
+class Wrapper(nn.Module):
+    """Holds the network as a child, as a LightningModule or a GAN's container does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = Net()
+
+
+def test_a_loop_that_calls_a_child_module_is_recorded_like_one_that_calls_the_model(digits, tmp_path):
+    """The loop calls ``model.net(x)``, never the model itself: per-layer dtypes and activations
+    are recorded as our own hooks saw them, from the first step, under bf16 autocast."""
+    torch.manual_seed(0)
+    model = Wrapper()
+    seen: list[dict[str, tuple[str, float]]] = []
+
+    def hook(name):
+        def h(m, a, out):
+            seen[-1][name] = (str(out.dtype).replace("torch.", ""), float(out.detach().abs().max()))
+        return h
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with mpviz.Recorder(model, optimizer=opt, run_dir=tmp_path / "r", every=1) as rec:
+        for x, y in batches(*digits, 3):
+            seen.append({})
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model.net(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            rec.step(loss=loss)
+    for h in handles:
+        h.remove()
+    run = mpviz.load_run(tmp_path / "r")
+    assert run.meta["autocast_dtype"] == "bfloat16"
+    d = run.dtypes[run.dtypes.tensor == "output"].groupby("layer")["dtype"].last().to_dict()
+    assert d == {name: v[0] for name, v in seen[-1].items()}
+    assert d["net.fc1"] == d["net.head"] == "bfloat16"
+    acts = run.layer_stats[run.layer_stats.tensor == "activation"]
+    for step, ref in enumerate(seen):
+        got = acts[acts.step == step].set_index("layer")["max_abs"].to_dict()
+        assert got == pytest.approx({n: v[1] for n, v in ref.items()}, rel=1e-6)
+
+
+def test_gradients_are_recorded_before_the_loops_clipping(digits, tmp_path):
+    """The recorded gradient is the one backward produced: the total norm clip_grad_norm_
+    returns (before it clips), with or without a GradScaler (unscaled either way)."""
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)):
+        torch.manual_seed(0)
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        totals = []
+        run_dir = tmp_path / ("fp16" if scaler else "bf16")
+        dtype = torch.float16 if scaler else torch.bfloat16
+        with mpviz.Recorder(model, optimizer=opt, scaler=scaler, run_dir=run_dir, every=1) as rec:
+            for x, y in batches(*digits, 4):
+                with torch.autocast("cpu", dtype=dtype):
+                    loss = F.cross_entropy(model(x), y)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(opt)
+                else:
+                    loss.backward()
+                totals.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)))
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                opt.zero_grad()
+                rec.step(loss=loss)
+        g = mpviz.load_run(run_dir).layer_stats.query("tensor == 'grad'")
+        recorded = g.groupby("step")["norm"].apply(lambda n: float(np.sqrt((n ** 2).sum())))
+        assert min(totals) > 0.1  # clipping to 0.01 changed every step's gradients
+        assert recorded.tolist() == pytest.approx(totals, rel=1e-5)
+
+
+def test_a_loss_scale_that_reached_zero_loses_no_step(digits, tmp_path):
+    """A GradScaler whose scale collapsed to 0 backs off to 0 again at every skipped step:
+    every step the loop makes is recorded, skipped or not (as the optimizer's own step hook
+    tells), with its scale. (With a scale of 0 the gradients unscale to nan, which GradScaler
+    does not see: that step is taken, the weights go nan, and later steps are skipped.)"""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0, backoff_factor=0.0)
+    stepped: list[int] = []
+    h = opt.register_step_post_hook(lambda *a: stepped.append(1))
+    skipped = []
+    with mpviz.Recorder(model, optimizer=opt, scaler=scaler, run_dir=tmp_path / "r") as rec:
+        for step, (x, y) in enumerate(batches(*digits, 12)):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(x), y) * (1e9 if step == 2 else 1.0)
+            scaler.scale(loss).backward()
+            n = len(stepped)
+            scaler.step(opt)
+            scaler.update()
+            skipped.append(len(stepped) == n)
+            opt.zero_grad()
+            rec.step(loss=loss)
+    h.remove()
+    assert scaler.get_scale() == 0.0 and sum(skipped) >= 8
+    steps = mpviz.load_run(tmp_path / "r").steps
+    assert steps["step"].tolist() == list(range(12))
+    assert steps["skipped"].tolist() == skipped
+    assert steps["loss_scale"].tolist()[3:] == [0.0] * 9
