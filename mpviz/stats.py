@@ -202,8 +202,9 @@ class HostSample:
         x = np.concatenate(pieces, dtype=np.float32)
         np.abs(x, out=x)
         starts, key_base = _host_layout(lengths)
-        for r, scale in self.scaled.items():
-            x[starts[r]:starts[r] + lengths[r]] /= np.float32(scale)
+        with np.errstate(divide="ignore", invalid="ignore"):  # a scale of 0: nan, as GradScaler
+            for r, scale in self.scaled.items():
+                x[starts[r]:starts[r] + lengths[r]] /= np.float32(scale)
         bits = x.view(np.int32)
         # bin 0: zeros, 1: fp32 subnormals, e + 1: biased exponent e (255: inf/nan);
         # intp keys, as bincount wants them
