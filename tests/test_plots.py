@@ -16,6 +16,7 @@ import mpviz
 from conftest import record_demo
 from mpviz.dashboard import queries
 from mpviz.dashboard.plots import SPEED_WINDOW, RunFigure, cap_columns, rolling_median
+from waiting import wait_for
 
 
 @contextlib.contextmanager
@@ -165,20 +166,39 @@ def test_compare_smooths_samples_per_s_too(tmp_path):
     run.close()
 
 
-def test_heatmaps_are_sent_at_most_every_detail_every_s_and_the_last_state_arrives(tmp_path):
-    import time
+class _Clock:
+    """The monotonic clock plots.py reads, moved by the test (the Timer still waits for real)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_heatmaps_are_sent_at_most_every_detail_every_s_and_the_last_state_arrives(tmp_path,
+                                                                                monkeypatch):
+    from mpviz.dashboard import plots
 
     with _one_thread():
         run_dir = record_demo(tmp_path / "mlp", task="mlp", steps=30, every=5)
     run = mpviz.load_run(run_dir)
-    fig = RunFigure(detail_every_s=2.0)
+    clock = _Clock()
+    monkeypatch.setattr(plots, "time", clock)
+    fig = RunFigure(detail_every_s=1.0)
     first = fig.detail_out.outputs                       # the empty heatmaps, sent at once
-    for hi in (9, 19, 29):                               # three changes within 2 s
+    for hi in (9, 19, 29):                               # three changes, no time passing
         snap = queries.snapshot(run, 0, hi)
         fig.update(0, snap.steps, snap.skipped, snap.marks, snap.dtypes, snap.heat)
     assert fig.detail_out.outputs is first               # held back...
-    time.sleep(2.5)
-    sent = fig.detail_out.outputs[0]["data"]["application/vnd.plotly.v1+json"]
-    grads = [t for t in sent["data"] if t["meta"] == "grads"][0]
-    assert grads["x"][-1] == int(snap.heat.steps[-1])    # ...then the latest one arrives
+    clock.now += 1.0                                     # the interval is up
+
+    def latest_sent() -> bool:
+        if fig.detail_out.outputs is first:
+            return False
+        sent = fig.detail_out.outputs[0]["data"]["application/vnd.plotly.v1+json"]
+        grads = [t for t in sent["data"] if t["meta"] == "grads"][0]
+        return grads["x"][-1] == int(snap.heat.steps[-1])
+
+    assert wait_for(latest_sent)                         # ...then the latest one arrives
     run.close()
