@@ -27,6 +27,17 @@ ROOT = Path(__file__).resolve().parents[1]
 from waiting import wait_for as _wait
 
 
+def _rounds_seen_by_the_loop(worker, turns: int = 3) -> list[int]:
+    """``worker.rounds`` as seen from inside the worker's loop by ``turns`` functions posted to
+    its mailbox, each only once the previous one has run (so on a later turn of the loop): a
+    paused worker must show the same number each time, however slow the machine."""
+    seen: list[int] = []
+    for n in range(1, turns + 1):
+        worker.post(lambda: seen.append(worker.rounds))
+        assert _wait(lambda: len(seen) >= n), "the worker's loop stopped going round"
+    return seen
+
+
 # --------------------------------------------------------------------------- no torch
 def test_dashboard_package_never_imports_torch():
     for path in sorted((ROOT / "mpviz" / "dashboard").glob("*.py")):
@@ -54,7 +65,8 @@ def test_lab_trains_in_a_thread_and_shows_every_step_and_a_toggle(dash_runs):
         assert _wait(lambda: lab.worker.state == "paused" and lab.pause_btn.description == "Resume")
         assert lab.worker.rounds == 12
         lab.set_layer_precision("head", "fp32")
-        time.sleep(0.5)                           # still paused: no step while it waits
+        # still paused: the worker's loop goes round without a step
+        assert _rounds_seen_by_the_loop(lab.worker) == [12, 12, 12]
         assert lab.worker.rounds == 12 and lab.worker.state == "paused"
         lab.toggle_pause()                        # the Resume button
         lab.worker.join(120)
@@ -133,10 +145,10 @@ def test_lab_pause_stop_and_time_limit_end_the_thread(dash_runs):
         assert _wait(lambda: lab.worker.rounds >= 3)
         lab.toggle_pause()
         assert _wait(lambda: lab.worker.state == "paused")
-        time.sleep(0.5)
-        paused_at = lab.worker.rounds
-        time.sleep(1.0)
-        assert lab.worker.rounds == paused_at   # no training while paused
+        # the step under way when Pause was pressed ends; then no training while paused
+        seen = _rounds_seen_by_the_loop(lab.worker)
+        paused_at = seen[0]
+        assert seen == [paused_at] * 3 and lab.worker.rounds == paused_at
         lab.toggle_pause()
         assert _wait(lambda: lab.worker.rounds > paused_at)
         lab.stop()
