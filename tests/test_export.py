@@ -78,7 +78,40 @@ def test_tensorboard_readable_by_tensorboard(run_dir, tmp_path):
             np.testing.assert_array_equal(series(f"max_abs/{tensor}/{layer}")[1], f32(s["max_abs"]))
             np.testing.assert_array_equal(series(f"underflow_fp16/{tensor}/{layer}")[1],
                                           f32(s["underflow_fp16"]))
-    assert "max_abs/activation/(model)" in acc.Tags()["scalars"]  # the model itself
+    # every layer and tensor with statistics has its series (the model itself named "(model)";
+    # this Sequential's own output is its last layer's tensor, which has the row)
+    tags = {t for t in acc.Tags()["scalars"] if t.startswith("max_abs/")}
+    assert tags == {f"max_abs/{t}/{layer or '(model)'}"
+                    for layer, t in zip(stats["layer"], stats["tensor"])}
+
+
+def test_tensorboard_names_the_model_itself(tmp_path):
+    """The model's own output (not a child's tensor) is the series "(model)"."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x) * 2
+
+    torch.manual_seed(0)
+    model = Net()
+    outputs = []
+    with mpviz.Recorder(model, run_dir=tmp_path / "r", every=1) as rec:
+        for _ in range(2):
+            out = model(torch.randn(3, 4))
+            outputs.append(out.detach().abs().max().item())
+            out.sum().backward()
+            rec.step()
+    files = mpviz.export(tmp_path / "r", "tensorboard", tmp_path / "tb")
+    acc = EventAccumulator(str(files[0].parent), size_guidance={"scalars": 0})
+    acc.Reload()
+    got = acc.Scalars("max_abs/activation/(model)")
+    assert [e.step for e in got] == [0, 1]
+    assert [e.value for e in got] == pytest.approx(outputs, rel=1e-6)
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
