@@ -47,3 +47,13 @@ def test_peers_arms_run_and_write(tmp_path):
     assert len(run.steps) == 3 and len(run.layer_stats) > 0
     assert next((tmp_path / "tb1").glob("events.out.tfevents.*")).stat().st_size > 1000
     assert "| bf16 | wandb.watch log_freq=1 |" in peers.markdown(rows)
+
+
+def test_compiled_benchmark_runs_and_mpviz_adds_no_graph_break_or_graph():
+    import compiled
+
+    m = compiled.measure("mlp", "bf16", rounds=1, block=1, warmup=2)
+    assert set(m["ms"]) == set(compiled.ARMS) and all(v > 0 for v in m["ms"].values())
+    c = m["counts"]
+    assert c["plain"][1] >= 1  # it compiled
+    assert c["recdef"] == c["rec1"] == c["plain"]  # attached after compiling: nothing more
