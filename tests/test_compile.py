@@ -213,3 +213,13 @@ def precision_name(dtypes: dict[str, str]) -> str:
     low = {v for v in dtypes.values() if v in ("bfloat16", "float16")}
     assert len(low) == 1, dtypes
     return low.pop()
+
+
+def test_a_shadow_asked_of_a_compiled_model_is_refused_aloud(tmp_path):
+    """The fp32 shadow needs hooks inside the layers: on a compiled model it says so (a warning
+    and run.meta) rather than recording nothing silently."""
+    model = _seq()
+    with pytest.warns(RuntimeWarning, match="shadow= is not recorded on a compiled model"):
+        rec = mpviz.Recorder(torch.compile(model), run_dir=tmp_path / "r", shadow=["0"]).attach()
+    rec.close()
+    assert "compiled" in mpviz.load_run(tmp_path / "r").meta["shadow_unavailable"]

@@ -301,6 +301,8 @@ class Recorder:
             hook(self.optimizer.register_step_post_hook(
                 self._contained("optimizer", self._on_optimizer_stepped)))
         attach_diagnostics(self, hook, *self._diag_args)  # lost updates, fp32 shadow
+        if self._compiled:
+            self._compiled_found()
         self._origin = distributed.watch(model, self)  # DDP: each rank's own inf/nan
         if self._origin is not None:
             undo.callback(self._origin.remove)
@@ -476,9 +478,19 @@ class Recorder:
             return
         if s.inputs is None:  # (an eager pre-hook saw this forward already otherwise)
             s.inputs, s.autocast, s.compiled = t.inputs, t.autocast, True
-            self._compiled = self._watch.compiled = True
+            if not self._compiled:
+                self._compiled_found()
             self._watch.start(s, t.inputs[1] if t.inputs[1] else t.inputs[2], t.autocast)
         t.inputs = t.autocast = None
+
+    def _compiled_found(self) -> None:
+        self._compiled = self._watch.compiled = True
+        if self._diag_args[1]:
+            msg = ("shadow= is not recorded on a compiled model: its layers run inside compiled "
+                   "code, where hooks do not run. Record the fp32 shadow on the eager model.")
+            warnings.warn(f"mpviz: {msg}", RuntimeWarning, stacklevel=2)
+            if self._writer is not None:
+                self._writer.set_meta(shadow_unavailable=msg)
 
     def _on_grad_accumulated(self, param: torch.Tensor) -> None:
         s = self._state
