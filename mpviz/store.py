@@ -161,11 +161,18 @@ def _create(path: Path, meta: dict[str, Any], layers: list[tuple]) -> None:
         raise RunStoreError(f"{path} already holds a run: choose a new run_dir (or delete the "
                             "old one, or pass resume=True to continue it)") from None
     con = sqlite3.connect(path)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.executescript(SCHEMA)
-    with con:
-        RunWriter._write_meta(con, {**meta, "schema_version": SCHEMA_VERSION})
-        con.executemany(f"INSERT INTO layers VALUES ({','.join('?' * 7)})", layers)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+        con.executescript(SCHEMA)
+        with con:
+            RunWriter._write_meta(con, {**meta, "schema_version": SCHEMA_VERSION})
+            con.executemany(f"INSERT INTO layers VALUES ({','.join('?' * 7)})", layers)
+    except sqlite3.Error as e:  # a half-made store would refuse the next try as "already a run"
+        con.close()
+        for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            p.unlink(missing_ok=True)
+        raise RunStoreError(f"cannot create the run store {path} ({type(e).__name__}: {e}): "
+                            "is its disk full?") from e
     con.close()
 
 
@@ -212,6 +219,14 @@ class RunWriter:
 
     ``put`` never blocks on disk; rows are committed at least every ``flush_every_s`` seconds,
     on ``flush()`` and on ``close()``.
+
+    Nothing here raises into training when the store cannot be written (disk full, store
+    deleted...). A commit that fails is tried again without its statistics (``layer_stats`` and
+    ``histograms``: nearly all the bytes), which are dropped, and so are those of the next 10
+    commits; if that fails too, its other rows wait in memory (at most
+    ``max_kept_rows``, then they are dropped) for the next commit that succeeds. What was
+    dropped goes to ``meta["store_errors"]`` (when the store takes it) and to ``errors``;
+    errors not taken and rows still unwritten at ``close()`` get a warning.
     """
 
     def __init__(self, path: Path, meta: dict[str, Any], layers: Iterable[tuple],
@@ -228,6 +243,9 @@ class RunWriter:
         else:
             _create(path, meta, layers)
         self.path = path
+        self._inode = os.stat(path).st_ino
+        # mode=rw: a store deleted during the run is not re-created empty by a reconnect
+        self._uri = path.resolve().as_uri() + "?mode=rw"
         self.flush_every_s = flush_every_s
         # Rows wait in memory and the writer wakes every flush_every_s (or on flush/close):
         # waking it on every put would make it fight the training thread for the GIL.
@@ -238,9 +256,18 @@ class RunWriter:
         self._wake = threading.Event()
         self._waiters: list[threading.Event] = []
         self._closing = False
-        self._error: BaseException | None = None  # the store cannot be written any more
-        # Errors of put_later's row makers: that maker's items are dropped from then on, the
-        # other rows are still written; the recorder records them (take_errors).
+        self._con: sqlite3.Connection | None = None
+        # Rows a failed commit could not write, for the next commit (meta updates always kept)
+        self._kept: list[tuple[str, Any]] = []
+        self._kept_rows = 0
+        self.max_kept_rows = 100_000
+        # after statistics failed to commit, those of the next commits are dropped unmade: on a
+        # full disk each commit would make and write them only to fail again
+        self._skip_stats = 0
+        self.store_errors: dict[str, Any] = {}  # meta["store_errors"]
+        self._store_errors_written = True
+        # Errors of put_later's row makers and of the store: the recorder records them
+        # (take_errors). A maker that failed has its items dropped from then on.
         self.errors: list[BaseException] = []
         self._failed_makers: set[Any] = set()
         # CPU seconds this writer's thread spent committing, and put_later items committed (the
@@ -255,10 +282,7 @@ class RunWriter:
                         [(k, json.dumps(v, default=str)) for k, v in meta.items()])
 
     def put(self, table: str, rows: list[tuple]) -> None:
-        """Queue rows. Never raises into training: once the store cannot be written (disk full,
-        file removed) rows are dropped and the error is in ``errors``."""
-        if self._error is not None:
-            return
+        """Queue rows. Never blocks on disk and never raises (see the class docstring)."""
         if rows:
             with self._lock:
                 self._pending.append((table, rows))
@@ -268,7 +292,7 @@ class RunWriter:
         """Queue ``item`` for ``make_rows``, called on the writer thread with the items queued
         for it since the last commit (one call for many steps), which returns
         ``[(table, rows), ...]``: the recorder hands over raw numbers and leaves turning them
-        into rows to this thread.
+        into rows to this thread. These are the statistics a failed commit drops first.
 
         ``nbytes``: memory the item holds. When more than ``max_pending_bytes`` wait, this call
         blocks until the writer has caught up, so a writer that falls behind slows training
@@ -290,7 +314,7 @@ class RunWriter:
             self._pending.append(("meta", [meta]))
 
     def flush(self, timeout: float = 30.0) -> None:
-        """Block until every row put so far is committed."""
+        """Block until every row put so far is committed (or its commit failed)."""
         done = threading.Event()
         with self._lock:
             self._waiters.append(done)
@@ -302,10 +326,18 @@ class RunWriter:
         self._closing = True
         self._wake.set()
         self._thread.join()
+        for e in self.take_errors():  # of the last commit: nobody will take them any more
+            warnings.warn(f"mpviz: {e}", RuntimeWarning, stacklevel=2)
+        if self._kept:
+            steps = _steps_of(self._kept)
+            what = (f"{self._kept_rows} rows of steps {min(steps)}..{max(steps)} and " if steps
+                    else "")
+            warnings.warn(f"mpviz: the run store {self.path} could not be written at the end "
+                          f"({self.store_errors.get('last_error')}): {what}the run's last meta "
+                          "updates (its status among them) are not in it.", RuntimeWarning,
+                          stacklevel=2)
 
     def _loop(self) -> None:
-        con = sqlite3.connect(self.path)
-        con.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process kill
         while True:
             self._wake.wait(self.flush_every_s)
             self._wake.clear()
@@ -314,22 +346,120 @@ class RunWriter:
                 pending, self._pending = self._pending, []
                 waiters, self._waiters = self._waiters, []
                 self._pending_bytes = 0
-            if pending:
+            if pending or self._kept:
                 t0 = time.thread_time()
-                try:
-                    self._commit(con, pending)
-                except Exception as e:  # keep serving flush() so no caller hangs
-                    self._error = e
-                    with self._lock:
-                        self.errors.append(RunStoreError(f"the run store could not be written: {e!r}"))
+                self._write(pending)
                 self.busy_s += time.thread_time() - t0
                 self.later_done += sum(len(rows) for table, rows in pending if table == "later")
             for w in waiters:
                 w.set()
             if closing:
                 break
-        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        con.close()
+        if self._con is not None:
+            try:
+                self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:  # no space to checkpoint: the WAL stays, readers read it
+                pass
+            self._con.close()
+
+    def _write(self, pending: list[tuple[str, Any]]) -> None:
+        """Commit the kept rows and ``pending``; on failure, the same without the statistics;
+        on failure again, keep the rows for the next commit."""
+        rows = [p for p in pending if p[0] != "later"]
+        later = [p for p in pending if p[0] == "later"]
+        if later and self._skip_stats:
+            self._skip_stats -= 1
+            self._dropped("statistics_dropped", "statistics_steps", _count(later), rows)
+            later = []
+        tries = [self._kept + rows + later] + ([self._kept + rows] if later else [])
+        for n, batch in enumerate(tries):
+            try:
+                self._commit(batch)
+            except Exception as e:  # noqa: BLE001 - the writer thread must not die
+                error = e
+                self._failed(e, rows)
+                if n == 0 and later:
+                    self._dropped("statistics_dropped", "statistics_steps", _count(later), rows)
+                    self._skip_stats = 10
+            else:
+                self._kept, self._kept_rows = [], 0
+                return
+        if not isinstance(error, (sqlite3.OperationalError, OSError)):
+            # rows the store refuses (not a full disk): they would fail again
+            self._dropped("rows_dropped", "rows", _count(rows), rows, error)
+            return
+        for table, rs in rows:
+            if table != "meta" and self._kept_rows + len(rs) > self.max_kept_rows:
+                self._dropped("rows_dropped", "rows", len(rs), [(table, rs)], error)
+                continue
+            self._kept.append((table, rs))
+            self._kept_rows += _count([(table, rs)])
+
+    def _failed(self, e: BaseException, rows: list[tuple[str, Any]]) -> None:
+        err = self.store_errors
+        if not err:
+            steps = _steps_of(rows)
+            err.update(error=f"{type(e).__name__}: {e}", at_step=min(steps, default=None),
+                       time=time.time(), failed_commits=0)
+            with self._lock:
+                self.errors.append(RunStoreError(
+                    f"the run store {self.path} could not be written"
+                    + (f" at step {err['at_step']}" if steps else "") + f" ({err['error']}): "
+                    "statistics are dropped first; what could not be written is in "
+                    "run.meta['store_errors'] once the store takes it"))
+        err["failed_commits"] += 1
+        err["last_error"] = f"{type(e).__name__}: {e}"
+        self._store_errors_written = False
+
+    def _dropped(self, key: str, count: str, n: int, rows: list[tuple[str, Any]],
+                 e: BaseException | None = None) -> None:
+        """Note in ``store_errors[key]`` that ``n`` (``count``) of the steps of ``rows`` were
+        dropped; the first time rows (``e``: why) are dropped, an error says so."""
+        steps = _steps_of(rows)
+        d = self.store_errors.setdefault(key, {"from_step": None, "to_step": None, count: 0})
+        if e is not None and not d[count]:
+            with self._lock:
+                self.errors.append(RunStoreError(
+                    f"rows of the run store {self.path} are dropped"
+                    + (f" from step {min(steps)}" if steps else "")
+                    + f" ({type(e).__name__}: {e}); counted in run.meta['store_errors']"))
+        d[count] += n
+        if steps:
+            lo, hi = min(steps), max(steps)
+            d["from_step"] = lo if d["from_step"] is None else min(d["from_step"], lo)
+            d["to_step"] = hi if d["to_step"] is None else max(d["to_step"], hi)
+        self._store_errors_written = False
+
+    def _commit(self, pending: list[tuple[str, Any]]) -> None:
+        try:
+            gone = os.stat(self.path).st_ino != self._inode
+        except FileNotFoundError:
+            gone = True
+        if gone:  # SQLite would go on writing into the removed file, unseen
+            raise RunStoreError(f"{self.path} was deleted or replaced during the run")
+        if self._con is None:
+            self._con = sqlite3.connect(self._uri, uri=True)
+            self._con.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against kill
+        con = self._con
+        if not self._store_errors_written:
+            pending = pending + [("meta", [{"store_errors": self.store_errors}])]
+        try:
+            with con:
+                for table, rows in self._expand(pending):
+                    if table == "meta":
+                        for meta in rows:
+                            RunWriter._write_meta(con, meta)
+                        continue
+                    cols = COLUMNS[table]
+                    con.executemany(f"INSERT INTO {table} ({','.join(cols)}) "
+                                    f"VALUES ({','.join('?' * len(cols))})", rows)
+        except BaseException:
+            try:
+                con.rollback()
+            except sqlite3.Error:
+                pass
+            raise
+        self._store_errors_written = True
 
     def _expand(self, pending: list[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
         later: dict[Any, list[Any]] = {}  # make_rows -> its items, in order
@@ -352,16 +482,14 @@ class RunWriter:
                     break
                 yield from made
 
-    def _commit(self, con: sqlite3.Connection, pending: list[tuple[str, Any]]) -> None:
-        with con:
-            for table, rows in self._expand(pending):
-                if table == "meta":
-                    for meta in rows:
-                        RunWriter._write_meta(con, meta)
-                    continue
-                cols = COLUMNS[table]
-                con.executemany(f"INSERT INTO {table} ({','.join(cols)}) "
-                                f"VALUES ({','.join('?' * len(cols))})", rows)
+
+def _steps_of(rows: list[tuple[str, Any]]) -> list[int]:
+    """The steps of queued rows (a step table's first column is its step)."""
+    return [r[0] for table, rs in rows if table != "meta" for r in rs]
+
+
+def _count(rows: list[tuple[str, Any]]) -> int:
+    return sum(len(rs) for table, rs in rows if table != "meta")
 
 
 def thin(run_dir: str | Path, keep_every: int = 100, before_step: int | None = None,
