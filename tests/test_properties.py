@@ -3,11 +3,10 @@ documentation states them, and the run store's round trip (what is written is wh
 from __future__ import annotations
 
 import fnmatch
-import math
 import tempfile
 from pathlib import Path
 
-import pytest
+import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -110,42 +109,83 @@ def test_precision_names_are_canonical_whatever_their_case_and_spacing(name, pad
 
 
 FLOATS = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True, width=64))
-STEP_ROWS = st.lists(st.tuples(FLOATS, FLOATS, st.booleans(), st.integers(0, 10**6),
-                               st.floats(0, 1e3)), min_size=1, max_size=20)
+# pandas reads an integer column with NULLs as float64: exact up to 2**53
+INTS = st.one_of(st.none(), st.integers(-2**53, 2**53))
+COUNTS = st.integers(0, 2**53)
+STEPS = st.integers(0, 2**53)
+LAYERS = [(0, "", "Net", 0, None, 0, 0), (1, "fc", "Linear", 10, "float32", 1, 1),
+          (2, "head", "Linear", 3, "float32", 1, 1)]
+LAYER = st.integers(0, len(LAYERS) - 1)
+TEXT = st.text(max_size=12)
+OPT_TEXT = st.one_of(st.none(), TEXT)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(TEXT, kids, max_size=3),
+    max_leaves=8)
+
+# Every column drawn on its own, in the types the store declares.
+TABLES = st.fixed_dictionaries({
+    "steps": st.lists(st.tuples(STEPS, FLOATS, FLOATS, FLOATS, st.booleans(), st.booleans(), FLOATS,
+                                INTS, FLOATS, FLOATS), max_size=20, unique_by=lambda r: r[0]),
+    "layer_stats": st.lists(st.tuples(STEPS, LAYER, TEXT, OPT_TEXT, FLOATS, FLOATS, FLOATS, COUNTS,
+                                      COUNTS, COUNTS, COUNTS, COUNTS, COUNTS,
+                                      st.integers(1, 2**53)),
+                            max_size=10, unique_by=lambda r: r[:3]),
+    "overflows": st.lists(st.tuples(STEPS, LAYER, TEXT, TEXT, st.booleans(), INTS, st.booleans(),
+                                    st.one_of(st.none(), st.booleans())), max_size=6),
+    "dtypes": st.lists(st.tuples(STEPS, LAYER, TEXT, OPT_TEXT), max_size=6),
+    "policy_changes": st.lists(st.tuples(STEPS, LAYER, TEXT, TEXT), max_size=6),
+    "diagnostics": st.lists(st.tuples(STEPS, LAYER, TEXT, TEXT, FLOATS), max_size=6),
+    "meta": st.dictionaries(TEXT.map(lambda k: "x." + k), JSON, max_size=4),
+})
 
 
 def same(a, b) -> bool:
     """Equal, with NaN and None (SQL NULL) alike, as the store documents for missing values."""
-    na = a is None or (isinstance(a, float) and math.isnan(a))
-    nb = b is None or (isinstance(b, float) and math.isnan(b))
-    return (na and nb) or a == b
+    na, nb = pd.isna(a), pd.isna(b)
+    return (na and nb) or (not na and not nb and a == b)
+
+
+def same_rows(df: pd.DataFrame, want: list[tuple]) -> bool:
+    """The rows of a frame ``Run`` returns (without its rank column) are ``want``."""
+    got = df.drop(columns="rank", errors="ignore").values.tolist()
+    return len(got) == len(want) and all(
+        len(g) == len(w) and all(same(x, y) for x, y in zip(g, w)) for g, w in zip(got, want))
+
+
+def by_step(rows):
+    """Rows as a run reads them: by step, in the order written within a step."""
+    return sorted(rows, key=lambda r: r[0])
 
 
 @settings(max_examples=60, deadline=None)
-@given(STEP_ROWS, st.lists(st.tuples(st.integers(0, 2), st.sampled_from(PRECISIONS),
-                                     st.text(max_size=12)), max_size=5))
-def test_what_the_store_writes_is_what_a_run_reads(rows, changes):
-    layers = [(0, "", "Net", 0, None, 0, 0), (1, "fc", "Linear", 10, "float32", 1, 1),
-              (2, "head", "Linear", 3, "float32", 1, 1)]
+@given(TABLES)
+def test_what_the_store_writes_is_what_a_run_reads(t):
+    name = [layer[1] for layer in LAYERS]
     with tempfile.TemporaryDirectory() as d:
-        w = RunWriter(Path(d) / "run.db", {"status": "running", "every": 1}, layers,
+        w = RunWriter(Path(d) / "run.db", {"status": "running", "every": 1}, LAYERS,
                       flush_every_s=60)
-        steps = [(i, loss, scale, int(skipped), 0, t, samples, None, 0.0)
-                 for i, (loss, scale, skipped, samples, t) in enumerate(rows)]
-        w.put("steps", [(s[0], s[1], s[2], s[2], s[3], s[4], s[5], s[6], s[7], s[8]) for s in steps])
-        w.put("policy_changes", [(i, layer, p, rule) for i, (layer, p, rule) in enumerate(changes)])
-        w.set_meta(status="finished", note={"nested": [1, 2.5, None]})
+        for table in ("steps", "layer_stats", "overflows", "dtypes", "policy_changes",
+                      "diagnostics"):
+            w.put(table, [tuple(int(v) if isinstance(v, bool) else v for v in r)
+                          for r in t[table]])
+        w.set_meta(**t["meta"])
+        w.set_meta(status="finished")
         w.close()
         run = mpviz.load_run(d)
-        got = run.steps
-        assert got["step"].tolist() == list(range(len(rows)))
-        for (loss, scale, skipped, samples, t), (_, r) in zip(rows, got.iterrows()):
-            assert same(r["loss"], loss) and same(r["loss_scale"], scale)
-            assert same(r["loss_scale_after"], scale)
-            assert bool(r["skipped"]) == skipped and r["samples"] == samples
-            assert r["step_time_s"] == pytest.approx(t)
-        pc = run.policy_changes
-        assert pc[["step", "layer", "precision", "rule"]].values.tolist() == [
-            [i, layers[layer][1], p, rule] for i, (layer, p, rule) in enumerate(changes)]
-        assert run.meta["status"] == "finished" and run.meta["note"] == {"nested": [1, 2.5, None]}
+
+        assert same_rows(run.steps, by_step(t["steps"]))
+        stats = sorted(t["layer_stats"], key=lambda r: (r[0], r[1], r[2].encode()))
+        assert same_rows(run.layer_stats, [
+            (s, name[i], tensor, dtype, norm, mx, mn, zeros / n, nonfinite, u16 / n, o16 / n,
+             ub16 / n, ob16 / n, n)
+            for s, i, tensor, dtype, norm, mx, mn, zeros, nonfinite, u16, o16, ub16, ob16, n
+            in stats])
+        assert same_rows(run.overflows, [
+            (s, name[i], *rest) for s, i, *rest in by_step(t["overflows"])])
+        for table in ("dtypes", "policy_changes", "diagnostics"):
+            assert same_rows(getattr(run, table), [
+                (s, name[i], *rest) for s, i, *rest in by_step(t[table])])
+        meta = run.meta
+        assert {k: meta[k] for k in t["meta"]} == t["meta"] and meta["status"] == "finished"
         run.close()
