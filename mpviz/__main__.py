@@ -3,6 +3,7 @@
     python -m mpviz demo --task digits --precision fp16 --steps 200 --run-dir runs/demo
     python -m mpviz demo --task text --precision bf16 --policy 'head=fp32,blocks.*.ln*=fp32'
     python -m mpviz info runs/demo
+    python -m mpviz report runs/demo -o demo.html
 """
 from __future__ import annotations
 
@@ -112,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--apply", action="store_true",
                    help="send mpviz.advise's layers to the job recording RUN_DIR (a live run "
                         "recorded with Recorder(..., steerable=True)) as one mpviz.steer request")
+
+    r = sub.add_parser("report", help="write a run as one self-contained HTML file (plots, diagnosis, metadata)",
+                       description="Write one HTML file that opens offline in any browser: the loss, "
+                                   "loss scale, samples/s, dtype map, gradient heatmap, diagnosis and "
+                                   "metadata of a run, for a pull request, an issue or a chat.")
+    r.add_argument("run_dir", help="a run directory (holds run.db)")
+    r.add_argument("-o", "--output", default=None, help="the HTML file to write (default <run name>.html)")
     return p
 
 
@@ -305,6 +313,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write :func:`mpviz.report.write_report` of RUN_DIR to ``-o`` (exit 2 for no readable run)."""
+    if not (Path(args.run_dir) / "run.db").exists() and not Path(args.run_dir).is_file():
+        fail(f"no run at {args.run_dir!r} (expected {args.run_dir}/run.db)")
+    out = Path(args.output or f"{Path(args.run_dir).resolve().name}.html")
+    if out.is_dir():
+        fail(f"-o {str(out)!r} is a directory: give a file name, e.g. {out / 'report.html'}")
+    from mpviz.report import write_report
+    from mpviz.store import RunStoreError
+
+    try:
+        write_report(args.run_dir, out)
+    except (RunStoreError, OSError) as e:
+        fail(str(e))
+    print(f"wrote {out} ({out.stat().st_size / 2 ** 20:.1f} MB): open it in any browser, no server "
+          "or network needed")
+    return 0
+
+
 class UserError(Exception):
     """Something the user can fix: :func:`main` prints it as one line and returns 2."""
 
@@ -324,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_diagnose(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "report":
+            return cmd_report(args)
         return cmd_demo(args) if args.command == "demo" else cmd_info(args)
     except UserError as e:  # one line ``mpviz: error: ...``, exit status 2 (as argparse's)
         print(f"mpviz: error: {e}", file=sys.stderr)
