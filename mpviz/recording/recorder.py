@@ -56,7 +56,7 @@ from torch import nn
 from .. import compat, distributed, tree
 from ..run import Run
 from ..stats import ROW
-from ..store import RunWriter, db_path
+from ..store import RunStoreError, RunWriter, db_path
 from . import overflow
 from .activations import ForwardWatch, dtype_name
 from .diagnostics import attach_diagnostics
@@ -406,24 +406,30 @@ class Recorder:
                 return None
         return run
 
-    def _record_error(self, part: str, exc: BaseException) -> None:
+    def _record_error(self, part: str, exc: BaseException, internal: bool = True) -> None:
         self._broken.add(part)
         frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
         where = f"{Path(frame[0].filename).name}:{frame[0].lineno}" if frame else ""
         state = getattr(self, "_state", None)
         self._errors.append({"part": part, "step": state.index if state else None,
                              "error": f"{type(exc).__name__}: {exc}", "where": where})
-        warnings.warn(f"mpviz: recording of {part!r} stopped after an internal error "
-                      f"({type(exc).__name__}: {exc}); training goes on unchanged. Details in "
-                      "run.meta['recorder_errors']; please report it.", RuntimeWarning,
-                      stacklevel=3)
+        if internal:
+            msg = (f"recording of {part!r} stopped after an internal error ({type(exc).__name__}:"
+                   f" {exc}); training goes on unchanged. Details in run.meta['recorder_errors'];"
+                   " please report it.")
+        else:
+            msg = f"{exc}; training goes on unchanged."
+        warnings.warn(f"mpviz: {msg}", RuntimeWarning, stacklevel=3)
         if self._writer is not None:
             self._writer.set_meta(recorder_errors=list(self._errors))
 
     def _take_writer_errors(self) -> None:
         if self._writer is not None and self._writer.errors:
             for e in self._writer.take_errors():
-                self._record_error("statistics", e)
+                if isinstance(e, RunStoreError):  # the disk, not mpviz: said as it is
+                    self._record_error("store", e, internal=False)
+                else:
+                    self._record_error("statistics", e)
 
     # ----------------------------------------------------------------- the step's phases
     def _new_state(self, index: int) -> None:
