@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from torch import nn
 
+from mpviz.compat import named_modules
 from mpviz.precision.numerics import _FP8_DTYPE_NAME
 from mpviz.precision.rules import (
     PrecisionPolicy, _as_policy, _is_catch_all, _is_glob, _literal_chars, _matches, validate_rules,
@@ -47,7 +48,7 @@ def resolve_policy(model: nn.Module, policy: PrecisionPolicy | Mapping[str, str]
     order = {p: i for i, p in enumerate(rules)}
 
     names_of: dict[int, list[str]] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
+    for name, mod in named_modules(model, remove_duplicate=False):
         names_of.setdefault(id(mod), []).append(name)
 
     def own_rule(mod_names: list[str], is_root: bool) -> str | None:
@@ -71,7 +72,7 @@ def resolve_policy(model: nn.Module, policy: PrecisionPolicy | Mapping[str, str]
     # called (ModuleList, ModuleDict), never runs its hooks: its children run in the context
     # of whoever iterates it, so they are compared with that instead.
     context: dict[str, str | None] = {}
-    for name, mod in model.named_modules():  # pre-order: a parent comes before its children
+    for name, mod in named_modules(model):  # pre-order: a parent comes before its children
         names.append(name)
         modules[name] = mod
         all_names = names_of[id(mod)]

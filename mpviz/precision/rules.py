@@ -1,7 +1,9 @@
 """The rule language: precision names, ``{layer name or glob: precision}`` policies, and checks.
 
 A rule is an ``fnmatch`` glob (or an exact name) on ``model.named_modules()`` names; how rules
-combine is in :class:`PrecisionPolicy`.
+combine is in :class:`PrecisionPolicy`. On a compiled model the names are the user's own:
+``torch.compile`` wrappers (at the top or around a block) are looked through, without their
+``_orig_mod.`` (:func:`mpviz.compat.named_modules`).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from mpviz.compat import named_modules, user_module
 from mpviz.precision.numerics import check_supported
 
 __all__ = ["PRECISIONS", "canonical", "PrecisionPolicy", "validate_rules"]
@@ -166,16 +169,16 @@ def _no_match_error(pattern: str, all_names: list[str], model: nn.Module) -> Val
     what = "matches no layer" if _is_glob(pattern) else "is not a layer name"
     few = ", ".join(repr(n) for n in shown[:8]) + (", ..." if len(shown) > 8 else "")
     return ValueError(
-        f"Policy rule {pattern!r} {what} of {type(model).__name__}.{hint} "
-        f"Names are those of model.named_modules() (e.g. {few}); globs like 'blocks.*.attn' "
-        "match several, '*' sets the default."
+        f"Policy rule {pattern!r} {what} of {type(user_module(model)).__name__}.{hint} "
+        f"Names are those of model.named_modules(), behind any torch.compile wrapper (e.g. {few}); "
+        "globs like 'blocks.*.attn' match several, '*' sets the default."
     )
 
 
 def validate_rules(model: nn.Module, rules: Iterable[str], device_type: str | None = None,
                    precisions: Iterable[str] = ()) -> None:
     """Raise ValueError for a rule that matches no layer, or a precision the device cannot run."""
-    all_names = [n for n, _ in model.named_modules(remove_duplicate=False)]
+    all_names = [n for n, _ in named_modules(model, remove_duplicate=False)]
     for pattern in rules:
         if _is_catch_all(pattern):
             continue
