@@ -35,6 +35,27 @@ What each precision means for a layer (and everything inside it):
 Master weights stay fp32 and are never written: the fp8 weight is a rounded copy used for that
 forward only.
 
+Under ``torch.compile`` (``torch.compile(model)``, ``model.compile()``, blocks compiled one by
+one, a compiled function that calls the model; the policy applied before or after compiling):
+
+- Names are the user's own: compile wrappers and their ``_orig_mod.`` are looked through
+  (:func:`mpviz.compat.named_modules`), in rules, errors and :func:`explain_policy`.
+- A hooked layer's ``forward`` is wrapped (an instance attribute) so that its autocast is one
+  ``with`` block, which dynamo traces into the graph: no graph break, emulated fp8 included,
+  and a policy equal to the outer autocast compiles the very graphs the model alone does.
+- ``update()`` is applied at the start of the next forward, as in eager mode; compiled, while
+  dynamo traces that forward (the compiled code guards on the policy in force and on the
+  wrappers): one recompile per update, one graph with its backward; ``remove()`` one more.
+  Blocks compiled one by one keep sharing their compiled code.
+- Costs: ``torch.compile(model)`` runs the root's own hooks outside the model's compiled
+  forward, as small functions of their own: a root in fp8, or in fp16/bf16 without an outer
+  autocast, adds one small graph (its input or output cast). Dynamo keeps at most
+  ``torch._dynamo.config.recompile_limit`` (8) compiled versions of one function and then runs
+  it eagerly (torch warns): a policy changed more often than that on one compiled model needs a
+  higher limit. An ``nn.Sequential`` (a model whose own forward is torch's) handed to
+  ``torch.compile`` while a policy is on runs eagerly after ``remove()``: torch.compile chose how
+  to run it when it was made; compile it again.
+
 Where things are: ``rules.py`` (precision names, :class:`PrecisionPolicy`, checking rules
 against a model), ``resolve.py`` (the precision each layer gets and where hooks go),
 ``numerics.py`` (what the device can run, fp8 rounding), ``handle.py`` (the hooks:

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import functools
 import threading
+import types
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from mpviz import tree
-from mpviz.compat import autocast_state
-from mpviz.precision.numerics import _AUTOCAST_DTYPE, _to_fp32, check_supported, round_fp8
+from mpviz.compat import autocast_state, is_compiling, user_module
+from mpviz.precision.numerics import _AUTOCAST_DTYPE, _FP8_DTYPE_NAME, _to_fp32, check_supported, round_fp8
 from mpviz.precision.resolve import _explain_frame, resolve_policy
 from mpviz.precision.rules import PrecisionPolicy, _as_policy, canonical, validate_rules
 
@@ -22,16 +23,7 @@ __all__ = ["Change", "PolicyHandle", "apply_policy", "explain_policy"]
 Change = tuple[str, "str | None", "str | None"]  # (layer, precision, rule)
 
 
-class _Frame:
-    """What one hooked call entered, so the matching forward hook can undo exactly that."""
-
-    __slots__ = ("module", "autocast", "params", "upcast")
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.autocast: Any = None
-        self.params: dict[str, torch.Tensor] | None = None
-        self.upcast = False
+_MISSING = object()
 
 
 def _move_hook_last(module: nn.Module, hook: Callable[..., Any]) -> None:
@@ -48,8 +40,12 @@ def _move_hook_last(module: nn.Module, hook: Callable[..., Any]) -> None:
 class PolicyHandle:
     """A policy applied to a model. Change it live with :meth:`update`; undo it with :meth:`remove`.
 
-    Hooks are kept here, not on the modules: after ``remove()`` the model has no hooks and no
+    Each hooked layer gets a forward pre-hook, a forward hook (fp16/bf16) and its ``forward``
+    wrapped (an instance attribute) to run inside the policy's autocast; the root always has
+    them. The handle keeps track of them all: after ``remove()`` the model has no hooks and no
     extra attributes left, and computes bit-identical outputs.
+
+    Under ``torch.compile`` (see the package docstring) all of it is traced into the graph.
 
         >>> import torch
         >>> from torch import nn
@@ -70,21 +66,26 @@ class PolicyHandle:
             check_supported(precision, device_type)
         self._policy = policy
         self._resolved = resolve_policy(model, policy)
+        self._root = user_module(model)  # hooks go on the user's modules, behind compile wrappers
+        self._root_precision = self._resolved.decisions[""].precision  # read by the root's hooks
         self._lock = threading.Lock()
         self._pending: PrecisionPolicy | None = None  # the next policy, set by update()
+        # The policy in force, or "pending": compiled code guards on it (see _apply_pending_now).
+        self._updates = repr(policy.rules)
         self._listeners: list[Callable[[list[Change]], None]] = []
-        self._tls = threading.local()  # per-thread stack of _Frame
+        self._tls = threading.local()  # per thread: how many autocasts of ours are open
         self._hooks: list[Any] = []
+        self._wrapped: list[tuple[nn.Module, Any, Any]] = []  # (module, our forward, its previous)
         self._removed = False
-        # The root always carries one hook pair: it applies pending updates at the start of
-        # every forward and sets the root's precision. prepend=True: our cast happens before
-        # other pre-hooks look at the inputs, and our autocast state is left before other
-        # forward hooks (e.g. a recorder's statistics) run.
+        # The root always carries its hooks and forward wrapper: they apply pending updates at
+        # the start of every forward and set the root's precision, read when it runs.
+        # prepend=True: our cast happens before other pre-hooks look at the inputs.
+        root = self._root
         self._root_hooks = [
-            model.register_forward_pre_hook(self._root_pre, with_kwargs=True, prepend=True),
-            model.register_forward_hook(self._post, always_call=True, prepend=True),
-            model.register_forward_hook(self._upcast),
+            root.register_forward_pre_hook(self._root_pre, with_kwargs=True, prepend=True),
+            root.register_forward_hook(self._upcast),
         ]
+        self._wrap_forward(root, None)
         self._install()
 
     # -- public API ---------------------------------------------------------------------
@@ -102,7 +103,8 @@ class PolicyHandle:
 
         Checked here, in the caller's thread (unknown layer, pattern matching nothing,
         precision the device cannot run, removing a rule that does not exist: ValueError),
-        and applied at the start of the model's next forward, on the training thread.
+        and applied at the start of the model's next forward, on the training thread. On a
+        compiled model that forward recompiles once (the compiled code guards on the updates).
         """
         if self._removed:
             raise RuntimeError("This policy was removed; call apply_policy(model, policy) again.")
@@ -114,6 +116,7 @@ class PolicyHandle:
             # compose in order (set then remove, remove then set) and none is lost.
             base = self._pending if self._pending is not None else self._policy
             self._pending = base.merged(changes)  # raises for removing a rule that is not there
+            self._updates = "pending"
 
     def apply_pending(self) -> list[Change]:
         """Apply queued updates now (call on the training thread, between forwards)."""
@@ -124,6 +127,8 @@ class PolicyHandle:
             old = self._resolved
             self._policy = pending
             self._resolved = resolve_policy(self.model, self._policy)
+            self._root_precision = self._resolved.decisions[""].precision
+            self._updates = repr(self._policy.rules)
             self._uninstall()
             self._install()
             listeners = list(self._listeners)
@@ -153,7 +158,7 @@ class PolicyHandle:
 
         ``changes`` is a list of ``(layer, precision, rule)``; ``precision`` None means the layer
         went back to the caller's autocast. Listeners run on the training thread, inside the
-        model's forward pre-hook, so they must be quick.
+        model's forward pre-hook (on a compiled model: while it is traced), so they must be quick.
         """
         with self._lock:
             self._listeners.append(fn)
@@ -175,6 +180,7 @@ class PolicyHandle:
         for h in self._root_hooks:
             h.remove()
         self._root_hooks = []
+        _unwrap_forward(*self._wrapped.pop())
         self._pending = None
 
     def __enter__(self) -> "PolicyHandle":
@@ -184,8 +190,8 @@ class PolicyHandle:
         self.remove()
 
     def __repr__(self) -> str:
-        state = "removed" if self._removed else f"{len(self._hooks) // 2} hooked layers"
-        return f"<PolicyHandle {self._policy!r} on {type(self.model).__name__} ({state})>"
+        state = "removed" if self._removed else f"{len(self._wrapped) - 1} hooked layers"
+        return f"<PolicyHandle {self._policy!r} on {type(self._root).__name__} ({state})>"
 
     # -- hooks --------------------------------------------------------------------------
 
@@ -195,96 +201,143 @@ class PolicyHandle:
             precision = self._resolved.decisions[name].precision
             pre = functools.partial(self._pre, precision=precision)
             self._hooks.append(mod.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
-            self._hooks.append(mod.register_forward_hook(self._post, always_call=True, prepend=True))
             if precision in _AUTOCAST_DTYPE:
                 self._hooks.append(mod.register_forward_hook(self._upcast))
+            self._wrap_forward(mod, precision)
 
     def _uninstall(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        for wrapped in self._wrapped[1:]:  # the root's stays until remove()
+            _unwrap_forward(*wrapped)
+        del self._wrapped[1:]
 
-    def _stack(self) -> list[_Frame]:
-        stack = getattr(self._tls, "stack", None)
-        if stack is None:
-            stack = self._tls.stack = []
-        return stack
+    def _wrap_forward(self, module: nn.Module, precision: str | None) -> None:
+        # The layer's own forward runs inside our autocast, a `with` block in one function,
+        # which torch.compile traces (an autocast entered in a pre-hook and left in a forward
+        # hook breaks the graph). An instance attribute, so compiled code guards on it: a new
+        # wrapper recompiles. A bound method: compiled code guards on its function (one for
+        # all), not on the object, so blocks of one class share compiled code (per-block
+        # compile). precision None: the root's, read at each call.
+        forward = types.MethodType(_run_forward, (self, module.forward, module, precision))
+        self._wrapped.append((module, forward, module.__dict__.get("forward", _MISSING)))
+        module.__dict__["forward"] = forward
 
-    def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if self._pending is not None:  # cheap unlocked peek; apply_pending takes the lock
-            self.apply_pending()
-        precision = self._resolved.decisions[""].precision
+    def _forward(self, forward: Callable[..., Any], module: nn.Module, precision: str | None,
+                 *args: Any, **kwargs: Any) -> Any:
         if precision is None:
-            self._stack().append(_Frame(module))  # keeps push/pop paired with _post
-            return None
-        return self._pre(module, args, kwargs, precision=precision)
-
-    def _pre(self, module: nn.Module, args: tuple, kwargs: dict, *, precision: str) -> tuple[tuple, dict]:
-        # Push before anything that can raise: on an exception the always_call forward hook
-        # pops this frame and undoes whatever was entered so far.
-        frame = _Frame(module)
-        self._stack().append(frame)
+            precision = self._root_precision
+            if precision is None:
+                return forward(*args, **kwargs)
+        enabled, current = autocast_state(self.device_type)
         if precision in _AUTOCAST_DTYPE:
-            # Outside any autocast, the code around this layer is plain fp32 and would fail on
-            # (or silently compute in) fp16/bf16 tensors: its outputs are cast back to fp32 as
-            # they leave it, by _upcast, which runs after every other forward hook so that
-            # observers still see the dtype the layer computed in.
-            enabled, current = autocast_state(self.device_type)
             dtype = _AUTOCAST_DTYPE[precision]
             if enabled and current == dtype:
                 # Already in force: a nested autocast would change nothing but the weight-cast
                 # cache, and with it the numbers (a weight used twice would be cast twice and
                 # its gradient summed in fp32), so a policy equal to the outer autocast computes
                 # exactly what the autocast alone does.
-                return args, kwargs
-            frame.upcast = not enabled
-            if frame.upcast:
-                _move_hook_last(module, self._upcast)
+                return forward(*args, **kwargs)
             # autocast's weight-cast cache is keyed by the weight alone, so inside an outer fp16
             # region a bf16 layer would be handed the cached fp16 copy: the cache is on only
             # where no autocast of ours is open around this one (as a plain autocast would be).
-            outermost = not enabled and all(f.autocast is None for f in self._stack()[:-1])
-            frame.autocast = torch.autocast(self.device_type, dtype=dtype,
-                                            cache_enabled=outermost)
-            frame.autocast.__enter__()
-            return args, kwargs
-        frame.autocast = torch.autocast(self.device_type, enabled=False)
-        frame.autocast.__enter__()
+            # Compiled code has no such cache (nor do we count there).
+            compiling = is_compiling()
+            outermost = not enabled and (compiling or not getattr(self._tls, "open", 0))
+            ctx = torch.autocast(self.device_type, dtype=dtype, cache_enabled=outermost)
+        else:
+            compiling = is_compiling()
+            ctx = torch.autocast(self.device_type, enabled=False)
+        if not compiling:
+            self._tls.open = getattr(self._tls, "open", 0) + 1
+        originals: dict[str, torch.Tensor] = {}
+        try:
+            if precision in _FP8_DTYPE_NAME:
+                # Emulated fp8: the rounded weight is put in the module's parameter slot for
+                # this forward only; the master Parameter is never written and goes back below.
+                originals = {k: p for k, p in module._parameters.items()
+                             if p is not None and p.is_floating_point()}
+                for k, p in originals.items():
+                    module._parameters[k] = round_fp8(p, precision)  # type: ignore[assignment]
+            with ctx:
+                return forward(*args, **kwargs)
+        finally:
+            module._parameters.update(originals)
+            if not compiling:
+                self._tls.open -= 1
+
+    def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        _apply_pending_now(self)
+        _in_force(self._updates)
+        if self._root_precision is None:
+            return None
+        return self._pre(module, args, kwargs, precision=self._root_precision)
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict, *, precision: str
+             ) -> tuple[tuple, dict] | None:
+        if precision in _AUTOCAST_DTYPE:
+            # Outside any autocast, the code around this layer is plain fp32 and would fail on
+            # (or silently compute in) fp16/bf16 tensors: its outputs are cast back to fp32 as
+            # they leave it, by _upcast, which runs after every other forward hook so that
+            # observers still see the dtype the layer computed in.
+            if not is_compiling() and not autocast_state(self.device_type)[0]:
+                _move_hook_last(module, self._upcast)
+            return None
         if precision == "fp32":
             return tree.map_floats(_to_fp32, args), tree.map_floats(_to_fp32, kwargs)
-        # Emulated fp8: round inputs and this module's own parameters. The rounded weight is
-        # put in the module's parameter slot for this forward only; the master Parameter is
-        # never written and goes back in the forward hook.
+        # Emulated fp8: inputs are rounded here, the module's own parameters in _forward.
         rnd = functools.partial(round_fp8, precision=precision)
-        originals = {k: p for k, p in module._parameters.items() if p is not None and p.is_floating_point()}
-        if originals:
-            frame.params = originals
-            for k, p in originals.items():
-                module._parameters[k] = rnd(p)  # type: ignore[assignment]
         return tree.map_floats(rnd, args), tree.map_floats(rnd, kwargs)
 
-    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
-        stack = self._stack()
-        if not stack or stack[-1].module is not module:
-            return  # our pre-hook never ran for this call (an earlier hook raised)
-        frame = stack.pop()
-        if frame.params:
-            module._parameters.update(frame.params)
-        if frame.autocast is not None:
-            frame.autocast.__exit__(None, None, None)
-        self._upcasts()[id(module)] = frame.upcast
-
-    def _upcasts(self) -> dict[int, bool]:
-        pending = getattr(self._tls, "upcasts", None)
-        if pending is None:
-            pending = self._tls.upcasts = {}
-        return pending
-
     def _upcast(self, module: nn.Module, args: Any, output: Any) -> Any:
-        # Set by _post of this very call (nothing runs in between but other forward hooks).
-        if self._upcasts().pop(id(module), False):
-            return tree.map_floats(_to_fp32, output)
-        return None
+        # On the layers in fp16/bf16 (and the root): outside any autocast, outputs leave in fp32.
+        if module is self._root and self._root_precision not in _AUTOCAST_DTYPE:
+            return None
+        if autocast_state(self.device_type)[0]:
+            return None
+        return tree.map_floats(_to_fp32, output)
+
+
+def _unwrap_forward(module: nn.Module, ours: Any, previous: Any) -> None:
+    if module.__dict__.get("forward") is not ours:
+        return  # replaced since by someone else: leave theirs
+    if previous is _MISSING:
+        del module.__dict__["forward"]
+    else:
+        module.__dict__["forward"] = previous
+
+
+def _run_forward(bound: tuple, *args: Any, **kwargs: Any) -> Any:
+    handle, forward, module, precision = bound
+    return handle._forward(forward, module, precision, *args, **kwargs)
+
+
+# Under torch.compile the root's pre-hook is traced too (inside the compiled forward, or as a
+# frame of its own when torch.compile(model) runs the root's hooks outside it): updates are
+# applied while dynamo traces, so the graph never breaks. These two functions are marked as
+# having a constant result: dynamo calls them while it traces and keeps them out of the graph.
+
+def _apply_pending_now(handle: PolicyHandle) -> bool:
+    """Apply ``handle``'s pending update, if any: eagerly at the start of a forward, or when
+    compiled, while dynamo traces it (the code traced after this sees the new policy)."""
+    if handle._pending is not None:  # cheap unlocked peek; apply_pending takes the lock
+        handle.apply_pending()
+    return True
+
+
+def _in_force(updates: str) -> bool:
+    """Nothing eagerly. Compiled, dynamo guards on ``updates``, which is ``"pending"`` from an
+    ``update()`` until it is applied and then the rules in force: the code compiled for one
+    policy is reused while it is in force (and again if the recorder applies it eagerly later),
+    and an update makes it recompile once, applying the update while tracing."""
+    return True
+
+
+# What torch.compiler.assume_constant_result does, without importing dynamo here (seconds).
+# Should torch drop the mark, these calls are traced: still correct, and a graph break.
+_apply_pending_now._dynamo_marked_constant = True  # type: ignore[attr-defined]
+_in_force._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _infer_device_type(model: nn.Module) -> str:
