@@ -167,7 +167,7 @@ def train(model, opt, steps, seen, dtypes):
 
 def test_an_update_between_steps_recompiles_once_and_remove_restores_the_autocast():
     """bf16 everywhere (as the outer autocast), compiled, 2 steps; fc2 to fp32, 2 steps; the
-    policy removed, 1 step. Each change compiles one new graph (its backward included), no
+    policy removed, 1 step. Each new policy compiles one new graph (its backward included), no
     graph breaks; the update is applied while dynamo traces the forward that follows it."""
     fresh_dynamo()
     model = MLP()
@@ -184,10 +184,19 @@ def test_an_update_between_steps_recompiles_once_and_remove_restores_the_autocas
     train(compiled, opt, 2, seen, dtypes)
     assert handle.effective()["fc2"] == ("fp32", "fc2")
     assert counts() == (0, 2)
+    # Back, applied eagerly between steps (as the recorder's steering does); then fp32 again: the code
+    # compiled for each policy is reused (a graph per policy, not per update).
+    handle.update({"fc2": None})
+    handle.apply_pending()
+    train(compiled, opt, 1, seen, dtypes)
+    handle.update({"fc2": "fp32"})
+    train(compiled, opt, 1, seen, dtypes)
+    assert counts() == (0, 2)
     handle.remove()
     train(compiled, opt, 1, seen, dtypes)
     assert counts() == (0, 3)
-    assert dtypes == [torch.bfloat16] * 2 + [torch.float32] * 2 + [torch.bfloat16]
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert dtypes == [bf16, bf16, fp32, fp32, bf16, fp32, bf16]
     assert all(not m._forward_pre_hooks and "forward" not in vars(m) for m in model.modules())
 
 

@@ -158,7 +158,9 @@ class PolicyHandle:
 
         ``changes`` is a list of ``(layer, precision, rule)``; ``precision`` None means the layer
         went back to the caller's autocast. Listeners run on the training thread, inside the
-        model's forward pre-hook (on a compiled model: while it is traced), so they must be quick.
+        model's forward pre-hook, so they must be quick. On a compiled model that forward may be
+        traced: they then run once, while dynamo traces it, as plain Python (though
+        ``torch.compiler.is_compiling()`` is True), unless ``apply_pending()`` ran before it.
         """
         with self._lock:
             self._listeners.append(fn)
@@ -269,7 +271,7 @@ class PolicyHandle:
 
     def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         _apply_pending_now(self)
-        _in_force(self._updates)
+        _in_force(self, self._updates)
         if self._root_precision is None:
             return None
         return self._pre(module, args, kwargs, precision=self._root_precision)
@@ -326,12 +328,14 @@ def _apply_pending_now(handle: PolicyHandle) -> bool:
     return True
 
 
-def _in_force(updates: str) -> bool:
-    """Nothing eagerly. Compiled, dynamo guards on ``updates``, which is ``"pending"`` from an
-    ``update()`` until it is applied and then the rules in force: the code compiled for one
-    policy is reused while it is in force (and again if the recorder applies it eagerly later),
-    and an update makes it recompile once, applying the update while tracing."""
-    return True
+def _in_force(handle: PolicyHandle, updates: str) -> bool:
+    """Compiled, dynamo guards on ``updates``: ``"pending"`` from an ``update()`` until it is
+    applied, then the rules in force. The code compiled for a policy is reused while it is in
+    force (and again if the recorder applies it eagerly later); an update makes it recompile
+    once, applying the update while tracing. An update that comes in from another thread
+    between the two calls is applied here too (then the guard, "pending", costs one more
+    recompile), so that no code is ever compiled for one policy and guarded as another."""
+    return _apply_pending_now(handle)
 
 
 # What torch.compiler.assume_constant_result does, without importing dynamo here (seconds).
