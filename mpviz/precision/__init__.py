@@ -41,12 +41,14 @@ one, a compiled function that calls the model; the policy applied before or afte
 - Names are the user's own: compile wrappers and their ``_orig_mod.`` are looked through
   (:func:`mpviz.compat.named_modules`), in rules, errors and :func:`explain_policy`.
 - A hooked layer's ``forward`` is wrapped (an instance attribute) so that its autocast is one
-  ``with`` block, which dynamo traces into the graph: no graph break, emulated fp8 included,
-  and a policy equal to the outer autocast compiles the very graphs the model alone does.
+  ``with`` block, which dynamo traces into the graph: no graph break, emulated fp8 included;
+  the model compiles into as many graphs as without the policy.
 - ``update()`` is applied at the start of the next forward, as in eager mode; compiled, while
   dynamo traces that forward (the compiled code guards on the policy in force and on the
-  wrappers): one recompile per update, one graph with its backward; ``remove()`` one more.
-  Blocks compiled one by one keep sharing their compiled code.
+  wrappers): at most one recompile per update, one graph with its backward (a policy in force
+  before is reused when the update was applied eagerly, e.g. by the recorder's steering, or
+  when the root's hooks run outside the compiled forward); ``remove()`` one more. Blocks
+  compiled one by one keep sharing their compiled code.
 - Costs: ``torch.compile(model)`` runs the root's own hooks outside the model's compiled
   forward, as small functions of their own: a root in fp8, or in fp16/bf16 without an outer
   autocast, adds one small graph (its input or output cast). Dynamo keeps at most

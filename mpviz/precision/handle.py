@@ -233,6 +233,7 @@ class PolicyHandle:
             if precision is None:
                 return forward(*args, **kwargs)
         enabled, current = autocast_state(self.device_type)
+        compiling = is_compiling()
         if precision in _AUTOCAST_DTYPE:
             dtype = _AUTOCAST_DTYPE[precision]
             if enabled and current == dtype:
@@ -245,11 +246,9 @@ class PolicyHandle:
             # region a bf16 layer would be handed the cached fp16 copy: the cache is on only
             # where no autocast of ours is open around this one (as a plain autocast would be).
             # Compiled code has no such cache (nor do we count there).
-            compiling = is_compiling()
             outermost = not enabled and (compiling or not getattr(self._tls, "open", 0))
             ctx = torch.autocast(self.device_type, dtype=dtype, cache_enabled=outermost)
         else:
-            compiling = is_compiling()
             ctx = torch.autocast(self.device_type, enabled=False)
         if not compiling:
             self._tls.open = getattr(self._tls, "open", 0) + 1
@@ -282,7 +281,8 @@ class PolicyHandle:
             # Outside any autocast, the code around this layer is plain fp32 and would fail on
             # (or silently compute in) fp16/bf16 tensors: its outputs are cast back to fp32 as
             # they leave it, by _upcast, which runs after every other forward hook so that
-            # observers still see the dtype the layer computed in.
+            # observers still see the dtype the layer computed in (compiled: hooks run in the
+            # order they had when traced).
             if not is_compiling() and not autocast_state(self.device_type)[0]:
                 _move_hook_last(module, self._upcast)
             return None
