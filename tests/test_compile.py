@@ -223,3 +223,31 @@ def test_a_shadow_asked_of_a_compiled_model_is_refused_aloud(tmp_path):
         rec = mpviz.Recorder(torch.compile(model), run_dir=tmp_path / "r", shadow=["0"]).attach()
     rec.close()
     assert "compiled" in mpviz.load_run(tmp_path / "r").meta["shadow_unavailable"]
+
+
+def test_a_policy_changed_while_a_compiled_model_trains_is_recorded_and_honoured(tmp_path):
+    """``rec.set_precision`` on a compiled model: the change is in run.policy_changes, the layer's
+    recorded output dtype follows it, and nothing breaks the graph."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    model = _seq()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with mpviz.Recorder(torch.compile(model), optimizer=opt, run_dir=tmp_path / "r", every=1,
+                        policy={"*": "bf16"}) as rec:
+        for step, batch in enumerate(_batches("seq") * 2):
+            if step == 2:
+                rec.set_precision({"3": "fp32"})
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = _loss(rec.model, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            rec.step(loss=loss)
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
+    run = mpviz.load_run(tmp_path / "r")
+    assert not run.meta.get("recorder_errors")
+    ch = run.policy_changes
+    assert ch[(ch.layer == "3") & (ch.precision == "fp32")]["step"].tolist() == [2]
+    d = run.dtypes.query("layer == '3' and tensor == 'output'").set_index("step")["dtype"]
+    assert d.loc[:1].tolist()[-1] == "bfloat16" and d.loc[2:].tolist()[-1] == "float32"

@@ -311,7 +311,9 @@ class Recorder:
 
             self.policy = apply_policy(model, policy, device_type=self.device.type)
             undo.callback(self._drop_policy)
-            self.policy.add_listener(self._contained("policy", self._on_policy_change))
+            # (policy changes may be applied while dynamo traces a compiled model: run anyway)
+            self.policy.add_listener(self._contained("policy", self._on_policy_change,
+                                                     traced=True))
         if self.steerable:
             from .steering import Steering
 
@@ -391,11 +393,11 @@ class Recorder:
         self.policy.update(rules)
 
     # ----------------------------------------------------------------- errors stay inside
-    def _contained(self, part: str, fn: Callable) -> Callable:
+    def _contained(self, part: str, fn: Callable, traced: bool = False) -> Callable:
         """``fn``, with any exception recorded (once per part) instead of raised; a part that
         failed stops recording, and training goes on."""
         def run(*args: Any, **kwargs: Any) -> Any:
-            if compat.is_compiling():
+            if not traced and compat.is_compiling():
                 return None  # traced into compiled code: nothing (a clock or RNG read would break the graph)
             if part in self._broken:
                 return None
