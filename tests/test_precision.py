@@ -577,3 +577,19 @@ def test_a_whole_model_policy_computes_exactly_what_autocast_does(dtype, name):
     for arm in ("policy", "both"):
         assert len(grads[arm]) == len(grads["autocast"]) > 0
         assert all(torch.equal(a, b) for a, b in zip(grads["autocast"], grads[arm])), arm
+
+
+def test_a_model_under_a_policy_can_be_deep_copied():
+    """An EMA copy or a checkpoint deepcopy while a policy is on: the copy computes what the
+    model computes (a policy's lock is not copied)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    handle = apply_policy(model, {"*": "bf16", "0": "fp32"})
+    twin = copy.deepcopy(model)
+    x = torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.float16):
+        a, b = model(x), twin(x)
+    assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b)
+    handle.remove()

@@ -173,6 +173,11 @@ class PolicyHandle:
             if fn in self._listeners:
                 self._listeners.remove(fn)
 
+    def __deepcopy__(self, memo: dict) -> "PolicyHandle":
+        # A copy of a model under a policy (an EMA copy, a shadow) refers to this same handle:
+        # it holds a lock and the original modules, neither of which can be copied.
+        return self
+
     def remove(self) -> None:
         """Take every hook off the model; idempotent. Queued updates are dropped."""
         if self._removed:

@@ -76,20 +76,29 @@ class LostUpdates:
 
 
 def _bare_fp32_copy(module: nn.Module) -> nn.Module:
-    """An fp32 copy of ``module`` with no hooks (ours, the policy's, the user's), not requiring
-    grad. The hooks are taken off the original for the time of the copy and put back."""
+    """An fp32 copy of ``module`` with no hooks (ours, the policy's, the user's) and no policy
+    ``forward`` wrapper, not requiring grad. They are taken off the original for the time of the
+    copy and put back."""
     saved = []
     for m in module.modules():
-        hooks = {k: v for k, v in vars(m).items() if "hooks" in k and isinstance(v, dict)}
-        saved.append((m, hooks))
-        for k, v in hooks.items():
-            setattr(m, k, type(v)())
+        # hooks, and an instance `forward` (a precision policy's wrapper)
+        taken = {k: v for k, v in vars(m).items()
+                 if ("hooks" in k and isinstance(v, dict)) or k == "forward"}
+        saved.append((m, taken))
+        for k, v in taken.items():
+            if k == "forward":
+                del m.__dict__[k]
+            else:
+                setattr(m, k, type(v)())
     try:
         c = copy.deepcopy(module)
     finally:
-        for m, hooks in saved:
-            for k, v in hooks.items():
-                setattr(m, k, v)
+        for m, taken in saved:
+            for k, v in taken.items():
+                if k == "forward":
+                    m.__dict__[k] = v
+                else:
+                    setattr(m, k, v)
     c.float().requires_grad_(False)
     for p in c.parameters():
         p.grad = None
