@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
+from mpviz import __version__, serve
+
 TASK_NAMES = ("digits", "text", "mlp")  # mirrors mpviz.demos.TASKS without importing torch for --help
 EXPORT_FORMATS = ("tensorboard", "csv", "parquet")  # mirrors mpviz.integrations.export.FORMATS
 PRECISION_NAMES = ("fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2")
@@ -77,7 +79,9 @@ def _positive_float(value: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpviz", description="Record and inspect mixed-precision training.")
+    p.add_argument("--version", action="version", version=f"mpviz {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    serve.add_parsers(sub)   # lab, explore, compare, tour: serve an app with Voila
 
     d = sub.add_parser("demo", help="train and record one demo task",
                        description="Train a demo task for a few steps and record it with mpviz.Recorder.")
@@ -347,6 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)  # bad arguments: argparse's usage + error, exit 2
     try:
+        if args.command in serve.APPS:
+            try:
+                return serve.command(args)
+            except serve.Refused as e:
+                fail(str(e))
         if args.command == "diagnose":
             return cmd_diagnose(args)
         if args.command == "export":
