@@ -135,3 +135,61 @@ def test_bad_demo_arguments_are_argparse_errors(args, words, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("mpviz demo: error: argument ")
     assert all(w in last for w in words), last
+
+
+# ---------------------------------------------------------------- mpviz lab | explore | compare | tour
+# (serving them, from the wheel and in Chromium: tests/test_serve.py)
+def test_version_is_the_package_version(tmp_path):
+    res = cli("--version", cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.strip() == f"mpviz {mpviz.__version__}"
+
+
+def test_app_commands_refuse_what_they_cannot_serve(tmp_path, fp16_run):
+    """Checked before any server starts: one line, exit status 2."""
+    user_error(cli("explore", "nowhere", cwd=tmp_path), "no such folder: 'nowhere'")
+    user_error(cli("compare", str(fp16_run), str(tmp_path), cwd=tmp_path), "not runs", str(tmp_path))
+    user_error(cli("lab", "--model", "mypkg.train", cwd=tmp_path), "write MODULE:FUNCTION")
+    user_error(cli("lab", "--model", "nopkg.train:lab_parts", cwd=tmp_path), "no module 'nopkg.train'")
+    import socket
+
+    with socket.socket() as s:   # a port in use is refused, not silently moved
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        user_error(cli("tour", "--no-browser", "--port", str(s.getsockname()[1]), cwd=tmp_path),
+                   "is in use")
+
+
+def test_app_commands_tell_the_notebooks_what_to_show(tmp_path, fp16_run, monkeypatch):
+    """What each command puts in the environment, and what the notebook makes of it."""
+    import argparse
+
+    from mpviz import serve
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    explore = serve._explore_env(argparse.Namespace(path=str(fp16_run)))   # one run: opened
+    assert explore == {"MPVIZ_RUNS_DIR": str(fp16_run.parent), "MPVIZ_RUN": str(fp16_run)}
+    assert serve._explore_env(argparse.Namespace(path=str(fp16_run.parent))) == {
+        "MPVIZ_RUNS_DIR": str(fp16_run.parent)}                             # a folder of runs
+    other = record_demo(tmp_path / "more" / "fp32", task="mlp", precision="fp32", steps=2)
+    compare = serve._compare_env(argparse.Namespace(paths=[str(fp16_run), str(other)]))
+    assert compare["MPVIZ_RUNS_DIR"] == os.path.commonpath([fp16_run, other])
+    (tmp_path / "cli_userpkg").mkdir()   # a name no other test imports
+    (tmp_path / "cli_userpkg" / "__init__.py").write_text("")
+    (tmp_path / "cli_userpkg" / "train.py").write_text(
+        "from mpviz.demos import demo_parts\n\ndef lab_parts():\n    return demo_parts('mlp')\n")
+    lab = serve._lab_env(argparse.Namespace(runs_dir="runs", model="cli_userpkg.train:lab_parts"))
+    assert lab == {"MPVIZ_RUNS_DIR": str(tmp_path / "runs"), "MPVIZ_LAB_MODEL": "cli_userpkg.train:lab_parts"}
+
+    monkeypatch.chdir(ROOT)   # the kernel starts elsewhere; MPVIZ_CWD brings it back
+    for key, value in {**explore, **compare, **lab, "MPVIZ_CWD": str(tmp_path)}.items():
+        monkeypatch.setenv(key, value)
+    assert serve.from_env("explorer") == {"run_dir": str(fp16_run)}
+    assert serve.from_env("compare") == {"runs": [str(fp16_run), str(other)]}
+    parts = serve.from_env("lab")
+    sys.modules.pop("cli_userpkg.train"), sys.modules.pop("cli_userpkg")
+    assert Path.cwd() == tmp_path
+    assert {"model", "optimizer", "loss_fn", "data"} <= set(parts) and "meta" not in parts
+    for key in ("MPVIZ_RUN", "MPVIZ_COMPARE", "MPVIZ_LAB_MODEL", "MPVIZ_CWD"):
+        monkeypatch.delenv(key)
+    assert serve.from_env("lab") == serve.from_env("explorer") == serve.from_env("compare") == {}
