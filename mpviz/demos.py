@@ -30,6 +30,7 @@ import math
 import os
 import threading
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -387,16 +388,28 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
                "_backward_pre_hooks")
 
 
+_DROPPED = object()
+
+
 def copy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)`` without any module hooks (a recorder's or a policy's are attached
-    while the lab trains; a copy must carry none of them, nor the objects they belong to)."""
+    """``copy.deepcopy(model)`` without any module hooks or ``forward`` wrappers that belong to
+    another object (a recorder's hooks and a precision policy's hooks and wrapped forwards are
+    attached while the lab trains; a copy must carry none of them, nor the objects they belong
+    to). A ``forward`` bound to the module itself (a user's own) is kept."""
     memo: dict[int, Any] = {}
     for m in model.modules():
         for name in _HOOK_DICTS:
             d = getattr(m, name, None)
             if isinstance(d, dict):
                 memo[id(d)] = type(d)()
-    return copy.deepcopy(model, memo)
+        forward = m.__dict__.get("forward")
+        if isinstance(forward, types.MethodType) and forward.__self__ is not m:
+            memo[id(forward)] = _DROPPED
+    out = copy.deepcopy(model, memo)
+    for m in out.modules():
+        if m.__dict__.get("forward") is _DROPPED:
+            del m.__dict__["forward"]   # the class's own forward again
+    return out
 
 
 def copy_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, copy_of: nn.Module) -> torch.optim.Optimizer:

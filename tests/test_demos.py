@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,34 @@ def test_low_precision_really_runs_and_toggles_live() -> None:
         t.step()
 
 
+def test_copies_of_a_model_under_a_policy_carry_none_of_it() -> None:
+    """The lab's eval copy and race lanes: a model whose policy hooks and wraps its layers'
+    forwards is copied plain (same weights, fp32), and the original keeps its policy; a
+    forward the user bound to the module itself is kept."""
+    from mpviz.demos import copy_model
+
+    t = Trainer(task="mlp", precision="bf16", seed=0, record=False, policy={"fc1": "fp16"})
+    ref = get_task("mlp").model(0)   # the same weights, no policy
+    for m in (t.model.fc3, ref.fc3):
+        m.forward = types.MethodType(lambda self, x: torch.nn.Linear.forward(self, x) * 2, m)
+    c = copy_model(t.model)
+    assert "forward" not in vars(c.fc1) and vars(c.fc3)["forward"].__self__ is c.fc3
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in c.modules())
+    x = torch.randn(4, 30)
+    seen, handles = _output_dtypes(c, ["fc1", "fc2"])
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), ref(x))
+    assert seen == {"fc1": torch.float32, "fc2": torch.float32}
+    for h in handles:
+        h.remove()
+    seen, handles = _output_dtypes(t.model, ["fc1", "fc2"])
+    t.step()
+    assert seen == {"fc1": torch.float16, "fc2": torch.bfloat16}   # the original keeps its policy
+    for h in handles:
+        h.remove()
+    t.close()
+
+
 def test_fp16_uses_grad_scaler_and_fp8_rounds_weights() -> None:
     t16 = Trainer(task="mlp", precision="fp16", seed=0, record=False)
     assert isinstance(t16.scaler, torch.amp.GradScaler) and t16.scaler.get_scale() == 65536.0
@@ -77,17 +106,30 @@ def test_fp16_uses_grad_scaler_and_fp8_rounds_weights() -> None:
     assert seen == {"fc1": torch.float16, "head": torch.float16}
     t16.close()
 
-    # fp8 is emulated by the policy {"*": "fp8_e4m3"}: inside the forward, each weight the
-    # layer uses is exactly representable in float8_e4m3fn (checked by our own pre-hook).
+    # fp8 is emulated by the policy {"*": "fp8_e4m3"}: inside the forward, each weight a
+    # layer computes with is exactly representable in float8_e4m3fn (seen by our own torch
+    # function mode at each F.linear: the policy puts the rounded weight in place inside the
+    # layer's forward, after any forward pre-hook).
+    from torch.overrides import TorchFunctionMode
+
+    class Linears(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.exact: list[bool] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") == "linear":
+                w = args[1]
+                self.exact.append(bool((w.to(torch.float8_e4m3fn).float() == w).all()))
+            return func(*args, **(kwargs or {}))
+
     t8 = Trainer(task="mlp", precision="fp8_e4m3", seed=0, record=False)
     assert t8.scaler is None and t8.policy_handle.policy.rules == {"*": "fp8_e4m3"}
-    exact: list[bool] = []
-    h = t8.model.fc2.register_forward_pre_hook(
-        lambda m, a: exact.append(bool((m.weight.to(torch.float8_e4m3fn).float() == m.weight).all())))
     master = t8.model.fc2.weight
-    t8.step()
-    h.remove()
-    assert exact == [True]
+    with Linears() as seen:
+        t8.step()
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in t8.model.modules())
+    assert seen.exact == [True] * n_linear
     assert t8.model.fc2.weight is master  # the fp32 master weight is back after the forward
     assert not bool((master.to(torch.float8_e4m3fn).float() == master).all())
     t8.close()
