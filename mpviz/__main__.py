@@ -222,7 +222,9 @@ def cmd_info(args: argparse.Namespace) -> int:
                 overflows = overflows[overflows["origin"].fillna(True).astype(bool)]
         start, end = meta.get("start_time"), meta.get("end_time")
         dur = f", {end - start:.1f} s" if isinstance(start, (int, float)) and isinstance(end, (int, float)) else ""
-        print(f"run {run.run_dir}: {meta.get('status')}{dur}")
+        from mpviz.mailbox import run_status   # "killed / not finished" when its writer is gone
+
+        print(f"run {run.run_dir}: {run_status(meta)}{dur}")
         print(f"  model {meta.get('model')} on {meta.get('device')}, torch {meta.get('torch_version')}, "
               f"{len(layers)} modules, {int(layers['n_params'].sum())} parameters")
         extras = {k: meta[k] for k in ("task", "precision", "batch_size", "lr", "seed") if k in meta}

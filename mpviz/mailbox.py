@@ -43,7 +43,7 @@ import pandas as pd
 from .store import RunStoreError, connect_readonly, db_path
 
 __all__ = ["steer", "steer_status", "steer_requests", "SteerError", "STEER_DB",
-           "advice_rules", "advice_target", "precision_in_force"]
+           "advice_rules", "advice_target", "precision_in_force", "process_gone", "run_status"]
 
 STEER_DB = "steer.db"
 PENDING, APPLIED, REFUSED = "pending", "applied", "refused"
@@ -77,18 +77,53 @@ def connect(run_dir: str | os.PathLike, timeout_s: float = 5.0) -> sqlite3.Conne
     return con
 
 
-def _process_gone(meta: dict[str, Any]) -> bool:
-    """True if the run's process ran on this host and no longer exists (killed)."""
-    pid = meta.get("pid")
-    if meta.get("host") != socket.gethostname() or not isinstance(pid, int):
+def process_gone(meta: dict[str, Any]) -> bool:
+    """True when a run says "running" but its recording process is gone (killed: SIGKILL, OOM,
+    a closed terminal) - known only on the host that recorded it, on POSIX. False when it is
+    alive or when this cannot be told (another host, no pid). A pid reused by a later process
+    does not count as alive (see `_same_process`). The one liveness check of the steering
+    mailbox, ``mpviz info`` and the apps."""
+    if meta.get("status") != "running" or os.name != "posix":
+        return False
+    pid, host = meta.get("pid"), meta.get("host")
+    if not isinstance(pid, int) or pid <= 0 or host != socket.gethostname():
         return False
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)   # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return True
-    except OSError:  # exists, owned by someone else
-        return False
-    return False
+    except PermissionError:
+        pass              # exists, owned by another user
+    return not _same_process(pid, meta.get("start_time"))
+
+
+def _same_process(pid: int, run_start: float | None) -> bool:
+    """False when /proc shows `pid` is a zombie, or a later process that reused the pid (it
+    started after the run did); True otherwise (and where /proc does not exist)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()   # after "pid (comm) "
+        if fields[0] in ("Z", "X"):
+            return False
+        if run_start is None:
+            return True
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+        started = btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return started <= float(run_start) + 2.0   # clock-tick and boot-time rounding
+    except (OSError, ValueError, IndexError, StopIteration):
+        return True
+
+
+KILLED = "killed / not finished"
+
+
+def run_status(meta: dict[str, Any]) -> str:
+    """The status to show: the recorded one, or "killed / not finished" for a run that says
+    "running" but whose process is gone."""
+    if process_gone(meta):
+        return KILLED
+    return str(meta.get("status", "?"))
 
 
 def check_steerable(run_dir: str | os.PathLike) -> None:
@@ -109,7 +144,7 @@ def check_steerable(run_dir: str | os.PathLike) -> None:
     if status != "running":
         raise SteerError(f"the run in {str(run_dir)!r} is {status}: only a job still training "
                          f"can be steered ({FIX} and steer it while it runs).")
-    if _process_gone(meta):
+    if process_gone(meta):
         raise SteerError(f"the run in {str(run_dir)!r} says it is running, but its process "
                          f"(pid {meta.get('pid')}) is gone: it was killed. Restart the job "
                          f"({FIX}) and steer the new run.")

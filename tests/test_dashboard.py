@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import ast
 import math
+import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -319,6 +322,82 @@ def test_explorer_follows_a_run_written_by_another_process(dash_runs):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _record(run_dir: Path, steps: int) -> Path:
+    from mpviz.demos import Trainer
+
+    with Trainer(task="mlp", precision="fp32", run_dir=str(run_dir), every=5) as t:
+        for _ in range(steps):
+            t.step()
+    return run_dir
+
+
+def test_the_explorer_opens_the_newest_run_that_has_steps(dash_runs):
+    trained = _record(dash_runs / "trained", 3)
+    empty = _record(dash_runs / "empty", 0)   # newer, no step: a job that never got going
+    past = time.time() - 60
+    os.utime(trained / "run.db", (past, past))   # list_runs orders by the store's mtime
+    assert [p.name for p in mpviz.list_runs(dash_runs)] == ["empty", "trained"]
+    ex = explorer_app(follow=False)
+    try:
+        assert Path(ex.picker.value) == trained and ">3</span> steps" in ex.info.value
+        assert str(empty) in [v for _, v in ex.picker.options]   # listed, to pick by hand
+    finally:
+        ex.close()
+
+
+def test_process_gone_tells_a_reused_pid_from_the_runs_writer():
+    from mpviz import mailbox
+
+    me = {"status": "running", "pid": os.getpid(), "host": socket.gethostname()}
+    assert not mailbox.process_gone({**me, "start_time": time.time()})   # this process: alive
+    # A run that started long before this process: its pid was reused since, the writer is gone.
+    assert mailbox.process_gone({**me, "start_time": 1.0})
+    assert not mailbox.process_gone({**me, "start_time": 1.0, "status": "finished"})
+    # One check for `mpviz info`, steering and the apps.
+    assert queries.process_gone is mailbox.process_gone
+
+
+def test_a_run_whose_writer_was_killed_reads_killed_in_info_explorer_and_compare(dash_runs):
+    run_dir = dash_runs / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mpviz", "demo", "--task", "mlp", "--precision", "fp32", "--steps",
+         "1000000", "--every", "5", "--run-dir", str(run_dir), "--quiet"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert _wait(lambda: proc.poll() is None and _has_a_step(run_dir)), proc.stderr.read()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)   # reaped, as its shell would
+    run = mpviz.load_run(run_dir)
+    meta, steps = run.meta, run.last_step + 1
+    run.close()
+    assert meta["status"] == "running" and steps > 0   # it never got to say it ended
+    killed = "killed / not finished"
+
+    info = subprocess.run([sys.executable, "-m", "mpviz", "info", str(run_dir)], cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout
+    assert f"{run_dir}: {killed}" in info and "running" not in info.replace(str(run_dir), "")
+
+    ex = explorer_app(runs_dir=dash_runs)   # follow on: there is nothing to follow
+    try:
+        assert Path(ex.picker.value) == run_dir and ex._thread is None
+        assert killed in ex.info.value and killed in ex.meta.value
+        assert "running" not in ex.info.value + ex.meta.value
+    finally:
+        ex.close()
+
+    finished = _record(dash_runs / "finished", 3)
+    cmp = compare_app(runs=[run_dir, finished], runs_dir=dash_runs)
+    try:
+        labels = dict((v, label) for label, v in cmp.picker.options)
+        assert labels[str(run_dir)].endswith(killed) and killed not in labels[str(finished)]
+        assert killed in cmp.info.value
+        assert not any("running" in label for label in labels.values())
+        assert "running" not in cmp.info.value
+    finally:
+        cmp.close()
 
 
 def test_explorer_range_and_drill_down(dash_two_runs):

@@ -103,7 +103,8 @@ class Explorer(ui.App):
 
     # ------------------------------------------------------------------ opening
     def rescan(self, select: str | Path | None = None) -> None:
-        """Re-list the runs under runs_dir; open `select` (default: the newest)."""
+        """Re-list the runs under runs_dir; open `select` (default: the newest run that has
+        steps)."""
         import mpviz
 
         runs = [Path(p) for p in mpviz.list_runs(self.runs_dir)]
@@ -116,7 +117,10 @@ class Explorer(ui.App):
         if select is not None and Path(select) not in runs:
             runs.insert(0, Path(select))
         options = [(p.name, str(p)) for p in runs]
-        target = str(select) if select is not None else (options[0][1] if options else None)
+        if select is None and runs and refused is None:
+            # An empty run (a job starting, or one killed at once) would show empty plots.
+            select = _newest_with_steps(runs) or runs[0]
+        target = str(select) if select is not None else None
         if not options:
             self.info.value = (f"No runs under <code>{self.runs_dir}</code> yet: train one in the lab "
                                f"or with <code>python -m mpviz demo --run-dir {self.runs_dir}/demo</code>, "
@@ -153,8 +157,8 @@ class Explorer(ui.App):
             meta = self.run.meta
             self.meta.value = ui.html_table(
                 ["status", "model", "task", "precision", "autocast", "every", "device", "torch"],
-                [[html.escape(str(meta.get(k, ""))) for k in
-                  ("status", "model", "task", "precision", "autocast_dtype", "every", "device",
+                [[html.escape(queries.run_status(meta))] + [html.escape(str(meta.get(k, ""))) for k in
+                  ("model", "task", "precision", "autocast_dtype", "every", "device",
                    "torch_version")]])
             layers = self.run.layers
             self.layer.options = [("(pick a layer)", "")] + [
@@ -379,9 +383,26 @@ class Explorer(ui.App):
         self.widget.close()
 
 
+def _newest_with_steps(runs: list[Path]) -> Path | None:
+    """The first of `runs` (newest first) that has a recorded step; None if none has."""
+    import mpviz
+
+    for path in runs:
+        try:
+            run = mpviz.load_run(path)
+            try:
+                if run.last_step >= 0:
+                    return path
+            finally:
+                run.close()
+        except paths.STORE_ERRORS:   # unreadable: not the one to open first
+            continue
+    return None
+
+
 def explorer_app(run_dir: str | Path | None = None, runs_dir: str | Path | None = None,
                  **kwargs: Any) -> Explorer:
-    """The run explorer app. Opens `run_dir`, or the newest run under `runs_dir`
+    """The run explorer app. Opens `run_dir`, or the newest run under `runs_dir` that has steps
     (`$MPVIZ_RUNS_DIR` overrides it).
 
     >>> ex = explorer_app(runs_dir="runs")   # doctest: +SKIP

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from mpviz.formats import FORMATS  # plain numbers, no torch import
+# Whether a run's writer is gone, and the status to show: one check for `mpviz info`, the
+# steering mailbox and the apps (it lives in the core package: the apps' extras are optional).
+from mpviz.mailbox import process_gone, run_status  # noqa: F401
 
 # Largest finite value per precision, for the layer table's headroom column.
 FORMAT_MAX = {name: f.max for name, f in FORMATS.items()}
@@ -354,47 +354,3 @@ def snapshot(run, lo: int | None = None, hi: int | None = None, max_points: int 
         snap.dtypes = dtype_map(run, hi if hi >= 0 else None)
         snap.heat = grad_heatmap(run, lo, hi)
     return snap
-
-
-def process_gone(meta: dict) -> bool:
-    """True when a run says "running" but its recording process is gone (killed: SIGKILL, OOM,
-    a closed terminal) - known only on the host that recorded it, on POSIX. False when it is
-    alive or when this cannot be told (another host, no pid)."""
-    if meta.get("status") != "running" or os.name != "posix":
-        return False
-    pid, host = meta.get("pid"), meta.get("host")
-    if not isinstance(pid, int) or pid <= 0 or host != socket.gethostname():
-        return False
-    try:
-        os.kill(pid, 0)   # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass              # exists, owned by another user
-    return not _same_process(pid, meta.get("start_time"))
-
-
-def _same_process(pid: int, run_start: float | None) -> bool:
-    """False when /proc shows `pid` is a zombie, or a later process that reused the pid (it
-    started after the run did); True otherwise (and where /proc does not exist)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()   # after "pid (comm) "
-        if fields[0] in ("Z", "X"):
-            return False
-        if run_start is None:
-            return True
-        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                     if line.startswith("btime "))
-        started = btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-        return started <= float(run_start) + 2.0   # clock-tick and boot-time rounding
-    except (OSError, ValueError, IndexError, StopIteration):
-        return True
-
-
-def run_status(meta: dict) -> str:
-    """The status to show: the recorded one, or "killed / not finished" for a run that says
-    "running" but whose process is gone."""
-    if process_gone(meta):
-        return "killed / not finished"
-    return str(meta.get("status", "?"))

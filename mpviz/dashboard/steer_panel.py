@@ -63,7 +63,7 @@ class SteerPanel:
     def show(self, run: Any) -> None:
         """Build the menu for ``run`` if it is live and steerable; hide the panel otherwise."""
         meta = run.meta if run is not None else {}
-        if not (meta.get("steerable") and meta.get("status") == "running"):
+        if not (meta.get("steerable") and meta.get("status") == "running") or queries.process_gone(meta):
             self.hide()
             return
         if self.run_dir != Path(run.run_dir):
@@ -153,7 +153,7 @@ class SteerPanel:
     def advice_offer(self, run: Any) -> tuple[bool, str]:
         """Whether "Apply advice" has something to send to ``run`` now; if not, why not."""
         import mpviz
-        from mpviz.mailbox import FIX, _process_gone, advice_rules, advice_target
+        from mpviz.mailbox import FIX, advice_rules, advice_target, process_gone
 
         if run is None:
             return False, "no run open"
@@ -164,7 +164,7 @@ class SteerPanel:
         if meta.get("status") != "running" or self.run_dir != Path(run.run_dir):
             return False, (f"the run is {meta.get('status')}: advice can be sent only to a job "
                            "still training")
-        if _process_gone(meta):
+        if process_gone(meta):
             return False, (f"the run's process (pid {meta.get('pid')}) is gone: advice can be "
                            "sent only to a job still training")
         if self._advice_pending():

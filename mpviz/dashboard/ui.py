@@ -14,6 +14,8 @@ from typing import Any, Iterable, Sequence
 
 import ipywidgets as widgets
 
+from . import queries
+
 # Inline CSS for our own classes only; sent once per app.
 STYLE = """
 <style>
@@ -94,12 +96,15 @@ def overflow_html(df, total: int) -> str:
 
 
 def run_label(path: Path, meta: dict | None = None) -> str:
-    """Short label of a run for pickers and legends: its folder name and precision."""
+    """Short label of a run for pickers and legends: its folder name and precision, and its
+    status unless it finished ("running", "failed", "killed / not finished")."""
     meta = meta or {}
     bits = [path.name]
     extra = [str(meta[k]) for k in ("task", "precision") if meta.get(k)]
     if extra:
         bits.append("(" + ", ".join(extra) + ")")
+    if meta.get("status") and meta["status"] != "finished":
+        bits.append(f"· {queries.run_status(meta)}")
     return " ".join(bits)
 
 
