@@ -43,7 +43,7 @@ from mpviz import tree
 from mpviz.precision import PRECISIONS, PrecisionPolicy, apply_policy, canonical, validate_rules
 
 __all__ = ["Task", "TASKS", "PRECISIONS", "Trainer", "copy_model", "copy_optimizer", "demo_parts",
-           "get_task", "new_run_dir", "stdlib_text"]
+           "get_task", "model_layers", "new_run_dir", "stdlib_text"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -379,6 +379,19 @@ def new_run_dir(root: str | os.PathLike[str], stem: str) -> Path:
             continue
     raise RuntimeError(f"could not create a new run directory {root / stem}-N: 10,000 exist; "
                        f"clean up {root} or choose another stem")
+
+
+def model_layers(model: nn.Module) -> list[tuple[str, str, int, int]]:
+    """(name, type, own parameters, depth) of each module, as a run records them in its
+    ``layers`` table: what the lab's layer table lists before a run exists.
+
+        >>> model_layers(nn.Sequential(nn.Linear(2, 3)))
+        [('', 'Sequential', 0, 0), ('0', 'Linear', 9, 1)]
+    """
+    from mpviz import compat
+
+    return [(name, type(m).__name__, sum(p.numel() for p in m.parameters(recurse=False)),
+             0 if name == "" else name.count(".") + 1) for name, m in compat.named_modules(model)]
 
 
 # ----------------------------------------------------------------------------- copies for a race

@@ -223,14 +223,18 @@ def test_lab_trains_live_and_shows_a_layer_toggle(browser, shots, tmp_path):
     runs.mkdir()
     pause_at, max_steps = 30, 150
     with voila("lab.ipynb", runs) as url:
+        # A visit that never presses Start (a curl; Voila runs the notebook for it) records nothing.
+        assert b"mpviz" in urllib.request.urlopen(url, timeout=180).read()
         p = Page(browser, url, shots)
         page = p.page
         page.wait_for_selector(".mpviz-lab", timeout=180_000)
         p.wait(lambda: p.trace_len("loss:0") == 0, what="the empty loss plot")
+        assert list(runs.iterdir()) == []
         _fill(page, ".mpviz-max-steps", max_steps)
         _fill(page, ".mpviz-pause-at", pause_at)
         page.get_by_role("button", name="Start").click()
         status = page.locator(".mpviz-status")
+        p.wait(lambda: len(list(runs.iterdir())) == 1, what="Start to claim one run directory")
 
         # The lab pauses itself after `pause_at` steps (whatever the machine's speed), drawn so far.
         p.wait(lambda: "paused" in status.inner_text(), what="the lab to pause by itself")

@@ -2,7 +2,10 @@
 
 - The lab adapts to the page's width: at 1,300 px (JupyterLab with its file browser open leaves
   about that much, or less) the layer table wraps below the figure at full width instead of being
-  squeezed next to it; at 1,900 px it sits beside the figure.
+  squeezed next to it; at 1,400 px (1400x900) and 1,900 px it sits beside the figure, and at every
+  width the rule row's "Apply rule" button lies inside the row and the window, with no sideways
+  scrolling.
+- Before Start the figure says "press Start" in place of empty axes; training draws the plots.
 - A run whose loss is NaN from step 1 shows × marks along the top of the loss plot, with the
   step on hover; the heatmaps are drawn below the live figure.
 """
@@ -23,6 +26,14 @@ def _box(page, selector: str) -> dict:
     return box
 
 
+def _placeholder(page) -> dict:
+    """The figure's annotation texts and how many x-axis ticks it draws."""
+    return page.evaluate(
+        """() => ({texts: Array.from(document.querySelectorAll('.mpviz-figure .annotation-text'))
+                             .map(a => a.textContent),
+                   ticks: document.querySelectorAll('.mpviz-figure .xtick').length})""")
+
+
 def test_lab_layout_adapts_to_the_page_width(browser, shots, tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -30,8 +41,13 @@ def test_lab_layout_adapts_to_the_page_width(browser, shots, tmp_path):
         p = Page(browser, url, shots)
         page = p.page
         page.wait_for_selector(".mpviz-lab .mpviz-layer-row", timeout=180_000)
-        for width in (1300, 1900):
-            page.set_viewport_size({"width": width, "height": 1000})
+        # Before Start: a message in place of empty axes (and no heatmaps).
+        p.wait(lambda: any("Press Start to train" in t for t in _placeholder(page)["texts"]),
+               what="the 'press Start' message")
+        assert _placeholder(page)["ticks"] == 0
+        assert not page.locator(".mpviz-detail").is_visible()
+        for width, height in ((1300, 1000), (1400, 900), (1900, 1000)):
+            page.set_viewport_size({"width": width, "height": height})
             page.wait_for_timeout(800)
             fig, table = _box(page, ".mpviz-figure"), _box(page, ".mpviz-layer-table")
             page.screenshot(path=str(shots / f"lab-{width}px.png"), full_page=True)
@@ -41,11 +57,23 @@ def test_lab_layout_adapts_to_the_page_width(browser, shots, tmp_path):
                 assert table["y"] >= fig["y"] + fig["height"] - 1, (fig, table)
             else:               # beside it
                 assert table["x"] >= fig["x"] + fig["width"] - 1 and table["y"] < fig["y"] + fig["height"]
+            # The rule row: its button whole, inside the row and the window; nothing scrolls sideways.
+            row, button = _box(page, ".mpviz-rule-row"), _box(page, ".mpviz-rule-apply")
+            assert row["x"] - 1 <= button["x"] and button["x"] + button["width"] <= row["x"] + row["width"] + 1, (width, row, button)
+            assert 0 <= button["x"] and button["x"] + button["width"] <= width, (width, button)
+            assert button["y"] + button["height"] <= row["y"] + row["height"] + 1, (width, row, button)
+            scroll = page.evaluate("""() => { const row = document.querySelector('.mpviz-rule-row');
+                return {row: [row.scrollWidth, row.clientWidth],
+                        side: [row.parentElement.scrollWidth, row.parentElement.clientWidth],
+                        page: [document.documentElement.scrollWidth, window.innerWidth]}; }""")
+            assert all(sw <= cw for sw, cw in scroll.values()), (width, scroll)
 
         # Training draws the heatmaps below the live figure (a static plot, re-sent on change).
         _fill(page, ".mpviz-max-steps", 20)
         page.get_by_role("button", name="Start").click()
         p.wait(lambda: "done" in page.locator(".mpviz-status").inner_text(), what="20 steps")
+        p.wait(lambda: _placeholder(page)["ticks"] > 0, what="the plots' axes")
+        assert not any("Press Start" in t for t in _placeholder(page)["texts"])
         p.wait(lambda: page.evaluate(
             """() => { const gd = document.querySelector('.mpviz-detail .js-plotly-plot');
                  const t = gd && gd.data ? gd.data.find(t => t.meta === 'grads') : null;

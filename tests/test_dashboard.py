@@ -165,19 +165,73 @@ def test_lab_pause_stop_and_time_limit_end_the_thread(dash_runs):
         lab.close()
 
 
-def test_lab_reset_starts_a_fresh_run_and_tidies_unused_ones(dash_runs):
+def test_lab_claims_its_run_at_start_not_at_page_load(dash_runs):
+    """Opening the page (building the lab), changing its settings and Reset record nothing;
+    Start claims exactly one run directory. The layer table is there before it, and lists the
+    layers the run then records; the plots say "press Start" until then."""
+    from mpviz.demos import model_layers
+
     lab = lab_app(task="mlp", precision="fp32")
     try:
-        first = lab.trainers[0].recorder.run_dir
-        lab.task.value = "digits"       # a config change resets: the unused mlp run is removed
-        assert not first.exists()
+        assert list(dash_runs.iterdir()) == []
+        assert "fc1" in lab._rows and lab.trainers == [] and lab.model is not None
+        assert "Start" in lab.fig.placeholder and lab.fig.figure.layout.xaxis.visible is False
+        assert lab.add_rule("fc3", "bf16")        # rules are checked against the model already
+        lab.task.value = "digits"                 # a config change builds a new model ...
+        assert "conv1" in lab._rows and list(dash_runs.iterdir()) == []   # ... and records nothing
+        lab.task.value = "mlp"
         lab.start(max_steps=3)
+        claimed = list(dash_runs.iterdir())
+        assert claimed == [Path(lab.trainers[0].recorder.run_dir)]
+        assert lab.fig.placeholder is None and lab.fig.figure.layout.xaxis.visible is True
         lab.worker.join(60)
-        trained = lab.trainers[0].recorder.run_dir
-        lab.reset()
-        assert trained.exists()         # a run with steps stays on disk
-        assert lab.trainers[0].recorder.run_dir != trained
-        assert len(lab.fig.trace("loss", 0).x) == 0
+        run = mpviz.load_run(claimed[0])
+        assert len(run.steps) == 3
+        recorded = [(n, t, int(p), int(d)) for n, t, p, d in
+                    zip(*(run.layers[c] for c in ("layer", "type", "n_params", "depth")))]
+        assert model_layers(lab.model) == recorded    # what the table was built from
+        assert [r[0] for r in recorded if r[0]] == list(lab._rows)
+        run.close()
+        lab.reset()                               # Reset: the trained run stays, none is added
+        assert list(dash_runs.iterdir()) == claimed
+        assert len(lab.fig.trace("loss", 0).x) == 0 and "Start" in lab.fig.placeholder
+    finally:
+        lab.close()
+    assert list(dash_runs.iterdir()) == claimed   # closing the page adds nothing either
+
+
+def test_the_labs_default_session_has_no_step_limit_only_a_time_limit_and_stop(dash_runs):
+    from mpviz.dashboard.lab import SESSION_S
+    from mpviz.scenarios import SCENARIOS
+
+    import torch
+
+    from mpviz.dashboard.worker import torch_thread
+
+    # One torch thread where the lab trains: two spin-wait on each other on a busy 2-core
+    # machine (12 steps/s instead of 600 here; see conftest's one_torch_thread).
+    threads = torch_thread.call(torch.get_num_threads)
+    torch_thread.call(torch.set_num_threads, 1)
+    lab = lab_app(task="mlp", precision="fp32")
+    try:
+        # Defaults: no step limit (0), ten minutes, so a kernel never trains forever.
+        assert lab.max_steps.value == 0 and lab.max_seconds.value == SESSION_S == 600
+        lab.start()
+        assert lab.worker.max_seconds == SESSION_S and lab.worker.max_steps > 10**12
+        assert _wait(lambda: lab.worker.rounds > 1000, timeout=300), lab.worker.rounds
+        assert lab.worker.alive and lab.worker.state == "running"
+        lab.stop()
+        assert not lab.worker.alive and lab.worker.reason == "stopped"
+        assert " / " not in lab.status.value.split("·")[1]      # "step N", no "of 1000"
+    finally:
+        lab.close()
+        torch_thread.call(torch.set_num_threads, threads)
+    # A scenario brings its own step limit; leaving it restores the lab's.
+    lab = lab_app(task="mlp", precision="fp32", scenario="lr-too-high")
+    try:
+        assert lab.max_steps.value == SCENARIOS["lr-too-high"].max_steps
+        lab.load_scenario(None)
+        assert lab.max_steps.value == 0
     finally:
         lab.close()
 

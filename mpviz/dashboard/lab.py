@@ -13,6 +13,10 @@ what happens.
 In a notebook or Voila, `lab_app(...)` as the last line of a cell displays the app; the Start
 button and the layer menus do what `start` and `set_layer_precision` do; "pause at" pauses
 training by itself after that many steps (0: never), so a toggle lands at a step you choose.
+A session trains until Stop, or for `max_seconds` (default 10 minutes: a kernel must never
+train forever), or `max_steps` when set. Opening the page builds the model and lists its layers;
+the run directory is claimed only when training starts, so visits that never press Start leave
+nothing in the runs folder.
 
 Your model: `loss_fn(model, batch) -> loss` (forward only; the lab owns autocast, the
 GradScaler, backward and the optimizer step, and shows AMP's knobs as controls) or
@@ -60,13 +64,17 @@ DETAIL_EVERY_S = 10.0  # the dtype map and gradient heatmap too (re-drawn whole 
 DETAIL_AFTER_CHANGE_S = 2.0  # ... and this long after a precision change shows on the loss curve
 LIVE_POINTS = 600      # points per line while training (the plots are ~400-800 px wide)
 LIVE_HEAT_CELLS = 6000  # cells of the live gradient heatmap (columns merged beyond)
+SESSION_S = 600       # a default session: until Stop, or this long (a kernel must not train forever)
+NO_STEP_LIMIT = 2**62  # the worker's step limit when "max steps" is 0
+PRESS_START = ("Press <b>Start</b> to train: the loss, samples/s and loss scale are drawn here, "
+               "step by step")
 
 
 class Lab(ui.App):
     """The live precision lab. Build with `lab_app()`; `lab.widget` is the app."""
 
     def __init__(self, runs_dir: str | Path | None = None, task: str = "digits",
-                 precision: str | None = None, max_steps: int = 1000, max_seconds: float = 600.0,
+                 precision: str | None = None, max_steps: int = 0, max_seconds: float = SESSION_S,
                  every: int = 5, seed: int = 0, redraw_s: float = 0.5, *,
                  model: Any = None, optimizer: Any = None, loss_fn: Any = None,
                  train_step: Any = None, data: Any = None, scaler: Any = None,
@@ -99,6 +107,7 @@ class Lab(ui.App):
         self._syncing = False
         self.worker: TrainingWorker | None = None
         self.trainers: list[Any] = []     # [main, *alongside] of the current session
+        self._next: dict[str, Any] | None = None  # the parts the next Start trains (built at reset)
         self.readers: list[Any] = []      # mpviz.Run over each trainer's run, same order
         self._created: list[Path] = []    # run dirs this lab made (empty ones are tidied up)
         self._table_at = self._detail_at = 0.0
@@ -120,8 +129,9 @@ class Lab(ui.App):
             options=queries.PRECISIONS, value=(), rows=5, description="alongside",
             tooltip="Race: train these too, same model, seed and data, interleaved step by step")
         wide = {"description_width": "90px"}
-        self.max_steps = widgets.BoundedIntText(value=max_steps, min=1, max=1_000_000,
-                                                description="max steps", style=wide)
+        self.max_steps = widgets.BoundedIntText(value=max_steps, min=0, max=1_000_000,
+                                                description="max steps", style=wide,
+                                                tooltip="0: no step limit (Stop or the time limit ends it)")
         self.max_seconds = widgets.BoundedIntText(value=int(max_seconds), min=1, max=86_400,
                                                   description="max seconds", style=wide)
         self.pause_at = widgets.BoundedIntText(value=0, min=0, max=1_000_000, description="pause at",
@@ -142,7 +152,9 @@ class Lab(ui.App):
         self.amp_note = widgets.HTML()
         # Rules by name or glob ("encoder.*.norm*"), kept across sessions.
         self.rule_text = widgets.Text(placeholder="layer or glob, e.g. encoder.*.norm*",
-                                      description="rule", layout=widgets.Layout(width="300px"))
+                                      description="rule",
+                                      layout=widgets.Layout(width="auto", flex="1 1 160px",
+                                                            min_width="160px"))
         self.rule_precision = widgets.Dropdown(options=queries.PRECISIONS + (REMOVE,), value="fp32",
                                                layout=widgets.Layout(width="130px"))
         self.rule_btn = ui.button("Apply rule", "mpviz-rule-apply")
@@ -179,7 +191,7 @@ class Lab(ui.App):
         self._scenario: Scenario | None = None
         self._home = {"parts": self._parts, "owns_step": self.owns_step, "task": self.task.options,
                       "precision": precision, "every": every, "lrs": self.lr.options,
-                      "grad_scaler": self.grad_scaler.value}
+                      "grad_scaler": self.grad_scaler.value, "max_steps": max_steps}
         self.scenario = widgets.Dropdown(options=[("(none)", "")] + [(sc.title, n) for n, sc in SCENARIOS.items()],
                                          value="", description="scenario",
                                          layout=widgets.Layout(width="430px"))
@@ -219,9 +231,14 @@ class Lab(ui.App):
             widgets.HBox([self.grad_scaler, self.init_scale, self.growth_interval, self.amp_note]),
             widgets.HBox([self.start_btn, self.pause_btn, self.reset_btn, self.stop_btn, self.status]),
         ])
+        # The rule box shrinks, and its button wraps below it on a narrow side panel (never
+        # clipped, no sideways scrolling).
+        self.rule_row = widgets.HBox([self.rule_text, self.rule_precision, self.rule_btn],
+                                     layout=widgets.Layout(flex_flow="row wrap", width="100%"))
+        self.rule_row.add_class("mpviz-rule-row")
         side = widgets.VBox([widgets.HTML("<b>Layers</b> <span class='mpviz-muted'>(precision "
                                           "applies at the next step)</span>"),
-                             widgets.HBox([self.rule_text, self.rule_precision, self.rule_btn]),
+                             self.rule_row,
                              self.rule_msg, self.layer_box, self.eval_out, self.overflows,
                              self.diagnosis.widget],
                             layout=widgets.Layout(flex="1 1 420px", overflow="auto"))
@@ -252,16 +269,29 @@ class Lab(ui.App):
         return {"grad_scaler": on, "init_scale": float(self.init_scale.value),
                 "growth_interval": int(self.growth_interval.value)}
 
+    @property
+    def model(self) -> Any:
+        """The model the current session trains, or the next Start will (None before any)."""
+        if self.trainers:
+            return self.trainers[0].model
+        return self._next["model"] if self._next is not None else None
+
+    def _session_parts(self) -> dict[str, Any]:
+        """What a new session trains: your model (it keeps its weights across sessions), or a
+        demo task's or a scenario's parts built afresh (fresh weights: the phenomenon shows again)."""
+        if self._scenario is not None:
+            return torch_thread.call(self._scenario.parts, self.seed, self.lr.value or None)
+        if self._parts is not None:
+            return self._parts
+        return torch_thread.call(_demo_parts, self.task.value, self.seed, self.batch.value or None,
+                                 self.lr.value or None)
+
     def _new_trainer(self, precision: str, policy: dict[str, str] | None, tag: str) -> Any:
-        """The session's main trainer, in a run directory of its own (claimed atomically)."""
+        """The session's main trainer, in a run directory of its own (claimed atomically, now)."""
         precision = precision if self.owns_step else "fp32"   # a train_step brings its autocast
-        parts = self._parts
-        if self._scenario is not None:   # fresh parts each session: the phenomenon shows again
-            parts = torch_thread.call(self._scenario.parts, self.seed, self.lr.value or None)
-        t = torch_thread.call(make_trainer, None if parts else self.task.value, precision,
-                              parts=parts, runs_root=str(self.runs_dir),
-                              run_name=self._run_name(tag),
-                              batch_size=self.batch.value or None, lr=self.lr.value or None,
+        parts, self._next = self._next or self._session_parts(), None
+        t = torch_thread.call(make_trainer, None, precision, parts=parts,
+                              runs_root=str(self.runs_dir), run_name=self._run_name(tag),
                               seed=self.seed, every=self.every, policy=policy, meta={"app": "lab"},
                               **self._amp(precision, main=True))
         self._created.append(Path(t.recorder.run_dir))
@@ -281,29 +311,31 @@ class Lab(ui.App):
         return mpviz.load_run(trainer.recorder.run_dir)
 
     def reset(self) -> None:
-        """Stop any training, start a fresh model and run (the previous run stays on disk)."""
+        """Stop any training and get a fresh model ready (the previous run stays on disk). Its
+        run is claimed at Start: a page that is only looked at records nothing."""
         with self._lock:
             self._end_session()
             self.fig.clear()
+            self.fig.set_placeholder(PRESS_START)
             self.overflows.value = ""
             self.diagnosis.clear()
-            main = self._new_trainer(self.precision.value, self.session_policy(), self._tag())
-            self.trainers, self.readers = [main], [self._open_reader(main)]
+            self._next = self._session_parts()
             self._labels = [self._tag()]
             self.fig.set_labels(self._labels)
             self._eval_shown = -1
             self.eval_out.outputs = ()
-            self._show_amp(main)
-            self._build_layer_table()
-            self._set_status(f"ready: {self.task.value}, {self.precision.value} "
-                             f"(run {main.recorder.run_dir.name})")
+            self._show_amp(self._next)
+            self._build_layer_table(torch_thread.call(_model_layers, self._next["model"]))
+            self._set_status(f"ready: {self.task.value}, {self.precision.value} · press Start "
+                             "to train (the run is recorded from then)")
             self._sync_buttons()
 
     def start(self, max_steps: int | None = None, max_seconds: float | None = None,
               pause_at: int | None = None) -> None:
-        """Start training (or resume when paused). After a finished session, a new one begins
-        from fresh weights with the current layer toggles. `pause_at`: pause by itself after
-        that many steps (0: never; the "pause at" box)."""
+        """Start training (or resume when paused) in a new run directory. After a finished
+        session, a new one begins from fresh weights with the current layer toggles.
+        `max_steps`: 0 for no step limit (the default: until Stop or `max_seconds`); `pause_at`:
+        pause by itself after that many steps (0: never; the "pause at" box)."""
         with self._lock:
             if self.state == PAUSED:
                 return self.toggle_pause()
@@ -321,12 +353,12 @@ class Lab(ui.App):
                                  "scaler, which a copy of the model cannot share. Clear "
                                  "'alongside', or build the lab with loss_fn=")
                 return
-            if self.worker is not None:  # the previous session closed its trainers
-                policy = self.session_policy()
-                self._end_session()
-                self.fig.clear()
-                main = self._new_trainer(self.precision.value, policy, self._tag())
-                self.trainers, self.readers = [main], [self._open_reader(main)]
+            policy = self.session_policy()
+            self._end_session()   # a previous session's trainers (closed when it ended)
+            self.fig.clear()
+            self.fig.set_placeholder(None)
+            main = self._new_trainer(self.precision.value, policy, self._tag())
+            self.trainers, self.readers = [main], [self._open_reader(main)]
             if extra:  # every lane steps with its own copy of one RNG state: same dropout masks
                 torch_thread.call(self.trainers[0].own_rng)
             for p in extra:
@@ -336,7 +368,7 @@ class Lab(ui.App):
             self._labels = [self._tag()] + [f"{p} (alongside)" for p in extra]
             self.fig.set_labels(self._labels)
             self._eval_shown = -1
-            self.worker = TrainingWorker(self.trainers, max_steps=self.max_steps.value,
+            self.worker = TrainingWorker(self.trainers, max_steps=self.max_steps.value or NO_STEP_LIMIT,
                                          max_seconds=self.max_seconds.value,
                                          on_tick=self._refresh, on_done=self._on_done,
                                          tick_s=self.redraw_s, pause_at=self.pause_at.value or None,
@@ -413,9 +445,9 @@ class Lab(ui.App):
                 self.precision.options = queries.PRECISIONS if self.owns_step else self.precision.options
                 self.precision.value = sc.precision if sc else home["precision"]
                 self.grad_scaler.value = sc.grad_scaler if sc else home["grad_scaler"]
+                self.max_steps.value = sc.max_steps if sc else home["max_steps"]
                 if sc is not None:
                     self._set_init_scale(sc.init_scale)
-                    self.max_steps.value = sc.max_steps
                     lrs = sorted({v for _, v in home["lrs"] if v} | {sc.lr, sc.fixed().lr})
                     self.lr.options = [(f"{sc.lr:g} (scenario)", 0.0)] + [(f"{v:g}", v) for v in lrs]
                 else:
@@ -453,19 +485,19 @@ class Lab(ui.App):
         if not self._syncing:
             self.reset()
 
-    def _show_amp(self, trainer: Any) -> None:
-        """With a train_step, show the AMP settings it brought (read-only)."""
+    def _show_amp(self, parts: dict[str, Any]) -> None:
+        """With a train_step, show the AMP settings of the scaler it brought (read-only)."""
         if self.owns_step:
             self.amp_note.value = ('<span class="mpviz-muted">AMP knobs apply at Start / Reset'
                                    '</span>')
             return
-        amp = torch_thread.call(trainer.amp_settings)
+        amp = torch_thread.call(_scaler_settings, parts.get("scaler")) or {"enabled": False}
         self._syncing = True
         try:
-            self.grad_scaler.value = amp["grad_scaler"]
-            if amp["init_scale"] is not None:
+            self.grad_scaler.value = bool(amp["enabled"])
+            if amp.get("init_scale") is not None:
                 self._set_init_scale(amp["init_scale"])
-            if amp["growth_interval"] is not None:
+            if amp.get("growth_interval") is not None:
                 self.growth_interval.value = int(amp["growth_interval"])
         finally:
             self._syncing = False
@@ -505,8 +537,7 @@ class Lab(ui.App):
             if handle is not None:
                 handle.update({pattern: value})   # checked here, applied at the next forward
             else:
-                torch_thread.call(_check_rule, self.trainers[0].model if self.trainers else None,
-                                  pattern, value, self._rules)
+                torch_thread.call(_check_rule, self.model, pattern, value, self._rules)
         except (ValueError, RuntimeError, TypeError) as e:
             self.rule_msg.value = f'<span class="mpviz-bad">refused: {html.escape(str(e))}</span>'
             return False
@@ -514,7 +545,7 @@ class Lab(ui.App):
             self._rules.pop(pattern, None)
         else:
             self._rules[pattern] = value
-        when = "from the next step" if handle is not None else "when you Start again"
+        when = "from the next step" if handle is not None else "from the next Start"
         what = "rule removed" if value is None else f"→ {value}"
         rules = ", ".join(f"{html.escape(k)} → {v}" for k, v in self._rules.items()) or "none"
         self.rule_msg.value = (f"{html.escape(pattern)} {what} {when}"
@@ -537,7 +568,7 @@ class Lab(ui.App):
 
     def _on_toggle(self, layer: str, change: dict) -> None:
         if not self.trainers or (self.worker is not None and not self.worker.alive):
-            self._set_status("layer precision set: it applies when you Start again")
+            self._set_status("layer precision set: it applies from Start")
             return
         handle = self.trainers[0].policy_handle
         value = change["new"]
@@ -579,11 +610,10 @@ class Lab(ui.App):
             changed[layer] = keep
         return changed, dict(policy.reasons), dict(policy.estimate)
 
-    def _build_layer_table(self) -> None:
-        layers = self.readers[0].layers
+    def _build_layer_table(self, layers: list[tuple[str, str, int, int]]) -> None:
+        """One row per layer: (name, type, parameters, depth), as `mpviz.demos.model_layers`."""
         rows, self._rows = [], {}
-        for name, typ, n_params, depth in zip(layers["layer"], layers["type"], layers["n_params"],
-                                              layers["depth"]):
+        for name, typ, n_params, depth in layers:
             if name == "":
                 continue  # the root follows the base precision control
             label = widgets.HTML(
@@ -687,7 +717,8 @@ class Lab(ui.App):
         if w is None:
             text = note or "ready"
         else:
-            parts = [f"<b>{w.state}</b>", f"step {w.rounds} / {w.max_steps}",
+            limit = f" / {w.max_steps}" if w.max_steps < NO_STEP_LIMIT else ""
+            parts = [f"<b>{w.state}</b>", f"step {w.rounds}{limit}",
                      f"{w.elapsed_s:.0f} s / {w.max_seconds:.0f} s"]
             if self.readers:
                 try:
@@ -742,6 +773,18 @@ def _scenario_html(sc: Scenario) -> str:
             "</div>")
 
 
+def _demo_parts(task: str, seed: int, batch_size: int | None, lr: float | None) -> dict[str, Any]:
+    from mpviz.demos import demo_parts  # torch: on the torch thread
+
+    return demo_parts(task, seed, batch_size, lr)
+
+
+def _model_layers(model: Any) -> list[tuple[str, str, int, int]]:
+    from mpviz.demos import model_layers  # torch: on the torch thread
+
+    return model_layers(model)
+
+
 def _scaler_settings(scaler: Any) -> dict[str, Any] | None:
     from mpviz.compat import scaler_settings  # torch: on the torch thread
 
@@ -765,7 +808,8 @@ def lab_app(runs_dir: str | Path | None = None, **kwargs: Any) -> Lab:
     """The precision lab app (display it: last line of a cell, or `display(lab_app())`).
 
     `runs_dir`: where runs are written (`$MPVIZ_RUNS_DIR` overrides it). Other keywords go to
-    `Lab`: task, precision, max_steps, max_seconds, every, seed, redraw_s (the least time
+    `Lab`: task, precision, max_steps (default 0: no step limit), max_seconds (default 600: a
+    session trains until Stop or for 10 minutes), every, seed, redraw_s (the least time
     between two redraws while training); for your own model `model`, `optimizer`, `data` and
     `loss_fn` or `train_step` (+ `scaler`), optionally `eval_fn(model, batch) -> metric` with
     `eval_data` (held-out batches; default: the last training batch) every `eval_every` steps

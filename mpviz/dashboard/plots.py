@@ -278,6 +278,31 @@ class RunFigure(_Pushed):
                     if kind == "loss" and used:
                         t.name = labels[slot]
 
+    @property
+    def placeholder(self) -> str | None:
+        """The message shown in place of the plots (`set_placeholder`), or None."""
+        shown = [a.text for a in self.figure.layout.annotations if a.name == "placeholder"]
+        return shown[0] if shown else None
+
+    def set_placeholder(self, text: str | None) -> None:
+        """Show `text` in place of the plots (axes, titles, plot areas and heatmaps hidden: empty
+        axes before any data read as a broken page), or (None) the plots again."""
+        on = text is not None
+        with self.lock, self._pushing():
+            layout = self.figure.layout
+            titles = [a for a in layout.annotations if a.name != "placeholder"]
+            for a in titles:
+                a.visible = not on
+            message = [go.layout.Annotation(name="placeholder", text=text, x=0.5, y=0.6,
+                                             xref="paper", yref="paper", showarrow=False,
+                                             font=dict(size=16))] if on else []
+            layout.annotations = titles + message
+            for axis in ("xaxis", "yaxis", "xaxis2", "yaxis2", "xaxis3", "yaxis3"):
+                layout[axis].visible = not on
+            layout.showlegend = False if on else None
+            layout.plot_bgcolor = "white" if on else None   # no empty grey plot areas either
+        self.detail_out.layout.display = "none" if on else None
+
     def clear(self) -> None:
         """Empty every trace (a fresh session)."""
         with self.lock, self._pushing():
