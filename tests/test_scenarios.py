@@ -234,9 +234,9 @@ def test_the_lab_loads_a_scenario_and_its_fix(dash_runs):
         assert lab.task.value == "fp16-overflow" and lab.task.disabled
         assert (lab.precision.value, lab.grad_scaler.value, lab.max_steps.value) == ("fp16", True, 30)
         assert sc.explanation[:60] in lab.scenario_note.value.replace("&#x27;", "'")
-        assert "fp16-overflow" in lab.trainers[0].recorder.run_dir.name
         assert "big" in lab._rows and lab.batch.layout.display == "none"
         lab.start()
+        assert "fp16-overflow" in lab.trainers[0].recorder.run_dir.name
         lab.worker.join(120)
         assert lab.worker.state == "done" and lab.worker.rounds == 30, lab.worker.reason
         d = lab.diagnosis.diagnosis
@@ -249,8 +249,8 @@ def test_the_lab_loads_a_scenario_and_its_fix(dash_runs):
         # the fix: one tick; big in fp32 through the lab's rules, a new run
         lab.scenario_fixed.value = True
         assert lab._scenario.name == "fp16-overflow-fixed" and lab._rules == {"big": "fp32"}
-        assert "fp16-overflow-fixed" in lab.trainers[0].recorder.run_dir.name
         lab.start()
+        assert "fp16-overflow-fixed" in lab.trainers[0].recorder.run_dir.name
         lab.worker.join(120)
         assert lab.worker.state == "done", lab.worker.reason
         assert wait_for(lambda: lab.diagnosis.diagnosis is not None, 30, 0.05)
@@ -280,13 +280,13 @@ def test_a_lab_built_with_your_model_comes_back_to_it(dash_runs):
     try:
         assert lab.load_scenario("bf16-weights-fixed").name == "bf16-weights-fixed"
         assert lab.scenario_fixed.value and lab.precision.value == "bf16"
-        assert lab.trainers[0].model is not parts["model"] and lab.lr.layout.display is None
+        assert lab.model is not parts["model"] and lab.lr.layout.display is None
         assert "The fixed run" in lab.scenario_note.value
         lab.start(max_steps=3)
         lab.worker.join(60)
         assert lab.worker.rounds == 3
         assert lab.load_scenario(None) is None
-        assert lab.trainers[0].model is parts["model"] and lab.task.options == ("mine",)
+        assert lab.model is parts["model"] and lab.task.options == ("mine",)
         assert lab.lr.layout.display == lab.batch.layout.display == "none"
         assert lab.precision.value == "fp32" and lab.scenario.value == ""
         with pytest.raises(ValueError, match="unknown scenario"):
