@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from mpviz import tree
+from mpviz.formats import dtype_name
+from mpviz.metrics import accuracy
 from mpviz.precision import PrecisionPolicy, apply_policy, canonical, resolve_policy
 
 __all__ = ["Evaluation", "evaluate", "memory_report"]
@@ -59,10 +61,6 @@ def _default_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if not y.is_floating_point():
         return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1))
     return nn.functional.mse_loss(out.float(), y.float())
-
-
-def _accuracy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (out.argmax(-1) == y).float().mean()
 
 
 def _is_pair(batch: Any) -> bool:
@@ -122,7 +120,7 @@ def _default_metric(logits: Any, y: Any, paired: bool) -> Callable[[torch.Tensor
         return None
     if not paired and (logits.dim() != 2 or y.dim() != 1):
         return None
-    return _accuracy
+    return accuracy
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -175,7 +173,7 @@ def _layer_errors(label: str, model: nn.Module, got: _Outputs, ref: _Outputs) ->
         rel = err_norm / ref_norm if ref_norm > 0 else (0.0 if err_norm == 0 else math.inf)
         rows.append({
             "precision": label, "layer": name, "type": type(mod).__name__,
-            "dtype": str(got.dtypes[name]).removeprefix("torch."),
+            "dtype": dtype_name(got.dtypes[name]),
             "rel_l2": rel, "max_abs": float(diff.abs().max()) if diff.numel() else 0.0,
             "nonfinite": int((~torch.isfinite(a)).sum()),
         })
@@ -215,7 +213,7 @@ def evaluate(
     are means over batches weighted by their samples (the length of the labels, else of the
     batch's first tensor).
 
-        >>> from mpviz.demos import TASKS
+        >>> from mpviz.tasks import TASKS
         >>> task = TASKS["digits"]
         >>> model = task.model(seed=0)
         >>> x, y = task.eval_batch()

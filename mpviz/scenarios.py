@@ -13,8 +13,8 @@ bf16-weights       bf16 weights (no fp32 master copy) lose small        ``lost_u
 =================  ===================================================  =====================
 
 Each `Scenario` says what the learner will see and why (``explanation``), what to change
-(``fix``), and builds the parts the lab and `mpviz.demos.Trainer` take (model, optimizer,
-loss_fn, data, eval_fn, eval_data) from the demo tasks' data and models; its AMP knobs
+(``fix``), and builds the parts the lab and `mpviz.training.Trainer` take (model, optimizer,
+loss_fn, data, eval_fn, eval_data) from the demo tasks (`mpviz.tasks`); its AMP knobs
 (precision, grad_scaler, init_scale), ``every`` and ``max_steps`` are fields. ``fixed()`` is the
 healthy counterpart (the same run with the fix applied), which the diagnosis finds nothing wrong
 with. Importing this module does not import torch (the dashboards list the scenarios).
@@ -85,9 +85,9 @@ class Scenario:
                 "policy": dict(self.policy) if self.policy else None}
 
     def trainer(self, seed: int = 0, lr: float | None = None, **kwargs: Any) -> Any:
-        """A recording `mpviz.demos.Trainer` for this scenario; ``kwargs`` (run_dir, runs_root,
+        """A recording `mpviz.training.Trainer` for this scenario; ``kwargs`` (run_dir, runs_root,
         run_name, record, ...) go to it."""
-        from .demos import Trainer
+        from .training import Trainer
 
         parts = self.parts(seed, lr)
         meta = {**parts.pop("meta"), **kwargs.pop("meta", {})}
@@ -121,7 +121,8 @@ def overflow_model(n_in: int = 30, hidden: int = 32, n_out: int = 2, seed: int =
 
 
 def _demo(task: str, seed: int, lr: float) -> dict[str, Any]:
-    from .demos import demo_parts
+    """The parts of the demo task ``task`` (`mpviz.tasks.demo_parts`) at ``lr``."""
+    from .tasks import demo_parts
 
     return demo_parts(task, seed, lr=lr)
 
@@ -162,6 +163,8 @@ def _low_precision_weights(sc: Scenario, seed: int, lr: float) -> dict[str, Any]
     import torch
     import torch.nn.functional as F
 
+    from .metrics import accuracy
+
     parts = _demo("mlp", seed, lr)
     model = parts["model"]
     if sc.weights != "fp32":
@@ -173,11 +176,12 @@ def _low_precision_weights(sc: Scenario, seed: int, lr: float) -> dict[str, Any]
     def loss_fn(model: Any, batch: Any) -> Any:
         return F.cross_entropy(model(cast(model, batch[0])).float(), batch[1])
 
-    def accuracy(model: Any, batch: Any) -> float:
-        return float((model(cast(model, batch[0])).argmax(-1) == batch[1]).float().mean())
+    def eval_fn(model: Any, batch: Any) -> float:
+        return accuracy(model(cast(model, batch[0])), batch[1])
 
+    eval_fn.__name__ = "accuracy"
     parts.update(optimizer=torch.optim.Adam(model.parameters(), lr=lr), loss_fn=loss_fn,
-                 eval_fn=accuracy)
+                 eval_fn=eval_fn)
     return parts
 
 

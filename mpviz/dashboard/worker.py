@@ -93,13 +93,14 @@ def make_trainer(task: str | None, precision: str, run_dir: str | None = None,
                  every: int = 10, policy: dict[str, str] | None = None,
                  meta: dict[str, Any] | None = None, *, parts: dict[str, Any] | None = None,
                  runs_root: str | None = None, run_name: str | None = None, **amp: Any) -> Any:
-    """A recording `mpviz.demos.Trainer` (imported here: the dashboard never imports torch).
+    """A recording `mpviz.training.Trainer` (imported here: the dashboard never imports torch).
 
     A demo ``task``, or your ``parts`` (model, optimizer, loss_fn or train_step, data, and
     optionally scaler, eval_fn, eval_data). Without ``run_dir``, a new directory
     ``runs_root/run_name`` (``-2``, ``-3``... when taken) is claimed atomically. ``amp``:
     grad_scaler, init_scale, growth_interval (with loss_fn)."""
-    from mpviz.demos import Trainer, demo_parts
+    from mpviz.tasks import demo_parts
+    from mpviz.training import Trainer
 
     if parts is None:
         parts = demo_parts(task or "digits", seed, batch_size, lr)
