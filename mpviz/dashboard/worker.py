@@ -195,16 +195,7 @@ class TrainingWorker:
     def _loop(self) -> None:
         next_tick = 0.0
         try:
-            while True:
-                if self._stop.is_set():
-                    self.reason = "stopped"
-                    break
-                if self.rounds >= self.max_steps:
-                    self.reason = "step limit"
-                    break
-                if self.elapsed_s >= self.max_seconds:
-                    self.reason = "time limit"
-                    break
+            while not self._ended():
                 self._drain_mailbox()
                 if not self._resume.is_set():
                     # Paused: the time limit keeps running, so an abandoned tab still ends.
@@ -233,16 +224,32 @@ class TrainingWorker:
             self.state = FAILED
             traceback.print_exc()
         finally:
-            for t in self.trainers:
-                try:
-                    t.close()
-                except Exception:
-                    traceback.print_exc()
-            if self.on_done is not None:
-                try:
-                    self.on_done(self)
-                except Exception:
-                    traceback.print_exc()
+            self._close()
+
+    def _ended(self) -> bool:
+        """True, with the ``reason``, once Stop was pressed or a limit is reached."""
+        if self._stop.is_set():
+            self.reason = "stopped"
+        elif self.rounds >= self.max_steps:
+            self.reason = "step limit"
+        elif self.elapsed_s >= self.max_seconds:
+            self.reason = "time limit"
+        else:
+            return False
+        return True
+
+    def _close(self) -> None:
+        """Close the trainers (their runs marked finished), then call on_done; errors printed."""
+        for t in self.trainers:
+            try:
+                t.close()
+            except Exception:
+                traceback.print_exc()
+        if self.on_done is not None:
+            try:
+                self.on_done(self)
+            except Exception:
+                traceback.print_exc()
 
     def _eval_due(self) -> bool:
         if self.eval_every is None:   # on the EVAL_SHARE budget
