@@ -13,7 +13,8 @@ import torch
 
 import mpviz
 from mpviz.__main__ import PRECISION_NAMES, TASK_NAMES, main, parse_policy
-from mpviz.demos import TASKS, Trainer, get_task, stdlib_text
+from mpviz.tasks import TASKS, demo_parts, get_task, stdlib_text
+from mpviz.training import Trainer
 
 
 
@@ -74,7 +75,7 @@ def test_copies_of_a_model_under_a_policy_carry_none_of_it() -> None:
     """The lab's eval copy and race lanes: a model whose policy hooks and wraps its layers'
     forwards is copied plain (same weights, fp32), and the original keeps its policy; a
     forward the user bound to the module itself is kept."""
-    from mpviz.demos import copy_model
+    from mpviz.training import copy_model
 
     t = Trainer(task="mlp", precision="bf16", seed=0, record=False, policy={"fc1": "fp16"})
     ref = get_task("mlp").model(0)   # the same weights, no policy
@@ -188,6 +189,29 @@ def test_metrics_match_a_hand_computation() -> None:
         else:
             hits = sum(int(p == t) for p, t in zip(logits.argmax(-1).tolist(), y.tolist()))
             assert got["accuracy"] == pytest.approx(hits / len(y))
+
+
+def test_old_import_path_and_one_accuracy() -> None:
+    """`from mpviz.demos import ...` (notebooks, benchmarks, other tests) gives the very objects
+    of `mpviz.tasks` and `mpviz.training`; a demo's eval_fn, a task's evaluate() and
+    `mpviz.evaluate`'s default metric are one accuracy."""
+    import mpviz.demos
+    import mpviz.precision
+    import mpviz.tasks
+    import mpviz.training
+
+    for name in mpviz.demos.__all__:
+        home = next((m for m in (mpviz.tasks, mpviz.training) if hasattr(m, name)), mpviz.precision)
+        assert getattr(mpviz.demos, name) is getattr(home, name), name
+    parts = demo_parts("digits", seed=3)
+    model, batch = parts["model"].eval(), parts["eval_data"][0]
+    with torch.no_grad():
+        got = parts["eval_fn"](model, batch)
+        hits = sum(int(p == t) for p, t in zip(model(batch[0]).argmax(-1).tolist(), batch[1].tolist()))
+    assert parts["eval_fn"].__name__ == "accuracy"
+    assert got == TASKS["digits"].evaluate(model)["accuracy"] == pytest.approx(hits / len(batch[1]))
+    summary = mpviz.evaluate(model, [batch], precisions=["fp32"]).summary
+    assert summary.attrs["metric"] == "accuracy" and summary["metric"][0] == pytest.approx(got)
 
 
 def test_recorded_trainer_writes_a_run(tmp_path: Path) -> None:

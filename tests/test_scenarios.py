@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def train(sc, run_dir, hooks=None):
-    """`sc.max_steps` steps of the scenario through `mpviz.demos.Trainer`; `hooks(trainer)` may
+    """`sc.max_steps` steps of the scenario through `mpviz.training.Trainer`; `hooks(trainer)` may
     watch the run. Returns the losses."""
     with sc.trainer(run_dir=str(run_dir)) as t:
         if hooks:
@@ -272,7 +272,7 @@ def test_the_lab_loads_a_scenario_and_its_fix(dash_runs):
 def test_a_lab_built_with_your_model_comes_back_to_it(dash_runs):
     from mpviz.dashboard import lab_app
 
-    from mpviz.demos import demo_parts
+    from mpviz.tasks import demo_parts
 
     parts = demo_parts("mlp")
     parts.pop("meta")
