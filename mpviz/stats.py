@@ -12,11 +12,8 @@ overflow / non-finite counts are read.
   (``reduceat``) finish the rest wherever :meth:`HostSample.rows` is called (the recorder's writer
   thread).
 
-The histogram has ``N_BINS`` bins per tensor:
-    bin 0: exact zeros
-    bin 1: fp32 subnormals, 0 < |x| < 2**-126
-    bin k (2..255): 2**(k-128) <= |x| < 2**(k-127)
-    bin 256: inf or nan
+The histogram has ``N_BINS`` bins per tensor, one per float32 exponent (zeros, subnormals, each
+binade, inf/nan: the layout is :mod:`mpviz.formats`'s).
 The underflow / overflow counts say how many values a cast to fp16 or bf16 (round to nearest
 even, as ``t.to(torch.float16)``) would turn into 0 or inf. Read from the histogram, their
 thresholds are powers of two, so they are exact except in the bands named here:
@@ -45,16 +42,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .formats import N_BINS
+from .formats import N_BINS, NONFINITE_BIN, SUBNORMAL_BIN, ZERO_BIN, bin_of
 
 SAMPLE_CAP = 1 << 12
 # per-tensor row: norm, max_abs, min_abs_nonzero, numel, sampled, then the histogram
 N_HEAD = 5
 ROW = N_HEAD + N_BINS
 
-_FP16_UNDER = (1, 103)    # bins with upper edge <= 2**-25: a cast to fp16 rounds them to 0
-_FP16_OVER = (144, 256)   # bins with lower edge >= 2**16
-_BF16_UNDER = (1, 2)
+_FP16_UNDER = (SUBNORMAL_BIN, bin_of(-25))  # upper edge <= 2**-25: a cast to fp16 rounds them to 0
+_FP16_OVER = (bin_of(16), NONFINITE_BIN)    # bins with lower edge >= 2**16
+_BF16_UNDER = (SUBNORMAL_BIN, SUBNORMAL_BIN + 1)
 
 
 def tensor_stats(tensors: list[torch.Tensor], scaled: tuple[int, int, Any] | None = None,
@@ -282,8 +279,8 @@ def tensor_stats_device(tensors: list[torch.Tensor], scaled: tuple[int, int, Any
         hist = torch.zeros(n * N_BINS, device=device).index_add_(
             0, key.view(-1), torch.ones(key.numel(), device=device)).view(n, N_BINS)
     zeros = width - torch.count_nonzero(m, 1)  # padding included
-    hist[:, 1] -= zeros
-    hist[:, 0] = zeros - (width - _const(lengths, device))
+    hist[:, SUBNORMAL_BIN] -= zeros
+    hist[:, ZERO_BIN] = zeros - (width - _const(lengths, device))
     # On the int32 bits (ordered like the magnitudes), x - 1 sends zero to the largest int32,
     # so the minimum skips zeros.
     mins = (((bits - 1) & 0x7FFFFFFF).amin(1) + 1).view(torch.float32)
@@ -341,14 +338,15 @@ def by_layer(block: np.ndarray, owners: list[int]) -> tuple[list[int], dict[str,
     scale = np.divide(block[:, 3], block[:, 4], out=np.zeros(len(block)), where=block[:, 4] > 0)
     hist = block[:, N_HEAD:] * scale[:, None]
     # a non-finite norm proves at least one inf/nan even if the sample missed it
-    hist[:, 256] = np.where(np.isfinite(block[:, 0]), hist[:, 256], np.maximum(hist[:, 256], 1))
+    nonfinite = hist[:, NONFINITE_BIN]
+    hist[:, NONFINITE_BIN] = np.where(np.isfinite(block[:, 0]), nonfinite, np.maximum(nonfinite, 1))
     hist = np.rint(np.add.reduceat(hist, starts, axis=0))
     out = {
         "norm": np.sqrt(np.add.reduceat(block[:, 0] ** 2, starts)),
         "max_abs": np.maximum.reduceat(block[:, 1], starts),
         "min_abs_nonzero": np.minimum.reduceat(block[:, 2], starts),
         "numel": np.add.reduceat(block[:, 3], starts),
-        "zeros": hist[:, 0], "nonfinite": hist[:, 256],
+        "zeros": hist[:, ZERO_BIN], "nonfinite": hist[:, NONFINITE_BIN],
         "underflow_fp16": hist[:, slice(*_FP16_UNDER)].sum(1),
         "overflow_fp16": hist[:, slice(*_FP16_OVER)].sum(1),
         "underflow_bf16": hist[:, slice(*_BF16_UNDER)].sum(1),

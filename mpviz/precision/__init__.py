@@ -58,20 +58,22 @@ one, a compiled function that calls the model; the policy applied before or afte
   ``torch.compile`` while a policy is on runs eagerly after ``remove()``: torch.compile chose how
   to run it when it was made; compile it again.
 
-Where things are: ``rules.py`` (precision names, :class:`PrecisionPolicy`, checking rules
-against a model), ``resolve.py`` (the precision each layer gets and where hooks go),
-``numerics.py`` (what the device can run, fp8 rounding), ``handle.py`` (the hooks:
-:class:`PolicyHandle`, :func:`apply_policy`, :func:`explain_policy`).
+Where things are: ``rules.py`` (:class:`PrecisionPolicy`, checking rules against a model),
+``resolve.py`` (the precision each layer gets and where hooks go), ``numerics.py`` (each
+precision's torch dtype, what the device can run, fp8 rounding), ``handle.py`` (the hooks:
+:class:`PolicyHandle`, :func:`apply_policy`, :func:`explain_policy`). The precision names and
+their aliases are :mod:`mpviz.formats`'s (no torch there: the dashboards read it).
 """
 from __future__ import annotations
 from mpviz.precision.handle import Change, PolicyHandle, apply_policy, explain_policy
-from mpviz.precision.numerics import check_supported, round_fp8, supported_precisions
+from mpviz.precision.numerics import check_supported, round_fp8, supported_precisions, torch_dtype
 from mpviz.precision.resolve import Decision, resolve_policy
 from mpviz.precision.rules import PRECISIONS, PrecisionPolicy, canonical, validate_rules
 
 __all__ = [
     "PRECISIONS",
     "canonical",
+    "torch_dtype",
     "supported_precisions",
     "check_supported",
     "round_fp8",

@@ -11,7 +11,8 @@ from torch import nn
 
 from mpviz import tree
 from mpviz.compat import autocast_state, is_compiling, user_module
-from mpviz.precision.numerics import _AUTOCAST_DTYPE, _FP8_DTYPE_NAME, _to_fp32, check_supported, round_fp8
+from mpviz.formats import AUTOCAST_PRECISIONS, FP8_PRECISIONS
+from mpviz.precision.numerics import _to_fp32, check_supported, round_fp8, torch_dtype
 from mpviz.precision.resolve import _explain_frame, resolve_policy
 from mpviz.precision.rules import PrecisionPolicy, _as_policy, canonical, validate_rules
 
@@ -208,7 +209,7 @@ class PolicyHandle:
             precision = self._resolved.decisions[name].precision
             pre = functools.partial(self._pre, precision=precision)
             self._hooks.append(mod.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
-            if precision in _AUTOCAST_DTYPE:
+            if precision in AUTOCAST_PRECISIONS:
                 self._hooks.append(mod.register_forward_hook(self._upcast))
             self._wrap_forward(mod, precision)
 
@@ -239,8 +240,8 @@ class PolicyHandle:
                 return forward(*args, **kwargs)
         enabled, current = autocast_state(self.device_type)
         compiling = is_compiling()
-        if precision in _AUTOCAST_DTYPE:
-            dtype = _AUTOCAST_DTYPE[precision]
+        if precision in AUTOCAST_PRECISIONS:
+            dtype = torch_dtype(precision)
             if enabled and current == dtype:
                 # Already in force: a nested autocast would change nothing but the weight-cast
                 # cache, and with it the numbers (a weight used twice would be cast twice and
@@ -259,7 +260,7 @@ class PolicyHandle:
             self._tls.open = getattr(self._tls, "open", 0) + 1
         originals: dict[str, torch.Tensor] = {}
         try:
-            if precision in _FP8_DTYPE_NAME:
+            if precision in FP8_PRECISIONS:
                 # Emulated fp8: the rounded weight is put in the module's parameter slot for
                 # this forward only; the master Parameter is never written and goes back below.
                 originals = {k: p for k, p in module._parameters.items()
@@ -282,7 +283,7 @@ class PolicyHandle:
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict, *, precision: str
              ) -> tuple[tuple, dict] | None:
-        if precision in _AUTOCAST_DTYPE:
+        if precision in AUTOCAST_PRECISIONS:
             # Outside any autocast, the code around this layer is plain fp32 and would fail on
             # (or silently compute in) fp16/bf16 tensors: its outputs are cast back to fp32 as
             # they leave it, by _upcast, which runs after every other forward hook so that
@@ -299,7 +300,7 @@ class PolicyHandle:
 
     def _upcast(self, module: nn.Module, args: Any, output: Any) -> Any:
         # On the layers in fp16/bf16 (and the root): outside any autocast, outputs leave in fp32.
-        if module is self._root and self._root_precision not in _AUTOCAST_DTYPE:
+        if module is self._root and self._root_precision not in AUTOCAST_PRECISIONS:
             return None
         if autocast_state(self.device_type)[0]:
             return None

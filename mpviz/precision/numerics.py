@@ -1,4 +1,5 @@
-"""Numerics of the precisions: which ones this torch build can run, and emulated fp8 rounding."""
+"""Numerics of the precisions: their torch dtypes (the one place that maps a precision name to a
+torch dtype), which ones this torch build can run, and emulated fp8 rounding."""
 from __future__ import annotations
 
 import functools
@@ -8,12 +9,21 @@ from typing import Any
 import torch
 
 from mpviz.compat import autocast_state
+from mpviz.formats import AUTOCAST_PRECISIONS, FORMATS, FP8_PRECISIONS, canonical
 
-__all__ = ["supported_precisions", "check_supported", "round_fp8"]
+__all__ = ["torch_dtype", "supported_precisions", "check_supported", "round_fp8"]
 
-# Low-precision dtype autocast uses for fp16/bf16; fp8 formats are emulated.
-_AUTOCAST_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
-_FP8_DTYPE_NAME = {"fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+
+def torch_dtype(precision: str | torch.dtype) -> torch.dtype | None:
+    """The torch dtype of a precision (any name :func:`mpviz.formats.canonical` takes); None for
+    an fp8 format this torch build lacks.
+
+    >>> torch_dtype("bf16"), torch_dtype("half")
+    (torch.bfloat16, torch.float16)
+    """
+    if precision not in FORMATS:  # canonical names (what policies hold) skip the alias lookup
+        precision = canonical(precision)
+    return getattr(torch, FORMATS[precision].dtype, None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -24,12 +34,8 @@ def supported_precisions(device_type: str = "cpu") -> tuple[str, ...]:
     ('fp32', 'fp16', 'bf16')
     """
     out = ["fp32"]
-    for name, dtype in _AUTOCAST_DTYPE.items():
-        if _autocast_works(device_type, dtype):
-            out.append(name)
-    for name, attr in _FP8_DTYPE_NAME.items():
-        if _fp8_works(device_type, attr):
-            out.append(name)
+    out += [name for name in AUTOCAST_PRECISIONS if _autocast_works(device_type, torch_dtype(name))]
+    out += [name for name in FP8_PRECISIONS if _fp8_works(device_type, torch_dtype(name))]
     return tuple(out)
 
 
@@ -49,8 +55,7 @@ def _autocast_works(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-def _fp8_works(device_type: str, attr: str) -> bool:
-    f8 = getattr(torch, attr, None)
+def _fp8_works(device_type: str, f8: torch.dtype | None) -> bool:
     if f8 is None:
         return False
     try:
@@ -90,7 +95,7 @@ def round_fp8(x: torch.Tensor, precision: str) -> torch.Tensor:
     >>> round_fp8(torch.tensor([0.3, 1000.0]), "fp8_e4m3").tolist()
     [0.3125, 448.0]
     """
-    f8 = getattr(torch, _FP8_DTYPE_NAME[precision])
+    f8 = torch_dtype(precision)
     if x.dtype.itemsize < 4:
         x = x.float()
     return _RoundSTE.apply(x, f8, float(torch.finfo(f8).max))

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Mapping
 from torch import nn
 
 from mpviz.compat import named_modules
-from mpviz.precision.numerics import _FP8_DTYPE_NAME
+from mpviz.formats import FP8_PRECISIONS
 from mpviz.precision.rules import (
     PrecisionPolicy, _as_policy, _is_catch_all, _is_glob, _literal_chars, _matches, validate_rules,
 )
@@ -97,7 +97,7 @@ def resolve_policy(model: nn.Module, policy: PrecisionPolicy | Mapping[str, str]
         needs = (
             precision != parent_precision
             or (rule is not None and len(all_names) > 1)
-            or (precision in _FP8_DTYPE_NAME
+            or (precision in FP8_PRECISIONS
                 and (next(iter(mod.children()), None) is None
                      or any(p is not None for p in mod._parameters.values())))
         )

@@ -1,4 +1,4 @@
-"""The rule language: precision names, ``{layer name or glob: precision}`` policies, and checks.
+"""The rule language: ``{layer name or glob: precision}`` policies, and checks.
 
 A rule is an ``fnmatch`` glob (or an exact name) on ``model.named_modules()`` names; how rules
 combine is in :class:`PrecisionPolicy`. On a compiled model the names are the user's own:
@@ -7,45 +7,17 @@ combine is in :class:`PrecisionPolicy`. On a compiled model the names are the us
 """
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from typing import Iterable, Mapping
 
-import torch
 from torch import nn
 
 from mpviz.compat import named_modules, user_module
+# The precision names and their aliases (torch dtype names, Keras policy names) are in formats.
+from mpviz.formats import PRECISIONS, canonical, did_you_mean
 from mpviz.precision.numerics import check_supported
 
 __all__ = ["PRECISIONS", "canonical", "PrecisionPolicy", "validate_rules"]
-
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
-
-_ALIASES: dict[str, str] = {
-    "fp32": "fp32", "float32": "fp32", "float": "fp32",
-    "fp16": "fp16", "float16": "fp16", "half": "fp16", "mixed_float16": "fp16",
-    "bf16": "bf16", "bfloat16": "bf16", "mixed_bfloat16": "bf16",
-    "fp8_e4m3": "fp8_e4m3", "float8_e4m3": "fp8_e4m3", "float8_e4m3fn": "fp8_e4m3",
-    "fp8_e5m2": "fp8_e5m2", "float8_e5m2": "fp8_e5m2",
-}
-
-
-def canonical(name: str | torch.dtype) -> str:
-    """The canonical precision name for ``name`` (Keras policy names and torch dtypes work too).
-
-    >>> canonical("mixed_bfloat16"), canonical(torch.float16)
-    ('bf16', 'fp16')
-    """
-    if isinstance(name, torch.dtype):
-        name = str(name).removeprefix("torch.")
-    if isinstance(name, str):
-        key = name.strip().lower()
-        if key in _ALIASES:
-            return _ALIASES[key]
-    raise ValueError(
-        f"Unknown precision {name!r}. Use one of {', '.join(PRECISIONS)} "
-        f"(aliases: {', '.join(k for k in _ALIASES if k not in PRECISIONS)})."
-    )
 
 
 def _is_glob(pattern: str) -> bool:
@@ -164,8 +136,8 @@ def _as_policy(policy: PrecisionPolicy | Mapping[str, str] | str | None) -> Prec
 
 def _no_match_error(pattern: str, all_names: list[str], model: nn.Module) -> ValueError:
     shown = [n for n in all_names if n]  # the root "" is no help as a suggestion
-    close = difflib.get_close_matches(pattern, shown, n=5, cutoff=0.5)
-    hint = f" Close matches: {', '.join(repr(c) for c in close)}." if close else ""
+    close = did_you_mean(pattern, shown, n=5, cutoff=0.5)
+    hint = f" {close[0].upper()}{close[1:]}." if close else ""  # "close matches: ..." starts a sentence
     what = "matches no layer" if _is_glob(pattern) else "is not a layer name"
     few = ", ".join(repr(n) for n in shown[:8]) + (", ..." if len(shown) > 8 else "")
     return ValueError(
