@@ -14,7 +14,6 @@ selected rank's, or the lowest rank found (rank 0).
 """
 from __future__ import annotations
 
-import difflib
 import json
 import re
 import sqlite3
@@ -24,7 +23,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from .formats import bin_edges
+from .formats import bin_edges, did_you_mean
 from .store import DB_NAME, connect_readonly, db_path, unpack_hist
 
 _STATS_SELECT = """
@@ -64,9 +63,10 @@ def _schedule(meta: dict[str, Any]) -> str:
             "the training time")
 
 
-def _did_you_mean(name: str, names: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(name, [n for n in names if n], n=3)
-    return f"; close matches: {', '.join(map(repr, close))}." if close else "."
+def _hint(name: str, names: list[str] | tuple[str, ...]) -> str:
+    """The end of an unknown-name sentence: ``"; close matches: 'fc1'."`` or ``"."``."""
+    close = did_you_mean(name, names)
+    return f"; {close}." if close else "."
 
 
 class Run:
@@ -231,13 +231,13 @@ class Run:
                 other.close()
         if tensor not in TENSORS:
             raise ValueError(f"unknown tensor {tensor!r}: choose one of {', '.join(TENSORS)}"
-                             f"{_did_you_mean(tensor, TENSORS)}")
+                             f"{_hint(tensor, TENSORS)}")
         idx = self._scalar("SELECT idx FROM layers WHERE layer = ?", (layer,))
         if idx is None:
             names = self.layers["layer"].tolist()
             shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
             raise ValueError(f"no layer {layer!r} in run {str(self.run_dir)!r}"
-                             f"{_did_you_mean(layer, names)} Layers are run.layers['layer'] "
+                             f"{_hint(layer, names)} Layers are run.layers['layer'] "
                              f"(named_modules() names, '' is the model itself): {shown}")
         where = "FROM histograms WHERE layer_idx = ? AND tensor = ?"
         key: tuple = (int(idx), tensor)

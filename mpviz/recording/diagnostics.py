@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .. import compat, tree
+from ..formats import did_you_mean
 
 LOW = (torch.bfloat16, torch.float16)
 
@@ -116,11 +117,9 @@ class Shadow:
         for pat in patterns:
             hit = [i for i, n in enumerate(names) if n and fnmatch.fnmatchcase(n, pat)]
             if not hit:
-                import difflib
-
-                close = difflib.get_close_matches(pat, [n for n in names if n], n=3)
+                close = did_you_mean(pat, names)
                 raise ValueError(f"shadow pattern {pat!r} matches no layer of the model"
-                                 + (f"; close matches: {', '.join(map(repr, close))}" if close else "")
+                                 + (f"; {close}" if close else "")
                                  + ". Patterns are fnmatch globs over named_modules() names.")
             self.layers += [i for i in hit if i not in self.layers]
         self.rec, self.every = rec, int(every)
