@@ -40,6 +40,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
+from .formats import AUTOCAST_PRECISIONS, DTYPE_PRECISION
 from .store import RunStoreError, connect_readonly, db_path
 
 __all__ = ["steer", "steer_status", "steer_requests", "SteerError", "STEER_DB",
@@ -201,7 +202,6 @@ def steer(run_dir: str | os.PathLike, rules: Mapping[str, str | None] | Any) -> 
 
 
 # ---------------------------------------------------------------- advice (mpviz.advise)
-HIGH = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}  # autocast_dtype -> precision
 
 
 def _is_advice(policy: Any) -> bool:
@@ -218,7 +218,7 @@ def _is_advice(policy: Any) -> bool:
 def precision_in_force(run: Any) -> dict[str, str]:
     """``{layer: precision}`` each layer of the job runs in now: its policy's decision (the last
     of ``run.policy_changes``), or the outer autocast's (``fp32`` without one)."""
-    outer = HIGH.get(str(run.meta.get("autocast_dtype")), "fp32")
+    outer = DTYPE_PRECISION.get(str(run.meta.get("autocast_dtype")), "fp32")
     now = dict.fromkeys(run.layers["layer"].astype(str), outer)
     last = run.policy_changes.drop_duplicates("layer", keep="last")
     for layer, p in zip(last["layer"], last["precision"]):
@@ -230,7 +230,7 @@ def advice_target(run: Any) -> str:
     """The low precision to advise the job for (``mpviz.advise(run, target=...)``): the one its
     model runs in (``fp16`` or ``bf16``), else ``fp16`` (which layers fp16 would break)."""
     root = precision_in_force(run).get("", "fp32")
-    return root if root in ("fp16", "bf16") else "fp16"
+    return root if root in AUTOCAST_PRECISIONS else "fp16"
 
 
 def advice_rules(run: Any, policy: Any) -> dict[str, str]:

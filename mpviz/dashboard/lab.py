@@ -46,6 +46,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from ..formats import AUTOCAST_PRECISIONS, DTYPE_PRECISION, PRECISIONS, did_you_mean
 from ..scenarios import SCENARIOS, Scenario, get_scenario
 from . import queries, ui
 from .diagnosis_panel import DiagnosisPanel
@@ -57,7 +58,6 @@ TASKS = ("digits", "text", "mlp")
 INHERIT = "(policy)"  # dropdown value: no per-layer override
 REMOVE = "(remove rule)"  # rule box: drop the rule for that pattern
 SCALES = tuple(2.0**k for k in range(0, 25, 2))  # GradScaler init_scale choices
-AUTOCAST_NAMES = {"bfloat16": "bf16", "float16": "fp16", None: "fp32"}
 MAX_ALONGSIDE = 2     # race: the main run + up to two more
 TABLE_EVERY_S = 2.0   # the layer/overflow tables refresh at most this often
 DETAIL_EVERY_S = 10.0  # the dtype map and gradient heatmap too (re-drawn whole by the page) ...
@@ -118,7 +118,7 @@ class Lab(ui.App):
         self.task = widgets.Dropdown(options=TASKS if model is None else (task,), value=task,
                                      description="task" if model is None else "model",
                                      disabled=model is not None)
-        self.precision = widgets.Dropdown(options=queries.PRECISIONS, value=precision,
+        self.precision = widgets.Dropdown(options=PRECISIONS, value=precision,
                                           description="precision")
         self.batch = widgets.Dropdown(options=[("default", 0)] + [(str(b), b) for b in (16, 32, 64, 128, 256)],
                                       value=0,
@@ -126,7 +126,7 @@ class Lab(ui.App):
         self.lr = widgets.Dropdown(options=[("default", 0.0)] + [(f"{v:g}", v) for v in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)],
                                    value=0.0, description="lr")
         self.alongside = widgets.SelectMultiple(
-            options=queries.PRECISIONS, value=(), rows=5, description="alongside",
+            options=PRECISIONS, value=(), rows=5, description="alongside",
             tooltip="Race: train these too, same model, seed and data, interleaved step by step")
         wide = {"description_width": "90px"}
         self.max_steps = widgets.BoundedIntText(value=max_steps, min=0, max=1_000_000,
@@ -155,7 +155,7 @@ class Lab(ui.App):
                                       description="rule",
                                       layout=widgets.Layout(width="auto", flex="1 1 160px",
                                                             min_width="160px"))
-        self.rule_precision = widgets.Dropdown(options=queries.PRECISIONS + (REMOVE,), value="fp32",
+        self.rule_precision = widgets.Dropdown(options=PRECISIONS + (REMOVE,), value="fp32",
                                                layout=widgets.Layout(width="130px"))
         self.rule_btn = ui.button("Apply rule", "mpviz-rule-apply")
         self.rule_btn.on_click(lambda _: self.add_rule(self.rule_text.value, self.rule_precision.value))
@@ -442,7 +442,7 @@ class Lab(ui.App):
                 self._parts = None if sc else home["parts"]
                 self.owns_step = True if sc else home["owns_step"]
                 self.task.options = (sc.name,) if sc else home["task"]
-                self.precision.options = queries.PRECISIONS if self.owns_step else self.precision.options
+                self.precision.options = PRECISIONS if self.owns_step else self.precision.options
                 self.precision.value = sc.precision if sc else home["precision"]
                 self.grad_scaler.value = sc.grad_scaler if sc else home["grad_scaler"]
                 self.max_steps.value = sc.max_steps if sc else home["max_steps"]
@@ -560,10 +560,8 @@ class Lab(ui.App):
     def set_layer_precision(self, layer: str, precision: str) -> None:
         """Set one layer's precision from the next step (what the table's dropdowns do)."""
         if layer not in self._rows:
-            import difflib
-
-            close = difflib.get_close_matches(layer, list(self._rows), n=3)
-            raise ValueError(f"unknown layer {layer!r}; close matches: {close or list(self._rows)[:8]}")
+            close = did_you_mean(layer, self._rows) or f"layers: {list(self._rows)[:8]}"
+            raise ValueError(f"unknown layer {layer!r}; {close}")
         self._rows[layer][1].value = precision  # fires _on_toggle
 
     def _on_toggle(self, layer: str, change: dict) -> None:
@@ -598,7 +596,7 @@ class Lab(ui.App):
         if not self.trainers:
             raise RuntimeError("no run yet: press Start first")
         self.trainers[0].recorder.flush()   # the last steps' rows are in the store
-        target = self.precision.value if self.precision.value in ("fp16", "bf16") else "fp16"
+        target = self.precision.value if self.precision.value in AUTOCAST_PRECISIONS else "fp16"
         policy = mpviz.advise(self.readers[0], target=target)
         changed = {}
         for layer in policy.reasons:
@@ -623,7 +621,7 @@ class Lab(ui.App):
                 layout=widgets.Layout(width="48%"))
             cells = widgets.HTML(layout=widgets.Layout(width="32%"))
             cells.add_class("mpviz-cell")
-            dd = widgets.Dropdown(options=(INHERIT,) + queries.PRECISIONS, value=INHERIT,
+            dd = widgets.Dropdown(options=(INHERIT,) + PRECISIONS, value=INHERIT,
                                   layout=widgets.Layout(width="20%"))
             dd.add_class("mpviz-toggle")
             dd.observe(lambda ch, n=name: self._on_toggle(n, ch), names="value")
@@ -671,7 +669,7 @@ class Lab(ui.App):
         base = trainer.precision
         if not self.owns_step:  # the autocast your train_step opened, as recorded
             seen = reader.meta.get("autocast_dtype")
-            base = AUTOCAST_NAMES.get(seen, "fp32")
+            base = DTYPE_PRECISION.get(seen, "fp32")
             label = f"autocast {base} (train_step)"
             if self.precision.options != (label,):
                 self.precision.options = (label,)

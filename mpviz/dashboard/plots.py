@@ -33,21 +33,20 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 from plotly.utils import PlotlyJSONEncoder
 
+from ..formats import PRECISIONS
 from . import queries
 from .liveplot import LivePlot
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 SLOT_TRACES = ("loss", "marks", "speed", "scale", "skips", "nonfinite")
 SPEED_WINDOW = 9   # samples/s is drawn as a trailing rolling median over this many points
-# Discrete colours of the dtype map: fp32, bf16, fp16, fp8 e4m3, fp8 e5m2, other.
-DTYPE_COLORSCALE = [
-    [0.0, "#c6dbef"], [0.1666, "#c6dbef"],
-    [0.1667, "#fdd0a2"], [0.3333, "#fdd0a2"],
-    [0.3334, "#fc9272"], [0.5, "#fc9272"],
-    [0.5001, "#bcbddc"], [0.6666, "#bcbddc"],
-    [0.6667, "#9e9ac8"], [0.8333, "#9e9ac8"],
-    [0.8334, "#d9d9d9"], [1.0, "#d9d9d9"],
-]
+# Colours of the dtype map, one per precision and grey for any other dtype, as bands of a
+# colorscale: its cells hold queries.dtype_map's codes (a precision's place in PRECISIONS, 5 for
+# other dtypes), drawn from zmin=-0.5 to zmax=5.5 so that code k takes band k.
+DTYPE_COLORS = {"fp32": "#c6dbef", "fp16": "#fc9272", "bf16": "#fdd0a2", "fp8_e4m3": "#bcbddc",
+                "fp8_e5m2": "#9e9ac8"}
+_BANDS = [DTYPE_COLORS[p] for p in PRECISIONS] + ["#d9d9d9"]
+DTYPE_COLORSCALE = [[x, c] for k, c in enumerate(_BANDS) for x in (k / len(_BANDS), (k + 1) / len(_BANDS))]
 
 
 def _arr(values) -> np.ndarray:

@@ -20,14 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from mpviz.formats import FORMATS  # plain numbers, no torch import
+from mpviz.formats import DTYPE_PRECISION, FORMATS, PRECISIONS, dtype_name  # no torch import
 # Whether a run's writer is gone, and the status to show: one check for `mpviz info`, the
 # steering mailbox and the apps (it lives in the core package: the apps' extras are optional).
 from mpviz.mailbox import process_gone, run_status  # noqa: F401
 
-# Largest finite value per precision, for the layer table's headroom column.
-FORMAT_MAX = {name: f.max for name, f in FORMATS.items()}
-PRECISIONS = ("fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2")
 
 # Heatmaps are sent as JSON (~20 B/cell): keep each update under ~20k cells.
 MAX_HEATMAP_CELLS = 20_000
@@ -197,9 +194,6 @@ def _recorded_steps(run, lo: int, hi: int) -> np.ndarray | None:
 
 
 DTYPE_KINDS = ("input", "output", "weight", "grad")
-DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2, "float8_e4m3fn": 3, "float8_e5m2": 4}
-DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float8_e4m3fn": "fp8_e4m3",
-               "float8_e5m2": "fp8_e5m2"}
 
 
 @dataclass
@@ -234,10 +228,12 @@ def dtype_map(run, upto: int | None = None) -> DtypeMap:
     for idx, tensor, dtype in zip(df["idx"], df["tensor"], df["dtype"]):
         if tensor not in DTYPE_KINDS:
             continue
-        short = str(dtype).replace("torch.", "")
+        name = dtype_name(str(dtype))  # (str: a missing dtype reads "None")
+        precision = DTYPE_PRECISION.get(name)
         r, c = pos[int(idx)], DTYPE_KINDS.index(tensor)
-        table[r][c] = DTYPE_SHORT.get(short, short)
-        codes[r, c] = DTYPE_CODES.get(short, 5)
+        table[r][c] = precision or name
+        # colour code: the precision's place in PRECISIONS, len(PRECISIONS) for any other dtype
+        codes[r, c] = PRECISIONS.index(precision) if precision else len(PRECISIONS)
     return DtypeMap([layer_label(names.get(i, str(i))) for i in idxs], DTYPE_KINDS, table, codes)
 
 
@@ -290,7 +286,7 @@ def headroom(max_abs: float, precision: str) -> float:
         return float("nan")
     if not np.isfinite(max_abs):
         return float("-inf")
-    return math.log2(FORMAT_MAX.get(precision, FORMAT_MAX["fp32"]) / max_abs)
+    return math.log2(FORMATS.get(precision, FORMATS["fp32"]).max / max_abs)
 
 
 def layer_history(run, layer: str, lo: int, hi: int, max_points: int = 1000) -> pd.DataFrame:

@@ -21,6 +21,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from ..formats import PRECISIONS
 from . import queries, ui
 
 INHERIT = "(policy)"  # the menu's "no rule of its own": picking it removes the layer's rule
@@ -45,7 +46,7 @@ class SteerPanel:
         self.rule = widgets.Text(placeholder="layer or glob, e.g. blocks.*.norm*",
                                  layout=widgets.Layout(width="45%"))
         self.rule.add_class("mpviz-steer-rule")
-        self.rule_precision = widgets.Dropdown(options=queries.PRECISIONS + (INHERIT,),
+        self.rule_precision = widgets.Dropdown(options=PRECISIONS + (INHERIT,),
                                                layout=widgets.Layout(width="20%"))
         self.send = ui.button("Send", "mpviz-steer-send")
         self.send.on_click(lambda _: self._send_rule())
@@ -92,7 +93,7 @@ class SteerPanel:
                 layout=widgets.Layout(width="40%"))
             cell = widgets.HTML(layout=widgets.Layout(width="40%"))
             cell.add_class("mpviz-cell")
-            menu = widgets.Dropdown(options=(INHERIT,) + queries.PRECISIONS,
+            menu = widgets.Dropdown(options=(INHERIT,) + PRECISIONS,
                                     value=own_rules.get(name, INHERIT),
                                     layout=widgets.Layout(width="20%"))
             menu.add_class("mpviz-steer-menu")
@@ -306,4 +307,4 @@ def _in_force(run: Any) -> dict[str, tuple[Any, Any]]:
 def _own_rules(run: Any) -> dict[str, str]:
     """Layers with a rule of their own in force: ``{layer: precision}``."""
     return {layer: str(p) for layer, (p, rule) in _in_force(run).items()
-            if p and rule == layer and p in queries.PRECISIONS}
+            if p and rule == layer and p in PRECISIONS}

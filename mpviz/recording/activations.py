@@ -17,11 +17,8 @@ import torch
 from torch import nn
 
 from .. import tree
+from ..formats import dtype_name
 from .step import StepState
-
-
-def dtype_name(dt: torch.dtype | None) -> str | None:
-    return None if dt is None else str(dt).replace("torch.", "")
 
 
 class ForwardWatch:

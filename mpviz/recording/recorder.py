@@ -54,11 +54,12 @@ import torch
 from torch import nn
 
 from .. import compat, distributed, tree
+from ..formats import dtype_name
 from ..run import Run
 from ..stats import ROW
 from ..store import RunStoreError, RunWriter, db_path
 from . import overflow
-from .activations import ForwardWatch, dtype_name
+from .activations import ForwardWatch
 from .diagnostics import attach_diagnostics
 from .gradients import Gradients
 from .rows import stat_rows
