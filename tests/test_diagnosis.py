@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -327,6 +328,73 @@ def test_headroom_matches_numpy(tmp_path):
     worst = min(bits, key=bits.get)
     note = f'the scale can double {math.floor(bits[worst])} more times before the gradients of "{worst}"'
     assert any(note in n for n in mpviz.diagnose(run).notes), (note, mpviz.diagnose(run).notes)
+
+
+# ------------------------------------------------------------------ percentiles of many histograms
+def hist_percentile(counts, q):
+    """The reference: one histogram at a time, as diagnose() read them before (#19)."""
+    c = np.asarray(list(counts), dtype=np.float64)
+    if len(c) < 257:
+        c = np.pad(c, (0, 257 - len(c)))
+    finite = c[1:256]
+    total = finite.sum()
+    if total <= 0:
+        return float("nan")
+    k = int(np.searchsorted(np.cumsum(finite), q / 100.0 * total, side="left")) + 1
+    k = min(max(k, 1), 255)
+    return 2.0 ** -149 if k == 1 else 2.0 ** (k - 128)
+
+
+def test_percentiles_of_all_histograms_at_once_equal_one_at_a_time(lr5_run, tmp_path, monkeypatch):
+    """hist_percentiles over recorded histograms (the lr5 run's inf/nan and zeros, a run whose
+    gradients sit at fp16's floor) and edge cases equals the per-histogram reference, and so
+    does headroom()'s low_abs, read in chunks of 7 histograms."""
+    import importlib
+
+    from mpviz.store import pack_hists, unpack_hist
+
+    hr = importlib.import_module("mpviz.diagnosis.headroom")   # the module, not the function
+
+    train(small_model(), "fp16", loss_weight=3e-6, steps=10, every=1, run_dir=tmp_path / "u")
+    recorded = []
+    for d in (lr5_run[0], tmp_path / "u"):
+        run = mpviz.load_run(d)
+        recorded.append(run.query("SELECT lo, counts FROM histograms ORDER BY step, layer_idx, tensor"))
+        run.close()
+    rec = pd.concat(recorded, ignore_index=True)
+    assert len(rec) > 150
+    edge = np.zeros((9, 257), dtype=np.int64)      # row 0: empty (all zero)
+    edge[1, 0] = 5                                # zeros only
+    edge[2, 256] = 3                              # inf/nan only
+    edge[3, 1] = 2                                # fp32 subnormals only
+    edge[4, 255] = 1                              # one bin, the top finite one
+    edge[5, 100] = 7                              # one bin
+    edge[6, 1:101] = 1                            # 1% and 50% of the total end a bin
+    edge[7, [0, 90, 91, 200, 256]] = [4, 1, 98, 1, 2]
+    edge[8] = np.random.default_rng(0).integers(0, 3, 257)
+    packed = pack_hists(edge)
+    assert packed[0] == (0, b"") and len(packed[5][1]) == 8   # empty; one bin
+    los = rec["lo"].tolist() + [lo for lo, _ in packed]
+    blobs = rec["counts"].tolist() + [b for _, b in packed]
+    counts = hr.hist_counts(los, blobs)
+    assert counts.shape == (len(blobs), 257)
+    for q in (0.0, 0.5, 1.0, 50.0, 99.0, 100.0):
+        want = [hist_percentile(unpack_hist(lo, b), q) for lo, b in zip(los, blobs)]
+        np.testing.assert_array_equal(hr.hist_percentiles(counts, q), want, err_msg=str(q))
+    assert np.isnan(hr.hist_percentiles(counts[-9:-6], 1.0)).all()  # no finite nonzero value
+    # headroom()'s low_abs, in several chunks, row by row against the reference
+    monkeypatch.setattr(hr, "CHUNK_ROWS", 7)
+    run = mpviz.load_run(lr5_run[0])
+    h = mpviz.headroom(run, formats=["fp16"])
+    ref = run.query("SELECT s.step, l.layer, s.tensor, h.lo, h.counts FROM layer_stats s "
+                    "JOIN layers l ON l.idx = s.layer_idx LEFT JOIN histograms h ON h.step = s.step "
+                    "AND h.layer_idx = s.layer_idx AND h.tensor = s.tensor "
+                    "WHERE s.tensor IN ('activation', 'grad') ORDER BY s.step, s.layer_idx")
+    run.close()
+    assert len(h) == len(ref) > 2 * 7 and h["step"].tolist() == ref["step"].tolist()
+    want = [hist_percentile(unpack_hist(int(lo), b), 1.0) if b is not None else np.nan
+            for lo, b in zip(ref["lo"].fillna(0), ref["counts"])]
+    np.testing.assert_array_equal(h["low_abs"].to_numpy(), want)
 
 
 # ------------------------------------------------------------------ lost updates (bf16 weights)

@@ -12,9 +12,8 @@ import numpy as np
 import pandas as pd
 
 from ..formats import FORMATS
-from ..store import unpack_hist
 from .findings import Diagnosis, Finding, layer_name as _name
-from .headroom import hist_percentile
+from .headroom import bits, hist_chunks, hist_percentiles
 from .timeline import scale_timeline, scale_advice, warmup_backoffs
 
 # Thresholds (module constants, so the dashboards and the docs can quote them)
@@ -205,9 +204,12 @@ def _vanished(run: Any, steps: pd.DataFrame, picked: list[int],
     before it reached any weight), or other layers' sat at the floor that step. A frozen layer,
     or one that got no gradient, has no gradient row, and a gradient zero only in part (an
     embedding's unused rows, some dead units) is not all zero: neither is named."""
+    at = ",".join(str(int(x)) for x in picked)
+    if run.query("SELECT 1 FROM layer_stats WHERE tensor = 'grad' AND max_abs = 0 AND step IN "
+                 f"({at}) LIMIT 1").empty:
+        return {}, []   # no gradient all zero (the rows below are many in a long run)
     s = run.query("SELECT s.step, l.layer, s.tensor, s.dtype, s.max_abs FROM layer_stats s JOIN "
-                  "layers l ON l.idx = s.layer_idx WHERE s.step IN (%s) ORDER BY s.step"
-                  % ",".join(str(int(x)) for x in picked))
+                  f"layers l ON l.idx = s.layer_idx WHERE s.step IN ({at}) ORDER BY s.step")
     grad, act = s[s["tensor"] == "grad"], s[s["tensor"] == "activation"]
     zero = grad[grad["max_abs"] == 0]
     if not len(zero):
@@ -234,43 +236,47 @@ def _gradient_underflow(run: Any, steps: pd.DataFrame, dtypes: pd.DataFrame) -> 
                                 & (dtypes["dtype"] == "float16"), "layer"])
     if not low_layers:
         return []
-    # at most MAX_HIST_STEPS statistics steps, evenly spread (a long run has thousands)
-    have = run.query("SELECT DISTINCT step FROM histograms WHERE tensor = 'grad' ORDER BY step")["step"]
+    # The statistics steps that have a gradient histogram. Histograms are written and dropped
+    # with their layer_stats rows (recording/rows.py, store.thin), so this looks up each step of
+    # the layer_stats step index, instead of collecting the steps of every histogram (a long
+    # run's millions) into a DISTINCT.
+    have = run.query("SELECT s.step FROM (SELECT DISTINCT step FROM layer_stats) s WHERE EXISTS "
+                     "(SELECT 1 FROM layers l CROSS JOIN histograms h ON h.layer_idx = l.idx AND "
+                     "h.tensor = 'grad' AND h.step = s.step) ORDER BY s.step")["step"]
+    # at most MAX_HIST_STEPS of them, evenly spread (a long run has thousands)
     pick = have.iloc[np.unique(np.linspace(0, len(have) - 1, min(len(have), MAX_HIST_STEPS)).astype(int))] \
         if len(have) else have
     if not len(pick):
         return []
-    h = run.query("SELECT h.step, l.layer, h.lo, h.counts FROM histograms h JOIN layers l "
-                  "ON l.idx = h.layer_idx WHERE h.tensor = 'grad' AND h.step IN (%s) ORDER BY h.step"
-                  % ",".join(str(int(x)) for x in pick))
-    scale = dict(zip(steps["step"], steps["loss_scale"].fillna(1.0)))
+    h = run.query("SELECT h.step, l.layer, h.lo, h.counts FROM layers l CROSS JOIN histograms h "
+                  "ON h.layer_idx = l.idx WHERE h.tensor = 'grad' AND h.step IN (%s) "
+                  "ORDER BY h.step, h.layer_idx" % ",".join(str(int(x)) for x in pick))
+    h = h[h["layer"].isin(low_layers)]
     floor = math.log2(FORMATS["fp16"].min_subnormal)        # -24
-    sub_edge = 128 + math.log2(FORMATS["fp16"].min_normal)  # bins below 2^-14 end here (114)
-    per_layer: dict[str, list[tuple[int, float, float]]] = {}
-    for st, layer, lo, blob in zip(h["step"], h["layer"], h["lo"], h["counts"]):
-        if layer not in low_layers:
-            continue
-        counts = np.asarray(unpack_hist(int(lo), blob), dtype=float)
-        counts = np.pad(counts, (0, max(0, 257 - len(counts))))
-        s = float(scale.get(st, 1.0) or 1.0)
-        shift = int(round(math.log2(s))) if s > 0 else 0
-        p1 = hist_percentile(counts, 1.0)
-        if not p1 > 0:
-            continue
-        bits_under = math.log2(p1 * s) - floor
-        nz = counts[1:256].sum()
-        cut = int(sub_edge - shift)  # bins whose values, times the scale, are below 2^-14
-        frac_sub = counts[1:max(1, min(cut, 256))].sum() / nz if nz else 0.0
-        per_layer.setdefault(layer, []).append((int(st), bits_under, frac_sub))
-    hits = {l: v for l, v in per_layer.items()
-            if np.median([b for _, b, _ in v]) < UNDERFLOW_BITS}
-    at_floor = {st for v in per_layer.values() for st, b, _ in v if b < UNDERFLOW_BITS}
+    s = h["step"].map(dict(zip(steps["step"], steps["loss_scale"].fillna(1.0)))).to_numpy(dtype=float)
+    s = np.where(s > 0, s, 1.0)   # no scale recorded (or 0): gradients as recorded
+    # per histogram: bins below `cut` hold values that, times the scale, are fp16 subnormals
+    cut = np.clip((128 + math.log2(FORMATS["fp16"].min_normal) - np.round(np.log2(s))).astype(int),
+                  1, 256)
+    p1, nz, sub = np.empty(len(h)), np.empty(len(h)), np.empty(len(h))
+    for rows, counts in hist_chunks(h["lo"], h["counts"]):
+        cum = np.cumsum(counts, axis=1)
+        p1[rows] = hist_percentiles(counts, 1.0)
+        nz[rows] = cum[:, 255] - cum[:, 0]                                  # bins 1..255
+        sub[rows] = cum[np.arange(len(counts)), cut[rows] - 1] - cum[:, 0]  # bins 1..cut-1
+    ok = p1 > 0   # a histogram with a nonzero finite value
+    g = pd.DataFrame({"step": h["step"].to_numpy()[ok].astype(int), "layer": h["layer"].to_numpy()[ok],
+                      "bits": bits("fp16", np.nan, p1[ok], s[ok])[1], "frac": sub[ok] / nz[ok]})
+    med = g.groupby("layer", sort=False)[["bits", "frac"]].median()
+    hits = list(med.index[med["bits"] < UNDERFLOW_BITS])
+    at_floor = set(g.loc[g["bits"] < UNDERFLOW_BITS, "step"].tolist())
     gone, everywhere = _vanished(run, steps, pick.tolist(), at_floor)
     if not hits and not gone:
         return []
-    first = min([v[0][0] for v in hits.values()] + [v[0] for v in gone.values()])
-    last = max([v[-1][0] for v in hits.values()] + [v[-1] for v in gone.values()])
-    frac = {l: float(np.median([f for _, _, f in v])) for l, v in hits.items()}
+    hit_steps = g.loc[g["layer"].isin(hits), "step"].tolist()
+    first = min(hit_steps + [v[0] for v in gone.values()])
+    last = max(hit_steps + [v[-1] for v in gone.values()])
+    frac = {l: float(med.at[l, "frac"]) for l in hits}
     zs = run.query("SELECT l.layer, CAST(s.zeros AS REAL) / s.numel AS z FROM layer_stats s "
                    "JOIN layers l ON l.idx = s.layer_idx WHERE s.tensor = 'grad'")
     zero = zs.groupby("layer")["z"].median().to_dict() if len(zs) else {}
@@ -405,8 +411,12 @@ def diagnose(run: Any) -> Diagnosis:
         timeline = scale_timeline(steps, ov)
         findings: list[Finding] = []
         if len(steps):
-            weights = run.query("SELECT s.step, l.layer, s.max_abs FROM layer_stats s JOIN layers l "
-                                "ON l.idx = s.layer_idx WHERE s.tensor = 'weight'")
+            # the weights of the layers that overflowed in the forward only (a long run has
+            # millions of rows); CROSS JOIN: layer by layer through the (layer, tensor) index
+            named = sorted(set(ov.loc[(ov["phase"] == "forward") & ov["first"], "layer"].dropna()))
+            weights = run.query("SELECT s.step, l.layer, s.max_abs FROM layers l CROSS JOIN "
+                                "layer_stats s ON s.layer_idx = l.idx AND s.tensor = 'weight' "
+                                "WHERE l.layer IN (%s)" % ",".join("?" * len(named)), tuple(named))
             fwd = _forward_overflow(steps, ov, dtypes, weights)
             fwd_err = [f for f in fwd if f.severity == "error"]
             findings += fwd

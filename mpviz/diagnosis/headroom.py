@@ -15,41 +15,64 @@ Tensors above 4,096 elements have histograms taken from a strided sample (see mp
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 
 from ..formats import FORMATS, N_BINS
-from ..store import unpack_hist
 
 HEADROOM_FORMATS = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
 COLUMNS = ["step", "layer", "tensor", "format", "scale", "max_abs", "low_abs",
            "bits_to_overflow", "bits_to_underflow"]
 
 
-def hist_percentile(counts: Iterable[int], q: float) -> float:
-    """The lower edge of the histogram bin that holds the ``q``-th percentile (0-100) of the
-    nonzero finite values (bins as in mpviz.stats); NaN when there are none."""
-    c = np.asarray(list(counts), dtype=np.float64)
-    if len(c) < N_BINS:
-        c = np.pad(c, (0, N_BINS - len(c)))
-    finite = c[1:256]
-    total = finite.sum()
-    if total <= 0:
-        return float("nan")
-    k = int(np.searchsorted(np.cumsum(finite), q / 100.0 * total, side="left")) + 1
-    k = min(max(k, 1), 255)
-    return 2.0 ** -149 if k == 1 else 2.0 ** (k - 128)
+CHUNK_ROWS = 20_000  # histograms unpacked at once (a long run has millions: ~40 MB a chunk)
 
 
-def bits(fmt: str, max_abs: float, low_abs: float, scale: float = 1.0) -> tuple[float, float]:
-    """(bits to overflow, bits to underflow) of a tensor against format ``fmt``."""
+def hist_counts(los: Any, blobs: Any) -> np.ndarray:
+    """Stored histograms (first bin, little-endian int64 counts: mpviz.store.pack_hists) as one
+    ``(n, N_BINS)`` int64 array."""
+    blobs = list(blobs)
+    lens = np.fromiter((len(b) // 8 for b in blobs), dtype=np.int64, count=len(blobs))
+    flat = np.frombuffer(b"".join(blobs), dtype="<i8")
+    first = np.asarray(los, dtype=np.int64) - (np.cumsum(lens) - lens)  # bin of flat[0] per row
+    out = np.zeros((len(blobs), N_BINS), dtype=np.int64)
+    out[np.repeat(np.arange(len(blobs)), lens), np.repeat(first, lens) + np.arange(len(flat))] = flat
+    return out
+
+
+def hist_chunks(los: Any, blobs: Any) -> Iterator[tuple[slice, np.ndarray]]:
+    """(rows, :func:`hist_counts` of those rows), at most :data:`CHUNK_ROWS` rows at a time."""
+    los, blobs = np.asarray(los), np.asarray(blobs, dtype=object)
+    for i in range(0, len(blobs), CHUNK_ROWS):
+        rows = slice(i, min(i + CHUNK_ROWS, len(blobs)))
+        yield rows, hist_counts(los[rows], blobs[rows])
+
+
+def hist_percentiles(counts: np.ndarray, q: float) -> np.ndarray:
+    """Per row of ``counts`` (histograms, bins as in mpviz.stats), the lower edge of the bin
+    that holds the ``q``-th percentile (0-100) of the nonzero finite values; NaN for a row
+    that has none."""
+    cum = np.cumsum(counts[:, 1:256], axis=1)   # int64: exact
+    total = cum[:, -1]
+    # the first bin whose running count reaches q% of the total (np.searchsorted, side="left")
+    k = np.clip((cum < (q / 100.0 * total)[:, None]).sum(axis=1) + 1, 1, 255)
+    low = np.where(k == 1, 2.0 ** -149, np.ldexp(1.0, k - 128))   # bin 1: fp32's subnormals
+    return np.where(total > 0, low, np.nan)
+
+
+def bits(fmt: str, max_abs: Any, low_abs: Any, scale: Any = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(bits to overflow, bits to underflow) against format ``fmt`` (numbers or arrays).
+
+    Overflow: ``inf`` for an all-zero tensor (max 0), ``-inf`` for one that holds inf, NaN when
+    unknown; underflow: NaN without a nonzero value."""
     f = FORMATS[fmt]
-    over = math.log2(f.max / (scale * max_abs)) if max_abs > 0 and math.isfinite(max_abs) else (
-        float("nan") if max_abs > 0 else float("inf"))
-    under = math.log2(scale * low_abs / f.min_subnormal) if low_abs > 0 else float("nan")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mx = np.asarray(max_abs, dtype=np.float64) * scale
+        lo = np.asarray(low_abs, dtype=np.float64) * scale
+        over = np.where(mx > 0, np.log2(f.max / mx), np.where(mx == 0, np.inf, np.nan))
+        under = np.where(lo > 0, np.log2(lo / f.min_subnormal), np.nan)
     return over, under
 
 
@@ -82,8 +105,10 @@ def headroom(run: Any, formats: Iterable[str] = HEADROOM_FORMATS, percentile: fl
         tuple(params))
     if not len(df):
         return pd.DataFrame(columns=COLUMNS)
-    low = [hist_percentile(unpack_hist(int(lo), blob), percentile) if blob is not None
-           else float("nan") for lo, blob in zip(df["lo"].fillna(0), df["counts"])]
+    low = np.full(len(df), np.nan)
+    have = np.flatnonzero(df["counts"].notna().to_numpy())   # rows with a histogram
+    for rows, counts in hist_chunks(df["lo"].to_numpy()[have], df["counts"].to_numpy()[have]):
+        low[have[rows]] = hist_percentiles(counts, percentile)
     loss_scale = pd.to_numeric(df["loss_scale"], errors="coerce").fillna(1.0).to_numpy(dtype=float)
     scale = np.where(df["tensor"] == "grad", loss_scale, 1.0)
     base = pd.DataFrame({"step": df["step"], "layer": df["layer"], "tensor": df["tensor"],
@@ -91,15 +116,9 @@ def headroom(run: Any, formats: Iterable[str] = HEADROOM_FORMATS, percentile: fl
                          "max_abs": pd.to_numeric(df["max_abs"], errors="coerce").astype(float), "low_abs": low})
     out = []
     for f in formats:
-        fm = FORMATS[f]
         part = base.copy()
         part["format"] = f
-        with np.errstate(divide="ignore", invalid="ignore"):
-            mx = part["max_abs"].to_numpy(dtype=np.float64) * part["scale"].to_numpy()
-            lo = part["low_abs"].to_numpy(dtype=np.float64) * part["scale"].to_numpy()
-            part["bits_to_overflow"] = np.where(mx > 0, np.log2(fm.max / mx),
-                                                np.where(mx == 0, np.inf, np.nan))
-            part["bits_to_underflow"] = np.where(lo > 0, np.log2(lo / fm.min_subnormal), np.nan)
+        part["bits_to_overflow"], part["bits_to_underflow"] = bits(f, base["max_abs"], low, scale)
         out.append(part)
     return pd.concat(out, ignore_index=True)[COLUMNS]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 TIMELINE_COLUMNS = ["step", "scale", "scale_after", "event", "cause", "layers"]
@@ -29,11 +30,12 @@ def scale_timeline(steps: pd.DataFrame, overflows: pd.DataFrame) -> pd.DataFrame
     if not len(steps) or steps["loss_scale"].isna().all():
         return pd.DataFrame(columns=TIMELINE_COLUMNS)
     by_step = {s: g for s, g in overflows.groupby("step")} if len(overflows) else {}
+    scale = steps["loss_scale"].to_numpy(dtype=float)
+    after = steps["loss_scale_after"].to_numpy(dtype=float)
+    changed = steps[~np.isnan(scale) & ~np.isnan(after) & (after != scale)]   # few of many steps
     rows = []
-    for st, scale, after, loss in zip(steps["step"], steps["loss_scale"],
-                                      steps["loss_scale_after"], steps["loss"]):
-        if pd.isna(scale) or pd.isna(after) or after == scale:
-            continue
+    for st, scale, after, loss in zip(changed["step"], changed["loss_scale"],
+                                      changed["loss_scale_after"], changed["loss"]):
         if after > scale:
             rows.append((int(st), scale, after, "growth", None, []))
             continue
