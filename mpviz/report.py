@@ -234,7 +234,7 @@ def report_html(run: Any, max_points: int = MAX_POINTS, title: str | None = None
         title = title or f"mpviz report: {run.run_dir.name}"
         fig = build_figure(run, max_points)
         diagnosis = mpviz.diagnose(run)
-        policy = mpviz.advise(run, target=advice_target(run))
+        policy = mpviz.advise(run, target=advice_target(run), diagnosis=diagnosis)
         overflows = ui.overflow_html(*queries.overflow_table(run, limit=TABLE_ROWS))
         lo, hi = queries.step_range(run)
         parts = [summary_html(run), diagnosis_html(diagnosis), advice_html(policy),

@@ -397,6 +397,28 @@ def test_percentiles_of_all_histograms_at_once_equal_one_at_a_time(lr5_run, tmp_
     np.testing.assert_array_equal(h["low_abs"].to_numpy(), want)
 
 
+def test_advise_takes_the_diagnosis_it_is_given(lr5_run, tmp_path, monkeypatch):
+    """advise(run, diagnosis=d) does not diagnose again and advises as advise(run) does; a
+    diagnosis of another run is refused."""
+    import sys
+
+    d, _ = lr5_run
+    run = mpviz.load_run(d)
+    diag, policy = mpviz.diagnose(run), mpviz.advise(run)
+
+    def no(*_):
+        raise AssertionError("diagnosed again")
+
+    monkeypatch.setattr(sys.modules["mpviz.diagnosis.advise"], "diagnose", no)
+    given = mpviz.advise(run, diagnosis=diag)
+    assert given.rules == policy.rules == {"*": "fp16", "fc3": "fp32"}
+    assert given.reasons == policy.reasons and given.estimate == policy.estimate
+    train(small_model(), steps=2, run_dir=tmp_path / "other")
+    with pytest.raises(ValueError, match="diagnosis is of"):
+        mpviz.advise(tmp_path / "other", diagnosis=diag)
+    run.close()
+
+
 # ------------------------------------------------------------------ lost updates (bf16 weights)
 def test_lost_updates_match_a_hand_computation(tmp_path):
     """model.to(bfloat16), plain SGD: an element's update is lost when bf16(p - lr*g), computed

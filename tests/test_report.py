@@ -177,6 +177,24 @@ def test_report_holds_the_runs_numbers(fp16_run, fp16_html):
     assert not re.search(r"<(script|link|img)[^>]+(src|href)=", text)
 
 
+def test_report_diagnoses_the_run_once(fp16_run, monkeypatch):
+    """The diagnosis the report shows is the one its advice is made from: the run is
+    diagnosed once (on a long run that takes a second)."""
+    from mpviz.report import report_html
+
+    real, calls = mpviz.diagnose, []
+
+    def counted(run):
+        calls.append(run)
+        return real(run)
+
+    monkeypatch.setattr(mpviz, "diagnose", counted)
+    monkeypatch.setattr(sys.modules["mpviz.diagnosis.advise"], "diagnose", counted)
+    text = report_html(fp16_run)
+    assert len(calls) == 1
+    assert "mpviz.advise" in text and "&#x27;fc3&#x27;: &#x27;fp32&#x27;" in text
+
+
 def test_long_run_is_decimated_and_bounded(long_run, long_html):
     size_mb = long_html.stat().st_size / 2 ** 20
     print(f"report of a 30,000-step x 100-layer run: {size_mb:.2f} MB")

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from .diagnose import SHADOW_REL_ERR, diagnose
+from .findings import Diagnosis
 from .headroom import headroom
 
 ESTIMATE_METHOD = (
@@ -22,7 +23,7 @@ def _covers(kept: list[str], layer: str) -> bool:
 
 
 def advise(run: Any, target: str = "fp16", keep: str = "fp32", margin_bits: float = 1.0,
-           shadow_threshold: float = SHADOW_REL_ERR) -> Any:
+           shadow_threshold: float = SHADOW_REL_ERR, diagnosis: Diagnosis | None = None) -> Any:
     """A :class:`mpviz.PrecisionPolicy` ``{"*": target, layer: keep, ...}`` that keeps in
     ``keep`` precision only the layers the run shows need it:
 
@@ -38,10 +39,12 @@ def advise(run: Any, target: str = "fp16", keep: str = "fp32", margin_bits: floa
     ``{"time_share", "memory_share", "method"}``: the share of step time and of activation
     memory that stays in ``keep`` precision, estimated as :data:`ESTIMATE_METHOD` says.
     Record the run in fp32 to ask which layers fp16 would break, or in fp16 to see which did.
+    ``diagnosis``: :func:`mpviz.diagnose` of this run, if you have it (else it is diagnosed here).
 
         >>> policy = mpviz.advise("runs/exp1")          # doctest: +SKIP
         >>> policy.rules, policy.reasons                 # doctest: +SKIP
         ({'*': 'fp16', 'fc3': 'fp32'}, {'fc3': 'output overflowed fp16 in the forward (steps 1-79)'})
+        >>> policy = mpviz.advise(run, diagnosis=mpviz.diagnose(run))   # doctest: +SKIP
     """
     from ..precision import PrecisionPolicy
     from ..run import Run, load_run
@@ -50,7 +53,9 @@ def advise(run: Any, target: str = "fp16", keep: str = "fp32", margin_bits: floa
     run = load_run(run) if own else run
     try:
         reasons: dict[str, str] = {}
-        d = diagnose(run)
+        if diagnosis is not None and diagnosis.run_dir != str(run.run_dir):
+            raise ValueError(f"diagnosis is of {diagnosis.run_dir}, not of {run.run_dir}")
+        d = diagnosis if diagnosis is not None else diagnose(run)
         for f in d.findings:
             if f.kind == "forward_overflow":
                 l = f.layers[0]
