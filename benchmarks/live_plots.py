@@ -44,7 +44,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from test_browser import CHROMIUM, CHROMIUM_ARGS, _fill, voila  # noqa: E402  (the tests' harness)
+from helpers.browser import CHROMIUM, CHROMIUM_ARGS, fill, voila  # noqa: E402  (the tests' harness)
 
 WARMUP = 20
 GAP_S = 0.08
@@ -104,7 +104,7 @@ class LabPage:
         for cls, value in ((".mpviz-task", self.task), (".mpviz-precision", self.precision)):
             page.locator(f"{cls} select").select_option(value)
             page.wait_for_timeout(1500)
-        _fill(page, ".mpviz-pause-at", 0)
+        fill(page, ".mpviz-pause-at", 0)
         self.cdp = page.context.new_cdp_session(page)
         self.cdp.send("Performance.enable")
         return self
@@ -118,7 +118,7 @@ class LabPage:
 
     def run(self, steps: int) -> dict:
         page, cdp = self.page, self.cdp
-        _fill(page, ".mpviz-max-steps", steps)
+        fill(page, ".mpviz-max-steps", steps)
         page.wait_for_timeout(500)
         before = set(self.runs.glob("lab-*"))
         open_before = {d for d in before if _status(d) == "running"}   # made at page load

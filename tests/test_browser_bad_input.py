@@ -1,6 +1,6 @@
 """The explorer in Chromium (Voila) against a runs folder holding every bad case of issue 9:
 one page goes through them with the run picker, each shows its one message, and the good run
-picked after it is drawn. The cases are made on disk by tests/test_apps_bad_input.py's
+picked after it is drawn. The cases are made on disk by tests/helpers/bad_runs.py's
 `make_bad_runs` (truncated, corrupt, empty, non-SQLite, foreign, newer, a symlink out of the
 folder, a SIGKILLed demo process); a live demo process's run is deleted while the page follows it.
 """
@@ -11,11 +11,12 @@ import shutil
 
 import mpviz
 from mpviz.dashboard import queries
-from test_apps_bad_input import EXPECTED, UNREADABLE, make_bad_runs, start_demo
-from test_browser import Page, browser, shots, voila  # noqa: F401 (fixtures)
+from helpers.bad_runs import EXPECTED, UNREADABLE, make_bad_runs
+from helpers.browser import Page, voila
+from helpers.training import start_demo
 
 
-def test_explorer_page_survives_every_bad_run(browser, shots, tmp_path):  # noqa: F811
+def test_explorer_page_survives_every_bad_run(browser, shots, tmp_path):
     root = tmp_path / "runs"
     runs = make_bad_runs(root)
     killed_steps = len(mpviz.load_run(runs["killed"]).steps)

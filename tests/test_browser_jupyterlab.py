@@ -7,7 +7,7 @@ Chromium opens it, runs all cells, and drives the lab: it renders, its `LivePlot
 grows, and a layer's precision toggled from the table shows in the table and as a ★ on the loss
 curve. The window is 1,300 px wide with the file browser open, JupyterLab's narrow case: the
 live figure (900 px in the lab) is drawn at the ~870 px the output area leaves, not clipped, and
-widens again when the file browser closes. Harness and fixtures from test_browser.py.
+widens again when the file browser closes. Harness: tests/helpers/browser.py.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from test_browser import ROOT, Page, _fill, _free_port, _required, browser, shots  # noqa: F401
-from test_browser_lab_models import classifier_to_bf16_at_pause
+from helpers.browser import ROOT, Page, classifier_to_bf16_at_pause, fill, free_port, required
 
 try:
     import jupyterlab  # noqa: F401
@@ -45,7 +44,7 @@ def jupyter_lab(root: Path, runs_dir: Path):
     """Serve `root` with `jupyter lab` on a free port; yields (base url, token). Its config, data,
     runtime and workspace folders live under `root`'s parent, so nothing of the user's is read
     or written; the kernels see tests/ on their path (the notebook imports tests/models.py)."""
-    port, token = _free_port(), secrets.token_hex(16)
+    port, token = free_port(), secrets.token_hex(16)
     home = root.parent / "jupyter-home"
     (home / "config" / "labconfig").mkdir(parents=True)
     (home / "config" / "labconfig" / "page_config.json").write_text(json.dumps(OFFLINE_PAGE_CONFIG))
@@ -96,10 +95,10 @@ def _figure_fit(page) -> tuple[int, int]:
                    return [Math.round(area.right - svg.left), Math.round(svg.width)]; }"""))
 
 
-def test_lab_trains_your_model_in_jupyterlab(browser, shots, tmp_path):  # noqa: F811
+def test_lab_trains_your_model_in_jupyterlab(browser, shots, tmp_path):
     if jupyterlab is None:
         why = "JupyterLab is missing: .venv/bin/pip install -r requirements.txt"
-        if _required():
+        if required():
             pytest.fail(why, pytrace=False)
         pytest.skip(why)
     root, runs = tmp_path / "root", tmp_path / "runs"
@@ -135,8 +134,8 @@ def test_lab_trains_your_model_in_jupyterlab(browser, shots, tmp_path):  # noqa:
                what="the live figure to fit the output area")
         room = _figure_fit(page)[0]
         assert page.locator(".mpviz-layer-table").bounding_box()["width"] >= room - 10
-        _fill(page, ".mpviz-max-steps", max_steps)
-        _fill(page, ".mpviz-pause-at", pause_at)
+        fill(page, ".mpviz-max-steps", max_steps)
+        fill(page, ".mpviz-pause-at", pause_at)
         page.locator(".mpviz-start").click()
         status = page.locator(".mpviz-status")
 

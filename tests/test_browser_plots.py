@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import pytest
 
-from test_browser import Page, _fill, browser, shots, voila  # noqa: F401  (fixtures)
-from test_plots import _one_thread
+from helpers.browser import Page, fill, voila
+from helpers.training import one_thread, record_demo
 
 MIN_TABLE_PX = 400
 
@@ -69,7 +69,7 @@ def test_lab_layout_adapts_to_the_page_width(browser, shots, tmp_path):
             assert all(sw <= cw for sw, cw in scroll.values()), (width, scroll)
 
         # Training draws the heatmaps below the live figure (a static plot, re-sent on change).
-        _fill(page, ".mpviz-max-steps", 20)
+        fill(page, ".mpviz-max-steps", 20)
         page.get_by_role("button", name="Start").click()
         p.wait(lambda: "done" in page.locator(".mpviz-status").inner_text(), what="20 steps")
         p.wait(lambda: _placeholder(page)["ticks"] > 0, what="the plots' axes")
@@ -89,13 +89,10 @@ def test_lab_layout_adapts_to_the_page_width(browser, shots, tmp_path):
 
 @pytest.fixture
 def nan_runs(tmp_path):
-    from mpviz.demos import Trainer
-
     runs = tmp_path / "runs"
-    with _one_thread(), Trainer(task="mlp", precision="fp16", lr=5.0, seed=0,
-                                run_dir=str(runs / "mlp-fp16-lr5"), every=5) as t:
-        for _ in range(20):
-            t.step()
+    with one_thread():
+        record_demo(runs / "mlp-fp16-lr5", task="mlp", precision="fp16", lr=5.0, seed=0, steps=20,
+                    every=5)
     return runs
 
 

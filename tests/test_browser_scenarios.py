@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import mpviz
 from mpviz.scenarios import SCENARIOS
-from test_browser import Page, browser, shots, voila  # noqa: F401 (fixtures)
+from helpers.browser import Page, voila
 
 
-def test_lab_scenario_is_diagnosed_in_the_page_and_its_fix_is_clean(browser, shots, tmp_path):  # noqa: F811
+def test_lab_scenario_is_diagnosed_in_the_page_and_its_fix_is_clean(browser, shots, tmp_path):
     sc = SCENARIOS["fp16-overflow"]
     runs = tmp_path / "runs"
     runs.mkdir()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import mpviz
-from test_browser import Page, browser, shots, voila  # noqa: F401 (fixtures)
+from helpers.browser import Page, voila
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def _wait(cond, timeout: float, what: str, proc: subprocess.Popen) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_explorer_steers_a_training_process(browser, shots, tmp_path):  # noqa: F811
+def test_explorer_steers_a_training_process(browser, shots, tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
     run_dir = runs / "job"

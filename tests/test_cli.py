@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mpviz
-from conftest import record_demo
+from helpers.training import record_demo
 from mpviz.demos import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +40,7 @@ def fp16_run(tmp_path_factory) -> Path:
     """mlp, fp16 + GradScaler, 19 steps: head in fp32 from the start, fc3 set to fp32 at step 12,
     and a last step whose inputs overflow fp16 in fc1, so GradScaler skips it and backs off."""
     d = tmp_path_factory.mktemp("cli") / "fp16"
+    # Not record_demo: a rule changed mid-run and a hand-made overflowing step, inside one Trainer.
     with Trainer(task="mlp", precision="fp16", run_dir=d, every=5, policy={"head": "fp32"}) as t:
         for _ in range(12):
             t.step()

@@ -6,31 +6,15 @@ store's own rows, pandas' rolling median, a loop over heatmap columns).
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pandas as pd
 import pytest
 
 import mpviz
-from conftest import record_demo
+from helpers.training import one_thread, record_demo
 from mpviz.dashboard import queries
 from mpviz.dashboard.plots import SPEED_WINDOW, RunFigure, cap_columns, rolling_median
 from waiting import wait_for
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Record with one torch thread (restored after): on a busy 2-core machine two OpenMP threads
-    make these tiny models 10-30x slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _show(fig: RunFigure, run, slot: int = 0, max_points: int = 2000, detail: bool = True):
@@ -46,13 +30,9 @@ def _sent(fig: RunFigure) -> list[int]:
 @pytest.fixture(scope="module")
 def nan_run(tmp_path_factory):
     """fp16 + GradScaler at lr 5: the loss is NaN from step 1 on (every step skipped)."""
-    from mpviz.demos import Trainer
-
     run_dir = tmp_path_factory.mktemp("nan") / "mlp-fp16-lr5"
-    with _one_thread(), Trainer(task="mlp", precision="fp16", lr=5.0, seed=0, run_dir=str(run_dir),
-                                every=5) as t:
-        for _ in range(20):
-            t.step()
+    with one_thread():
+        record_demo(run_dir, task="mlp", precision="fp16", lr=5.0, seed=0, steps=20, every=5)
     return run_dir
 
 
@@ -83,7 +63,7 @@ def test_nonfinite_losses_are_marked_where_they_happen(nan_run):
 
 
 def test_samples_per_s_is_a_rolling_median_with_raw_values_on_hover(tmp_path):
-    with _one_thread():
+    with one_thread():
         run_dir = record_demo(tmp_path / "mlp", task="mlp", steps=40, every=5)
     run = mpviz.load_run(run_dir)
     raw = run.steps.sort_values("step")["samples_per_s"].to_numpy(float)
@@ -103,7 +83,7 @@ def test_samples_per_s_is_a_rolling_median_with_raw_values_on_hover(tmp_path):
 
 
 def test_updates_are_bounded_and_heatmaps_leave_the_live_widget(tmp_path):
-    with _one_thread():
+    with one_thread():
         run_dir = record_demo(tmp_path / "mlp", task="mlp", steps=600, every=50)
     run = mpviz.load_run(run_dir)
     fig = RunFigure(max_heat_cells=60)
@@ -152,7 +132,7 @@ def test_cap_columns_merges_neighbours_by_max():
 def test_compare_smooths_samples_per_s_too(tmp_path):
     from mpviz.dashboard.plots import CompareFigure
 
-    with _one_thread():
+    with one_thread():
         run_dir = record_demo(tmp_path / "mlp", task="mlp", steps=30, every=5)
     run = mpviz.load_run(run_dir)
     snap = queries.snapshot(run, detail=False)
@@ -180,7 +160,7 @@ def test_heatmaps_are_sent_at_most_every_detail_every_s_and_the_last_state_arriv
                                                                                 monkeypatch):
     from mpviz.dashboard import plots
 
-    with _one_thread():
+    with one_thread():
         run_dir = record_demo(tmp_path / "mlp", task="mlp", steps=30, every=5)
     run = mpviz.load_run(run_dir)
     clock = _Clock()

@@ -179,7 +179,7 @@ def test_a_writer_that_falls_behind_blocks_training_instead_of_filling_memory(tm
 
 def test_histogram_names_what_is_wrong_instead_of_an_empty_frame(tmp_path):
     """Unknown layer or tensor: close matches; a step without statistics: the nearest ones."""
-    from conftest import record_demo
+    from helpers.training import record_demo
 
     run = mpviz.load_run(record_demo(tmp_path / "r", task="mlp", steps=12, every=5))
     stats = run.layer_stats
