@@ -82,6 +82,7 @@ def _grad_norms(model: nn.Module, scale: float) -> dict[str, float]:
     return {k: math.sqrt(v) for k, v in sq.items()}
 
 
+# Not record_demo: compiled models in each attach order, against plain compiled runs.
 def _train(name: str, precision: str, order: str, run_dir: Path | None = None) -> dict:
     """``order``: "plain" / "plain-inplace" (no mpviz), "before" (attach, then torch.compile),
     "inplace" (attach, then model.compile()), "after" (torch.compile, then attach)."""

@@ -27,6 +27,7 @@ from mpviz.dashboard.compare import differences
 ROOT = Path(__file__).resolve().parents[1]
 
 
+from helpers.training import demo_process, record_demo
 from waiting import wait_for as _wait
 
 
@@ -240,6 +241,7 @@ def test_the_labs_default_session_has_no_step_limit_only_a_time_limit_and_stop(d
 def _overflowing_run(run_dir: Path, bad_steps: set[int], steps: int = 60):
     """fp16 autocast + GradScaler on a tiny model; on `bad_steps` the input is scaled so fc1's
     output overflows fp16. Returns the steps GradScaler skipped, from the scaler itself."""
+    # Not record_demo: its own loop, to overflow on chosen steps and read GradScaler's skips.
     import torch
     from torch import nn
 
@@ -353,10 +355,7 @@ def _has_a_step(run_dir: Path) -> bool:
 
 def test_explorer_follows_a_run_written_by_another_process(dash_runs):
     run_dir = dash_runs / "live"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mpviz", "demo", "--task", "mlp", "--precision", "fp32", "--steps",
-         "3000", "--every", "5", "--run-dir", str(run_dir), "--quiet"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = demo_process(run_dir, task="mlp", precision="fp32", steps=3000, every=5)
     try:
         assert _wait(lambda: _has_a_step(run_dir))
         ex = explorer_app(poll_s=0.2)   # the newest run under $MPVIZ_RUNS_DIR
@@ -378,18 +377,10 @@ def test_explorer_follows_a_run_written_by_another_process(dash_runs):
             proc.kill()
 
 
-def _record(run_dir: Path, steps: int) -> Path:
-    from mpviz.demos import Trainer
-
-    with Trainer(task="mlp", precision="fp32", run_dir=str(run_dir), every=5) as t:
-        for _ in range(steps):
-            t.step()
-    return run_dir
-
-
 def test_the_explorer_opens_the_newest_run_that_has_steps(dash_runs):
-    trained = _record(dash_runs / "trained", 3)
-    empty = _record(dash_runs / "empty", 0)   # newer, no step: a job that never got going
+    trained = record_demo(dash_runs / "trained", task="mlp", precision="fp32", steps=3, every=5)
+    # newer, no step: a job that never got going
+    empty = record_demo(dash_runs / "empty", task="mlp", precision="fp32", steps=0, every=5)
     past = time.time() - 60
     os.utime(trained / "run.db", (past, past))   # list_runs orders by the store's mtime
     assert [p.name for p in mpviz.list_runs(dash_runs)] == ["empty", "trained"]
@@ -415,10 +406,7 @@ def test_process_gone_tells_a_reused_pid_from_the_runs_writer():
 
 def test_a_run_whose_writer_was_killed_reads_killed_in_info_explorer_and_compare(dash_runs):
     run_dir = dash_runs / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mpviz", "demo", "--task", "mlp", "--precision", "fp32", "--steps",
-         "1000000", "--every", "5", "--run-dir", str(run_dir), "--quiet"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = demo_process(run_dir, task="mlp", precision="fp32", steps=1000000, every=5)
     try:
         assert _wait(lambda: proc.poll() is None and _has_a_step(run_dir)), proc.stderr.read()
     finally:
@@ -442,7 +430,7 @@ def test_a_run_whose_writer_was_killed_reads_killed_in_info_explorer_and_compare
     finally:
         ex.close()
 
-    finished = _record(dash_runs / "finished", 3)
+    finished = record_demo(dash_runs / "finished", task="mlp", precision="fp32", steps=3, every=5)
     cmp = compare_app(runs=[run_dir, finished], runs_dir=dash_runs)
     try:
         labels = dict((v, label) for label, v in cmp.picker.options)

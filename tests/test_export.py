@@ -19,6 +19,7 @@ STEPS, EVERY = 40, 2
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, one_torch_thread):
+    # Not record_demo: a loss scale that skips steps, backs off and grows again within 40 steps.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

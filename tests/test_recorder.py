@@ -46,6 +46,7 @@ def batches(x, y, n, bs=64, seed=0):
         yield x[idx], y[idx]
 
 
+# Not record_demo: the user's own AMP loop, on this file's models, with a hook after unscale_.
 def train(model, data, rec, opt, scaler=None, dtype=None, on_grads=None):
     """A plain AMP loop with the recorder's one added line; ``on_grads`` sees unscaled grads."""
     losses = []

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import mpviz
+from helpers.training import record_demo
 from mpviz.demos import Trainer
 from mpviz.recording.schedule import DEFAULT_BUDGET, StatsSchedule
 
@@ -91,6 +92,7 @@ def test_the_default_on_the_mlp_demo(tmp_path):
     runs = {"default": {"every": None}, "tiny": {"every": None, "stats_budget": 1e-4},
             "every7": {"every": 7}}
     for name, kw in runs.items():
+        # Not record_demo: the Recorder is made here, with the schedule's own arguments.
         t = Trainer(task="mlp", precision="fp32", record=False)
         t.recorder = mpviz.Recorder(t.model, optimizer=t.optimizer, scaler=t.scaler,
                                     run_dir=tmp_path / name, **kw).attach()
@@ -121,10 +123,7 @@ def test_the_default_schedule_still_diagnoses_a_forward_overflow(tmp_path):
     defaults: inf/nan events are recorded on every step, so the diagnosis names fc3 on steps
     1..19 whatever the statistics schedule (tests/test_diagnosis.py checks fc3 with its own
     hooks)."""
-    t = Trainer(task="mlp", precision="fp16", lr=5, run_dir=str(tmp_path / "r"), every=None)
-    with t:
-        for _ in range(20):
-            t.step()
+    record_demo(tmp_path / "r", task="mlp", precision="fp16", lr=5, steps=20, every=None)
     assert mpviz.load_run(tmp_path / "r").meta["stats_budget"] == DEFAULT_BUDGET
     top = mpviz.diagnose(tmp_path / "r").findings[0]
     assert (top.kind, top.severity, top.layers, top.steps) == (

@@ -131,6 +131,7 @@ def _batch():
     return x, (x[:, :4].argmax(1)) % 4
 
 
+# Not record_demo: train_script's model, one loop run plain, steerable and steered.
 def _train(rec=None, steps=6, between=None):
     """Train make_model() for `steps` steps (fp16 autocast + GradScaler); `between(i)` runs before
     step i's forward. Returns the model."""

@@ -194,6 +194,7 @@ class Net(nn.Module):
         return self.body(x)
 
 
+# Not record_demo: bf16 steps on fixed data, an action between two, with and without mpviz.
 def _train(model, opt, x, y, steps, rec=None, at=None, do=None):
     losses = []
     for i in range(steps):

@@ -109,6 +109,7 @@ def layer_grad_norms(model: nn.Module, scale: float) -> dict[str, float]:
     return {layer: math.sqrt(v) for layer, v in sq.items()}
 
 
+# Not record_demo: every model family x recipe of the matrix, each arm with and without mpviz.
 def train(spec: Spec, recipe: Recipe, run_dir: Path | None = None, every: int = 1,
           policy: dict[str, str] | None = None) -> Arm:
     """Train ``STEPS`` optimizer steps; with ``run_dir``, under an mpviz.Recorder."""
