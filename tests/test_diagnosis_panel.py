@@ -4,6 +4,7 @@ against the policy changes the run itself recorded, and the fp16 output dtypes i
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 
@@ -30,10 +31,39 @@ def runs(tmp_path_factory):
     return root, record(root / "lr5", lr=5), record(root / "healthy")
 
 
+def test_explorer_draws_its_plots_before_the_diagnosis(runs, monkeypatch):
+    """The explorer's first draw does not wait for mpviz.diagnose (held here until the test
+    lets it go): the plots are drawn, the panel says it is diagnosing; then the diagnosis,
+    made on another thread, is shown."""
+    root, bad, _ = runs
+    real, go, called = mpviz.diagnose, threading.Event(), []
+
+    def held(run):
+        called.append(threading.current_thread())
+        go.wait(60)
+        return real(run)
+
+    monkeypatch.setattr(mpviz, "diagnose", held)
+    ex = explorer_app(run_dir=bad, runs_dir=root, follow=False)
+    try:
+        assert not go.is_set() and ex.diagnosis.diagnosis is None
+        assert list(ex.fig.trace("loss", 0).x) == list(range(20))   # the plots are drawn
+        assert "diagnosing" in ex.diagnosis.html.value and "mpviz-finding" not in ex.diagnosis.html.value
+        go.set()
+        assert wait_for(lambda: ex.diagnosis.diagnosis is not None)
+        assert called and threading.current_thread() not in called
+        assert ex.diagnosis.diagnosis.findings[0].kind == "forward_overflow"
+        assert wait_for(lambda: 'data-kind="forward_overflow"' in ex.diagnosis.html.value)
+    finally:
+        go.set()
+        ex.close()
+
+
 def test_explorer_panel_names_the_forward_overflow_and_its_layer(runs):
     root, bad, _ = runs
     ex = explorer_app(run_dir=bad, runs_dir=root, follow=False)
     try:
+        assert wait_for(lambda: ex.diagnosis.diagnosis is not None)   # drawn after the plots
         d = ex.diagnosis.diagnosis
         assert d is not None and d.findings[0].kind == "forward_overflow"
         text = ex.diagnosis.html.value
@@ -56,14 +86,15 @@ def test_explorer_panel_on_a_healthy_run_says_nothing_above_info(runs):
     root, _, good = runs
     ex = explorer_app(run_dir=good, runs_dir=root, follow=False)
     try:
+        assert wait_for(lambda: ex.diagnosis.diagnosis is not None)
         d = ex.diagnosis.diagnosis
         assert d is not None and d.ok and d.n_steps == 20
         text = ex.diagnosis.html.value
         assert "mpviz-sev-error" not in text and "mpviz-sev-warning" not in text
         assert text.startswith("<b>Diagnosis</b>")
-        # Switching to the failing run re-diagnoses it at once.
+        # Switching to the failing run re-diagnoses it.
         ex.open(runs[1])
-        assert "mpviz-sev-error" in ex.diagnosis.html.value
+        assert wait_for(lambda: "mpviz-sev-error" in ex.diagnosis.html.value)
     finally:
         ex.close()
 

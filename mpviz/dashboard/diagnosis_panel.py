@@ -4,7 +4,9 @@ It shows the findings worst first (severity colour, kind, steps, layers, message
 the last loss-scale backoffs with their cause and layers, the suggested GradScaler settings and
 the headroom notes. ``refresh(run)`` re-diagnoses only when the run grew, at most every
 ``min_interval_s`` and never more than 10% of the time (``COST_SHARE``: a long run's diagnosis
-takes longer, so it is re-read less often), so the apps can call it on every redraw. Given ``on_apply``, an "Apply advice"
+takes longer, so it is re-read less often), so the apps can call it on every redraw;
+``refresh_later(run)`` does the same on a thread of its own (the explorer: its plots are drawn
+without waiting for the diagnosis). Given ``on_apply``, an "Apply advice"
 button calls it (the lab applies :func:`mpviz.advise` to its running model; the explorer sends it
 to a live steerable run, see :class:`~mpviz.dashboard.steer_panel.SteerPanel`) and shows what it
 changed. The diagnosis covers the whole run, whatever step range a plot shows. No torch.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import html
 import math
+import threading
 import time
 from typing import Any, Callable
 
@@ -24,6 +27,7 @@ from . import ui
 COLORS = {"error": "#c62828", "warning": "#ef6c00", "info": "#607d8b"}
 SHOWN_BACKOFFS = 5
 COST_SHARE = 0.1   # diagnose at most this share of the time while a run is followed
+PENDING = '<b>Diagnosis</b> <span class="mpviz-muted mpviz-diagnosing">diagnosing the run…</span>'
 
 
 def _steps(steps: tuple[int, int] | None) -> str:
@@ -43,6 +47,11 @@ def _scale(v: float) -> str:
         return ui.fmt(v)
     k = math.log2(v)
     return f"2^{k:g}" if k.is_integer() else ui.fmt(v)
+
+
+def _unavailable(e: BaseException) -> str:
+    return (f'<b>Diagnosis</b> <span class="mpviz-bad">unavailable: '
+            f"{html.escape(type(e).__name__)}: {html.escape(str(e))}</span>")
 
 
 def diagnosis_html(d: Any, backoffs: int = SHOWN_BACKOFFS) -> str:
@@ -120,6 +129,11 @@ class DiagnosisPanel:
         self._at = -math.inf
         self._key: tuple | None = None
         self.cost_s = 0.0   # how long the last diagnosis took
+        self._lock = threading.Lock()
+        self._gen = 0                      # requests accepted so far (the newest is shown)
+        self._request: tuple | None = None   # refresh_later's next one: (gen, (run_dir, rank))
+        self._where: tuple | None = None     # the run refresh_later last diagnosed
+        self._worker: threading.Thread | None = None
         self.html = widgets.HTML()
         self.html.add_class("mpviz-diagnosis")
         self.advice = advice if advice is not None else widgets.HTML()
@@ -140,34 +154,93 @@ class DiagnosisPanel:
         """Diagnose ``run`` again if it grew (or is another run or rank) and ``min_interval_s``
         passed since the last time (``force``: however recent that was). Returns whether it did.
         A failure shows one line in the panel, never raises."""
-        now = time.monotonic()
-        if run is None:
+        if run is None or not self._due(run, force):
             return False
+        self._show(*self._diagnose(run))
+        return True
+
+    def refresh_later(self, run: Any, force: bool = False) -> bool:
+        """:meth:`refresh` on a thread of its own, so that the app's plots do not wait for the
+        diagnosis (a long run's takes a second or more). The thread reads its own
+        :class:`mpviz.Run` of the same store (the app may close ``run`` meanwhile); a result is
+        shown unless a newer one was asked for. Returns whether one was asked for."""
+        if run is None or not self._due(run, force):
+            return False
+        where = (str(run.run_dir), getattr(run, "rank", None))
+        with self._lock:
+            if where != self._where:   # another run: the diagnosis shown is not this one's
+                self._where, self.diagnosis = where, None
+                self.html.value = PENDING
+                if self.offer_fn is not None:
+                    self.offer(False, "waiting for the diagnosis")
+            self._request = (self._gen, where)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve, name="mpviz-diagnosis",
+                                                daemon=True)
+                self._worker.start()
+        return True
+
+    def _due(self, run: Any, force: bool) -> bool:
+        now = time.monotonic()
         # the status too: a run that ends without a new step is no longer one to steer
         key = (str(run.run_dir), getattr(run, "rank", None), run.last_step,
                (getattr(run, "meta", None) or {}).get("status"))
         wait = max(self.min_interval_s, self.cost_s / COST_SHARE)
         if key == self._key or (not force and now - self._at < wait):
             return False
-        self._at, self._key = now, key
+        with self._lock:
+            self._at, self._key = now, key
+            self._gen += 1   # results asked for before this one are not shown
+        return True
+
+    def _diagnose(self, run: Any) -> tuple[Any, str, tuple[bool, str] | None]:
+        """(the diagnosis or None, the panel's HTML, the offer or None); never raises."""
         import mpviz   # mpviz.diagnosis reads the store with pandas; no torch
 
+        t0 = time.monotonic()
         try:
-            self.diagnosis = mpviz.diagnose(run)
-            text = diagnosis_html(self.diagnosis, self.backoffs)
+            d = mpviz.diagnose(run)
+            text, offer = diagnosis_html(d, self.backoffs), None
             if self.offer_fn is not None:
                 try:
-                    self.offer(*self.offer_fn(run))
+                    offer = self.offer_fn(run)
                 except Exception as e:   # the diagnosis stays shown
-                    self.offer(False, f"advice unavailable: {type(e).__name__}: {e}")
-            self.cost_s = time.monotonic() - now
+                    offer = (False, f"advice unavailable: {type(e).__name__}: {e}")
+            self.cost_s = time.monotonic() - t0
+            return d, text, offer
         except Exception as e:   # the panel must not break the app's redraw
-            self.diagnosis = None
-            text = (f'<b>Diagnosis</b> <span class="mpviz-bad">unavailable: '
-                    f"{html.escape(type(e).__name__)}: {html.escape(str(e))}</span>")
+            return None, _unavailable(e), None
+
+    def _show(self, d: Any, text: str, offer: tuple[bool, str] | None) -> None:
+        if offer is not None:
+            self.offer(*offer)
         if self.html.value != text:
             self.html.value = text
-        return True
+        self.diagnosis = d   # last: once it is set, the panel shows it (tests wait on it)
+
+    def _serve(self) -> None:
+        """The thread of :meth:`refresh_later`: the newest request, until none is left."""
+        import mpviz
+
+        while True:
+            with self._lock:
+                request, self._request = self._request, None
+                if request is None:
+                    self._worker = None
+                    return
+            gen, (run_dir, rank) = request
+            try:
+                run = mpviz.load_run(run_dir, rank=rank)
+            except Exception as e:
+                result = (None, _unavailable(e), None)
+            else:
+                try:
+                    result = self._diagnose(run)
+                finally:
+                    run.close()
+            with self._lock:
+                if gen == self._gen:
+                    self._show(*result)
 
     def offer(self, enabled: bool, why: str = "") -> None:
         """Enable "Apply advice" (``why``: what it would do, in its tooltip), or disable it
@@ -196,8 +269,18 @@ class DiagnosisPanel:
         return reasons
 
     def clear(self) -> None:
-        self.diagnosis, self._key, self._at = None, None, -math.inf
-        self.html.value = self.advice.value = self.offer_note.value = ""
+        with self._lock:
+            self._gen += 1   # a diagnosis under way is not shown
+            self._request = self._where = None
+            self.diagnosis, self._key, self._at = None, None, -math.inf
+            self.html.value = self.advice.value = self.offer_note.value = ""
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Clear the panel and wait (at most ``timeout`` s) for a diagnosis under way to end."""
+        self.clear()
+        worker = self._worker
+        if worker is not None:
+            worker.join(timeout)
 
 
 # ---------------------------------------------------------------- exponent histogram view

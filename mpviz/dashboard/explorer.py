@@ -79,7 +79,8 @@ class Explorer(ui.App):
         self.fig = RunFigure(n_slots=1, static=True)
         self.fig.widget.add_class("mpviz-figure")
         self.steer = SteerPanel()  # shown for a live run recorded with steerable=True
-        # mpviz.diagnose(run), re-read at most every 2 s; "Apply advice" steers a live steerable run
+        # mpviz.diagnose(run) after each draw, on its own thread, at most every 2 s (or 10x its
+        # cost); "Apply advice" steers a live steerable run
         self.diagnosis = DiagnosisPanel(on_apply=self.steer.apply_advice,
                                         offer=self.steer.advice_offer, advice=self.steer.advice)
 
@@ -283,13 +284,14 @@ class Explorer(ui.App):
             df, total = queries.overflow_table(run, limit=20)
             self.overflows.value = ui.overflow_html(df, total)
             self.steer.refresh(run)
-            self.diagnosis.refresh(run, force=drill or run.meta.get("status") != "running")
             now = time.monotonic()
             if self.layer.value and (drill or now - self._drill_at >= DRILL_EVERY_S):
                 self._drill_at = now
                 hist = queries.layer_history(run, self.layer.value, lo, hi)
                 show_static(self.drill, layer_history_figure(hist, self.layer.value))
                 show_static(self.exponents, exponent_figure(run, self.layer.value, lo, hi))
+            # after the plots, on a thread of its own: a long run's diagnosis takes seconds
+            self.diagnosis.refresh_later(run, force=drill or run.meta.get("status") != "running")
             self.refresh_cost_s = time.perf_counter() - t0
             self._show_info()
 
@@ -378,6 +380,7 @@ class Explorer(ui.App):
 
     def close(self) -> None:
         self._stop_follower()
+        self.diagnosis.close()
         if self.run is not None:
             self.run.close()
         self.widget.close()
