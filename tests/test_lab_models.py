@@ -22,6 +22,7 @@ import mpviz
 from mpviz.dashboard import lab_app
 from mpviz.demos import new_run_dir
 
+from helpers.hooks import forward_hooks
 from models import SPECS
 
 
@@ -33,10 +34,6 @@ from waiting import wait_for
 
 def _wait(cond, timeout=180.0, every=0.05):
     return wait_for(cond, timeout, every)
-
-
-def _hooks(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def _accuracy(model, batch) -> float:
@@ -92,7 +89,7 @@ def test_hf_model_with_a_one_line_loss_fn_trains_and_is_steered_by_layer_and_glo
 
         # Your model itself was trained (no copy), and carries no hooks once the lab is done.
         assert any(not torch.equal(start[k], v) for k, v in model.state_dict().items())
-        assert _hooks(model) == 0
+        assert forward_hooks(model) == 0
         # eval_fn every 4 steps, in fp32 on the current weights: the last one recomputed here.
         assert [s for s, _ in lab.trainers[0].evals] == [4, 8, 12]
         model.eval()
@@ -201,7 +198,7 @@ def test_race_with_your_model_starts_equal_and_differs_only_by_precision(dash_ru
         lab.worker.join(300)
         assert lab.worker.state == "done", lab.worker.reason
         assert [t.precision for t in lab.trainers] == ["fp32", "bf16"]
-        assert lab.trainers[1].model is not model and _hooks(lab.trainers[1].model) == 0
+        assert lab.trainers[1].model is not model and forward_hooks(lab.trainers[1].model) == 0
         runs = [mpviz.load_run(t.recorder.run_dir) for t in lab.trainers]
         lanes = [r.steps["loss"].to_numpy(float) for r in runs]
         assert [len(x) for x in lanes] == [6, 6]

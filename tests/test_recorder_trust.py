@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import mpviz
+from helpers.hooks import hooks_of
 
 F = nn.functional
 
@@ -59,6 +60,7 @@ def data(n, seed=0, bs=8):
             for _ in range(n)]
 
 
+# Not record_demo: a BatchNorm model whose head overflows once, with and without mpviz.
 def train_bn(record: bool, tmp_path, blow_up_at: int = 1, **rec_kw):
     """fp16 + GradScaler; at ``blow_up_at`` the head's weights are huge for one step, so its
     fp16 output overflows: a skipped step whose forward mpviz replays."""
@@ -161,11 +163,6 @@ def test_a_model_returning_a_dataclass_gets_gradient_stats_and_dtypes(tmp_path):
     d = run.dtypes
     assert d[(d.layer == "") & (d.tensor == "output")]["dtype"].tolist() == ["float16"]
     assert d[(d.layer == "fc") & (d.tensor == "grad")]["dtype"].tolist() == ["float32"]
-
-
-def hooks_of(model, opt):
-    return (sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
-            len(opt._optimizer_step_pre_hooks) + len(opt._optimizer_step_post_hooks))
 
 
 def test_a_refused_recorder_leaves_nothing_behind(tmp_path):
