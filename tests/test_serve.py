@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -26,17 +24,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers.browser import HARMLESS, chromium, free_port, missing
 from waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 APPS = ("lab", "explorer", "compare", "tour")
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-# Console noise that is not ours (as in test_browser.py, see ../shared/NOTES.md).
-HARMLESS = re.compile(
-    r"Unsatisfied version|ERR_NAME_NOT_RESOLVED|ERR_INTERNET_DISCONNECTED|ERR_CONNECTION_REFUSED.*(cdn|fonts|mathjax)"
-    r"|font-?awesome|MathJax|r\.setData is not a function", re.I)
 USER_MODEL = '''
 import torch
 from torch import nn
@@ -151,18 +143,12 @@ def kernels(pid: int) -> dict[int, str]:
             if "ipykernel" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def served(venv: Path, *args: str, cwd: Path, stop=signal.SIGTERM):
     """`mpviz <args> --no-browser --port P` run from `cwd` in its own process group, until it
     answers; yields (process, url, log). On leaving: `stop` to the group (as a terminal's Ctrl-C
     or a service manager would), then every process it started must be gone."""
-    port = _free_port()
+    port = free_port()
     log = cwd.parent / f"mpviz-{args[0]}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(["mpviz", *args, "--no-browser", "--port", str(port)], cwd=cwd,
@@ -212,28 +198,19 @@ def test_ctrl_c_stops_the_server_and_its_kernels(venv, tmp_path):
 # ---------------------------------------------------------------- in Chromium
 @pytest.fixture(scope="module")
 def browser():
-    why = None
-    if not CHROMIUM.exists():
-        why = f"the browser tests need Debian's Chromium at {CHROMIUM}: sudo apt-get install -y chromium"
-    else:
-        try:
-            import playwright.sync_api  # noqa: F401
-        except ImportError as e:
-            why = f"the browser tests need Playwright ({e}): .venv/bin/pip install -r requirements.txt"
+    """conftest's `browser`, but required under CI only (no screenshots are taken here)."""
+    why = missing()
     if why:
         if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
             pytest.fail(f"{why} (required under CI)", pytrace=False)
         pytest.skip(why)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 class Page:
-    """A page and what it logged."""
+    """A page and what it logged. Not helpers.browser.Page: no screenshots or request log, a
+    longer first load (the served apps start their kernel then), and one `no_errors` check."""
 
     def __init__(self, browser, url: str):
         self.console: list[str] = []
