@@ -17,6 +17,7 @@ HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_always_cal
               "_forward_pre_hooks_with_kwargs")
 
 
+# Not helpers.training.record_demo: a plain Adam loop, a model mpviz never touched.
 def _trained_digits(steps: int = 10):
     """The demo CNN after a few real Adam steps, and two held-out batches of unequal size."""
     task = TASKS["digits"]
