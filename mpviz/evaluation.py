@@ -12,6 +12,7 @@ A batch is an ``(x, y)`` pair (the model is called as ``model(x)``), a dict of k
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import defaultdict
@@ -22,7 +23,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mpviz import tree
+from mpviz import compat, tree
 from mpviz.formats import dtype_name
 from mpviz.metrics import accuracy
 from mpviz.precision import PrecisionPolicy, apply_policy, canonical, resolve_policy
@@ -184,6 +185,17 @@ def _modes(model: nn.Module) -> dict[nn.Module, bool]:
     return {m: m.training for m in model.modules()}
 
 
+def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A compiled model is measured as its eager module: layers by your own names, and the hooks
+    that measure them run (inside compiled code they do not)."""
+    @functools.wraps(fn)
+    def run(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with compat.force_eager():
+            return fn(compat.user_module(model), *args, **kwargs)
+    return run
+
+
+@_eager
 def evaluate(
     model: nn.Module,
     data: Iterable[Any],
@@ -376,6 +388,7 @@ def _one_input(model: nn.Module, batch: Any) -> Any:
     return _run(model, batch, None) if isinstance(batch, Mapping) or _is_pair(batch) else model(batch)
 
 
+@_eager
 def memory_report(model: nn.Module, policy: str | Mapping[str, str] | PrecisionPolicy, batch: Any,
                   device_type: str | None = None, forward: Forward | None = None) -> pd.DataFrame:
     """Per layer: parameter bytes and activation bytes saved for backward, under ``policy`` and fp32.

@@ -252,3 +252,17 @@ def test_a_policy_changed_while_a_compiled_model_trains_is_recorded_and_honoured
     assert ch[(ch.layer == "3") & (ch.precision == "fp32")]["step"].tolist() == [2]
     d = run.dtypes.query("layer == '3' and tensor == 'output'").set_index("step")["dtype"]
     assert d.loc[:1].tolist()[-1] == "bfloat16" and d.loc[2:].tolist()[-1] == "float32"
+
+
+def test_evaluate_and_memory_report_of_a_compiled_model_are_those_of_the_eager_one():
+    """By your layer names and with the same numbers as the model itself (nothing compiles)."""
+    torch.manual_seed(0)
+    model = _seq().eval()
+    data = _batches("seq")
+    eager = mpviz.evaluate(model, data, precisions=["fp32", "bf16"])
+    compiled = mpviz.evaluate(torch.compile(model), data, precisions=["fp32", "bf16"])
+    assert compiled.summary.equals(eager.summary)
+    assert compiled.layers.equals(eager.layers) and "_orig_mod" not in "".join(compiled.layers.layer)
+    x = data[0][0]
+    assert mpviz.memory_report(torch.compile(model), {"*": "bf16"}, x).equals(
+        mpviz.memory_report(model, {"*": "bf16"}, x))
