@@ -9,13 +9,17 @@ steps). Then, ``--repeat`` times each, it times:
 - ``load_run`` + ``run.steps`` (all steps into pandas);
 - the explorer's first draw: ``mpviz.dashboard.explorer_app(run_dir=...)`` constructed headless
   (no browser, no Voila: the kernel side only; it reads, downsamples and updates the figure);
+- when the explorer's Diagnosis panel shows (from the same start: it is computed after the
+  first draw, on a thread of its own);
 - a range change (``ex.set_range``) to a 10,000-step window and back to the whole run;
+- ``mpviz.diagnose(run)`` on its own;
 
 and finally ``mpviz.thin(run_dir, keep_every=100, before_step=90% of the steps)``: size before and
 after, and the explorer's first draw again.
 
     python benchmarks/large_run.py                      # 100k x 200 (a few minutes, ~1-2 GB)
     python benchmarks/large_run.py --steps 10000 --layers 50 --keep runs/large
+    python benchmarks/large_run.py --run runs/large     # measure a run already written (no thin)
 
 Absolute times: they depend on the machine and on what else runs on it (it prints the load
 average before each measurement); the store size does not.
@@ -97,8 +101,8 @@ def write_run(run_dir: Path, steps: int, layers: int, every: int) -> float:
             print(f"  written {s0:,} steps ({time.perf_counter() - t0:.0f} s)", flush=True)
     w.set_meta(status="finished", end_time=time.time())
     w.close()
-    if w.errors or w._error is not None:
-        raise RuntimeError(f"the store writer failed: {w.errors or w._error!r}")
+    if w.errors:
+        raise RuntimeError(f"the store writer failed: {w.errors!r}")
     return time.perf_counter() - t0
 
 
@@ -121,12 +125,16 @@ def breakdown_mb(run_dir: Path) -> dict[str, float]:
     return {name: round(size / 2 ** 20, 1) for name, size in rows if size > 2 ** 20}
 
 
-def timed(fn, repeat: int) -> list[float]:
+def timed(fn, repeat: int, cpu: list[float] | None = None) -> list[float]:
+    """Wall-clock seconds of ``repeat`` calls; ``cpu`` gets the process's CPU seconds (all its
+    threads), which a busy machine does not inflate as it does wall-clock time."""
     out = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         out.append(time.perf_counter() - t0)
+        if cpu is not None:
+            cpu.append(time.process_time() - c0)
     return out
 
 
@@ -139,20 +147,36 @@ def measure(run_dir: Path, steps: int, repeat: int) -> dict[str, list[float]]:
         run.steps
         run.close()
 
+    def run_once(fn) -> None:
+        run = mpviz.load_run(run_dir)
+        try:
+            fn(run)
+        finally:
+            run.close()
+
     res = {"load_run + run.steps": timed(open_run, repeat)}
-    first, ranges = [], []
+    first, first_cpu, shown, ranges, diagnose_cpu = [], [], [], [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         ex = explorer_app(run_dir=run_dir, runs_dir=run_dir.parent, follow=False)
         first.append(time.perf_counter() - t0)
+        first_cpu.append(time.process_time() - c0)
         assert len(ex.fig.trace("loss", 0).x) > 0, "the explorer drew nothing"
+        while ex.diagnosis.diagnosis is None:
+            assert "unavailable" not in ex.diagnosis.html.value, ex.diagnosis.html.value
+            time.sleep(0.01)
+        shown.append(time.perf_counter() - t0)
         for lo, hi in ((steps // 2, steps // 2 + 10_000), (0, steps - 1)):
             t0 = time.perf_counter()
             ex.set_range(lo, hi)
             ranges.append(time.perf_counter() - t0)
         ex.close()
     res["explorer first draw"] = first
+    res["explorer first draw, CPU"] = first_cpu
+    res["explorer diagnosis shown"] = shown
     res["explorer range change"] = ranges
+    res["diagnose"] = timed(lambda: run_once(mpviz.diagnose), repeat, diagnose_cpu)
+    res["diagnose, CPU"] = diagnose_cpu
     return res
 
 
@@ -168,9 +192,19 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--keep", default=None, help="write the run here and keep it (default: a temp dir)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--run", default=None, help="only measure this run, already written (not thinned)")
     args = ap.parse_args()
 
     import mpviz
+
+    if args.run:
+        print(f"load average {os.getloadavg()}")
+        run = mpviz.load_run(args.run)
+        steps = run.last_step + 1
+        run.close()
+        for k, v in measure(Path(args.run), steps, args.repeat).items():
+            print(f"  {k}: {fmt(v)}")
+        return
 
     tmp = None
     if args.keep:
