@@ -44,5 +44,5 @@ def one_torch_thread():
 # ---------------------------------------------------------------- browser fixtures
 # `browser` (Debian's Chromium through Playwright; skips without it, fails under CI or
 # $MPVIZ_SCREENSHOTS) and `shots` (the screenshots folder), from tests/helpers/browser.py, for
-# the test_browser*.py files (imported at the top of this file). test_serve.py and
-# test_report.py define their own `browser`.
+# the test_browser*.py files (imported at the top of this file). test_serve.py defines
+# its own `browser`.

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import mpviz
+from helpers.training import optimizer_step
 from models import first_float
 
 STEPS = 3
@@ -117,12 +118,7 @@ def _train(name: str, precision: str, order: str, run_dir: Path | None = None) -
                 loss.backward()
                 norms.append(_grad_norms(model, 1.0))
             torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            opt.zero_grad()
+            optimizer_step(opt, scaler)
             if rec is not None:
                 rec.step(loss=loss)
     finally:

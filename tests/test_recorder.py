@@ -10,6 +10,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import mpviz
+from helpers.training import optimizer_step
 from mpviz.stats import SAMPLE_CAP
 
 F = nn.functional
@@ -637,12 +638,7 @@ def test_gradients_are_recorded_before_the_loops_clipping(digits, tmp_path):
                 else:
                     loss.backward()
                 totals.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)))
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                opt.zero_grad()
+                optimizer_step(opt, scaler)
                 rec.step(loss=loss)
         g = mpviz.load_run(run_dir).layer_stats.query("tensor == 'grad'")
         recorded = g.groupby("step")["norm"].apply(lambda n: float(np.sqrt((n ** 2).sum())))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -26,11 +25,10 @@ from mpviz.dashboard import queries
 from mpviz.report import MAX_HOVER, MAX_MARKS, MAX_POINTS, write_report
 from mpviz.store import COLUMNS, RunWriter, db_path
 
+from helpers.browser import offline  # (the `browser` fixture: tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 BOUND_MB = 5.5   # the README's "about 5 MB (at most 5.5 MB) whatever the run length"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def figure(path: Path) -> dict:
@@ -238,51 +236,15 @@ def test_cli_writes_the_report(fp16_run, tmp_path):
     assert p.returncode == 2 and "no run at" in p.stderr
 
 
-def _missing() -> str | None:
-    if not CHROMIUM.exists():
-        return f"needs Debian's Chromium at {CHROMIUM}: sudo apt-get install -y chromium"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError as e:
-        return f"needs Playwright ({e}): .venv/bin/pip install -r requirements.txt"
-    return None
-
-
-@pytest.fixture(scope="module")
-def browser():
-    why = _missing()
-    if why:
-        if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
-            pytest.fail(f"{why} (required under CI)", pytrace=False)
-        pytest.skip(why)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
 @pytest.mark.parametrize("which", ["fp16_html", "long_html"])
 def test_report_renders_offline(browser, which, request):
     path = request.getfixturevalue(which)
-    page = browser.new_page(viewport={"width": 1200, "height": 900})
-    requests, errors = [], []
-    page.on("request", lambda r: requests.append(r.url))
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    page.route("**/*", lambda r: r.continue_() if r.request.url == path.as_uri() else r.abort())
-    try:
-        page.goto(path.as_uri())
-        page.wait_for_function("() => { const g = document.querySelector('.js-plotly-plot');"
-                               " return g && g.data && g._fullLayout; }", timeout=30_000)
+    with offline(browser, path, viewport={"width": 1200, "height": 900}) as (page, requests, errors):
         drawn = page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot'))
             .map(g => g.data.map(t => [t.meta, t.x ? t.x.length : 0]))""")
         n_svg = page.evaluate("document.querySelectorAll('.js-plotly-plot .scatterlayer .trace').length")
         n_heat = page.evaluate("document.querySelectorAll('.js-plotly-plot .heatmaplayer image, "
                                ".js-plotly-plot .hm image').length")
-    finally:
-        page.close()
     assert errors == []
     assert requests == [path.as_uri()]
     assert len(drawn) == 1   # one figure: plotly.js embedded once

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.browser import HARMLESS, chromium, free_port, missing
+from helpers.browser import HARMLESS, chromium, free_port, missing, offline
 from waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -314,19 +314,8 @@ def test_report_from_the_wheel_opens_offline(venv, browser, work, dash_two_runs)
     out = work / "run.html"
     subprocess.run(["mpviz", "report", str(a), "-o", str(out)], cwd=work, env=user_env(venv),
                    check=True, capture_output=True, text=True, timeout=300)
-    page = browser.new_page()
-    requests, errors = [], []
-    page.on("request", lambda r: requests.append(r.url))
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    page.route("**/*", lambda r: r.continue_() if r.request.url == out.as_uri() else r.abort())
-    try:
-        page.goto(out.as_uri())
-        page.wait_for_function("() => { const g = document.querySelector('.js-plotly-plot');"
-                               " return g && g.data && g._fullLayout; }", timeout=30_000)
+    with offline(browser, out) as (page, requests, errors):
         loss = page.evaluate("() => document.querySelector('.js-plotly-plot').data"
                              ".find(t => t.meta === 'loss').x.length")
-    finally:
-        page.close()
     assert errors == [] and requests == [out.as_uri()]
     assert loss == 30

@@ -19,6 +19,7 @@ from torch import nn
 import mpviz
 from mpviz.__main__ import main as cli
 from mpviz.mailbox import advice_rules, advice_target, steer_requests
+from waiting import wait_for
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -158,6 +159,7 @@ def test_explorer_apply_advice_sends_the_same_request(dash_runs):
         assert expected == {"fc": "fp32"}
         ex = explorer_app(run_dir=dash_runs / "live", follow=False)
         panel, btn = ex.diagnosis, ex.diagnosis.apply_btn
+        assert wait_for(lambda: panel.diagnosis is not None)   # diagnosed after the plots
         assert not btn.disabled and "fc → fp32" in btn.tooltip
 
         btn.click()                                            # what clicking it in the page does
@@ -184,9 +186,11 @@ def test_explorer_apply_advice_sends_the_same_request(dash_runs):
         assert "changes nothing" in panel.offer_note.value
 
         ex.open(dash_runs / "old")                             # not steerable: not offered
+        assert wait_for(lambda: panel.diagnosis is not None)
         assert btn.disabled and "steerable=True" in btn.tooltip and panel.advice.value == ""
         job.close()
         ex.open(dash_runs / "live")                            # finished now: not offered
+        assert wait_for(lambda: panel.diagnosis is not None)
         assert btn.disabled and "the run is finished" in btn.tooltip
     finally:
         job.close()

@@ -241,3 +241,23 @@ def classifier_to_bf16_at_pause(p: Page, runs: Path, status, pause_at: int, max_
     assert cls["step"].tolist() == [pause_at]
     assert len(run.steps) == max_steps
     run.close()
+
+
+@contextlib.contextmanager
+def offline(browser, path: Path, **page_kw):
+    """A page with every request but the file ``path`` blocked; yields ``(page, requests, errors)``
+    (every URL asked for; page errors and console errors)."""
+    page = browser.new_page(**page_kw)
+    requests: list[str] = []
+    errors: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.route("**/*", lambda r: r.continue_() if r.request.url == path.as_uri() else r.abort())
+    try:
+        page.goto(path.as_uri())
+        page.wait_for_function("() => { const g = document.querySelector('.js-plotly-plot');"
+                               " return g && g.data && g._fullLayout; }", timeout=30_000)
+        yield page, requests, errors
+    finally:
+        page.close()

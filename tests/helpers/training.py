@@ -72,3 +72,14 @@ def start_demo(run_dir: Path) -> subprocess.Popen:
 
     assert wait_for(started), "the demo process did not record 5 steps"
     return proc
+
+
+def optimizer_step(opt, scaler=None) -> None:
+    """The end of an AMP step as users write it: ``scaler.step(opt); scaler.update()`` (or
+    ``opt.step()`` without a GradScaler), then ``opt.zero_grad()``."""
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad()
