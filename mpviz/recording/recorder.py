@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import compat, distributed, tree
+from .. import compat, distributed
 from ..formats import dtype_name
 from ..run import Run
 from ..stats import ROW
