@@ -302,7 +302,7 @@ def test_tour(venv, browser, work):
     with served(venv, "tour", cwd=work) as (_, url, _):
         p = Page(browser, url)
         p.page.wait_for_selector(".js-plotly-plot", timeout=60_000)
-        p.wait(lambda: p.plots_drawn() >= 6, "the tour's six pictures")
+        p.wait(lambda: p.plots_drawn() >= 6, "the tour's six pictures", timeout=420)  # it trains 5 runs
         assert len(list((work / "runs").glob("tour-*"))) == 5
         p.no_errors()
 
