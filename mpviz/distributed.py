@@ -220,8 +220,9 @@ def checked(hook: Callable) -> Callable:
     return _hook_of(OriginWatch(), hook)
 
 
-def watch(model: nn.Module, recorder: Any) -> OriginWatch | None:
-    """Check each DDP bucket's local gradients for ``recorder`` (None: not a DDP model).
+def watch(model: nn.Module, parts: Any) -> OriginWatch | None:
+    """Check each DDP bucket's local gradients for the recorder whose ``parts``
+    (:class:`mpviz.recording.step.Parts`) are given (None: not a DDP model).
     Called by the Recorder at attach; ``OriginWatch.remove()`` stops it."""
     if not is_ddp(model):
         return None
@@ -235,7 +236,7 @@ def watch(model: nn.Module, recorder: Any) -> OriginWatch | None:
             raise ValueError(f"mpviz cannot register its DDP communication hook ({e}): this model "
                              "has a built-in one already. Remove it (DDP takes one hook), or "
                              "wrap a Python hook with mpviz.distributed.checked.") from None
-    w.bind(recorder._params, recorder._param_layer, recorder.device, recorder._contained)
+    w.bind(parts.params, parts.param_layer, parts.device, parts.contained)
     return w
 
 

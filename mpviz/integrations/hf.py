@@ -113,7 +113,7 @@ class MpvizCallback(_transformers.TrainerCallback):
                 loss = total if self._normalized else total / len(losses)
             samples, self._samples = self._samples, 0
         except Exception as e:  # noqa: BLE001 - never into the training loop
-            rec._record_error("hf callback", e)
+            rec.record_error("hf callback", e)
             loss, samples = None, 0
         self._in_step = True
         try:
@@ -139,7 +139,7 @@ class MpvizCallback(_transformers.TrainerCallback):
                 self._samples += int(first.shape[0])
         except Exception as e:  # noqa: BLE001
             if self.recorder is not None:
-                self.recorder._record_error("hf callback", e)
+                self.recorder.record_error("hf callback", e)
 
     def _close(self, error: BaseException | None = None) -> None:
         for h in self._hooks:

@@ -80,7 +80,7 @@ class MpvizCallback(_pl.Callback):
             first = next(tree.tensors(batch), None)
             samples = int(first.shape[0]) if first is not None and first.dim() > 0 else None
         except Exception as e:  # noqa: BLE001 - never into the training loop
-            rec._record_error("lightning callback", e)
+            rec.record_error("lightning callback", e)
         rec.step(loss=loss, samples=samples)  # contains its own errors
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:

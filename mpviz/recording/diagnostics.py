@@ -32,6 +32,7 @@ from torch import nn
 
 from .. import compat, tree
 from ..formats import did_you_mean
+from .step import Parts
 
 LOW = (torch.bfloat16, torch.float16)
 
@@ -39,16 +40,16 @@ LOW = (torch.bfloat16, torch.float16)
 class LostUpdates:
     """Optimizer step pre/post hooks measuring rounded-away updates of low-precision weights."""
 
-    def __init__(self, rec: Any) -> None:
+    def __init__(self, rec: Parts) -> None:
         self.rec = rec
         self.before: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
     def pre(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
-        s = self.rec._state
+        s = self.rec.state()
         self.before = []
         if s is None or not s.stats_step or (len(args) > 1 or kwargs.get("closure")):
             return
-        for i, p in enumerate(self.rec._params):
+        for i, p in enumerate(self.rec.params):
             if p.dtype in LOW and p.grad is not None:
                 self.before.append((i, p.detach().clone(), p.grad.detach() != 0))
 
@@ -56,10 +57,10 @@ class LostUpdates:
         if not self.before:
             return
         before, self.before = self.before, []
-        layer_of = self.rec._param_layer
+        layer_of = self.rec.param_layer
         counts = []
         for i, old, nonzero in before:
-            p = self.rec._params[i]
+            p = self.rec.params[i]
             counts.append(torch.stack([(nonzero & (p.detach() == old)).sum(), nonzero.sum()]))
         values = torch.stack(counts).tolist()  # one host read (a sync on an accelerator)
         per: dict[int, list[float]] = {}
@@ -67,13 +68,13 @@ class LostUpdates:
             acc = per.setdefault(layer_of[i], [0.0, 0.0])
             acc[0] += lost
             acc[1] += eligible
-        step = self.rec._state.index
+        step = self.rec.state().index
         rows = []
         for layer, (lost, eligible) in per.items():
             rows.append((step, layer, "lost_updates", "lost_frac",
                          lost / eligible if eligible else None))
             rows.append((step, layer, "lost_updates", "eligible", eligible))
-        self.rec._writer.put("diagnostics", rows)
+        self.rec.put("diagnostics", rows)
 
 
 def _bare_fp32_copy(module: nn.Module) -> nn.Module:
@@ -109,10 +110,10 @@ def _bare_fp32_copy(module: nn.Module) -> nn.Module:
 class Shadow:
     """Forward (pre-)hooks on chosen layers that rerun them in fp32 every ``every`` steps."""
 
-    def __init__(self, rec: Any, patterns: Sequence[str], every: int) -> None:
+    def __init__(self, rec: Parts, patterns: Sequence[str], every: int) -> None:
         if int(every) < 1:
             raise ValueError(f"shadow_every must be >= 1, got {every}")
-        names = rec._names
+        names = rec.names
         self.layers: list[int] = []
         for pat in patterns:
             hit = [i for i, n in enumerate(names) if n and fnmatch.fnmatchcase(n, pat)]
@@ -132,22 +133,22 @@ class Shadow:
 
     def _on(self) -> int | None:
         rec = self.rec
-        s = rec._state
-        if s is None or rec._replaying or not torch.is_grad_enabled() or s.index % self.every:
+        s = rec.state()
+        if s is None or rec.replaying() or not torch.is_grad_enabled() or s.index % self.every:
             return None
         return s.index
 
     def attach(self, hook: Any) -> None:
         hook(self)  # removes the pending backward hooks
         for i in self.layers:
-            m = self.rec._modules[i]
-            hook(m.register_forward_pre_hook(self.rec._contained("shadow", self._pre(i))))
-            hook(m.register_forward_hook(self.rec._contained("shadow", self._post(i)),
+            m = self.rec.modules[i]
+            hook(m.register_forward_pre_hook(self.rec.contained("shadow", self._pre(i))))
+            hook(m.register_forward_hook(self.rec.contained("shadow", self._post(i)),
                                          with_kwargs=True))
 
     def _pre(self, i: int) -> Any:
         def pre(module: nn.Module, args: tuple) -> None:
-            s = self.rec._state
+            s = self.rec.state()
             if i in self.pending and (s is None or self.pending[i][0] != s.index):
                 for h in self.pending.pop(i)[1]:
                     h.remove()
@@ -197,7 +198,7 @@ class Shadow:
             compat.set_rng_state(after, device)
         rel = math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
         sqnr = 10 * math.log10(ref2 / err2) if err2 > 0 else math.inf
-        self.rec._writer.put("diagnostics", [(step, i, "shadow", "rel_err", rel),
+        self.rec.put("diagnostics", [(step, i, "shadow", "rel_err", rel),
                                              (step, i, "shadow", "sqnr_db", sqnr)])
         if y.requires_grad:
             self._backward(i, module, c, args, kwargs, rng, y, step)
@@ -241,8 +242,8 @@ class Shadow:
 
         for h in self.pending.pop(i, (0, []))[1]:
             h.remove()
-        hooks = [y.register_hook(self.rec._contained("shadow", on_output))]
-        hooks += [p.register_hook(self.rec._contained("shadow", on_param(k)))
+        hooks = [y.register_hook(self.rec.contained("shadow", on_output))]
+        hooks += [p.register_hook(self.rec.contained("shadow", on_param(k)))
                   for k, p in enumerate(live)]
         self.pending[i] = (step, hooks)
 
@@ -256,7 +257,7 @@ class Shadow:
         err2, ref2 = sq.tolist()
         rel = math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
         sqnr = 10 * math.log10(ref2 / err2) if err2 > 0 else math.inf
-        self.rec._writer.put("diagnostics", [(step, i, "shadow", "grad_rel_err", rel),
+        self.rec.put("diagnostics", [(step, i, "shadow", "grad_rel_err", rel),
                                              (step, i, "shadow", "grad_sqnr_db", sqnr)])
 
     def remove(self) -> None:
@@ -266,15 +267,15 @@ class Shadow:
         self.pending = {}
 
 
-def attach_diagnostics(rec: Any, hook: Any, lost_updates: bool | None, shadow: Sequence[str] | None,
-                       shadow_every: int) -> None:
-    """Wire the diagnostics into a recorder being attached (``hook`` keeps each handle for
-    removal); errors are contained per part (``rec._contained``)."""
+def attach_diagnostics(rec: Parts, optimizer: Any, hook: Any, lost_updates: bool | None,
+                       shadow: Sequence[str] | None, shadow_every: int) -> None:
+    """Wire the diagnostics into a recorder being attached, through its ``Parts`` (``hook``
+    keeps each handle for removal); errors are contained per part (``rec.contained``)."""
     if lost_updates is None:
-        lost_updates = any(p.dtype in LOW for p in rec._params)
-    if lost_updates and rec.optimizer is not None:
+        lost_updates = any(p.dtype in LOW for p in rec.params)
+    if lost_updates and optimizer is not None:
         lu = LostUpdates(rec)
-        hook(rec.optimizer.register_step_pre_hook(rec._contained("lost updates", lu.pre)))
-        hook(rec.optimizer.register_step_post_hook(rec._contained("lost updates", lu.post)))
+        hook(optimizer.register_step_pre_hook(rec.contained("lost updates", lu.pre)))
+        hook(optimizer.register_step_post_hook(rec.contained("lost updates", lu.post)))
     if shadow:
         Shadow(rec, [shadow] if isinstance(shadow, str) else list(shadow), shadow_every).attach(hook)

@@ -64,7 +64,7 @@ from .diagnostics import attach_diagnostics
 from .gradients import Gradients
 from .rows import stat_rows
 from .schedule import DEFAULT_BUDGET, DEFAULT_EVERY, StatsSchedule
-from .step import StepState
+from .step import Parts, StepState
 
 # A rec.step() with an optimizer but no optimizer step is a micro-batch. If the optimizer's step
 # is never seen at all (a wrapper that bypasses torch's step hooks), after this many calls each
@@ -301,10 +301,13 @@ class Recorder:
                 self._contained("optimizer", self._on_optimizer_step)))
             hook(self.optimizer.register_step_post_hook(
                 self._contained("optimizer", self._on_optimizer_stepped)))
-        attach_diagnostics(self, hook, *self._diag_args)  # lost updates, fp32 shadow
+        parts = Parts(self._names, self._modules, self._params, self._param_layer, self.device,
+                      lambda: self._state, lambda: self._replaying, self._writer.put,
+                      self._contained)
+        attach_diagnostics(parts, self.optimizer, hook, *self._diag_args)  # lost updates, shadow
         if self._compiled:
             self._compiled_found()
-        self._origin = distributed.watch(model, self)  # DDP: each rank's own inf/nan
+        self._origin = distributed.watch(model, parts)  # DDP: each rank's own inf/nan
         if self._origin is not None:
             undo.callback(self._origin.remove)
         if policy is not None:
@@ -405,11 +408,14 @@ class Recorder:
             try:
                 return fn(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - mpviz must never break the user's training
-                self._record_error(part, e)
+                self.record_error(part, e)
                 return None
         return run
 
-    def _record_error(self, part: str, exc: BaseException, internal: bool = True) -> None:
+    def record_error(self, part: str, exc: BaseException, internal: bool = True) -> None:
+        """Record ``exc`` (once per ``part``, which then stops) in ``rec.errors`` and
+        ``run.meta["recorder_errors"]`` with a warning, instead of raising it into training.
+        Integrations (callbacks) report their own errors here."""
         self._broken.add(part)
         frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
         where = f"{Path(frame[0].filename).name}:{frame[0].lineno}" if frame else ""
@@ -430,9 +436,9 @@ class Recorder:
         if self._writer is not None and self._writer.errors:
             for e in self._writer.take_errors():
                 if isinstance(e, RunStoreError):  # the disk, not mpviz: said as it is
-                    self._record_error("store", e, internal=False)
+                    self.record_error("store", e, internal=False)
                 else:
-                    self._record_error("statistics", e)
+                    self.record_error("statistics", e)
 
     # ----------------------------------------------------------------- the step's phases
     def _new_state(self, index: int) -> None:
@@ -612,7 +618,7 @@ class Recorder:
         try:
             return self._close_step(s, loss, samples)
         except Exception as e:  # noqa: BLE001 - never into the training loop
-            self._record_error("step", e)
+            self.record_error("step", e)
             self._new_state(s.index + 1)
             return s.index
 

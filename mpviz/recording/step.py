@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -51,3 +52,19 @@ class StepState:
     # 4. micro-batches closed by rec.step() so far
     losses: list[Any] = field(default_factory=list)
     samples: int | None = None
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What the recorder's parts (diagnostics, the DDP hook) may use of it: its layers and
+    parameters, the step under way, a way to write rows and to contain their errors."""
+
+    names: list[str]
+    modules: list[nn.Module]
+    params: list[nn.Parameter]
+    param_layer: list[int]  # the layer each parameter belongs to
+    device: torch.device
+    state: Callable[[], StepState | None]  # the step under way
+    replaying: Callable[[], bool]  # a forward is being replayed (not the user's)
+    put: Callable[[str, list[tuple]], None]  # rows to a store table, written off this thread
+    contained: Callable[..., Callable]  # ``contained(part, fn)``: errors recorded, not raised
