@@ -11,7 +11,8 @@ model's forward eagerly on watched steps (``rerunning``) and they record that.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -51,15 +52,28 @@ class ForwardWatch:
         state.watching, self.watch_next = state.stats_step or self.watch_next, False
         self._hook(state.watching)
 
-    def start(self, state: StepState, args: Any, autocast: Any = None) -> None:
+    def start(self, state: StepState, args: Any) -> None:
         """A training forward begins: a change of autocast state or input dtype watches it."""
         first = tree.first_float(args)
-        key = (autocast or state.autocast, first.dtype if first is not None else None)
+        key = (state.autocast, first.dtype if first is not None else None)
         if self.watch_next or key != self.watch_key:
             state.watching = True
         if state.watching:
             self.watch_key, self.watch_next = key, False
             self._hook(True)
+
+    @contextlib.contextmanager
+    def recording_rerun(self) -> Iterator[None]:
+        """The hooks record an eager rerun of the step's forward (no grad), then, on a compiled
+        model, come off again."""
+        self.rerunning = True
+        self._hook(True)
+        try:
+            yield
+        finally:
+            self.rerunning = False
+            if self.compiled:
+                self.remove()
 
     def _hook(self, on: bool) -> None:
         on = on and (not self.compiled or self.rerunning)

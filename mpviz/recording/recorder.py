@@ -495,7 +495,7 @@ class Recorder:
             s.inputs, s.autocast, s.compiled = t.inputs, t.autocast, True
             if not self._compiled:
                 self._compiled_found()
-            self._watch.start(s, t.inputs[1] if t.inputs[1] else t.inputs[2], t.autocast)
+            self._watch.start(s, t.inputs[1] if t.inputs[1] else t.inputs[2])
         t.inputs = t.autocast = None
 
     def _compiled_found(self) -> None:
@@ -530,7 +530,7 @@ class Recorder:
         if s.compiled and s.watching and s.inputs is not None and not s.rerun:
             s.rerun = True
             s.acts = {}
-            self._contained("layers", self._rerun)(self._watch)
+            self._contained("layers", self._rerun)(check=False)
         self._watch.forward_done()
 
     def _on_optimizer_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
@@ -577,25 +577,21 @@ class Recorder:
 
     def _replay(self) -> list[tuple[int, int]]:
         """The layers whose outputs went inf/nan first, from a rerun of the step's forward."""
-        return self._rerun(None) or []
+        return self._rerun(check=True) or []
 
-    def _rerun(self, watch: ForwardWatch | None) -> list[tuple[int, int]] | None:
-        """Rerun the step's forward (no grad, state restored after): with ``watch``, its hooks
-        record dtypes and activations; without, the inf/nan check runs."""
+    def _rerun(self, check: bool) -> list[tuple[int, int]] | None:
+        """Rerun the step's forward (no grad, state restored after): with ``check``, the inf/nan
+        check runs; without, the module hooks record dtypes and activations."""
         s = self._state
         if s.inputs is None:
             return None
-        self._replaying = True
-        self._watch.paused, self._watch.rerunning = watch is None, watch is not None
+        self._replaying, self._watch.paused = True, check
         try:
-            if watch is not None:
-                watch._hook(True)
-            return overflow.replay_forward(self._modules, s.inputs, s.autocast, s.rng,
-                                           self.device, check=watch is None)
+            with contextlib.nullcontext() if check else self._watch.recording_rerun():
+                return overflow.replay_forward(self._modules, s.inputs, s.autocast, s.rng,
+                                               self.device, check=check)
         finally:
-            self._replaying = self._watch.paused = self._watch.rerunning = False
-            if self._watch.compiled:
-                self._watch.remove()
+            self._replaying = self._watch.paused = False
 
     # ----------------------------------------------------------------- 4. the step ends
     def step(self, loss: Any = None, samples: int | None = None) -> int:
