@@ -1,6 +1,7 @@
 """Apply a policy to a model with hooks, change it live, take it off: :class:`PolicyHandle`."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import types
@@ -39,14 +40,8 @@ def _move_hook_last(module: nn.Module, hook: Callable[..., Any]) -> None:
 
 
 class PolicyHandle:
-    """A policy applied to a model. Change it live with :meth:`update`; undo it with :meth:`remove`.
-
-    Each hooked layer gets a forward pre-hook, a forward hook (fp16/bf16) and its ``forward``
-    wrapped (an instance attribute) to run inside the policy's autocast; the root always has
-    them. The handle keeps track of them all: after ``remove()`` the model has no hooks and no
-    extra attributes left, and computes bit-identical outputs.
-
-    Under ``torch.compile`` (see the package docstring) all of it is traced into the graph.
+    """A policy applied to a model: change it live with :meth:`update`, undo it with :meth:`remove`
+    (no hooks or attributes left; outputs bit-identical to before).
 
         >>> import torch
         >>> from torch import nn
@@ -75,18 +70,19 @@ class PolicyHandle:
         self._updates = repr(policy.rules)
         self._listeners: list[Callable[[list[Change]], None]] = []
         self._tls = threading.local()  # per thread: how many autocasts of ours are open
-        self._hooks: list[Any] = []
-        self._wrapped: list[tuple[nn.Module, Any, Any]] = []  # (module, our forward, its previous)
         self._removed = False
-        # The root always carries its hooks and forward wrapper: they apply pending updates at
-        # the start of every forward and set the root's precision, read when it runs.
-        # prepend=True: our cast happens before other pre-hooks look at the inputs.
+        # What remove() undoes: the root's hooks and forward wrapper, which apply pending updates
+        # at the start of every forward and set the root's precision; and (_layers) the hooked
+        # layers', redone at each update. prepend=True: our cast happens before other pre-hooks
+        # look at the inputs.
+        self._attached = contextlib.ExitStack()
+        self._layers = contextlib.ExitStack()
         root = self._root
-        self._root_hooks = [
-            root.register_forward_pre_hook(self._root_pre, with_kwargs=True, prepend=True),
-            root.register_forward_hook(self._upcast),
-        ]
-        self._wrap_forward(root, None)
+        self._attached.callback(root.register_forward_pre_hook(
+            self._root_pre, with_kwargs=True, prepend=True).remove)
+        self._attached.callback(root.register_forward_hook(self._upcast).remove)
+        self._wrap_forward(root, None, self._attached)
+        self._attached.callback(self._layers.close)
         self._install()
 
     # -- public API ---------------------------------------------------------------------
@@ -99,13 +95,8 @@ class PolicyHandle:
     def update(self, changes: Mapping[str, str | None]) -> None:
         """Queue rule changes (a precision sets a rule, ``None`` removes one); thread-safe.
 
-        A new rule goes after the existing ones (so it wins ties, see PrecisionPolicy); a
-        changed rule keeps its place.
-
-        Checked here, in the caller's thread (unknown layer, pattern matching nothing,
-        precision the device cannot run, removing a rule that does not exist: ValueError),
-        and applied at the start of the model's next forward, on the training thread. On a
-        compiled model that forward recompiles once (the compiled code guards on the updates).
+        Checked now (ValueError), applied at the start of the model's next forward. A new rule
+        goes after the existing ones (it wins ties); a changed rule keeps its place.
         """
         if self._removed:
             raise RuntimeError("This policy was removed; call apply_policy(model, policy) again.")
@@ -120,7 +111,7 @@ class PolicyHandle:
             self._updates = "pending"
 
     def apply_pending(self) -> list[Change]:
-        """Apply queued updates now (call on the training thread, between forwards)."""
+        """Apply queued updates now, on the training thread between forwards."""
         with self._lock:
             pending, self._pending = self._pending, None
             if pending is None:
@@ -130,7 +121,7 @@ class PolicyHandle:
             self._resolved = resolve_policy(self.model, self._policy)
             self._root_precision = self._resolved.decisions[""].precision
             self._updates = repr(self._policy.rules)
-            self._uninstall()
+            self._layers.close()
             self._install()
             listeners = list(self._listeners)
         changes = [
@@ -155,13 +146,11 @@ class PolicyHandle:
         return _explain_frame(resolved)
 
     def add_listener(self, fn: Callable[[list[Change]], None]) -> None:
-        """Call ``fn(changes)`` whenever rules take effect; called once now with the initial state.
+        """Call ``fn(changes)`` whenever rules take effect, and once now with the initial state.
 
-        ``changes`` is a list of ``(layer, precision, rule)``; ``precision`` None means the layer
-        went back to the caller's autocast. Listeners run on the training thread, inside the
-        model's forward pre-hook, so they must be quick. On a compiled model that forward may be
-        traced: they then run once, while dynamo traces it, as plain Python (though
-        ``torch.compiler.is_compiling()`` is True), unless ``apply_pending()`` ran before it.
+        ``changes``: ``(layer, precision, rule)`` tuples; precision None: back to the caller's
+        autocast. ``fn`` runs in the model's forward pre-hook on the training thread (while
+        dynamo traces, on a compiled model), so it must be quick.
         """
         with self._lock:
             self._listeners.append(fn)
@@ -184,11 +173,7 @@ class PolicyHandle:
         if self._removed:
             return
         self._removed = True
-        self._uninstall()
-        for h in self._root_hooks:
-            h.remove()
-        self._root_hooks = []
-        _unwrap_forward(*self._wrapped.pop())
+        self._attached.close()
         self._pending = None
 
     def __enter__(self) -> "PolicyHandle":
@@ -198,7 +183,7 @@ class PolicyHandle:
         self.remove()
 
     def __repr__(self) -> str:
-        state = "removed" if self._removed else f"{len(self._wrapped) - 1} hooked layers"
+        state = "removed" if self._removed else f"{len(self._resolved.hooked)} hooked layers"
         return f"<PolicyHandle {self._policy!r} on {type(self._root).__name__} ({state})>"
 
     # -- hooks --------------------------------------------------------------------------
@@ -208,20 +193,12 @@ class PolicyHandle:
             mod = self._resolved.modules[name]
             precision = self._resolved.decisions[name].precision
             pre = functools.partial(self._pre, precision=precision)
-            self._hooks.append(mod.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
+            self._layers.callback(mod.register_forward_pre_hook(pre, with_kwargs=True, prepend=True).remove)
             if precision in AUTOCAST_PRECISIONS:
-                self._hooks.append(mod.register_forward_hook(self._upcast))
-            self._wrap_forward(mod, precision)
+                self._layers.callback(mod.register_forward_hook(self._upcast).remove)
+            self._wrap_forward(mod, precision, self._layers)
 
-    def _uninstall(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        for wrapped in self._wrapped[1:]:  # the root's stays until remove()
-            _unwrap_forward(*wrapped)
-        del self._wrapped[1:]
-
-    def _wrap_forward(self, module: nn.Module, precision: str | None) -> None:
+    def _wrap_forward(self, module: nn.Module, precision: str | None, undo: contextlib.ExitStack) -> None:
         # The layer's own forward runs inside our autocast, a `with` block in one function,
         # which torch.compile traces (an autocast entered in a pre-hook and left in a forward
         # hook breaks the graph). An instance attribute, so compiled code guards on it: a new
@@ -229,7 +206,7 @@ class PolicyHandle:
         # all), not on the object, so blocks of one class share compiled code (per-block
         # compile). precision None: the root's, read at each call.
         forward = types.MethodType(_run_forward, (self, module.forward, module, precision))
-        self._wrapped.append((module, forward, module.__dict__.get("forward", _MISSING)))
+        undo.callback(_unwrap_forward, module, forward, module.__dict__.get("forward", _MISSING))
         module.__dict__["forward"] = forward
 
     def _forward(self, forward: Callable[..., Any], module: nn.Module, precision: str | None,
@@ -238,24 +215,10 @@ class PolicyHandle:
             precision = self._root_precision
             if precision is None:
                 return forward(*args, **kwargs)
-        enabled, current = autocast_state(self.device_type)
         compiling = is_compiling()
-        if precision in AUTOCAST_PRECISIONS:
-            dtype = torch_dtype(precision)
-            if enabled and current == dtype:
-                # Already in force: a nested autocast would change nothing but the weight-cast
-                # cache, and with it the numbers (a weight used twice would be cast twice and
-                # its gradient summed in fp32), so a policy equal to the outer autocast computes
-                # exactly what the autocast alone does.
-                return forward(*args, **kwargs)
-            # autocast's weight-cast cache is keyed by the weight alone, so inside an outer fp16
-            # region a bf16 layer would be handed the cached fp16 copy: the cache is on only
-            # where no autocast of ours is open around this one (as a plain autocast would be).
-            # Compiled code has no such cache (nor do we count there).
-            outermost = not enabled and (compiling or not getattr(self._tls, "open", 0))
-            ctx = torch.autocast(self.device_type, dtype=dtype, cache_enabled=outermost)
-        else:
-            ctx = torch.autocast(self.device_type, enabled=False)
+        ctx = self._autocast(precision, compiling)
+        if ctx is None:
+            return forward(*args, **kwargs)
         if not compiling:
             self._tls.open = getattr(self._tls, "open", 0) + 1
         originals: dict[str, torch.Tensor] = {}
@@ -273,6 +236,22 @@ class PolicyHandle:
             module._parameters.update(originals)
             if not compiling:
                 self._tls.open -= 1
+
+    def _autocast(self, precision: str, compiling: bool) -> Any:
+        """The autocast a layer in ``precision`` runs in; None if the one in force already is."""
+        if precision not in AUTOCAST_PRECISIONS:
+            return torch.autocast(self.device_type, enabled=False)
+        enabled, current = autocast_state(self.device_type)
+        dtype = torch_dtype(precision)
+        if enabled and current == dtype:
+            # A nested autocast would change nothing but the weight-cast cache, and with it the
+            # numbers (a weight used twice would be cast twice and its gradient summed in fp32).
+            return None
+        # autocast's weight-cast cache is keyed by the weight alone, so inside an outer fp16
+        # region a bf16 layer would be handed the cached fp16 copy: the cache is on only where
+        # no autocast of ours is open around this one. Compiled code has no such cache.
+        outermost = not enabled and (compiling or not getattr(self._tls, "open", 0))
+        return torch.autocast(self.device_type, dtype=dtype, cache_enabled=outermost)
 
     def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         _apply_pending_now(self)
@@ -327,20 +306,16 @@ def _run_forward(bound: tuple, *args: Any, **kwargs: Any) -> Any:
 # having a constant result: dynamo calls them while it traces and keeps them out of the graph.
 
 def _apply_pending_now(handle: PolicyHandle) -> bool:
-    """Apply ``handle``'s pending update, if any: eagerly at the start of a forward, or when
-    compiled, while dynamo traces it (the code traced after this sees the new policy)."""
     if handle._pending is not None:  # cheap unlocked peek; apply_pending takes the lock
         handle.apply_pending()
     return True
 
 
 def _in_force(handle: PolicyHandle, updates: str) -> bool:
-    """Compiled, dynamo guards on ``updates``: ``"pending"`` from an ``update()`` until it is
-    applied, then the rules in force. The code compiled for a policy is reused while it is in
-    force (and again if the recorder applies it eagerly later); an update makes it recompile
-    once, applying the update while tracing. An update that comes in from another thread
-    between the two calls is applied here too (then the guard, "pending", costs one more
-    recompile), so that no code is ever compiled for one policy and guarded as another."""
+    # Compiled code guards on `updates` ("pending" until an update is applied, then the rules
+    # in force): code compiled for a policy is reused while it is in force, and an update
+    # recompiles once. An update arriving from another thread between the two calls is applied
+    # here too, so no code is compiled for one policy and guarded as another.
     return _apply_pending_now(handle)
 
 
@@ -360,10 +335,8 @@ def _infer_device_type(model: nn.Module) -> str:
 
 def apply_policy(model: nn.Module, policy: PrecisionPolicy | Mapping[str, str] | str,
                  device_type: str | None = None) -> PolicyHandle:
-    """Run ``model``'s layers in the precisions ``policy`` says; returns a :class:`PolicyHandle`.
-
-    ``device_type`` defaults to the device of the model's parameters. Works with or without an
-    outer ``torch.autocast``; layers no rule reaches run as the outer autocast says.
+    """Run ``model``'s layers in the precisions ``policy`` says, inside or outside an outer
+    ``torch.autocast`` (layers no rule reaches run as it says). ``device_type``: the parameters'.
 
         >>> import torch
         >>> from torch import nn
@@ -373,18 +346,15 @@ def apply_policy(model: nn.Module, policy: PrecisionPolicy | Mapping[str, str] |
         ...         model(torch.randn(2, 4)).dtype
         torch.bfloat16
 
-    Raises ValueError for a rule matching no layer (with close matches) or a precision the
-    device cannot run (naming those it can).
+    ValueError for a rule matching no layer, or a precision the device cannot run.
     """
     return PolicyHandle(model, _as_policy(policy), device_type or _infer_device_type(model))
 
 
 def explain_policy(model: nn.Module, policy: PrecisionPolicy | Mapping[str, str] | str) -> "pd.DataFrame":
-    """Table of every layer: ``layer, type, precision, rule, inherited``.
-
-    ``precision`` is the one in force (None: not set by the policy, the caller's autocast
-    decides); ``rule`` is the pattern that decided it; ``inherited`` is True when that rule
-    matched an enclosing module rather than this one.
+    """Every layer's ``layer, type, precision, rule, inherited``: the precision in force (None:
+    the caller's autocast decides), the rule that decided it, and whether that rule matched an
+    enclosing module.
 
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 2), nn.ReLU()))

@@ -38,72 +38,69 @@ class _Resolved:
 
 
 def resolve_policy(model: nn.Module, policy: PrecisionPolicy | Mapping[str, str] | str | None) -> _Resolved:
-    """Resolve ``policy`` on ``model``: the Decision for every layer, and which layers need hooks.
+    """The Decision for every layer of ``model``, and which layers need hooks.
 
     Raises ValueError (with close matches) for a rule that matches no layer.
     """
-    policy = _as_policy(policy)
-    rules = policy.rules
+    rules = _as_policy(policy).rules
     validate_rules(model, rules)
-    order = {p: i for i, p in enumerate(rules)}
-
     names_of: dict[int, list[str]] = {}
     for name, mod in named_modules(model, remove_duplicate=False):
         names_of.setdefault(id(mod), []).append(name)
-
-    def own_rule(mod_names: list[str], is_root: bool) -> str | None:
-        best, best_key = None, None
-        for pattern in rules:
-            if _is_catch_all(pattern):
-                # The default: root only, and below every other rule matching the root.
-                hit, key = is_root, (-1, -1, order[pattern])
-            else:
-                hit = any(_matches(pattern, n) for n in mod_names)
-                key = (0 if _is_glob(pattern) else 1, _literal_chars(pattern), order[pattern])
-            if hit and (best_key is None or key > best_key):
-                best, best_key = pattern, key
-        return best
-
-    names: list[str] = []
-    modules: dict[str, nn.Module] = {}
-    decisions: dict[str, Decision] = {}
-    hooked: list[str] = []
+    out = _Resolved([], {}, {}, [])
     # The precision in force while a module's children run. A container that is iterated, not
     # called (ModuleList, ModuleDict), never runs its hooks: its children run in the context
-    # of whoever iterates it, so they are compared with that instead.
+    # of whoever iterates it.
     context: dict[str, str | None] = {}
     for name, mod in named_modules(model):  # pre-order: a parent comes before its children
-        names.append(name)
-        modules[name] = mod
-        all_names = names_of[id(mod)]
-        rule = own_rule(all_names, is_root=(name == ""))
-        parent = decisions.get(name.rpartition(".")[0]) if name else None
-        if rule is not None:
-            decisions[name] = Decision(rules[rule], rule, inherited=False)
-        elif parent is not None and parent.precision is not None:
-            decisions[name] = Decision(parent.precision, parent.rule, inherited=True)
+        parent = name.rpartition(".")[0]
+        rule = _own_rule(rules, names_of[id(mod)], is_root=not name)
+        decision = _decide(rules, rule, out.decisions[parent] if name else None)
+        out.names.append(name)
+        out.modules[name] = mod
+        out.decisions[name] = decision
+        outer = context[parent] if name else None
+        context[name] = decision.precision if _is_callable(mod) else outer
+        shared_rule = rule is not None and len(names_of[id(mod)]) > 1
+        if name and _needs_hooks(mod, decision.precision, outer, shared_rule):  # the root: the handle's own
+            out.hooked.append(name)
+    return out
+
+
+def _own_rule(rules: Mapping[str, str], names: list[str], is_root: bool) -> str | None:
+    """The most specific rule matching one of a module's names (see PrecisionPolicy)."""
+    best, best_key = None, None
+    for i, pattern in enumerate(rules):
+        if _is_catch_all(pattern):
+            # The default: root only, and below every other rule matching the root.
+            hit, key = is_root, (-1, -1, i)
         else:
-            decisions[name] = Decision(None, None, inherited=False)
-        precision = decisions[name].precision
-        parent_precision = context[name.rpartition(".")[0]] if name else None
-        context[name] = precision if _is_callable(mod) else parent_precision
-        if not name:
-            continue  # the root always carries the handle's own hooks
-        # Hooks only where something changes: a child running in its parent's precision gets
-        # it from the parent's autocast state. A shared module with its own rule is hooked
-        # because it may also be called from a parent with another precision. Emulated fp8
-        # rounds each layer's own inputs and weights, so every leaf and every module owning
-        # parameters in fp8 scope is hooked.
-        needs = (
-            precision != parent_precision
-            or (rule is not None and len(all_names) > 1)
+            hit = any(_matches(pattern, n) for n in names)
+            key = (0 if _is_glob(pattern) else 1, _literal_chars(pattern), i)
+        if hit and (best_key is None or key > best_key):
+            best, best_key = pattern, key
+    return best
+
+
+def _decide(rules: Mapping[str, str], rule: str | None, parent: Decision | None) -> Decision:
+    if rule is not None:
+        return Decision(rules[rule], rule, inherited=False)
+    if parent is not None and parent.precision is not None:
+        return Decision(parent.precision, parent.rule, inherited=True)
+    return Decision(None, None, inherited=False)
+
+
+def _needs_hooks(mod: nn.Module, precision: str | None, outer: str | None, shared_rule: bool) -> bool:
+    """Hooks only where something changes: a child running in its parent's precision gets it
+    from the parent's autocast. A shared module with its own rule may also be called from a
+    parent in another precision. Emulated fp8 rounds each layer's own inputs and weights, so
+    every leaf and every module owning parameters in fp8 scope is hooked."""
+    if precision is None or not _is_callable(mod):
+        return False
+    return (precision != outer or shared_rule
             or (precision in FP8_PRECISIONS
                 and (next(iter(mod.children()), None) is None
-                     or any(p is not None for p in mod._parameters.values())))
-        )
-        if needs and precision is not None and _is_callable(mod):
-            hooked.append(name)
-    return _Resolved(names, modules, decisions, hooked)
+                     or any(p is not None for p in mod._parameters.values()))))
 
 
 def _is_callable(mod: nn.Module) -> bool:

@@ -1,10 +1,5 @@
-"""The rule language: ``{layer name or glob: precision}`` policies, and checks.
-
-A rule is an ``fnmatch`` glob (or an exact name) on ``model.named_modules()`` names; how rules
-combine is in :class:`PrecisionPolicy`. On a compiled model the names are the user's own:
-``torch.compile`` wrappers (at the top or around a block) are looked through, without their
-``_orig_mod.`` (:func:`mpviz.compat.named_modules`).
-"""
+"""The rule language: ``{layer name or glob: precision}`` policies (:class:`PrecisionPolicy`),
+checked against a model's names (behind any ``torch.compile`` wrapper)."""
 from __future__ import annotations
 
 import fnmatch
