@@ -196,3 +196,35 @@ def test_explorer_apply_advice_sends_the_same_request(dash_runs):
         job.close()
         if ex is not None:
             ex.close()
+
+
+def test_the_explorer_diagnoses_a_steerable_run_once_for_the_panel_and_its_advice(dash_runs, monkeypatch):
+    """The Diagnosis panel's findings and the advice it offers come from one diagnosis."""
+    import sys
+
+    from mpviz.dashboard import explorer_app
+
+    real, calls = mpviz.diagnose, []
+
+    def counted(run):
+        calls.append(run)
+        return real(run)
+
+    job = FailingJob(dash_runs / "live")
+    ex = None
+    try:
+        job.steps(4)
+        ex = explorer_app(run_dir=dash_runs / "live", follow=False)
+        panel, btn = ex.diagnosis, ex.diagnosis.apply_btn
+        assert wait_for(lambda: panel.diagnosis is not None)
+        monkeypatch.setattr(mpviz, "diagnose", counted)
+        monkeypatch.setattr(sys.modules["mpviz.diagnosis.advise"], "diagnose", counted)
+        job.steps(1)
+        assert panel.refresh(ex.run, force=True)
+        assert len(calls) == 1
+        assert not btn.disabled and "fc → fp32" in btn.tooltip          # the advice was made
+        assert panel.diagnosis.by_kind("forward_overflow")
+    finally:
+        job.close()
+        if ex is not None:
+            ex.close()

@@ -114,14 +114,14 @@ class DiagnosisPanel:
 
     ``on_apply() -> (changed, reasons, estimate)`` (or the HTML to show): shows an "Apply
     advice" button that calls it, then shows what it changed (see :func:`advice_html`).
-    ``offer(run) -> (enabled, why)``, called with each new diagnosis, enables the button or
-    disables it with ``why`` in its tooltip and beside it; ``advice``: the HTML widget to show the
-    outcome in (default: the panel's own).
+    ``offer(run, diagnosis) -> (enabled, why)``, called with each new diagnosis, enables the
+    button or disables it with ``why`` in its tooltip and beside it; ``advice``: the HTML widget
+    to show the outcome in (default: the panel's own).
     """
 
     def __init__(self, min_interval_s: float = 2.0, backoffs: int = SHOWN_BACKOFFS,
                  on_apply: Callable[[], tuple[dict, dict, dict] | str] | None = None,
-                 offer: Callable[[Any], tuple[bool, str]] | None = None,
+                 offer: Callable[[Any, Any], tuple[bool, str]] | None = None,
                  advice: widgets.HTML | None = None) -> None:
         self.min_interval_s, self.backoffs, self.on_apply = min_interval_s, backoffs, on_apply
         self.offer_fn = offer
@@ -203,7 +203,7 @@ class DiagnosisPanel:
             text, offer = diagnosis_html(d, self.backoffs), None
             if self.offer_fn is not None:
                 try:
-                    offer = self.offer_fn(run)
+                    offer = self.offer_fn(run, d)
                 except Exception as e:   # the diagnosis stays shown
                     offer = (False, f"advice unavailable: {type(e).__name__}: {e}")
             self.cost_s = time.monotonic() - t0

@@ -23,8 +23,8 @@ import ipywidgets as widgets
 
 from ..formats import PRECISIONS
 from . import queries, ui
+from .policy_widgets import INHERIT, PrecisionTable, RuleBox
 
-INHERIT = "(policy)"  # the menu's "no rule of its own": picking it removes the layer's rule
 SHOWN_REQUESTS = 8
 
 
@@ -33,7 +33,6 @@ class SteerPanel:
 
     def __init__(self) -> None:
         self.run_dir: Path | None = None
-        self._rows: dict[str, tuple[widgets.HTML, widgets.Dropdown]] = {}
         self._own: dict[int, str] = {}  # request id -> the layer row it was sent from
         self._requests: Any = None  # the last steer_requests() read
         self._in_force: dict[str, tuple[Any, Any]] = {}  # layer -> (precision, rule) in force
@@ -42,23 +41,25 @@ class SteerPanel:
         self.error = ""   # why the last request could not be posted
         self.note = widgets.HTML()
         self.note.add_class("mpviz-steer-note")
-        self.rows_box = widgets.VBox(layout=widgets.Layout(max_height="320px", overflow="auto"))
-        self.rule = widgets.Text(placeholder="layer or glob, e.g. blocks.*.norm*",
-                                 layout=widgets.Layout(width="45%"))
-        self.rule.add_class("mpviz-steer-rule")
-        self.rule_precision = widgets.Dropdown(options=PRECISIONS + (INHERIT,),
-                                               layout=widgets.Layout(width="20%"))
-        self.send = ui.button("Send", "mpviz-steer-send")
-        self.send.on_click(lambda _: self._send_rule())
+        self.table = PrecisionTable(lambda layer, value: self._post({layer: value}, layer),
+                                    "mpviz-steer-row", "mpviz-steer-menu", ("40%", "40%", "20%"))
+        self.table.widget.layout = widgets.Layout(max_height="320px", overflow="auto")
+        self.rules = RuleBox(lambda pattern, value: self._post({pattern: value}),
+                             "mpviz-steer-rule", "Send", "mpviz-steer-send", INHERIT,
+                             "layer or glob, e.g. blocks.*.norm*", msg=self.note)
+        self.rule, self.rule_precision = self.rules.text, self.rules.precision   # tests fill them
         self.requests = widgets.HTML()
         self.requests.add_class("mpviz-steer-requests")
         self.widget = widgets.VBox(
             [widgets.HTML("<b>Steer this run</b> <span class='mpviz-muted'>precision per layer, "
                           "applied by the training process at its next step</span>"),
-             self.note, self.rows_box,
-             widgets.HBox([self.rule, self.rule_precision, self.send]), self.requests],
+             self.note, self.table.widget, self.rules.row, self.requests],
             layout=widgets.Layout(display="none"))
         self.widget.add_class("mpviz-steer")
+
+    @property
+    def _rows(self) -> dict[str, tuple[widgets.HTML, widgets.Dropdown]]:   # read by tests
+        return self.table.rows
 
     # ------------------------------------------------------------------ showing a run
     def show(self, run: Any) -> None:
@@ -71,7 +72,9 @@ class SteerPanel:
             self._advice_sent, self.advice.value = None, ""
         self.run_dir = Path(run.run_dir)
         self._own = {}
-        self._build_rows(run)
+        layers = run.layers
+        self.table.build(zip(layers["layer"], layers["type"], layers["n_params"], layers["depth"]),
+                         _own_rules(run))
         self.note.value = ""
         self.widget.layout.display = "flex"
         self.refresh(run)
@@ -80,41 +83,9 @@ class SteerPanel:
         self.run_dir, self._advice_sent, self.advice.value = None, None, ""
         self.widget.layout.display = "none"
 
-    def _build_rows(self, run: Any) -> None:
-        own_rules = _own_rules(run)
-        rows, self._rows = [], {}
-        layers = run.layers
-        for name, typ, depth in zip(layers["layer"], layers["type"], layers["depth"]):
-            if name == "":
-                continue  # the whole model: a "*" rule in the box below
-            label = widgets.HTML(
-                f'<span style="padding-left:{12 * (int(depth) - 1)}px">{html.escape(name)}</span> '
-                f'<span class="mpviz-muted">{html.escape(typ)}</span>',
-                layout=widgets.Layout(width="40%"))
-            cell = widgets.HTML(layout=widgets.Layout(width="40%"))
-            cell.add_class("mpviz-cell")
-            menu = widgets.Dropdown(options=(INHERIT,) + PRECISIONS,
-                                    value=own_rules.get(name, INHERIT),
-                                    layout=widgets.Layout(width="20%"))
-            menu.add_class("mpviz-steer-menu")
-            menu.observe(lambda ch, n=name: self._on_pick(n, ch["new"]), names="value")
-            row = widgets.HBox([label, cell, menu])
-            row.add_class("mpviz-steer-row")
-            self._rows[name] = (cell, menu)
-            rows.append(row)
-        self.rows_box.children = rows
-
     # ------------------------------------------------------------------ posting
-    def _on_pick(self, layer: str, value: str) -> None:
-        self._post({layer: None if value == INHERIT else value}, layer)
-
     def _send_rule(self) -> None:
-        pattern = self.rule.value.strip()
-        if not pattern:
-            self.note.value = "<span class='mpviz-bad'>type a layer name or a glob first</span>"
-            return
-        value = self.rule_precision.value
-        self._post({pattern: None if value == INHERIT else value})
+        self.rules.submit(self.rule.value, self.rule_precision.value)
 
     def _post(self, rules: dict[str, str | None], layer: str | None = None) -> int | None:
         import mpviz
@@ -143,16 +114,16 @@ class SteerPanel:
             return
         if not run.is_live:
             self.note.value = "the run has ended: nothing more can be steered"
-            self.rows_box.children = []
-            self._rows = {}
+            self.table.clear()
         self._show_requests()
         self._in_force = _in_force(run)
         self._draw_rows()
         self._draw_advice()
 
     # ------------------------------------------------------------------ advice (mpviz.advise)
-    def advice_offer(self, run: Any) -> tuple[bool, str]:
-        """Whether "Apply advice" has something to send to ``run`` now; if not, why not."""
+    def advice_offer(self, run: Any, diagnosis: Any = None) -> tuple[bool, str]:
+        """Whether "Apply advice" has something to send to ``run`` now; if not, why not.
+        ``diagnosis``: ``mpviz.diagnose(run)`` if made already (the advice reuses it)."""
         import mpviz
         from mpviz.mailbox import FIX, advice_rules, advice_target, process_gone
 
@@ -174,7 +145,7 @@ class SteerPanel:
         if applied_at is not None and run.last_step < applied_at:   # not in run.policy_changes yet
             return False, (f"advice request #{self._advice_sent[0]} applies from step "
                            f"{applied_at}: waiting for the job to record it")
-        policy = mpviz.advise(run, target=advice_target(run))
+        policy = mpviz.advise(run, target=advice_target(run), diagnosis=diagnosis)
         rules = advice_rules(run, policy)
         if not rules:
             kept = "/".join(sorted({policy.rules[l] for l in policy.reasons}))
@@ -246,16 +217,14 @@ class SteerPanel:
     def _draw_rows(self) -> None:
         """Each row: the precision in force (and the rule that set it), and the fate of the
         last request sent from that row."""
-        for name, (cell, _) in list(self._rows.items()):
+        for name in list(self.table.rows):
             precision, rule = self._in_force.get(name, (None, None))
             if precision:
                 text = (f"<b>{html.escape(str(precision))}</b> "
                         f"<span class='mpviz-muted'>({html.escape(str(rule))})</span>")
             else:
                 text = "<span class='mpviz-muted'>autocast</span>"
-            text += self._row_status(name)
-            if cell.value != text:
-                cell.value = text
+            self.table.set_cell(name, text + self._row_status(name))
 
     def _row_status(self, layer: str) -> str:
         reqs = self._requests
