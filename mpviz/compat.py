@@ -1,7 +1,9 @@
 """Every torch-version and device quirk in one place, found by feature detection."""
 from __future__ import annotations
 
+import copy
 import functools
+import types
 from typing import Any, Callable
 
 import torch
@@ -99,6 +101,34 @@ def check_nonfinite(tensors: list[torch.Tensor], found: torch.Tensor) -> None:
 @functools.lru_cache(maxsize=None)
 def _one(device: torch.device) -> torch.Tensor:
     return torch.ones(1, device=device)
+
+
+_DROPPED = object()   # stands for a forward wrapper in deepcopy's memo: deleted from the copy
+
+
+def bare_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """``copy.deepcopy(module)`` without module hooks, nor ``forward`` wrappers bound to another
+    object (a recorder's, a precision policy's); a ``forward`` bound to the module itself stays.
+
+        >>> m = torch.nn.Linear(2, 2)
+        >>> _ = m.register_forward_hook(lambda *a: None)
+        >>> len(bare_copy(m)._forward_hooks), len(m._forward_hooks)
+        (0, 1)
+    """
+    memo: dict[int, Any] = {}
+    for m in module.modules():
+        for name, value in vars(m).items():
+            # Which dicts hold hooks varies across torch versions: found by name.
+            if "hooks" in name and isinstance(value, dict):
+                memo[id(value)] = type(value)()
+        forward = m.__dict__.get("forward")
+        if isinstance(forward, types.MethodType) and forward.__self__ is not m:
+            memo[id(forward)] = _DROPPED
+    out = copy.deepcopy(module, memo)
+    for m in out.modules():
+        if m.__dict__.get("forward") is _DROPPED:
+            del m.__dict__["forward"]   # the class's own forward again
+    return out
 
 
 # ---------------------------------------------------------------- torch.compile

@@ -173,7 +173,7 @@ class Shadow:
                 step: int) -> None:
         c = self.copies.get(i)
         if c is None:
-            c = self.copies[i] = _bare_fp32_copy(module)
+            c = self.copies[i] = compat.bare_copy(module).float().requires_grad_(False)
         device = self.rec.device
         after = compat.get_rng_state(device)
         rng = self.rng.pop(i)

@@ -3,39 +3,17 @@ attached: the trainer's fp32 evaluation copy and the lab's race lanes (`Trainer.
 from __future__ import annotations
 
 import copy
-import types
 from typing import Any
 
 import torch
 from torch import nn
 
+from mpviz.compat import bare_copy
+
 __all__ = ["copy_model", "copy_optimizer"]
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-               "_backward_pre_hooks")
-_DROPPED = object()   # stands for a forward wrapper in deepcopy's memo: deleted from the copy
-
-
-def copy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)`` without any module hooks or ``forward`` wrappers that belong to
-    another object (a recorder's hooks and a precision policy's hooks and wrapped forwards are
-    attached while the lab trains; a copy must carry none of them, nor the objects they belong
-    to). A ``forward`` bound to the module itself (a user's own) is kept."""
-    memo: dict[int, Any] = {}
-    for m in model.modules():
-        for name in _HOOK_DICTS:
-            d = getattr(m, name, None)
-            if isinstance(d, dict):
-                memo[id(d)] = type(d)()
-        forward = m.__dict__.get("forward")
-        if isinstance(forward, types.MethodType) and forward.__self__ is not m:
-            memo[id(forward)] = _DROPPED
-    out = copy.deepcopy(model, memo)
-    for m in out.modules():
-        if m.__dict__.get("forward") is _DROPPED:
-            del m.__dict__["forward"]   # the class's own forward again
-    return out
+# Without hooks or another object's forward wrappers; the recorder's fp32 shadow copies with it too.
+copy_model = bare_copy
 
 
 def copy_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, copy_of: nn.Module) -> torch.optim.Optimizer:
