@@ -12,30 +12,23 @@ bf16-weights       bf16 weights (no fp32 master copy) lose small        ``lost_u
                    updates
 =================  ===================================================  =====================
 
-Each `Scenario` says what the learner will see and why (``explanation``), what to change
-(``fix``), and builds the parts the lab and `mpviz.training.Trainer` take (model, optimizer,
-loss_fn, data, eval_fn, eval_data) from the demo tasks (`mpviz.tasks`); its AMP knobs
-(precision, grad_scaler, init_scale), ``every`` and ``max_steps`` are fields. ``fixed()`` is the
-healthy counterpart (the same run with the fix applied), which the diagnosis finds nothing wrong
-with. Importing this module does not import torch (the dashboards list the scenarios).
+``fixed()`` is each one's healthy counterpart, in which the diagnosis finds nothing wrong.
+No torch import here (the dashboards list the scenarios).
 
-    >>> from mpviz.scenarios import SCENARIOS, get_scenario
-    >>> sorted(SCENARIOS)
-    ['bf16-weights', 'fp16-no-scaling', 'fp16-overflow', 'lr-too-high']
+    >>> from mpviz.scenarios import get_scenario
     >>> sc = get_scenario("fp16-no-scaling")
     >>> with sc.trainer(run_dir="runs/underflow") as t:     # doctest: +SKIP
     ...     for _ in range(sc.max_steps): t.step()
     >>> mpviz.diagnose("runs/underflow").findings[0].kind   # doctest: +SKIP
     'gradient_underflow'
-    >>> from mpviz.dashboard import lab_app
-    >>> lab = lab_app(scenario="fp16-overflow")             # doctest: +SKIP
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
+
+from .formats import did_you_mean
 
 __all__ = ["Scenario", "SCENARIOS", "get_scenario", "overflow_model"]
 
@@ -72,7 +65,7 @@ class Scenario:
                                    changes={}, **self.changes)
 
     def parts(self, seed: int = 0, lr: float | None = None) -> dict[str, Any]:
-        """Fresh model, optimizer, loss_fn, data, eval_fn, eval_data and meta (imports torch)."""
+        """Fresh model, optimizer, loss_fn, data, eval_fn, eval_data and meta."""
         parts = self.build(self, seed, float(lr or self.lr))
         parts["meta"] = {**parts.get("meta", {}), "scenario": self.name, "lr": float(lr or self.lr),
                          "weights": self.weights}
@@ -85,8 +78,7 @@ class Scenario:
                 "policy": dict(self.policy) if self.policy else None}
 
     def trainer(self, seed: int = 0, lr: float | None = None, **kwargs: Any) -> Any:
-        """A recording `mpviz.training.Trainer` for this scenario; ``kwargs`` (run_dir, runs_root,
-        run_name, record, ...) go to it."""
+        """A recording `mpviz.training.Trainer` for this scenario; ``kwargs`` go to it."""
         from .training import Trainer
 
         parts = self.parts(seed, lr)
@@ -99,9 +91,8 @@ class Scenario:
 
 def overflow_model(n_in: int = 30, hidden: int = 32, n_out: int = 2, seed: int = 0,
                    gain: float = OVERFLOW_GAIN) -> Any:
-    """fc1 -> act1 -> big -> norm -> act2 -> head, where ``big``'s weights are ``gain`` times
-    too large: its activations reach ~1e5, past fp16's largest value (65504); the LayerNorm
-    after it (run in fp32 by autocast) brings them back, so fp32 and bf16 train fine."""
+    """fc1 -> act1 -> big -> norm -> act2 -> head, ``big``'s weights ``gain`` times too large:
+    its activations pass fp16's largest value; the LayerNorm after it brings them back."""
     import torch
     from torch import nn
 
@@ -121,7 +112,6 @@ def overflow_model(n_in: int = 30, hidden: int = 32, n_out: int = 2, seed: int =
 
 
 def _demo(task: str, seed: int, lr: float) -> dict[str, Any]:
-    """The parts of the demo task ``task`` (`mpviz.tasks.demo_parts`) at ``lr``."""
     from .tasks import demo_parts
 
     return demo_parts(task, seed, lr=lr)
@@ -164,11 +154,12 @@ def _low_precision_weights(sc: Scenario, seed: int, lr: float) -> dict[str, Any]
     import torch.nn.functional as F
 
     from .metrics import accuracy
+    from .precision.numerics import torch_dtype
 
     parts = _demo("mlp", seed, lr)
     model = parts["model"]
     if sc.weights != "fp32":
-        model.to({"bf16": torch.bfloat16, "fp16": torch.float16}[sc.weights])
+        model.to(torch_dtype(sc.weights))
 
     def cast(model: Any, x: Any) -> Any:
         return x.to(next(model.parameters()).dtype)
@@ -253,8 +244,8 @@ def get_scenario(name: "str | Scenario") -> Scenario:
         return name
     base = name[:-len("-fixed")] if name.endswith("-fixed") else name
     if base not in SCENARIOS:
-        close = difflib.get_close_matches(str(name), SCENARIOS, n=2)
-        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown scenario {name!r}; scenarios: {', '.join(SCENARIOS)}.{hint}")
+        close = did_you_mean(str(name), SCENARIOS, n=2)
+        raise ValueError(f"unknown scenario {name!r}; scenarios: {', '.join(SCENARIOS)}"
+                         + (f"; {close}." if close else "."))
     sc = SCENARIOS[base]
     return sc.fixed() if base != name else sc

@@ -56,7 +56,7 @@ def test_names_and_lookup():
                                                          "nonfinite_loss", "lost_updates"}
     fixed = get_scenario("fp16-no-scaling-fixed")
     assert fixed.grad_scaler and fixed == SCENARIOS["fp16-no-scaling"].fixed() == fixed.fixed()
-    with pytest.raises(ValueError, match="Did you mean 'lr-too-high'"):
+    with pytest.raises(ValueError, match="close matches: 'lr-too-high'"):
         get_scenario("lr-to-high")
 
 

@@ -9,7 +9,6 @@ hyper-parameters and metric in one place.
 """
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpviz.formats import did_you_mean
 from mpviz.metrics import accuracy
 from mpviz.tasks.data import (Batch, Split, breast_cancer_data, digits_data, shuffled_batches,
                               text_batches, text_data)
@@ -109,7 +109,7 @@ def get_task(name: "str | Task") -> Task:
     if isinstance(name, Task):
         return name
     if name not in TASKS:
-        close = difflib.get_close_matches(str(name), TASKS, n=2)
-        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}.{hint}")
+        close = did_you_mean(str(name), TASKS, n=2)
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}"
+                         + (f"; {close}." if close else "."))
     return TASKS[name]
