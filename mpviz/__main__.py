@@ -16,10 +16,9 @@ from typing import Any, NoReturn, Sequence
 
 from mpviz import __version__, serve
 from mpviz.formats import PRECISIONS, canonical, did_you_mean
+from mpviz.integrations.export import FORMATS as EXPORT_FORMATS
 
-TASK_NAMES = ("digits", "text", "mlp")  # mirrors mpviz.demos.TASKS without importing torch for --help
-EXPORT_FORMATS = ("tensorboard", "csv", "parquet")  # mirrors mpviz.integrations.export.FORMATS
-PRECISION_NAMES = PRECISIONS  # the old name (tests/test_demos.py imports it)
+TASK_NAMES = ("digits", "text", "mlp")  # mpviz.tasks.TASKS without importing torch for --help
 
 
 def _choice(kind: str, valid: Sequence[str]):
@@ -78,26 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"mpviz {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     serve.add_parsers(sub)   # lab, explore, compare, tour: serve an app with Voila
-
-    d = sub.add_parser("demo", help="train and record one demo task",
-                       description="Train a demo task for a few steps and record it with mpviz.Recorder.")
-    d.add_argument("--task", type=_choice("task", TASK_NAMES), default="digits",
-                   help=f"one of {', '.join(TASK_NAMES)} (default digits)")
-    d.add_argument("--precision", type=_precision, default="fp32",
-                   help=f"one of {', '.join(PRECISIONS)} (default fp32)")
-    d.add_argument("--steps", type=_positive, default=200, help="training steps (default 200)")
-    d.add_argument("--run-dir", default=None, help="where to write the run (default runs/<task>-<precision>-<time>)")
-    d.add_argument("--every", type=_positive, default=None,
-                   help="per-layer statistics exactly every N steps (default: at most every 10, "
-                        "fewer when they would cost more than 3%% of the training time)")
-    d.add_argument("--batch-size", type=_positive, default=None, help="default: the task's own")
-    d.add_argument("--lr", type=_positive_float, default=None, help="Adam learning rate (default: the task's own)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--policy", type=parse_policy, default=None,
-                   help="per-layer precision rules, e.g. 'head=fp32,conv*=bf16'")
-    d.add_argument("--threads", type=_positive, default=None,
-                   help="torch intra-op threads (default: torch's choice; 1 is faster on a busy 2-core machine)")
-    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_demo_parser(sub)
 
     i = sub.add_parser("info", help="summarise a recorded run")
     i.add_argument("run_dir", help="a run directory (holds run.db)")
@@ -123,38 +103,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_demo_parser(sub: Any) -> None:
+    d = sub.add_parser("demo", help="train and record one demo task",
+                       description="Train a demo task for a few steps and record it with mpviz.Recorder.")
+    d.add_argument("--task", type=_choice("task", TASK_NAMES), default="digits",
+                   help=f"one of {', '.join(TASK_NAMES)} (default digits)")
+    d.add_argument("--precision", type=_precision, default="fp32",
+                   help=f"one of {', '.join(PRECISIONS)} (default fp32)")
+    d.add_argument("--steps", type=_positive, default=200, help="training steps (default 200)")
+    d.add_argument("--run-dir", default=None, help="where to write the run (default runs/<task>-<precision>-<time>)")
+    d.add_argument("--every", type=_positive, default=None,
+                   help="per-layer statistics exactly every N steps (default: at most every 10, "
+                        "fewer when they would cost more than 3%% of the training time)")
+    d.add_argument("--batch-size", type=_positive, default=None, help="default: the task's own")
+    d.add_argument("--lr", type=_positive_float, default=None, help="Adam learning rate (default: the task's own)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--policy", type=parse_policy, default=None,
+                   help="per-layer precision rules, e.g. 'head=fp32,conv*=bf16'")
+    d.add_argument("--threads", type=_positive, default=None,
+                   help="torch intra-op threads (default: torch's choice; 1 is faster on a busy 2-core machine)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    if args.run_dir is not None:
-        where = Path(args.run_dir)
-        if where.exists() and not where.is_dir():
-            fail(f"--run-dir {args.run_dir!r} is a file, not a directory: choose a new run directory")
-        if (where / "run.db").exists():
-            fail(f"{args.run_dir!r} already holds a run: choose a new --run-dir (or delete the old one)")
-
-    from tqdm import tqdm
-
-    import torch
-
-    from mpviz.demos import Trainer
-    from mpviz.store import RunStoreError
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _check_new_run_dir(args.run_dir)
     t0 = time.perf_counter()
-    try:
-        trainer = Trainer(task=args.task, precision=args.precision, batch_size=args.batch_size,
-                          lr=args.lr, seed=args.seed, run_dir=args.run_dir, every=args.every,
-                          policy=args.policy)
-    except (ValueError, RunStoreError, OSError) as e:  # bad --policy layer names, --lr, run dir
-        fail(str(e))
-    run_dir = trainer.recorder.run_dir
-    with trainer:
-        bar = tqdm(range(args.steps), desc=f"{args.task} {trainer.precision}", unit="step",
-                   disable=args.quiet, dynamic_ncols=True)
-        for _ in bar:
-            out = trainer.step()
-            bar.set_postfix(loss=f"{out['loss']:.4f}", refresh=False)
-        metric = trainer.evaluate()
+    run_dir, metric = _train_demo(args)
     wall = time.perf_counter() - t0
 
     import mpviz
@@ -170,6 +144,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{wall:.1f} s wall")
     run.close()
     return 0
+
+
+def _check_new_run_dir(run_dir: str | None) -> None:
+    if run_dir is None:
+        return
+    where = Path(run_dir)
+    if where.exists() and not where.is_dir():
+        fail(f"--run-dir {run_dir!r} is a file, not a directory: choose a new run directory")
+    if (where / "run.db").exists():
+        fail(f"{run_dir!r} already holds a run: choose a new --run-dir (or delete the old one)")
+
+
+def _train_demo(args: argparse.Namespace) -> tuple[Path, dict[str, float]]:
+    """Train and record the demo: its run directory and held-out metrics."""
+    from tqdm import tqdm
+
+    import torch
+
+    from mpviz.demos import Trainer
+    from mpviz.store import RunStoreError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        trainer = Trainer(task=args.task, precision=args.precision, batch_size=args.batch_size,
+                          lr=args.lr, seed=args.seed, run_dir=args.run_dir, every=args.every,
+                          policy=args.policy)
+    except (ValueError, RunStoreError, OSError) as e:  # bad --policy layer names, --lr, run dir
+        fail(str(e))
+    with trainer:
+        bar = tqdm(range(args.steps), desc=f"{args.task} {trainer.precision}", unit="step",
+                   disable=args.quiet, dynamic_ncols=True)
+        for _ in bar:
+            out = trainer.step()
+            bar.set_postfix(loss=f"{out['loss']:.4f}", refresh=False)
+        metric = trainer.evaluate()
+    return trainer.recorder.run_dir, metric
 
 
 def _fmt(v: object) -> str:
@@ -209,52 +220,70 @@ def cmd_info(args: argparse.Namespace) -> int:
     except mpviz.RunStoreError as e:
         fail(str(e))
     try:
-        meta, steps = run.meta, run.steps
-        layers, overflows, changes = run.layers, run.overflows, run.policy_changes
-        ranks = sorted(steps["rank"].unique().tolist()) if "rank" in steps and len(steps) else [0]
-        if len(ranks) > 1:   # a distributed job: the steps of rank 0, where each rank's inf/nan was born
-            steps = steps[steps["rank"] == ranks[0]]
-            if "origin" in overflows and len(overflows):
-                overflows = overflows[overflows["origin"].fillna(True).astype(bool)]
-        start, end = meta.get("start_time"), meta.get("end_time")
-        dur = f", {end - start:.1f} s" if isinstance(start, (int, float)) and isinstance(end, (int, float)) else ""
-        from mpviz.mailbox import run_status   # "killed / not finished" when its writer is gone
-
-        print(f"run {run.run_dir}: {run_status(meta)}{dur}")
-        print(f"  model {meta.get('model')} on {meta.get('device')}, torch {meta.get('torch_version')}, "
-              f"{len(layers)} modules, {int(layers['n_params'].sum())} parameters")
-        extras = {k: meta[k] for k in ("task", "precision", "batch_size", "lr", "seed") if k in meta}
-        if extras:
-            print("  " + ", ".join(f"{k} {_fmt(v)}" for k, v in extras.items()))
-        print(f"  autocast {_fmt(meta.get('autocast_dtype'))}, {_fmt_scaler(meta.get('scaler'))}, "
-              f"statistics {run.stats_schedule}")
-        if len(ranks) > 1:
-            print(f"  {len(ranks)} ranks; steps below are rank {ranks[0]}'s, overflow events the ones "
-                  f"born on a rank (origin)")
-        if len(steps):
-            steps = steps.assign(loss=steps["loss"].astype(float))   # None (no loss given) -> NaN
-            tail = steps["loss"].tail(10)
-            sps = steps["samples"].sum() / steps["step_time_s"].sum() if steps["samples"].notna().any() else float("nan")
-            print(f"  {len(steps)} steps; loss {_fmt(float(steps['loss'].iloc[0]))} -> {_fmt(float(tail.mean()))} "
-                  f"(mean of last {len(tail)}); {_skipped(steps, meta.get('scaler'))}; {_fmt(float(sps))} samples/s")
-            used, after = steps["loss_scale"].dropna(), steps["loss_scale_after"].dropna()
-            if len(used):
-                # the scale the first step used -> the one in force after the last update()
-                last = after.iloc[-1] if len(after) else used.iloc[-1]
-                low = min(used.min(), after.min()) if len(after) else used.min()
-                print(f"  loss scale {used.iloc[0]:.6g} -> {last:.6g} (min {low:.6g})")
-        else:
-            print("  no steps recorded yet")
-        firsts = overflows[overflows["first"]] if len(overflows) else overflows
-        where = (f" of rank {int(firsts['rank'].iloc[0])}" if len(ranks) > 1 and len(firsts) and "rank" in firsts
-                 else "")
-        print(f"  {len(overflows)} overflow events on {overflows['step'].nunique() if len(overflows) else 0} steps"
-              + (f"; first culprit {firsts['layer'].iloc[0]!r}{where} at step {int(firsts['step'].iloc[0])}"
-                 if len(firsts) else ""))
-        print("  " + _policy_summary(changes))
+        meta = run.meta
+        steps, overflows, ranks = _first_rank(run.steps, run.overflows)
+        _print_run(run, meta, ranks)
+        _print_steps(steps, meta)
+        _print_overflows(overflows, ranks)
+        print("  " + _policy_summary(run.policy_changes))
     finally:
         run.close()
     return 0
+
+
+def _first_rank(steps: Any, overflows: Any) -> tuple[Any, Any, list[int]]:
+    """A distributed job: the steps of rank 0, and the overflows where each rank's inf/nan was born."""
+    ranks = sorted(steps["rank"].unique().tolist()) if "rank" in steps and len(steps) else [0]
+    if len(ranks) > 1:
+        steps = steps[steps["rank"] == ranks[0]]
+        if "origin" in overflows and len(overflows):
+            overflows = overflows[overflows["origin"].fillna(True).astype(bool)]
+    return steps, overflows, ranks
+
+
+def _print_run(run: Any, meta: dict, ranks: list[int]) -> None:
+    from mpviz.mailbox import run_status   # "killed / not finished" when its writer is gone
+
+    layers = run.layers
+    start, end = meta.get("start_time"), meta.get("end_time")
+    dur = f", {end - start:.1f} s" if isinstance(start, (int, float)) and isinstance(end, (int, float)) else ""
+    print(f"run {run.run_dir}: {run_status(meta)}{dur}")
+    print(f"  model {meta.get('model')} on {meta.get('device')}, torch {meta.get('torch_version')}, "
+          f"{len(layers)} modules, {int(layers['n_params'].sum())} parameters")
+    extras = {k: meta[k] for k in ("task", "precision", "batch_size", "lr", "seed") if k in meta}
+    if extras:
+        print("  " + ", ".join(f"{k} {_fmt(v)}" for k, v in extras.items()))
+    print(f"  autocast {_fmt(meta.get('autocast_dtype'))}, {_fmt_scaler(meta.get('scaler'))}, "
+          f"statistics {run.stats_schedule}")
+    if len(ranks) > 1:
+        print(f"  {len(ranks)} ranks; steps below are rank {ranks[0]}'s, overflow events the ones "
+              f"born on a rank (origin)")
+
+
+def _print_steps(steps: Any, meta: dict) -> None:
+    if not len(steps):
+        print("  no steps recorded yet")
+        return
+    steps = steps.assign(loss=steps["loss"].astype(float))   # None (no loss given) -> NaN
+    tail = steps["loss"].tail(10)
+    sps = steps["samples"].sum() / steps["step_time_s"].sum() if steps["samples"].notna().any() else float("nan")
+    print(f"  {len(steps)} steps; loss {_fmt(float(steps['loss'].iloc[0]))} -> {_fmt(float(tail.mean()))} "
+          f"(mean of last {len(tail)}); {_skipped(steps, meta.get('scaler'))}; {_fmt(float(sps))} samples/s")
+    used, after = steps["loss_scale"].dropna(), steps["loss_scale_after"].dropna()
+    if len(used):
+        # the scale the first step used -> the one in force after the last update()
+        last = after.iloc[-1] if len(after) else used.iloc[-1]
+        low = min(used.min(), after.min()) if len(after) else used.min()
+        print(f"  loss scale {used.iloc[0]:.6g} -> {last:.6g} (min {low:.6g})")
+
+
+def _print_overflows(overflows: Any, ranks: list[int]) -> None:
+    firsts = overflows[overflows["first"]] if len(overflows) else overflows
+    where = (f" of rank {int(firsts['rank'].iloc[0])}" if len(ranks) > 1 and len(firsts) and "rank" in firsts
+             else "")
+    print(f"  {len(overflows)} overflow events on {overflows['step'].nunique() if len(overflows) else 0} steps"
+          + (f"; first culprit {firsts['layer'].iloc[0]!r}{where} at step {int(firsts['step'].iloc[0])}"
+             if len(firsts) else ""))
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import mpviz
-from mpviz.__main__ import PRECISION_NAMES, TASK_NAMES, main, parse_policy
+from mpviz.__main__ import TASK_NAMES, main, parse_policy
+from mpviz.formats import PRECISIONS
 from mpviz.tasks import TASKS, demo_parts, get_task, stdlib_text
 from mpviz.training import Trainer
 
@@ -289,7 +290,7 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["demo", "--precision", "fp12"])
     err = capsys.readouterr().err
-    assert all(p in err for p in PRECISION_NAMES)
+    assert all(p in err for p in PRECISIONS)
     with pytest.raises(SystemExit):
         main(["demo", "--policy", "head:fp32"])
     assert "LAYER_PATTERN=PRECISION" in capsys.readouterr().err

@@ -56,7 +56,7 @@ def test_one_order_of_precisions():
     from mpviz.dashboard.steer_panel import INHERIT, SteerPanel
 
     assert PRECISIONS == ("fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
-    assert precision.PRECISIONS is queries.PRECISIONS is __main__.PRECISION_NAMES is PRECISIONS
+    assert precision.PRECISIONS is queries.PRECISIONS is __main__.PRECISIONS is PRECISIONS
     assert supported_precisions("cpu") == tuple(p for p in PRECISIONS if p in supported_precisions("cpu"))
     assert SteerPanel().rule_precision.options == PRECISIONS + (INHERIT,)
     # the dtype map's colour k is the k-th precision's

@@ -1,48 +1,41 @@
-"""A recorded run as TensorBoard event files, CSV or Parquet. No torch import.
+"""A recorded run as TensorBoard event files, CSV or Parquet (``mpviz export FORMAT RUN OUT``).
 
     >>> mpviz.export("runs/exp1", "tensorboard", "tb/exp1")   # doctest: +SKIP
-    >>> mpviz.export("runs/exp1", "parquet", "out/exp1")      # doctest: +SKIP
 
-or ``python -m mpviz export tensorboard|csv|parquet RUN_DIR OUT_DIR``.
+TensorBoard tags (float32 values): per step ``train/loss``, ``train/loss_scale`` (with a
+GradScaler), ``train/skipped``, ``train/skipped_total``, ``train/samples_per_s``,
+``overflow/events``; per layer on statistics steps ``grad_norm/<layer>`` (unscaled),
+``max_abs/<tensor>/<layer>``, ``underflow_<fp16|bf16>/<tensor>/<layer>`` (the run's autocast
+format, both without one); the model itself is ``(model)``. TensorBoard samples 10,000 points per
+tag unless started with ``--samples_per_plugin scalars=0``.
 
-TensorBoard (written with tensorboard's own ``EventFileWriter``; values are float32 there):
-
-- per step: ``train/loss``, ``train/loss_scale`` (the scale the step used; runs with a
-  GradScaler), ``train/skipped`` (1 when GradScaler skipped the step) and
-  ``train/skipped_total``, ``train/samples_per_s``, ``overflow/events`` (inf/nan events mpviz
-  recorded at that step: layers and phases, see ``run.overflows``);
-- per layer, on statistics steps: ``grad_norm/<layer>`` (unscaled), ``max_abs/<tensor>/<layer>``
-  and ``underflow_<fmt>/<tensor>/<layer>`` (fraction that underflows in the run's autocast format;
-  both fp16 and bf16 for a run without autocast), tensor in activation, grad, weight. The model
-  itself is the layer ``(model)``.
-
-TensorBoard's reader keeps 10,000 points per scalar tag by default (a random sample beyond):
-start it with ``--samples_per_plugin scalars=0`` to see every step of a long run.
-
-CSV / Parquet: one file per table of :class:`mpviz.Run` (``steps``, ``layer_stats``,
-``overflows``, ``dtypes``, ``policy_changes``, ``layers``), the same columns as its DataFrames,
-and ``meta.json``. Histograms are not exported (``run.histogram`` reads them).
+CSV / Parquet: one file per :class:`mpviz.Run` table (:data:`TABLES`) and ``meta.json``;
+histograms are not exported.
 """
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any
-from ..run import Run, load_run
+from typing import TYPE_CHECKING, Any
+
+from ..formats import AUTOCAST_PRECISIONS, DTYPE_PRECISION
+
+if TYPE_CHECKING:  # imported when used: the command line reads FORMATS without pandas
+    from ..run import Run
 
 FORMATS = ("tensorboard", "csv", "parquet")
 TABLES = ("steps", "layer_stats", "overflows", "dtypes", "policy_changes", "layers")
 
 
 def export(run: Run | str | Path, fmt: str, out_dir: str | Path) -> list[Path]:
-    """Write ``run`` (a :class:`mpviz.Run` or a run directory) to ``out_dir`` as ``fmt``, one of
-    ``tensorboard``, ``csv``, ``parquet``. Returns the files written (for TensorBoard, the event
-    file, one per rank in ``out_dir/rank<r>`` for a run with several; point ``tensorboard
-    --logdir`` at ``out_dir``).
+    """Write ``run`` (a :class:`mpviz.Run` or a run directory) to ``out_dir`` as ``fmt``
+    (:data:`FORMATS`); returns the files written (TensorBoard: one event file per rank).
 
         >>> mpviz.export("runs/exp1", "csv", "out/exp1")   # doctest: +SKIP
     """
+    from ..run import Run, load_run
+
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
     own = not isinstance(run, Run)
@@ -78,8 +71,7 @@ def _tables(run: Run, out: Path, fmt: str) -> list[Path]:
 
 
 def _tensorboard(run: Run, out: Path) -> list[Path]:
-    """One event file; for a run read with several ranks, one folder per rank (``rank0``, ...:
-    TensorBoard shows them as runs, overlaid)."""
+    # Several ranks: a folder each (rank0, ...), which TensorBoard overlays as runs.
     from . import require
 
     require("tensorboard", "export", "mpviz.export(..., 'tensorboard', ...)")
@@ -92,14 +84,15 @@ def _tensorboard(run: Run, out: Path) -> list[Path]:
 
 
 def _events(meta: dict, steps: Any, stats: Any, overflows: Any, out: Path) -> Path:
-    from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.compat.proto.summary_pb2 import Summary
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
-    fmts = {"float16": ["fp16"], "bfloat16": ["bf16"]}.get(meta.get("autocast_dtype") or "",
-                                                            ["fp16", "bf16"])
-    events = overflows.groupby("step").size().to_dict()
+    values = _step_scalars(meta, steps, overflows)
+    for step, scalars in _layer_scalars(meta, stats).items():
+        values.setdefault(step, []).extend(scalars)
     wall = dict(zip(steps["step"].tolist(), steps["wall_time"].tolist()))
+    return _write_events(values, wall, out)
+
+
+def _step_scalars(meta: dict, steps: Any, overflows: Any) -> dict[int, list[tuple[str, float]]]:
+    events = overflows.groupby("step").size().to_dict()
     scaler = isinstance(meta.get("scaler"), dict) and meta["scaler"].get("enabled", True)
     values: dict[int, list[tuple[str, float]]] = {}
     skipped_total = 0
@@ -112,7 +105,15 @@ def _events(meta: dict, steps: Any, stats: Any, overflows: Any, out: Path) -> Pa
         skipped_total += bool(row.skipped)
         v += [("train/skipped", float(bool(row.skipped))), ("train/skipped_total", float(skipped_total)),
               ("overflow/events", float(events.get(row.step, 0)))]
+    return values
+
+
+def _layer_scalars(meta: dict, stats: Any) -> dict[int, list[tuple[str, float]]]:
+    # Underflow in the run's autocast format; both for a run without autocast.
+    precision = DTYPE_PRECISION.get(meta.get("autocast_dtype") or "")
+    fmts = [precision] if precision in AUTOCAST_PRECISIONS else list(AUTOCAST_PRECISIONS)
     stats = stats.assign(layer=stats["layer"].where(stats["layer"] != "", "(model)"))
+    values: dict[int, list[tuple[str, float]]] = {}
     for row in stats.itertuples(index=False):
         v = values.setdefault(int(row.step), [])
         if row.tensor == "grad":
@@ -120,6 +121,14 @@ def _events(meta: dict, steps: Any, stats: Any, overflows: Any, out: Path) -> Pa
         v.append((f"max_abs/{row.tensor}/{row.layer}", float(row.max_abs)))
         for f in fmts:
             v.append((f"underflow_{f}/{row.tensor}/{row.layer}", float(getattr(row, f"underflow_{f}"))))
+    return values
+
+
+def _write_events(values: dict[int, list[tuple[str, float]]], wall: dict, out: Path) -> Path:
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
     writer = EventFileWriter(str(out), filename_suffix=".mpviz")
     try:
         for step in sorted(values):
