@@ -14,6 +14,7 @@ import contextlib
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -92,9 +93,8 @@ class Trainer:
         info = self._take_parts(task, parts, train_step, seed, batch_size, lr)
         first = next(iter(self.model.parameters()), None)
         self.device = first.device if first is not None else torch.device("cpu")
-        self.scaler, self._autocast_dtype = self._amp(scaler, grad_scaler, init_scale, growth_interval)
-        self._iter: Iterator[Any] | None = None
-        self._last_batch: Any = None
+        self.scaler = self._amp(scaler, grad_scaler, init_scale, growth_interval)
+        self._batches = _Batches()
         self._step = 0
         self._closed = False
         self._eval_model: nn.Module | None = None
@@ -131,17 +131,15 @@ class Trainer:
         return info
 
     def _amp(self, scaler: Any, grad_scaler: bool | None, init_scale: float,
-             growth_interval: int) -> tuple[Any, torch.dtype | None]:
-        """The GradScaler and autocast dtype the trainer runs with (none of its own with a
-        ``train_step``: the user's ``scaler``, if any, is recorded, never driven by us)."""
-        if self.train_step is not None:
-            return scaler, None
-        if scaler is None:
-            on = self.precision == "fp16" if grad_scaler is None else bool(grad_scaler)
-            scaler = (torch.amp.GradScaler(self.device.type, init_scale=float(init_scale),
-                                           growth_interval=int(growth_interval))
-                      if on else None)
-        return scaler, _AUTOCAST.get(self.precision)
+             growth_interval: int) -> Any:
+        """The GradScaler the trainer runs with (none of its own with a ``train_step``: the
+        user's ``scaler``, if any, is recorded, never driven by us)."""
+        if self.train_step is not None or scaler is not None:
+            return scaler
+        on = self.precision == "fp16" if grad_scaler is None else bool(grad_scaler)
+        return (torch.amp.GradScaler(self.device.type, init_scale=float(init_scale),
+                                     growth_interval=int(growth_interval))
+                if on else None)
 
     def _attach(self, policy: Mapping[str, str] | Any | None, record: bool, info: dict[str, Any],
                 meta: Mapping[str, Any] | None, run_dir: str | os.PathLike[str] | None, runs_root: str | os.PathLike[str] | None,
@@ -181,6 +179,11 @@ class Trainer:
         return None if self.recorder is None else self.recorder.run
 
     @property
+    def run_dir(self) -> Path | None:
+        """Where the run is written, or None when not recording."""
+        return None if self.recorder is None else Path(self.recorder.run_dir)
+
+    @property
     def steps_done(self) -> int:
         return self._step
 
@@ -200,7 +203,27 @@ class Trainer:
                 "grad_scaler": bool(s["enabled"]), "init_scale": None if init is None else float(init),
                 "growth_interval": s.get("growth_interval")}
 
+    def flush(self) -> None:
+        """Commit the rows of the steps taken so far, for a reader of the run."""
+        if self.recorder is not None:
+            self.recorder.flush()
+
+    # ------------------------------------------------------------------ precision policy
+    def precision_in_force(self) -> dict[str, tuple[str | None, str | None]]:
+        """``{layer: (precision or None, rule or None)}`` the policy decides now (None: the
+        layer follows the surrounding autocast)."""
+        return self.policy_handle.effective() if self.policy_handle is not None else {}
+
+    def set_rules(self, changes: Mapping[str, str | None]) -> None:
+        """Set (or, with None, remove) policy rules from any thread: checked now (ValueError
+        names the fix), applied at the model's next forward."""
+        self.policy_handle.update(changes)
+
     # ------------------------------------------------------------------ stepping
+    @property
+    def _autocast_dtype(self) -> torch.dtype | None:
+        return _AUTOCAST.get(self.precision) if self.owns_step else None
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self._autocast_dtype is None:
             return contextlib.nullcontext()
@@ -208,18 +231,7 @@ class Trainer:
 
     def next_batch(self) -> Any:
         """The next batch of ``data`` (iterated again from the start when it ends)."""
-        if self._iter is None:
-            self._iter = iter(self.data)
-        try:
-            return next(self._iter)
-        except StopIteration:
-            self._iter = iter(self.data)
-            try:
-                return next(self._iter)
-            except StopIteration:
-                raise ValueError("data yields no batches when iterated again: pass something that "
-                                 "can be iterated more than once (a list, a DataLoader), not a "
-                                 "generator") from None
+        return self._batches.next(self.data)
 
     @contextlib.contextmanager
     def _own_rng(self) -> Iterator[None]:
@@ -253,7 +265,7 @@ class Trainer:
             batch = self.next_batch()
         if self.device.type != "cpu":
             batch = tree.map_tensors(lambda t: t.to(self.device, non_blocking=True), batch)
-        self._last_batch = batch
+        self._batches.last = batch
         with self._own_rng():
             if self.train_step is not None:
                 loss = self.train_step(self.model, batch)
@@ -327,9 +339,9 @@ class Trainer:
             return None
         with self._lock, self._own_rng():
             model = self._fp32_copy().eval()
-            if self.eval_data is None and self._last_batch is None:
+            if self.eval_data is None and self._batches.last is None:
                 return None     # nothing trained yet and no eval_data
-            batches = list(self.eval_data) if self.eval_data is not None else [self._last_batch]
+            batches = list(self.eval_data) if self.eval_data is not None else [self._batches.last]
             values = [float(self.eval_fn(model, tree.map_tensors(lambda t: t.to(self.device), b)))
                       for b in batches]
             value = sum(values) / max(len(values), 1)
@@ -362,6 +374,29 @@ class Trainer:
         what = f"task={self.task.name!r}" if self.task is not None else f"model={type(self.model).__name__}"
         return (f"Trainer({what}, precision={self.precision!r}, batch_size={self.batch_size}, "
                 f"lr={self.lr}, seed={self.seed}, steps={self._step}, recording={self.recorder is not None})")
+
+
+class _Batches:
+    """Batches of ``data`` one after another, from the start again when it ends; ``last``: the
+    last batch trained on."""
+
+    def __init__(self) -> None:
+        self._it: Iterator[Any] | None = None
+        self.last: Any = None
+
+    def next(self, data: Iterable[Any]) -> Any:
+        if self._it is None:
+            self._it = iter(data)
+        try:
+            return next(self._it)
+        except StopIteration:
+            self._it = iter(data)
+            try:
+                return next(self._it)
+            except StopIteration:
+                raise ValueError("data yields no batches when iterated again: pass something that "
+                                 "can be iterated more than once (a list, a DataLoader), not a "
+                                 "generator") from None
 
 
 def _check_parts(task: Any, model: Any, optimizer: Any, loss_fn: Any, train_step: Any, data: Any,

@@ -1,0 +1,128 @@
+"""`LabSession`, the lab without widgets: real demo training on the lab's worker thread, checked
+against the run store read with plain sqlite3 and against Trainers stepped by hand."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mpviz.dashboard.session import LabSession
+from mpviz.dashboard.worker import torch_thread
+from waiting import wait_for
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _rows(run_dir: Path, sql: str) -> list[tuple]:
+    con = sqlite3.connect(Path(run_dir) / "run.db")
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def _output_dtypes(run_dir: Path, layer: str) -> list[tuple[int, str]]:
+    return _rows(run_dir, "SELECT d.step, d.dtype FROM dtypes d JOIN layers l ON l.idx = d.layer_idx "
+                          f"WHERE l.layer = '{layer}' AND d.tensor = 'output' ORDER BY d.step")
+
+
+def test_a_session_trains_and_a_layer_toggled_at_a_pause_runs_in_its_new_precision(tmp_path):
+    s = LabSession(tmp_path, task="mlp", every=2)
+    try:
+        layers = s.prepare()
+        names = torch_thread.call(lambda: [n for n, _ in s.model.named_modules()])
+        assert [name for name, *_ in layers] == names and "fc3" in names
+        assert list(tmp_path.iterdir()) == []          # nothing is recorded before start
+        s.start("bf16", max_seconds=600, pause_at=6)
+        assert wait_for(lambda: s.state == "paused")
+        assert s.worker.rounds == 6
+        assert s.set_layer("fc3", "fp32")               # live: from the next step, 6
+        s.toggle_pause()
+        assert wait_for(lambda: s.worker.rounds >= 12)
+        s.stop()
+        assert s.state == "done" and s.worker.reason == "stopped"
+        n, run_dir = s.worker.rounds, s.trainers[0].run_dir
+        assert run_dir.parent == tmp_path and "-mlp-bf16" in run_dir.name
+
+        steps = _rows(run_dir, "SELECT step, samples_per_s FROM steps ORDER BY step")
+        assert [step for step, _ in steps] == list(range(n))
+        changes = _rows(run_dir, "SELECT p.step, l.layer, p.precision FROM policy_changes p "
+                                 "JOIN layers l ON l.idx = p.layer_idx WHERE p.precision IS NOT NULL")
+        assert changes == [(6, "fc3", "fp32")]
+        fc3 = _output_dtypes(run_dir, "fc3")
+        assert fc3[0] == (0, "bfloat16") and fc3[-1] == (6, "float32")
+        assert [d for _, d in _output_dtypes(run_dir, "fc2")] == ["bfloat16"]
+        # What the page shows, read through the session, is what the store holds.
+        speeds = [v for _, v in steps[-20:]]
+        assert s.samples_per_s() == pytest.approx(float(np.median(speeds)))
+        table = s.layer_table().set_index("layer")["precision"]
+        assert table["fc3"] == "fp32" and table["fc2"] == "bf16"
+        assert s.policy() == {"fc3": "fp32"}
+        status = _rows(run_dir, "SELECT value FROM meta WHERE key = 'status'")
+        assert status == [('"finished"',)]
+    finally:
+        s.end()
+
+
+def test_a_race_trains_two_lanes_on_the_same_batches(tmp_path):
+    """Each lane's recorded losses are those of a Trainer of its precision stepped by hand from
+    the same start on the same batches (the MLP has no dropout)."""
+    from mpviz.training import Trainer
+
+    s = LabSession(tmp_path, task="mlp")
+    try:
+        s.prepare()
+        s.start("fp32", alongside=("bf16", "fp32"), max_steps=8)   # the main precision once
+        s.worker.join(300)
+        assert s.state == "done" and s.worker.rounds == 8, s.worker.reason
+        assert [t.precision for t in s.trainers] == ["fp32", "bf16"]
+        assert s.labels == ["fp32", "bf16 (alongside)"]
+        evals = s.evals()
+        assert [label for label, _ in evals] == s.labels
+        for t, (_, lane_evals) in zip(s.trainers, evals):
+            recorded = _rows(t.run_dir, "SELECT step, loss FROM steps ORDER BY step")
+            ref = Trainer(task="mlp", precision=t.precision, record=False, seed=0)
+            try:
+                by_hand = torch_thread.call(lambda: [ref.step()["loss"] for _ in range(8)])
+                final = torch_thread.call(ref.run_eval)
+            finally:
+                ref.close()
+            assert recorded == list(enumerate(by_hand))
+            assert lane_evals[-1] == (8, final)        # the last evaluation: the final weights
+        assert not np.array_equal(*(np.array(_rows(t.run_dir, "SELECT loss FROM steps"))
+                                    for t in s.trainers))   # the precisions differ
+    finally:
+        s.end()
+
+
+def test_a_bad_rule_is_refused_with_the_reason_and_loses_nothing(tmp_path):
+    s = LabSession(tmp_path, task="mlp", every=2)
+    try:
+        s.prepare()
+        with pytest.raises(ValueError, match=r"'fc33' is not a layer name.*Close matches: 'fc3'"):
+            s.add_rule("fc33", "fp32")                 # between sessions: checked on the model
+        with pytest.raises(ValueError, match="no rule 'act1' to remove; rules: none"):
+            s.add_rule("act1", None)
+        assert s.add_rule("fc*", "bf16") is False      # accepted, for the next start
+        s.start("fp32", max_steps=10, pause_at=4)
+        assert wait_for(lambda: s.state == "paused")
+        with pytest.raises(ValueError, match=r"'fc9\*' matches no layer"):
+            s.add_rule("fc9*", "fp32")                 # live: refused by the policy
+        with pytest.raises(ValueError, match=r"unknown layer 'fc33'; close matches: 'fc3'"):
+            s.set_layer("fc33", "fp32")
+        with pytest.raises(ValueError, match="Cannot remove rule 'act1'"):
+            s.add_rule("act1", None)                   # a rule that was never set
+        assert s.rules == {"fc*": "bf16"} and s.overrides == {}
+        s.toggle_pause()
+        s.worker.join(300)
+        assert s.state == "done" and s.worker.rounds == 10 and s.worker.post_error is None
+        run_dir = s.trainers[0].run_dir
+        assert [r[0] for r in _rows(run_dir, "SELECT step FROM steps ORDER BY step")] == list(range(10))
+        changes = _rows(run_dir, "SELECT l.layer, p.precision, p.rule FROM policy_changes p "
+                                 "JOIN layers l ON l.idx = p.layer_idx WHERE p.precision IS NOT NULL")
+        assert sorted(changes) == [("fc1", "bf16", "fc*"), ("fc2", "bf16", "fc*"), ("fc3", "bf16", "fc*")]
+    finally:
+        s.end()
