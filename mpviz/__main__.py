@@ -121,7 +121,7 @@ def _add_demo_parser(sub: Any) -> None:
     d.add_argument("--policy", type=parse_policy, default=None,
                    help="per-layer precision rules, e.g. 'head=fp32,conv*=bf16'")
     d.add_argument("--threads", type=_positive, default=None,
-                   help="torch intra-op threads (default: torch's choice; 1 is faster on a busy 2-core machine)")
+                   help="torch intra-op threads (default: torch's choice)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

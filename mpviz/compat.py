@@ -19,10 +19,7 @@ def autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
 
 
 def queue_backward_callback(fn: Callable[[], None]) -> None:
-    """Run ``fn`` once the current backward pass has finished (all ``.grad`` accumulated).
-
-    Must be called from inside backward (e.g. a tensor hook). DDP and FSDP use the same engine call.
-    """
+    """Run ``fn`` once the current backward pass has finished; call from inside backward."""
     torch.autograd.Variable._execution_engine.queue_callback(fn)
 
 
@@ -34,8 +31,7 @@ def scaler_scale(scaler: Any) -> torch.Tensor | None:
 
 
 def scaler_settings(scaler: Any) -> dict[str, Any] | None:
-    """A GradScaler's settings. A disabled one (``GradScaler(enabled=False)``, PyTorch's recipe
-    for AMP off) has none: its getters raise AttributeError, so they are read only when enabled."""
+    """A GradScaler's settings; a disabled one's getters raise, so they are read only when enabled."""
     if scaler is None:
         return None
     out: dict[str, Any] = {"enabled": bool(scaler.is_enabled())}
@@ -84,13 +80,10 @@ def dist_rank_world() -> tuple[int, int]:
 
 
 def check_nonfinite(tensors: list[torch.Tensor], found: torch.Tensor) -> None:
-    """Make ``found`` (a 1-element float32 tensor) nonzero if any of ``tensors`` holds inf/nan.
-    Never clears it; no host sync.
-
-    GradScaler's own check: one fused kernel for all tensors, here with a multiplier of 1, which
-    leaves every value as it was (on the CPU it is 4-7x cheaper than one sum over the
-    concatenation). Tensors it does not take (several devices, sparse) are checked one by one.
-    """
+    """Make ``found`` (a 1-element float32 tensor) nonzero if any of ``tensors`` holds inf/nan;
+    never clears it, no host sync."""
+    # GradScaler's own fused check, with a multiplier of 1 (values unchanged): one kernel for all
+    # tensors. Tensors it does not take (several devices, sparse) are checked one by one.
     try:
         torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, _one(found.device))
     except (RuntimeError, AttributeError):

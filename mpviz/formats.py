@@ -1,14 +1,7 @@
-"""The one table of precisions, as plain names and numbers (no torch import: the dashboards read it).
-
-- :data:`PRECISIONS`: the precision names mpviz knows, in the one order every list and menu uses;
-  :data:`FORMATS`: each one's :class:`FloatFormat` (range numbers and torch dtype name);
-  :func:`canonical`: a precision from any of its other names (:data:`ALIASES`);
-  :data:`DTYPE_PRECISION`: a torch dtype name (``"bfloat16"``) back to its precision.
-- The log2 magnitude histogram every statistics step records: :data:`N_BINS` bins, laid out in
-  :func:`bin_edges`.
-- :func:`did_you_mean`: the close matches an error message offers for a mistyped name.
-
-The torch dtypes themselves are in :func:`mpviz.precision.numerics.torch_dtype`.
+"""The one table of precisions, without torch (the dashboards read it): names in one order
+(:data:`PRECISIONS`), each one's :class:`FloatFormat`, aliases (:func:`canonical`), dtype names
+back to precisions (:data:`DTYPE_PRECISION`); the log2 histogram bins; :func:`did_you_mean`.
+Torch dtypes: :func:`mpviz.precision.numerics.torch_dtype`.
 """
 from __future__ import annotations
 
@@ -24,8 +17,7 @@ __all__ = ["FloatFormat", "FORMATS", "PRECISIONS", "AUTOCAST_PRECISIONS", "FP8_P
 
 @dataclass(frozen=True)
 class FloatFormat:
-    """A binary float format: the largest finite value and the smallest normal/subnormal
-    magnitudes, and the name of its torch dtype.
+    """A binary float format: its range and the name of its torch dtype.
 
     >>> FORMATS["fp16"].max, FORMATS["fp16"].dtype
     (65504.0, 'float16')
@@ -93,12 +85,10 @@ def canonical(name: Any) -> str:
 
 def did_you_mean(name: str, choices: Iterable[str], n: int = 3, cutoff: float = 0.6,
                  ask: bool = False) -> str:
-    """The ``choices`` closest to ``name`` (difflib) as an error message's hint, ``""`` if none is.
+    """The ``choices`` closest to ``name`` as an error message's hint; ``""`` if none is close.
 
-    >>> did_you_mean("hed", ["", "head", "body"])
-    "close matches: 'head'"
-    >>> did_you_mean("mlpp", ["digits", "text", "mlp"], ask=True)  # a command line's bare words
-    'did you mean mlp?'
+    >>> did_you_mean("hed", ["", "head", "body"]), did_you_mean("mlpp", ["mlp"], ask=True)
+    ("close matches: 'head'", 'did you mean mlp?')
     """
     close = difflib.get_close_matches(name, [c for c in choices if c], n=n, cutoff=cutoff)
     if not close:

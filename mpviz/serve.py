@@ -6,20 +6,10 @@
     mpviz compare runs/a runs/b
     mpviz tour                                 # the guided tour
 
-Each serves its notebook (``mpviz/apps/*.ipynb``, package data; ``notebooks/`` in the
-repository holds identical copies for Binder and ``make dashboard``) on 127.0.0.1, on
-``--port`` or a free one, prints the URL, opens the browser unless ``--no-browser``, culls idle
-kernels, and on Ctrl-C or SIGTERM stops the server and shuts its kernels down.
-
-A command tells its notebook what to show through the environment, which Voila's kernels
-inherit (`from_env` reads it in the notebook; served otherwise, none is set):
-
-- ``MPVIZ_RUNS_DIR``: the runs folder, as everywhere in ``mpviz.dashboard``;
-- ``MPVIZ_RUN``: the run the explorer opens; ``MPVIZ_COMPARE``: the runs compared
-  (``os.pathsep``-separated);
-- ``MPVIZ_LAB_MODEL``: ``module:function`` giving the lab your model's parts;
-- ``MPVIZ_CWD``: the folder the command was typed in (the kernel imports and works from there).
-
+Each serves its notebook (``mpviz/apps/*.ipynb``) on 127.0.0.1, culls idle kernels, and on
+Ctrl-C or SIGTERM shuts them down. The notebook learns what to show from the environment its
+kernel inherits (:data:`ENV`, read by `from_env`): the runs folder, the run to open, the runs
+to compare, your model's ``module:function``, the folder the command was typed in.
 No torch here: the kernels import it.
 """
 from __future__ import annotations
@@ -190,10 +180,9 @@ def from_env(app: str) -> dict[str, Any]:
 
 
 def load_parts(spec: str) -> dict[str, Any]:
-    """``lab_app``'s keywords from your ``module:function``, called with no arguments. It returns
-    a dict: ``model``, ``optimizer``, ``data`` and ``loss_fn(model, batch) -> loss`` or
-    ``train_step(model, batch) -> loss``; optionally ``scaler``, ``eval_fn``, ``eval_data``,
-    ``name`` (any `Lab` keyword). ``mpviz.demos.demo_parts``'s ``meta`` is left out.
+    """``lab_app``'s keywords from your ``module:function()``: a dict with ``model``,
+    ``optimizer``, ``data`` and ``loss_fn(model, batch)`` or ``train_step(model, batch)``, and
+    optionally any other `Lab` keyword (``scaler``, ``eval_fn``, ...); a ``meta`` is left out.
 
         >>> load_parts("mypkg.train:lab_parts")   # doctest: +SKIP
     """

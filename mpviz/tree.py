@@ -1,18 +1,11 @@
-"""One walker for every nested structure a model takes or returns.
-
-Models take and return tensors inside tuples, lists, dicts, namedtuples, Hugging Face
-``ModelOutput`` s (dict subclasses that are dataclasses), and plain ``@dataclass`` es. Walking them
-by hand loses container types (a ``ModelOutput`` rebuilt as a ``dict`` has no ``.logits``), so
-every walk in mpviz goes through the three functions here, built on ``torch.utils._pytree``
-(which rebuilds registered containers with their own type) plus ``dataclasses.fields`` and
-copies for what pytree treats as a leaf (unregistered dataclasses and dict / list subclasses).
+"""One walker for the nested structures a model takes and returns: tuples, lists, dicts,
+namedtuples, dataclasses and Hugging Face ``ModelOutput`` s keep their type (``torch.utils._pytree``
+plus ``dataclasses.fields`` for what pytree treats as a leaf).
 
     >>> import torch
     >>> from collections import namedtuple
     >>> Out = namedtuple("Out", "logits aux")
     >>> out = Out(torch.ones(2, dtype=torch.float16), {"ids": torch.arange(2)})
-    >>> first_float(out).dtype
-    torch.float16
     >>> map_floats(lambda t: t.float(), out).logits.dtype, type(map_floats(lambda t: t, out)).__name__
     (torch.float32, 'Out')
 """
@@ -64,9 +57,8 @@ def first_float(obj: Any) -> torch.Tensor | None:
 
 
 def map_tensors(fn: Fn, obj: Any, floats_only: bool = False) -> Any:
-    """``obj`` with each tensor replaced by ``fn(tensor)``, every container keeping its type.
-
-    A container with nothing replaced is returned as it is (the same object)."""
+    """``obj`` with each tensor replaced by ``fn(tensor)``, every container keeping its type (the
+    same object where nothing was replaced)."""
     def leaf(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
             return fn(x) if (x.is_floating_point() or not floats_only) else x

@@ -1,14 +1,5 @@
-"""The demo tasks' data, all shipped with the installed packages (nothing is downloaded), and
-the seeded batch streams that train on it.
-
-- `digits_data`: scikit-learn's bundled 8x8 handwritten digits (images, 10 classes).
-- `text_data`: the first bytes of Python's own standard-library sources (`stdlib_text`).
-- `breast_cancer_data`: scikit-learn's bundled breast-cancer table (30 standardised features,
-  2 classes).
-
-Each returns a `Split` with a held-out part fixed whatever the training seed, so every run of a
-task is evaluated on the same examples.
-"""
+"""The demo tasks' data (`digits_data`, `text_data`, `breast_cancer_data`: each a `Split` whose
+held-out part is the same whatever the training seed) and their seeded batch streams."""
 from __future__ import annotations
 
 import functools
@@ -25,7 +16,7 @@ __all__ = ["Batch", "Split", "TEXT_BYTES", "CONTEXT", "stdlib_text", "digits_dat
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 TEXT_BYTES = 300_000
-CONTEXT = 32  # bytes per training window; with dim 32 and batch 16 an fp16 step stays ~25 ms here
+CONTEXT = 32  # bytes per training window: short, so a step stays quick on a CPU
 
 
 @dataclass(frozen=True)
@@ -75,11 +66,8 @@ def breast_cancer_data() -> Split:
 
 
 def stdlib_text(n_bytes: int = TEXT_BYTES) -> bytes:
-    """The first ``n_bytes`` of Python's standard-library sources, as one byte string.
-
-    Files are the top-level ``*.py`` files of ``os.path.dirname(os.__file__)`` not starting
-    with ``_``, in sorted order (``abc.py``, ``aifc.py``, ``argparse.py``, ...), joined by a
-    newline. Same Python version, same text.
+    """The first ``n_bytes`` of the top-level ``*.py`` files of Python's standard library (not
+    starting with ``_``, sorted, joined by newlines): the same Python version gives the same text.
 
         >>> len(stdlib_text(1000))
         1000

@@ -1,10 +1,4 @@
-"""The demo tasks' models. Module names are stable (``conv1``, ``blocks.0.attn``, ``head``)
-because users toggle per-layer precision by name.
-
-- `DigitsCNN`: a small CNN for the 8x8 digits.
-- `CharTransformer`: a 2-block byte-level transformer (`Block` = `Attention` + `MLPBlock`).
-- `MLP`: three hidden layers for the breast-cancer table.
-"""
+"""The demo tasks' models. Module names are stable: users toggle per-layer precision by name."""
 from __future__ import annotations
 
 import torch

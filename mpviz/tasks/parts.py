@@ -1,6 +1,5 @@
-"""`demo_parts`: a demo task as the generic parts that `mpviz.training.Trainer`, the lab and the
-scenarios take (model, optimizer, loss_fn, data, eval_fn, eval_data), so the demos and a user's
-own model go through one code path."""
+"""`demo_parts`: a demo task as the generic parts a user's own model also gives the lab and
+`mpviz.training.Trainer`, so both go through one code path."""
 from __future__ import annotations
 
 from typing import Any, Iterator
@@ -16,9 +15,7 @@ __all__ = ["demo_parts"]
 
 def demo_parts(task: "str | Task" = "digits", seed: int = 0, batch_size: int | None = None,
                lr: float | None = None) -> dict[str, Any]:
-    """A demo task as the lab's generic parts: ``model``, ``optimizer``, ``loss_fn``, ``data``,
-    ``eval_fn``, ``eval_data`` (what `Trainer(model=..., ...)` and `lab_app(model=...)` take),
-    plus ``meta`` (task, batch_size, lr, seed).
+    """``model``, ``optimizer``, ``loss_fn``, ``data``, ``eval_fn``, ``eval_data`` and ``meta``.
 
         >>> parts = demo_parts("mlp", seed=0)
         >>> float(parts["loss_fn"](parts["model"], next(iter(parts["data"])))) > 0

@@ -1,12 +1,4 @@
-"""`Task` and `TASKS`: where each demo task is defined, its data, model, loss, default
-hyper-parameters and metric in one place.
-
-    >>> from mpviz.tasks import TASKS, get_task
-    >>> list(TASKS)
-    ['digits', 'text', 'mlp']
-    >>> get_task("mlp").metric_name
-    'accuracy'
-"""
+"""`Task` and `TASKS`: each demo task's data, model, loss, default hyper-parameters and metric."""
 from __future__ import annotations
 
 import math
@@ -74,8 +66,7 @@ class Task:
         return split.x_eval, split.y_eval
 
     def metric(self, logits: torch.Tensor, y: torch.Tensor) -> float:
-        """The task's metric of ``logits`` against ``y``: `mpviz.metrics.accuracy` for
-        classifiers, ``bits_per_char`` (loss / ln 2) for the text model."""
+        """Accuracy for classifiers, ``bits_per_char`` (loss / ln 2) for the text model."""
         if self.metric_name == "bits_per_char":
             return float(self.loss_fn(logits, y)) / math.log(2)
         return accuracy(logits, y)

@@ -1,5 +1,4 @@
-"""`model_layers`: a model's layers as a run will record them, for the lab's layer table before
-the run exists."""
+"""`model_layers`: a model's layers as a run records them, for the lab before the run exists."""
 from __future__ import annotations
 
 from torch import nn
@@ -10,8 +9,7 @@ __all__ = ["model_layers"]
 
 
 def model_layers(model: nn.Module) -> list[tuple[str, str, int, int]]:
-    """(name, type, own parameters, depth) of each module, as a run records them in its
-    ``layers`` table: what the lab's layer table lists before a run exists.
+    """(name, type, own parameters, depth) of each module, as in a run's ``layers`` table.
 
         >>> model_layers(nn.Sequential(nn.Linear(2, 3)))
         [('', 'Sequential', 0, 0), ('0', 'Linear', 9, 1)]

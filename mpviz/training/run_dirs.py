@@ -8,10 +8,8 @@ __all__ = ["new_run_dir"]
 
 
 def new_run_dir(root: str | os.PathLike[str], stem: str) -> Path:
-    """Create and return a new, empty run directory ``root/stem`` (``stem-2``, ``-3``... if taken).
-
-    ``os.mkdir`` fails when the directory exists, so two processes or threads asking for the
-    same stem in the same second each get their own directory, never the same one.
+    """A new, empty run directory ``root/stem`` (``stem-2``, ``-3``... if taken); ``os.mkdir``
+    fails on an existing one, so two processes asking at once never get the same.
 
         >>> import tempfile
         >>> root = tempfile.mkdtemp()
