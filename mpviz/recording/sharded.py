@@ -1,0 +1,246 @@
+"""FSDP2's sharded tensors measured as if whole, and each FSDP unit's precision.
+
+:func:`sharded_stats` gives the statistics :mod:`mpviz.stats` gives for ordinary tensors (one
+``[n, ROW]`` row per tensor: norm, max |x|, smallest nonzero |x|, numel, elements measured, the
+log2 histogram) of the *full* tensors behind ``DTensor`` shards, with nothing gathered: each rank
+measures its own shard and two all-reduces combine the parts:
+
+- SUM of one float64 ``[n, 2 + N_BINS]`` tensor: sum of squares, element count, histogram;
+- MAX of one float64 ``[n, 2]`` tensor: max |x|, and minus the smallest nonzero |x|.
+
+That is ``n * (2 + N_BINS + 2) * 8`` bytes per rank (about 2 KiB per tensor), whatever the
+tensors' sizes. Every element is measured (no sampling: the rows say ``sampled == numel``), so
+counts and histograms are exact; the norm is exact to float32 rounding of each shard's norm.
+Every rank of the shard group must call it with the same tensors (it is a collective).
+
+:func:`fsdp_units` reports each FSDP unit's ``MixedPrecisionPolicy`` as it acts (the dtype it
+computes in, reduces gradients in, casts outputs to) and its sharded parameters' storage dtype.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..formats import N_BINS, dtype_name
+from ..stats import N_HEAD, ROW
+
+__all__ = ["sharded_stats", "shard_group", "FSDPUnit", "fsdp_units"]
+
+_SUMS = 2 + N_BINS  # sum of squares, numel, histogram
+
+
+def shard_group(tensors: list[torch.Tensor]) -> Any:
+    """The process group over which ``tensors`` (DTensors) are sharded: the one mesh dimension
+    they are sharded on (FSDP: the mesh's only dimension; HSDP: its second). Raises ValueError
+    for tensors on different meshes or sharded on several dimensions."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import Partial, Shard
+
+    dims: set[tuple[Any, int]] = set()  # (mesh, dim): each fully_shard makes its own equal mesh
+    for t in tensors:
+        if not isinstance(t, DTensor):
+            raise ValueError(f"sharded_stats takes DTensors (FSDP2's parameters and gradients), "
+                             f"got a {type(t).__name__}; pass group= for plain local shards")
+        if any(isinstance(p, Partial) for p in t.placements):
+            raise ValueError("a DTensor with a Partial placement holds unreduced values: "
+                             "measure it after its reduction")
+        sharded = [d for d, p in enumerate(t.placements) if isinstance(p, Shard)]
+        if len(sharded) != 1:
+            raise ValueError(f"a DTensor sharded on mesh dimensions {sharded} (placements "
+                             f"{t.placements}): sharded_stats reduces over one; pass group=")
+        dims.add((t.device_mesh, sharded[0]))
+    if len(dims) != 1:
+        raise ValueError("the tensors are sharded over different meshes or mesh dimensions: "
+                         "call sharded_stats once per mesh")
+    mesh, dim = next(iter(dims))
+    return mesh.get_group(dim)
+
+
+def sharded_stats(tensors: list[torch.Tensor], group: Any = None,
+                  scaled: tuple[int, int, Any] | None = None, dst: int | None = None
+                  ) -> torch.Tensor | None:
+    """Statistics of the full tensors behind ``tensors``: float64 ``[len(tensors), ROW]`` on
+    their device, laid out as :func:`mpviz.stats.tensor_stats` (the same rows it gives for the
+    gathered tensors, with every element measured).
+
+    - ``tensors``: DTensors (FSDP2's sharded parameters or their ``.grad``), or plain local
+      shards with ``group`` given.
+    - ``group``: the process group they are sharded over (default: :func:`shard_group`).
+    - ``scaled=(i, j, scale)``: tensors ``i..j-1`` are measured divided by ``scale`` (a
+      GradScaler's loss scale), as in :func:`mpviz.stats.tensor_stats`.
+    - ``dst``: a rank of ``group`` that alone gets the result (two ``reduce`` instead of two
+      ``all_reduce``; the others get None).
+
+    Two collectives (a SUM and a MAX) whatever the number of tensors; no host sync of its own
+    on an accelerator.
+
+        >>> grads = [p.grad for p in fsdp_model.parameters()]     # doctest: +SKIP
+        >>> rows = sharded_stats(grads)                            # doctest: +SKIP
+        >>> rows[:, 0]    # the full gradients' norms, the same on every rank  # doctest: +SKIP
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    if not tensors:
+        return torch.zeros(0, ROW, dtype=torch.float64)
+    if group is None:
+        group = shard_group(tensors)
+    local = [(t.to_local() if isinstance(t, DTensor) else t).detach() for t in tensors]
+    sums, maxes = local_parts(local, scaled)
+    if dst is None:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+    else:
+        dist.reduce(sums, dist.get_global_rank(group, dst), op=dist.ReduceOp.SUM, group=group)
+        dist.reduce(maxes, dist.get_global_rank(group, dst), op=dist.ReduceOp.MAX, group=group)
+        if dist.get_rank(group) != dst:
+            return None
+    return combine(sums, maxes)
+
+
+def local_parts(local: list[torch.Tensor], scaled: tuple[int, int, Any] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's parts: float64 ``[n, 2 + N_BINS]`` to be summed over the ranks, ``[n, 2]``
+    to be maxed (see the module docstring)."""
+    n = len(local)
+    device = local[0].device
+    sums = torch.zeros(n, _SUMS, dtype=torch.float64, device=device)
+    maxes = torch.full((n, 2), -math.inf, dtype=torch.float64, device=device)
+    maxes[:, 0] = 0.0
+    sums[:, 1] = torch.tensor([t.numel() for t in local], dtype=torch.float64).to(device)
+    present = [k for k in range(n) if local[k].numel()]
+    if not present:
+        return sums, maxes
+    div = torch.ones(n, dtype=torch.float64, device=device)
+    if scaled is not None:  # a scale on the device is read there, without a sync
+        i, j, scale = scaled
+        div[i:j] = scale
+    div32 = div.float()
+    idx = torch.tensor(present, device=device)
+    flat = [local[k].reshape(-1) for k in present]
+    # norm and max |x| of each shard, fused where the device has it (inf and nan propagate)
+    norms = torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float32)).double() / div[idx]
+    tops = torch.stack(torch._foreach_norm(flat, math.inf, dtype=torch.float32)).double() / div[idx]
+    sums[idx, 0] = norms ** 2
+    # nan is carried by the sum of squares (nan there; inf for an inf alone), not by the MAX,
+    # whose handling of nan differs between backends: max |x| goes as inf, comes back nan.
+    maxes[idx, 0] = torch.nan_to_num(tops, nan=math.inf)
+    mins = torch.empty(len(present), dtype=torch.float32, device=device)
+    scaled_rows = range(scaled[0], scaled[1]) if scaled is not None else range(0)
+    for r, k in enumerate(present):
+        a = flat[r].float().abs()  # a copy: the float32 magnitudes, as mpviz.stats bins them
+        if k in scaled_rows:
+            a /= div32[k]
+        bits = a.view(torch.int32)
+        # bin 0: zeros, 1: fp32 subnormals, e + 1: biased exponent e (256: inf/nan)
+        key = (bits >> 23) + (bits != 0)
+        if device.type == "cpu":
+            sums[k, 2:] = torch.bincount(key, minlength=N_BINS).double()
+        else:  # bincount on an accelerator reads its range back to the host: a sync
+            sums[k, 2:].index_add_(0, key, _ones(device).expand(key.numel()))
+        # On the int32 bits (ordered like the magnitudes), x - 1 sends zero to the largest
+        # int32, so the minimum skips zeros.
+        mins[r] = (((bits - 1) & 0x7FFFFFFF).amin() + 1).view(torch.float32)
+    mins = torch.where((mins > 0) & torch.isfinite(mins), mins, math.inf)
+    maxes[idx, 1] = -mins.double()
+    return sums, maxes
+
+
+def combine(sums: torch.Tensor, maxes: torch.Tensor) -> torch.Tensor:
+    """Rows as :func:`mpviz.stats.tensor_stats` from the reduced parts."""
+    n = sums.shape[0]
+    out = torch.zeros(n, ROW, dtype=torch.float64, device=sums.device)
+    out[:, 0] = sums[:, 0].sqrt()
+    out[:, 1] = torch.where(torch.isnan(sums[:, 0]), math.nan, maxes[:, 0])
+    out[:, 2] = -maxes[:, 1]
+    out[:, 3] = out[:, 4] = sums[:, 1]
+    out[:, N_HEAD:] = sums[:, 2:]
+    return out
+
+
+_ONES: dict[torch.device, torch.Tensor] = {}
+
+
+def _ones(device: torch.device) -> torch.Tensor:
+    if device not in _ONES:
+        _ONES[device] = torch.ones(1, dtype=torch.float64, device=device)
+    return _ONES[device]
+
+
+@dataclass(frozen=True)
+class FSDPUnit:
+    """One FSDP unit (one ``fully_shard`` call) as it acts, as plain names.
+
+    ``param_dtype``: the dtype its parameters are all-gathered and computed in;
+    ``reduce_dtype``: the dtype its gradients are reduce-scattered in; ``output_dtype``: the
+    dtype its floating outputs are cast to (None: left as computed); ``storage_dtype``: the
+    sharded parameters' own dtype (what the optimizer steps); ``params``: the parameters it
+    manages, by ``model.named_parameters()`` names."""
+
+    modules: tuple[str, ...]
+    param_dtype: str | None
+    reduce_dtype: str | None
+    output_dtype: str | None
+    cast_forward_inputs: bool
+    storage_dtype: str | None
+    params: tuple[str, ...]
+    numel: int
+
+
+def fsdp_units(model: nn.Module) -> list[FSDPUnit]:
+    """Each FSDP2 unit of ``model`` (modules on which ``fully_shard`` was called, the root
+    included), in ``named_modules()`` order; [] for a model without FSDP2.
+
+        >>> for u in fsdp_units(model): print(u.modules, u.param_dtype, u.reduce_dtype)  # doctest: +SKIP
+        ('layers.0',) bfloat16 float32
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+    except ImportError:  # torch built without distributed
+        return []
+    states: dict[int, tuple[Any, list[str]]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, FSDPModule):
+            state = fully_shard.state(mod)
+            states.setdefault(id(state), (state, []))[1].append(name)
+    unit_of = {id(_module(model, m)): sid for sid, (_, mods) in states.items() for m in mods}
+    by_name = dict(model.named_parameters())
+    managed: dict[int | None, list[str]] = {}
+    for n in by_name:
+        managed.setdefault(_managing_state(model, n, unit_of), []).append(n)
+    out = []
+    for sid, (state, mods) in states.items():
+        params = managed.get(sid, [])
+        ps = [by_name[n] for n in params]
+        storage = {p.dtype for p in ps if p.requires_grad} or {p.dtype for p in ps}
+        storage_dtype = next(iter(storage)) if len(storage) == 1 else None
+        # No public accessor: the policy given to fully_shard, as its FSDPState keeps it.
+        mp = state._mp_policy
+        param_dtype = mp.param_dtype or storage_dtype
+        reduce_dtype = mp.reduce_dtype or param_dtype
+        out.append(FSDPUnit(
+            modules=tuple(mods), param_dtype=dtype_name(param_dtype),
+            reduce_dtype=dtype_name(reduce_dtype), output_dtype=dtype_name(mp.output_dtype),
+            cast_forward_inputs=bool(mp.cast_forward_inputs and mp.param_dtype is not None),
+            storage_dtype=dtype_name(storage_dtype), params=tuple(params),
+            numel=sum(p.numel() for p in ps)))
+    return out
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name) if name else model
+
+
+def _managing_state(model: nn.Module, param_name: str, unit_of: dict[int, int]) -> int | None:
+    """The unit managing a parameter: the innermost unit module above its owner."""
+    parts = param_name.split(".")[:-1]
+    found = unit_of.get(id(model))
+    mod = model
+    for p in parts:
+        mod = getattr(mod, p)
+        found = unit_of.get(id(mod), found)
+    return found

@@ -1,0 +1,209 @@
+"""FSDP2 (fully_shard), started the way users start it: `torchrun --nproc-per-node 2` on gloo/CPU
+(tests/fsdp_script.py, launched once for the module): sharded statistics against the gathered
+tensors, the per-unit dtype report, the local inf/nan check before the reduce-scatter, the
+end-of-backward read, bit-identical training, and mpviz.fsdp.shard. The plan's rules and
+refusals are checked without a process group."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mpviz.fsdp import shard, shard_plan
+
+from fsdp_script import BACKWARD_BAD_STEP, BAD_RANK, BAD_STEP, POLICY, STATS_STEPS, STEPS, torchrun
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    return torchrun(tmp_path_factory.mktemp("fsdp"))
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+def test_sharded_statistics_are_the_full_tensors(reports):
+    """Rows from each rank's shards equal the gathered tensors' (norms to 1e-5, the rest
+    exactly), for gradients and weights, also on the step whose gradients are NaN; mpviz.stats
+    on the gathered tensors bins them the same; every rank gets the same rows."""
+    nan_rows = 0
+    for rep in reports:
+        assert sorted(map(int, rep["stats"])) == list(STATS_STEPS)
+        for step, st in rep["stats"].items():
+            for kind in ("grad", "weight"):
+                rows, refs, stats_py = st[kind]["mpviz"], st[kind]["reference"], st[kind]["stats_py"]
+                assert len(rows) == len(refs) == 45
+                for got, ref, sp in zip(rows, refs, stats_py):
+                    assert got["numel"] == got["sampled"] == ref["numel"] == sp[3] == sp[4]
+                    assert got["hist"] == ref["hist"] == sp[5:], (step, kind)
+                    assert _same(got["max_abs"], ref["max_abs"]) and got["min_abs_nonzero"] == \
+                        ref["min_abs_nonzero"], (step, kind, got, ref)
+                    if math.isnan(ref["norm"]):
+                        nan_rows += 1
+                        assert math.isnan(got["norm"])
+                    else:
+                        assert got["norm"] == pytest.approx(ref["norm"], rel=1e-5, abs=0)
+            for got, ref in zip(st["scaled"]["mpviz"], st["scaled"]["reference"]):
+                assert got["hist"] == ref["hist"] and _same(got["max_abs"], ref["max_abs"])
+                assert _same(got["norm"], ref["norm"]) or got["norm"] == pytest.approx(ref["norm"], rel=1e-5)
+            assert (st["dst"] is None) == (rep["rank"] != 0) and st["dst_equal"]
+    assert nan_rows == 2 * 45  # step 4's gradients, on both ranks
+    assert reports[0]["stats"]["2"]["grad"]["mpviz"] == reports[1]["stats"]["2"]["grad"]["mpviz"]
+
+
+def test_units_report_their_dtypes(reports):
+    for rep in reports:
+        units = rep["units"]
+        assert [u["modules"] for u in units] == [[""], ["blocks.0"], ["blocks.1"], ["blocks.2"]]
+        for u in units:
+            assert (u["param_dtype"], u["reduce_dtype"], u["output_dtype"], u["storage_dtype"],
+                    u["cast_forward_inputs"]) == ("bfloat16", "float32", None, "float32", True)
+        names = rep["param_names"]
+        assert units[0]["params"] == [n for n in names if not n.startswith("blocks.")]
+        for i in range(3):
+            assert units[i + 1]["params"] == [n for n in names if n.startswith(f"blocks.{i}.")]
+        # under shard(model, POLICY): the fp32 layers are units of their own, outputs cast back
+        by_module = {tuple(u["modules"]): u for u in rep["policy"]["units"]}
+        for name in ("head", "blocks.1.ln1", "blocks.0.act"):
+            u = by_module[(name,)]
+            assert (u["param_dtype"], u["reduce_dtype"], u["output_dtype"]) == \
+                ("float32", "float32", "bfloat16"), name
+        assert by_module[("head",)]["params"] == ["head.weight", "head.bias"]
+        assert by_module[("blocks.0.act",)]["params"] == []  # no parameters: inputs cast only
+        assert "blocks.1.ln1.weight" not in by_module[("blocks.1",)]["params"]
+        assert by_module[("",)]["param_dtype"] == "bfloat16"
+
+
+def test_local_check_names_the_rank_and_parameters(reports):
+    """The pre-reduce-scatter check sees rank 1's own non-finite gradients at steps 1 and 4,
+    the parameters a plain bf16 copy of the model says, and nothing on rank 0 (whose gradients
+    after the reduce-scatter were NaN too)."""
+    r0, r1 = reports
+    assert r0["local_bad"] == [[]] * STEPS
+    for step in range(STEPS):
+        if step in (BACKWARD_BAD_STEP, BAD_STEP):
+            assert r1["local_bad"][step] == r1["reference_bad"][str(step)] != []
+        else:
+            assert r1["local_bad"][step] == []
+    assert BAD_RANK == 1 and len(r1["local_bad"][BAD_STEP]) == 45
+    # the gradient made inf at blocks.1's output: only the parameters before it
+    before = r1["local_bad"][BACKWARD_BAD_STEP]
+    assert {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks") else "")
+            for n in before} == {"inp", "blocks.0", "blocks.1"}
+    assert r0["stats"][str(BAD_STEP)]["grad"]["reference"][0]["norm"] != \
+        r0["stats"][str(BAD_STEP)]["grad"]["reference"][0]["norm"]  # NaN on rank 0 as well
+
+
+def test_end_of_backward_sees_the_final_sharded_gradients(reports):
+    for rep in reports:
+        assert rep["reduced"] == [True] * STEPS
+
+
+def test_hooks_leave_training_bit_identical_and_come_off(reports):
+    for rep in reports:
+        assert rep["identical"]
+        fsdp_pre_hooks = 4  # one per unit: FSDP's own
+        assert rep["hooks_before"] == rep["hooks_after_remove"] == rep["hooks_fresh"] == \
+            [fsdp_pre_hooks, 0, 0]
+        assert rep["hooks_during"] == [2 * fsdp_pre_hooks, 45, 45]
+
+
+def test_shard_keeps_exactly_the_policy_fp32_layers_in_fp32(reports):
+    """Each leaf's weight, input and (uncast) output dtypes, seen by the script's own hooks."""
+    fp32 = {n for n, p in POLICY.items() if p == "fp32"}
+    for rep in reports:
+        leaves = rep["policy"]["leaves"]
+        assert len(leaves) == 24
+        for name, seen in leaves.items():
+            want = "float32" if name in fp32 else "bfloat16"
+            assert seen["input"] == seen["output"] == want, (name, seen)
+            assert seen["weight"] in (want, None), (name, seen)
+        assert {n for n, s in leaves.items() if s["output"] == "float32"} == fp32
+        assert all(math.isfinite(v) for v in rep["policy"]["losses"])
+
+
+# ------------------------------------------------------------------ the plan, no process group
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.fc(self.ln(x))
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(8, 8)
+        self.blocks = nn.ModuleList([_Block() for _ in range(2)])
+        self.head = nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = self.emb(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def _plan(model, *args, **kwargs):
+    return [(u.modules, u.param_dtype, u.reduce_dtype, u.output_dtype)
+            for u in shard_plan(model, *args, **kwargs)]
+
+
+bf, f32, f16 = torch.bfloat16, torch.float32, torch.float16
+
+
+def test_plan_blocks_rules_and_defaults():
+    net = _Net()
+    assert _plan(net) == [(("blocks.0",), bf, f32, None), (("blocks.1",), bf, f32, None),
+                          (("",), bf, f32, None)]
+    # a rule in fp32 nests a unit in its block, deepest first; the default rule sets the rest
+    assert _plan(net, {"*": "fp16", "blocks.1.ln": "fp32"}) == [
+        (("blocks.1.ln",), f32, f32, f16), (("blocks.0",), f16, f32, None),
+        (("blocks.1",), f16, f32, None), (("",), f16, f32, None)]
+    # param_dtype given replaces the default rule; cast_outputs=False leaves outputs as computed
+    assert _plan(net, {"*": "fp16", "head": "fp32"}, param_dtype=bf, cast_outputs=False)[-2:] == [
+        (("head",), f32, f32, None), (("",), bf, f32, None)]
+    # a rule on a ModuleList reaches its blocks; a bf16 rule inside them nests again
+    assert _plan(net, {"blocks": "fp32", "blocks.0.fc": "bf16"}, reduce_dtype=None) == [
+        (("blocks.0.fc",), bf, None, f32), (("blocks.0",), f32, f32, bf),
+        (("blocks.1",), f32, f32, bf), (("",), bf, None, None)]
+    # a rule that changes nothing makes no unit; units you name replace the blocks
+    assert _plan(net, {"blocks.0.ln": "bf16"}, units=["emb", "blocks.*.fc"]) == [
+        (("blocks.0.fc",), bf, f32, None), (("blocks.1.fc",), bf, f32, None),
+        (("emb",), bf, f32, None), (("",), bf, f32, None)]
+
+
+def test_plan_groups_tied_layers_and_refuses_what_fsdp_cannot_do():
+    net = _Net()
+    net.head.weight = net.emb.weight
+    assert _plan(net, {"emb": "fp32", "head": "fp32"})[-2] == (("emb", "head"), f32, f32, bf)
+    with pytest.raises(ValueError, match=r"'emb' \(float32\) and 'head' \(bfloat16\) share a "
+                                         r"parameter.*untie"):
+        _plan(net, {"emb": "fp32"}, units=["head"])
+    with pytest.raises(ValueError, match="'emb' and 'head' share a parameter.*Make each a unit"):
+        _plan(net, {"head": "fp32"})
+    net = _Net()
+    with pytest.raises(ValueError, match="Close matches: 'blocks.1'"):
+        _plan(net, {"blokcs.1": "fp32"})
+    with pytest.raises(ValueError, match="fp8_e4m3.*Use fp32, bf16 or fp16"):
+        _plan(net, {"head": "fp8_e4m3"})
+    with pytest.raises(ValueError, match=r"ModuleList, whose forward never runs.*'blocks\.\*'"):
+        _plan(net, units=["blocks"])
+    with pytest.raises(ValueError, match="'hed' is no module.*close matches: 'head'"):
+        _plan(net, units=["hed"])
+    net.extra = nn.ParameterList([nn.Parameter(torch.ones(2))])
+    with pytest.raises(ValueError, match="ParameterList that holds parameters.*Put the rule on the "
+                                         "module that uses them"):
+        _plan(net, {"extra": "fp32"})
+    with pytest.raises(TypeError, match="pass param_dtype"):
+        shard(_Net(), None, mp_policy=object())
