@@ -22,7 +22,7 @@ from torch import nn
 
 from mpviz import compat, tree
 from mpviz.formats import dtype_name
-from mpviz.metrics import accuracy
+from mpviz.metrics import accuracy, cross_entropy
 from mpviz.precision import PrecisionPolicy, apply_policy, canonical, resolve_policy
 
 __all__ = ["Evaluation", "evaluate", "memory_report"]
@@ -116,9 +116,8 @@ def _batches(data: Iterable[Any], max_batches: int | None) -> Iterable[Any]:
 
 
 def _default_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    # Flattened so the same loss serves (B, C) classifiers and (B, T, V) sequence models.
     if not y.is_floating_point():
-        return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1))
+        return cross_entropy(out, y)
     return nn.functional.mse_loss(out.float(), y.float())
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["accuracy"]
+__all__ = ["accuracy", "cross_entropy"]
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -13,3 +13,9 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
         0.5
     """
     return float((logits.argmax(-1) == y).float().mean())
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy in fp32 of ``(..., classes)`` logits against integer labels ``y``:
+    ``(B, C)`` classifiers and ``(B, T, V)`` sequence models alike."""
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))

@@ -40,7 +40,7 @@ def supported_precisions(device_type: str = "cpu") -> tuple[str, ...]:
 
 
 def _autocast_works(device_type: str, dtype: torch.dtype) -> bool:
-    if device_type == "cuda" and dtype == torch.bfloat16:
+    if device_type == "cuda" and dtype == torch_dtype("bf16"):
         # Autocast would accept bf16 on pre-Ampere GPUs only to emulate it slowly or fail later.
         if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
             return False

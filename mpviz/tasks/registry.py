@@ -6,21 +6,15 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mpviz.formats import did_you_mean
-from mpviz.metrics import accuracy
+from mpviz.metrics import accuracy, cross_entropy
 from mpviz.tasks.data import (Batch, Split, breast_cancer_data, digits_data, shuffled_batches,
                               text_batches, text_data)
 from mpviz.tasks.models import MLP, CharTransformer, DigitsCNN
 
 __all__ = ["Task", "TASKS", "get_task"]
-
-
-def _classification_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    # Flattening makes the same function serve (B, C) classifiers and (B, T, V) next-byte models.
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
 
 
 @dataclass(frozen=True)
@@ -42,7 +36,7 @@ class Task:
     lr: float
     metric_name: str  # "accuracy" (higher is better) or "bits_per_char" (lower is better)
     sequence: bool = False
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = field(default=_classification_loss)
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = field(default=cross_entropy)
 
     def model(self, seed: int = 0) -> nn.Module:
         """A freshly initialised fp32 model; the same seed gives the same weights."""
