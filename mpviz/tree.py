@@ -59,41 +59,47 @@ def first_float(obj: Any) -> torch.Tensor | None:
 def map_tensors(fn: Fn, obj: Any, floats_only: bool = False) -> Any:
     """``obj`` with each tensor replaced by ``fn(tensor)``, every container keeping its type (the
     same object where nothing was replaced)."""
-    def leaf(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            return fn(x) if (x.is_floating_point() or not floats_only) else x
-        if _is_dataclass_instance(x):
-            new = {f.name: map_tensors(fn, getattr(x, f.name, None), floats_only)
-                   for f in dataclasses.fields(x) if hasattr(x, f.name)}
-            if all(new[k] is getattr(x, k) for k in new):
-                return x
-            out = copy.copy(x)
-            for k, v in new.items():
-                object.__setattr__(out, k, v)  # frozen dataclasses too
-            return out
-        if isinstance(x, MutableMapping):  # a dict subclass pytree does not know, a UserDict
-            new = {k: map_tensors(fn, v, floats_only) for k, v in x.items()}
-            if all(new[k] is x[k] for k in new):
-                return x
-            out = copy.copy(x)
-            out.update(new)
-            return out
-        if isinstance(x, list):
-            items = [map_tensors(fn, v, floats_only) for v in x]
-            if all(a is b for a, b in zip(items, x)):
-                return x
-            out = copy.copy(x)
-            out[:] = items
-            return out
-        return x
-
     if isinstance(obj, torch.Tensor):
-        return leaf(obj)
+        return _map_leaf(fn, obj, floats_only)
     flat, spec = pytree.tree_flatten(obj)
-    new = [leaf(x) for x in flat]
+    new = [_map_leaf(fn, x, floats_only) for x in flat]
     if all(a is b for a, b in zip(new, flat)):
         return obj
     return pytree.tree_unflatten(new, spec)
+
+
+def _map_leaf(fn: Fn, x: Any, floats_only: bool) -> Any:
+    """A pytree leaf: a tensor, or a container pytree does not know, walked here."""
+    if isinstance(x, torch.Tensor):
+        return fn(x) if (x.is_floating_point() or not floats_only) else x
+    if _is_dataclass_instance(x):
+        return _map_dataclass(fn, x, floats_only)
+    if isinstance(x, MutableMapping):  # a dict subclass pytree does not know, a UserDict
+        new = {k: map_tensors(fn, v, floats_only) for k, v in x.items()}
+        if all(new[k] is x[k] for k in new):
+            return x
+        out = copy.copy(x)
+        out.update(new)
+        return out
+    if isinstance(x, list):
+        items = [map_tensors(fn, v, floats_only) for v in x]
+        if all(a is b for a, b in zip(items, x)):
+            return x
+        out = copy.copy(x)
+        out[:] = items
+        return out
+    return x
+
+
+def _map_dataclass(fn: Fn, x: Any, floats_only: bool) -> Any:
+    new = {f.name: map_tensors(fn, getattr(x, f.name, None), floats_only)
+           for f in dataclasses.fields(x) if hasattr(x, f.name)}
+    if all(new[k] is getattr(x, k) for k in new):
+        return x
+    out = copy.copy(x)
+    for k, v in new.items():
+        object.__setattr__(out, k, v)  # frozen dataclasses too
+    return out
 
 
 def map_floats(fn: Fn, obj: Any) -> Any:
