@@ -151,9 +151,8 @@ def _lr_too_high(sc: Scenario, seed: int, lr: float) -> dict[str, Any]:
 def _low_precision_weights(sc: Scenario, seed: int, lr: float) -> dict[str, Any]:
     """The MLP demo with its weights held in ``sc.weights``; inputs cast to the weights' dtype."""
     import torch
-    import torch.nn.functional as F
 
-    from .metrics import accuracy
+    from .metrics import accuracy, cross_entropy
     from .precision.numerics import torch_dtype
 
     parts = _demo("mlp", seed, lr)
@@ -165,7 +164,7 @@ def _low_precision_weights(sc: Scenario, seed: int, lr: float) -> dict[str, Any]
         return x.to(next(model.parameters()).dtype)
 
     def loss_fn(model: Any, batch: Any) -> Any:
-        return F.cross_entropy(model(cast(model, batch[0])).float(), batch[1])
+        return cross_entropy(model(cast(model, batch[0])), batch[1])
 
     def eval_fn(model: Any, batch: Any) -> float:
         return accuracy(model(cast(model, batch[0])), batch[1])
