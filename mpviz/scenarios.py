@@ -1,19 +1,8 @@
-"""Scenarios that teach: four small training runs, each made to fail in one classic way, that the
-precision lab loads with one click and `mpviz.diagnose` names.
-
-=================  ===================================================  =====================
-name               what goes wrong                                      finding
-=================  ===================================================  =====================
-fp16-no-scaling    fp16 without loss scaling: gradients underflow       ``gradient_underflow``
-fp16-overflow      an activation past fp16's range: the scale can't     ``forward_overflow``
-                   help
-lr-too-high        a learning rate 10x too high: the loss goes NaN      ``nonfinite_loss``
-bf16-weights       bf16 weights (no fp32 master copy) lose small        ``lost_updates``
-                   updates
-=================  ===================================================  =====================
-
-``fixed()`` is each one's healthy counterpart, in which the diagnosis finds nothing wrong.
-No torch import here (the dashboards list the scenarios).
+"""Four small training runs, each failing in one classic way, that the lab loads with one click
+and `mpviz.diagnose` names: ``fp16-no-scaling`` (gradient_underflow), ``fp16-overflow``
+(forward_overflow: the loss scale cannot help), ``lr-too-high`` (nonfinite_loss) and
+``bf16-weights`` (lost_updates). ``fixed()`` is each one's healthy counterpart. No torch import
+here (the dashboards list the scenarios).
 
     >>> from mpviz.scenarios import get_scenario
     >>> sc = get_scenario("fp16-no-scaling")

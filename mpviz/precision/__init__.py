@@ -26,9 +26,6 @@ Under ``torch.compile`` names are the user's own (``_orig_mod.`` looked through)
 is traced into the graph without breaks, and each ``update()`` recompiles at most once
 (dynamo keeps ``torch._dynamo.config.recompile_limit`` versions, then runs eagerly). An
 ``nn.Sequential`` compiled while a policy is on runs eagerly after ``remove()``: compile it again.
-
-``rules.py``: the rule language; ``resolve.py``: each layer's precision and where hooks go;
-``numerics.py``: torch dtypes, what the device runs, fp8 rounding; ``handle.py``: the hooks.
 """
 from __future__ import annotations
 from mpviz.precision.handle import Change, PolicyHandle, apply_policy, explain_policy
