@@ -14,7 +14,8 @@ from torch import nn
 
 from mpviz.fsdp import shard, shard_plan
 
-from fsdp_script import BACKWARD_BAD_STEP, BAD_RANK, BAD_STEP, POLICY, STATS_STEPS, STEPS, torchrun
+from fsdp_script import (BACKWARD_BAD_STEP, BAD_RANK, BAD_STEP, POLICY, STATS_STEPS, STEPS,
+                         reference_stats, torchrun)
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -126,6 +127,49 @@ def test_shard_keeps_exactly_the_policy_fp32_layers_in_fp32(reports):
             assert seen["weight"] in (want, None), (name, seen)
         assert {n for n, s in leaves.items() if s["output"] == "float32"} == fp32
         assert all(math.isfinite(v) for v in rep["policy"]["losses"])
+
+
+def _shards_combined(tensors, world=3, **kw):
+    """What sharded_stats computes, with the two all-reduces done by hand over ``world``
+    dim-0 chunks of each tensor (as FSDP shards them: the last ones may be short or empty)."""
+    from mpviz.recording.sharded import combine, local_parts
+
+    parts = [local_parts([_chunk(t, world, r) for t in tensors], [t.numel() for t in tensors], **kw)
+             for r in range(world)]
+    sums = sum(p[0] for p in parts)
+    maxes = torch.stack([p[1] for p in parts]).amax(0)
+    return combine(sums, maxes)
+
+
+def _chunk(t, world, r):
+    chunks = torch.chunk(t, world)
+    return chunks[r] if r < len(chunks) else t[:0]
+
+
+def test_partial_reductions_equal_whole_tensor_statistics():
+    """Edge cases a training run rarely shows: tiny and huge values (whose float32 squares
+    vanish or overflow), zeros, subnormals, inf in one shard and nan in another, a shard that
+    is empty, bf16, a loss scale."""
+    from mpviz.stats import N_HEAD
+
+    torch.manual_seed(0)
+    tensors = [torch.randn(40, 3) * 1e-30, torch.randn(50) * 1e25, torch.zeros(7),
+               torch.tensor([0.0, 1e-45, 3e-39, -2.0, 5.0]), torch.randn(30).bfloat16(),
+               torch.tensor([1.0, 2.0, float("inf"), 4.0, 5.0, 6.0]),
+               torch.tensor([float("nan"), 1.0, -float("inf"), 2.0, 3.0, 0.0]), torch.ones(1)]
+    for scaled, div in ((None, 1.0), ((0, len(tensors), 1024.0), 1024.0)):
+        rows = _shards_combined(tensors, scaled=scaled)
+        for row, t in zip(rows.tolist(), tensors):
+            ref = reference_stats(t.float() / div)
+            assert row[N_HEAD:] == ref["hist"] and row[3] == row[4] == ref["numel"]
+            assert _same(row[1], ref["max_abs"]) and row[2] == ref["min_abs_nonzero"], (t, row[:5])
+            assert _same(row[0], ref["norm"]) or row[0] == pytest.approx(ref["norm"], rel=1e-6)
+    # sampling: about `sample` elements spread over the shards; norm and max stay exact
+    big = torch.randn(10_000)
+    row = _shards_combined([big], sample=1000, offset=3)[0].tolist()
+    ref = reference_stats(big)
+    assert 900 <= row[4] <= 1003 and sum(row[N_HEAD:]) == row[4] and row[3] == 10_000
+    assert row[0] == pytest.approx(ref["norm"], rel=1e-6) and row[1] == ref["max_abs"]
 
 
 # ------------------------------------------------------------------ the plan, no process group

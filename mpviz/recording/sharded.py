@@ -5,12 +5,14 @@
 log2 histogram) of the *full* tensors behind ``DTensor`` shards, with nothing gathered: each rank
 measures its own shard and two all-reduces combine the parts:
 
-- SUM of one float64 ``[n, 2 + N_BINS]`` tensor: sum of squares, element count, histogram;
+- SUM of one float64 ``[n, 3 + N_BINS]`` tensor: sum of squares, element count, elements
+  measured, histogram;
 - MAX of one float64 ``[n, 2]`` tensor: max |x|, and minus the smallest nonzero |x|.
 
-That is ``n * (2 + N_BINS + 2) * 8`` bytes per rank (about 2 KiB per tensor), whatever the
-tensors' sizes. Every element is measured (no sampling: the rows say ``sampled == numel``), so
-counts and histograms are exact; the norm is exact to float32 rounding of each shard's norm.
+That is ``n * (3 + N_BINS + 2) * 8`` bytes per rank (about 2 KiB per tensor), whatever the
+tensors' sizes. By default every element is measured (the rows say ``sampled == numel``), so
+counts and histograms are exact; ``sample=`` bounds the work on big tensors as mpviz.stats does.
+Norm and max |x| are always over every element (the norm to float32 rounding of each shard's).
 Every rank of the shard group must call it with the same tensors (it is a collective).
 
 :func:`fsdp_units` reports each FSDP unit's ``MixedPrecisionPolicy`` as it acts (the dtype it
@@ -26,11 +28,11 @@ import torch
 from torch import nn
 
 from ..formats import N_BINS, dtype_name
-from ..stats import N_HEAD, ROW
+from ..stats import N_HEAD, ROW, _norm_max
 
 __all__ = ["sharded_stats", "shard_group", "FSDPUnit", "fsdp_units"]
 
-_SUMS = 2 + N_BINS  # sum of squares, numel, histogram
+_SUMS = 3 + N_BINS  # sum of squares, numel, elements measured, histogram
 
 
 def shard_group(tensors: list[torch.Tensor]) -> Any:
@@ -61,11 +63,10 @@ def shard_group(tensors: list[torch.Tensor]) -> Any:
 
 
 def sharded_stats(tensors: list[torch.Tensor], group: Any = None,
-                  scaled: tuple[int, int, Any] | None = None, dst: int | None = None
-                  ) -> torch.Tensor | None:
+                  scaled: tuple[int, int, Any] | None = None, dst: int | None = None,
+                  sample: int | None = None, offset: int = 0) -> torch.Tensor | None:
     """Statistics of the full tensors behind ``tensors``: float64 ``[len(tensors), ROW]`` on
-    their device, laid out as :func:`mpviz.stats.tensor_stats` (the same rows it gives for the
-    gathered tensors, with every element measured).
+    their device, laid out as :func:`mpviz.stats.tensor_stats`.
 
     - ``tensors``: DTensors (FSDP2's sharded parameters or their ``.grad``), or plain local
       shards with ``group`` given.
@@ -74,6 +75,10 @@ def sharded_stats(tensors: list[torch.Tensor], group: Any = None,
       GradScaler's loss scale), as in :func:`mpviz.stats.tensor_stats`.
     - ``dst``: a rank of ``group`` that alone gets the result (two ``reduce`` instead of two
       ``all_reduce``; the others get None).
+    - ``sample``: None measures every element (exact counts). A number N takes the histogram
+      and smallest nonzero |x| of a tensor from about N evenly strided elements, spread over
+      the shards in proportion to their sizes and moved along by ``offset`` (the step), as
+      :mod:`mpviz.stats` does above ``SAMPLE_CAP``; norm and max |x| stay exact.
 
     Two collectives (a SUM and a MAX) whatever the number of tensors; no host sync of its own
     on an accelerator.
@@ -90,7 +95,9 @@ def sharded_stats(tensors: list[torch.Tensor], group: Any = None,
     if group is None:
         group = shard_group(tensors)
     local = [(t.to_local() if isinstance(t, DTensor) else t).detach() for t in tensors]
-    sums, maxes = local_parts(local, scaled)
+    full = [t.numel() if isinstance(t, DTensor) else t.numel() * dist.get_world_size(group)
+            for t in tensors]
+    sums, maxes = local_parts(local, full, scaled, sample, offset)
     if dst is None:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
         dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
@@ -102,18 +109,21 @@ def sharded_stats(tensors: list[torch.Tensor], group: Any = None,
     return combine(sums, maxes)
 
 
-def local_parts(local: list[torch.Tensor], scaled: tuple[int, int, Any] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's parts: float64 ``[n, 2 + N_BINS]`` to be summed over the ranks, ``[n, 2]``
-    to be maxed (see the module docstring)."""
+def local_parts(local: list[torch.Tensor], full_numel: list[int],
+                scaled: tuple[int, int, Any] | None = None, sample: int | None = None,
+                offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's parts: float64 ``[n, 3 + N_BINS]`` (sum of squares, numel, elements
+    measured, histogram) to be summed over the ranks, ``[n, 2]`` (max |x|, minus the smallest
+    nonzero |x|) to be maxed. ``full_numel``: each whole tensor's size (for ``sample``)."""
     n = len(local)
     device = local[0].device
     sums = torch.zeros(n, _SUMS, dtype=torch.float64, device=device)
     maxes = torch.full((n, 2), -math.inf, dtype=torch.float64, device=device)
     maxes[:, 0] = 0.0
-    sums[:, 1] = torch.tensor([t.numel() for t in local], dtype=torch.float64).to(device)
     present = [k for k in range(n) if local[k].numel()]
+    counts = torch.zeros(n, 2, dtype=torch.float64)  # numel, elements measured
     if not present:
+        sums[:, 1:3] = counts.to(device)
         return sums, maxes
     div = torch.ones(n, dtype=torch.float64, device=device)
     if scaled is not None:  # a scale on the device is read there, without a sync
@@ -122,31 +132,45 @@ def local_parts(local: list[torch.Tensor], scaled: tuple[int, int, Any] | None =
     div32 = div.float()
     idx = torch.tensor(present, device=device)
     flat = [local[k].reshape(-1) for k in present]
-    # norm and max |x| of each shard, fused where the device has it (inf and nan propagate)
-    norms = torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float32)).double() / div[idx]
-    tops = torch.stack(torch._foreach_norm(flat, math.inf, dtype=torch.float32)).double() / div[idx]
-    sums[idx, 0] = norms ** 2
+    # every element: norm and max |x| (inf and nan propagate)
+    norms, tops = _norms(flat)
+    sums[idx, 0] = (norms / div[idx]) ** 2
     # nan is carried by the sum of squares (nan there; inf for an inf alone), not by the MAX,
     # whose handling of nan differs between backends: max |x| goes as inf, comes back nan.
-    maxes[idx, 0] = torch.nan_to_num(tops, nan=math.inf)
+    maxes[idx, 0] = torch.nan_to_num(tops.double() / div[idx], nan=math.inf, posinf=math.inf)
     mins = torch.empty(len(present), dtype=torch.float32, device=device)
     scaled_rows = range(scaled[0], scaled[1]) if scaled is not None else range(0)
     for r, k in enumerate(present):
-        a = flat[r].float().abs()  # a copy: the float32 magnitudes, as mpviz.stats bins them
+        f = flat[r]
+        counts[k, 0] = f.numel()
+        if sample is not None:
+            cap = max(1, math.ceil(sample * f.numel() / full_numel[k]))
+            if f.numel() > cap:
+                stride = -(-f.numel() // cap)
+                f = f[offset % stride::stride][: f.numel() // stride]
+        counts[k, 1] = f.numel()
+        a = f.float().abs()  # a copy: the float32 magnitudes, as mpviz.stats bins them
         if k in scaled_rows:
             a /= div32[k]
         bits = a.view(torch.int32)
-        # bin 0: zeros, 1: fp32 subnormals, e + 1: biased exponent e (256: inf/nan)
-        key = (bits >> 23) + (bits != 0)
+        # biased exponent e (0: zeros and fp32 subnormals, 255: inf/nan) -> bin e + 1; the
+        # zeros are counted apart and taken out of bin 1
+        exp = bits >> 23
         if device.type == "cpu":
-            sums[k, 2:] = torch.bincount(key, minlength=N_BINS).double()
+            h = torch.bincount(exp, minlength=256).double()
         else:  # bincount on an accelerator reads its range back to the host: a sync
-            sums[k, 2:].index_add_(0, key, _ones(device).expand(key.numel()))
+            h = torch.zeros(256, dtype=torch.float64, device=device).index_add_(
+                0, exp, _ones(device).expand(exp.numel()))
+        zeros = a.numel() - torch.count_nonzero(a)
+        sums[k, 3] = zeros
+        sums[k, 4] = h[0] - zeros
+        sums[k, 5:] = h[1:]
         # On the int32 bits (ordered like the magnitudes), x - 1 sends zero to the largest
-        # int32, so the minimum skips zeros.
-        mins[r] = (((bits - 1) & 0x7FFFFFFF).amin() + 1).view(torch.float32)
+        # int32, so the minimum skips zeros (in place: the copy is not needed any more).
+        mins[r] = (bits.sub_(1).bitwise_and_(0x7FFFFFFF).amin() + 1).view(torch.float32)
     mins = torch.where((mins > 0) & torch.isfinite(mins), mins, math.inf)
     maxes[idx, 1] = -mins.double()
+    sums[:, 1:3] = counts.to(device)
     return sums, maxes
 
 
@@ -157,9 +181,25 @@ def combine(sums: torch.Tensor, maxes: torch.Tensor) -> torch.Tensor:
     out[:, 0] = sums[:, 0].sqrt()
     out[:, 1] = torch.where(torch.isnan(sums[:, 0]), math.nan, maxes[:, 0])
     out[:, 2] = -maxes[:, 1]
-    out[:, 3] = out[:, 4] = sums[:, 1]
-    out[:, N_HEAD:] = sums[:, 2:]
+    out[:, 3:5] = sums[:, 1:3]
+    out[:, N_HEAD:] = sums[:, 3:]
     return out
+
+
+def _norms(flat: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Norms (float64) and max |x| of each tensor. In float32 the squares of values below
+    about 1e-19 vanish and those above 1e19 overflow: on the CPU a tensor whose max |x| is
+    outside [2**-30, 2**50] is measured again in float64 (reading the max there is no sync);
+    on an accelerator all are measured in float64 (one fused pass, bound by memory)."""
+    if flat[0].device.type != "cpu":
+        norms = torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float64))
+        return norms, torch.stack(torch._foreach_norm(flat, math.inf, dtype=torch.float32))
+    norms32, tops = _norm_max(flat)
+    norms = norms32.double()
+    for r, m in enumerate(tops.tolist()):
+        if 0 < m < 2.0 ** -30 or 2.0 ** 50 < m < math.inf:
+            norms[r] = torch.linalg.vector_norm(flat[r], dtype=torch.float64)
+    return norms, tops
 
 
 _ONES: dict[torch.device, torch.Tensor] = {}
