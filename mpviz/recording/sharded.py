@@ -20,6 +20,7 @@ computes in, reduces gradients in, casts outputs to) and its sharded parameters'
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -121,9 +122,9 @@ def local_parts(local: list[torch.Tensor], full_numel: list[int],
     maxes = torch.full((n, 2), -math.inf, dtype=torch.float64, device=device)
     maxes[:, 0] = 0.0
     present = [k for k in range(n) if local[k].numel()]
-    counts = torch.zeros(n, 2, dtype=torch.float64)  # numel, elements measured
+    counts = [[t.numel(), 0] for t in local]  # numel, elements measured
     if not present:
-        sums[:, 1:3] = counts.to(device)
+        sums[:, 1:3] = torch.tensor(counts, dtype=torch.float64, device=device)
         return sums, maxes
     div = torch.ones(n, dtype=torch.float64, device=device)
     if scaled is not None:  # a scale on the device is read there, without a sync
@@ -138,40 +139,91 @@ def local_parts(local: list[torch.Tensor], full_numel: list[int],
     # nan is carried by the sum of squares (nan there; inf for an inf alone), not by the MAX,
     # whose handling of nan differs between backends: max |x| goes as inf, comes back nan.
     maxes[idx, 0] = torch.nan_to_num(tops.double() / div[idx], nan=math.inf, posinf=math.inf)
-    mins = torch.empty(len(present), dtype=torch.float32, device=device)
-    scaled_rows = range(scaled[0], scaled[1]) if scaled is not None else range(0)
+    # the (sampled) elements of each shard, binned in batches of small ones
+    samples = []
     for r, k in enumerate(present):
         f = flat[r]
-        counts[k, 0] = f.numel()
         if sample is not None:
             cap = max(1, math.ceil(sample * f.numel() / full_numel[k]))
             if f.numel() > cap:
                 stride = -(-f.numel() // cap)
                 f = f[offset % stride::stride][: f.numel() // stride]
-        counts[k, 1] = f.numel()
-        a = f.float().abs()  # a copy: the float32 magnitudes, as mpviz.stats bins them
-        if k in scaled_rows:
-            a /= div32[k]
-        bits = a.view(torch.int32)
-        # biased exponent e (0: zeros and fp32 subnormals, 255: inf/nan) -> bin e + 1; the
-        # zeros are counted apart and taken out of bin 1
-        exp = bits >> 23
-        if device.type == "cpu":
-            h = torch.bincount(exp, minlength=256).double()
-        else:  # bincount on an accelerator reads its range back to the host: a sync
-            h = torch.zeros(256, dtype=torch.float64, device=device).index_add_(
-                0, exp, _ones(device).expand(exp.numel()))
-        zeros = a.numel() - torch.count_nonzero(a)
-        sums[k, 3] = zeros
-        sums[k, 4] = h[0] - zeros
-        sums[k, 5:] = h[1:]
-        # On the int32 bits (ordered like the magnitudes), x - 1 sends zero to the largest
-        # int32, so the minimum skips zeros (in place: the copy is not needed any more).
-        mins[r] = (bits.sub_(1).bitwise_and_(0x7FFFFFFF).amin() + 1).view(torch.float32)
-    mins = torch.where((mins > 0) & torch.isfinite(mins), mins, math.inf)
-    maxes[idx, 1] = -mins.double()
-    sums[:, 1:3] = counts.to(device)
+        counts[k][1] = f.numel()
+        samples.append(f)
+    for rows in _batches([s.numel() for s in samples]):
+        hist, zeros, mins = _bins([samples[r] for r in rows],
+                                  div32[idx[rows]] if scaled is not None else None)
+        at = idx[rows]
+        sums[at, 3] = zeros
+        sums[at, 4] = hist[:, 0] - zeros
+        sums[at, 5:] = hist[:, 1:]
+        maxes[at, 1] = -mins.double()
+    sums[:, 1:3] = torch.tensor(counts, dtype=torch.float64, device=device)
     return sums, maxes
+
+
+_SMALL = 1 << 16  # shards (or samples) up to this size are binned together ...
+_BATCH = 1 << 20  # ... this many elements at a time
+
+
+def _batches(lengths: list[int]) -> list[list[int]]:
+    """Rows binned together: small ones in batches of at most _BATCH elements, others alone."""
+    out, cur, size = [], [], 0
+    for r, n in enumerate(lengths):
+        if n > _SMALL:
+            out.append([r])
+            continue
+        if cur and size + n > _BATCH:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(r)
+        size += n
+    return out + ([cur] if cur else [])
+
+
+def _bins(samples: list[torch.Tensor], div: torch.Tensor | None
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per tensor: the counts of each float32 biased exponent of |x| (or |x| / div) in float64
+    ``[m, 256]`` (zeros and subnormals share exponent 0, inf and nan 255), the zeros, and the
+    smallest nonzero finite |x| (inf if none). A batch is one concatenation and a few
+    segmented reductions."""
+    m = len(samples)
+    device = samples[0].device
+    x = (torch.cat([s.reshape(-1) for s in samples]) if m > 1 else samples[0]).float().abs()
+    seg = _segments(tuple(s.numel() for s in samples), device) if m > 1 else None
+    if div is not None:
+        x /= div[seg] if seg is not None else div[0]
+    bits = x.view(torch.int32)
+    key = bits >> 23
+    if seg is not None:
+        key = key + seg * 256
+    if device.type == "cpu":
+        hist = torch.bincount(key, minlength=m * 256).double()
+    else:  # bincount on an accelerator reads its range back to the host: a sync
+        hist = torch.zeros(m * 256, dtype=torch.float64, device=device).index_add_(
+            0, key, _ones(device).expand(key.numel()))
+    if seg is None:
+        zeros = (x.numel() - torch.count_nonzero(x)).double().reshape(1)
+    else:
+        zeros = torch.zeros(m, dtype=torch.float64, device=device).index_add_(
+            0, seg, (x == 0).double())
+    # On the int32 bits (ordered like the magnitudes), x - 1 sends zero to the largest int32,
+    # so the minimum skips zeros (in place: x is not needed any more).
+    low = bits.sub_(1).bitwise_and_(0x7FFFFFFF)
+    if seg is None:
+        low = low.amin().reshape(1)
+    else:
+        low = torch.full((m,), 0x7FFFFFFF, dtype=torch.int32, device=device).scatter_reduce_(
+            0, seg, low, "amin")
+    mins = (low + 1).view(torch.float32)
+    mins = torch.where((mins > 0) & torch.isfinite(mins), mins, math.inf)
+    return hist.view(m, 256), zeros, mins
+
+
+@functools.lru_cache(maxsize=16)
+def _segments(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Each element's tensor (row) in a concatenation."""
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
 
 
 def combine(sums: torch.Tensor, maxes: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,219 @@
+"""What mpviz's FSDP2 statistics and hooks cost: 2 gloo ranks on the CPU, HF GPT-2 models.
+
+For each model (``tests``: a 3-block GPT-2 of width 16, the size of tests/test_fsdp.py's;
+``gpt2``: GPT-2 small, 124M parameters), per-block ``fully_shard`` and the root, AdamW, each rank
+trains in blocks of steps, arms interleaved (A/B/C, the same processes and data):
+
+- ``plain``: FSDP alone;
+- ``hooks``: with mpviz's two FSDP hooks (:class:`LocalGradCheck`: each local gradient checked
+  before the reduce-scatter; :class:`ReducedGrads`: one end-of-backward callback), no statistics;
+- ``sampled``: the hooks, and on every step the statistics of every sharded gradient and weight
+  (:func:`sharded_stats` on both lists at once, at the end of backward), histograms and
+  smallest nonzero from ``SAMPLE_CAP`` elements per tensor as mpviz.stats takes them - what
+  ``every=1`` costs;
+- ``exact``: the same with every element in the histograms (``sample=None``).
+
+Printed per model: the median step time of each arm, the statistics calls alone (median), and the
+collectives it adds per statistics step (counted by wrapping ``torch.distributed``'s calls
+during it) with their bytes per rank, next to the bytes that gathering the full tensors would
+move. GPT-2 small computes in fp32 by default: on a CPU without bf16 matrix units bf16 matmuls
+are emulated and would make the step, not mpviz, the measurement (``--param-dtype bf16``
+changes it; the statistics read the fp32 shards either way).
+
+    python benchmarks/fsdp.py                      # both models (about 6 minutes here)
+    python benchmarks/fsdp.py --models tests --steps 40
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mpviz.stats import SAMPLE_CAP
+
+MODELS = {
+    # name: (GPT2Config kwargs, batch, sequence length, default compute dtype)
+    "tests": (dict(n_layer=3, n_embd=16, n_head=2, vocab_size=33, n_positions=32, bos_token_id=0,
+                   eos_token_id=0), 4, 16, "bf16"),
+    "gpt2": (dict(), 1, 64, "fp32"),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def build(name: str, param_dtype: torch.dtype):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg, _, _, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**cfg, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0))
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=mp_policy)
+    fully_shard(model, mp_policy=mp_policy)
+    return model
+
+
+class Counted:
+    """Counts the collectives (and their bytes) torch.distributed runs while on."""
+
+    NAMES = ("all_reduce", "reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+             "broadcast")
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.saved = {n: getattr(dist, n) for n in self.NAMES}
+
+    def __enter__(self) -> "Counted":
+        for n, fn in self.saved.items():
+            def wrapped(tensor, *a, _fn=fn, _n=n, **k):
+                self.calls.append((_n, tensor.numel() * tensor.element_size()))
+                return _fn(tensor, *a, **k)
+            setattr(dist, n, wrapped)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for n, fn in self.saved.items():
+            setattr(dist, n, fn)
+
+
+def measure(name: str, steps: int, blocks: int, param_dtype: torch.dtype) -> dict:
+    from mpviz.recording.fsdp_hooks import LocalGradCheck, ReducedGrads
+    from mpviz.recording.sharded import sharded_stats
+
+    rank = dist.get_rank()
+    _, batch, seq, _ = MODELS[name]
+    vocab = MODELS[name][0].get("vocab_size", 50257)
+    samples = {"sampled": SAMPLE_CAP, "exact": None}
+    arms = {arm: build(name, param_dtype) for arm in ("plain", "hooks", *samples)}
+    opts = {arm: torch.optim.AdamW(m.parameters(), lr=1e-4) for arm, m in arms.items()}
+    g = torch.Generator().manual_seed(100 + rank)
+    data = [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(steps)]
+    stat_times: dict[str, list[float]] = {arm: [] for arm in samples}
+    counted: list[list[tuple[str, int]]] = []
+
+    def stats_of(arm: str):
+        model, step = arms[arm], [0]
+
+        def take() -> None:
+            params = [p for p in model.parameters() if p.grad is not None]
+            t0 = time.perf_counter()
+            with Counted() as c:
+                sharded_stats([p.grad for p in params] + params, sample=samples[arm],
+                              offset=step[0])
+            stat_times[arm].append(time.perf_counter() - t0)
+            counted.append(c.calls)
+            step[0] += 1
+        return take
+
+    attached = {arm: [LocalGradCheck(arms[arm]).attach(),
+                      ReducedGrads(arms[arm], stats_of(arm) if arm in samples else lambda: None
+                                   ).attach()]
+                for arm in ("hooks", *samples)}
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    per_block = max(1, steps // blocks)
+    order = list(arms)
+    for b in range(blocks):
+        for arm in order[b % len(order):] + order[:b % len(order)]:  # rotate the first arm
+            model, opt = arms[arm], opts[arm]
+            for i in range(per_block):
+                ids = data[(b * per_block + i) % steps]
+                dist.barrier()
+                t0 = time.perf_counter()
+                loss = model(ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                times[arm].append(time.perf_counter() - t0)
+                for h in attached.get(arm, [])[:1]:  # the LocalGradCheck: a new step
+                    h.end_step()
+    for hs in attached.values():
+        for h in hs:
+            h.remove()
+    model = arms["plain"]
+    n_params = sum(p.numel() for p in model.parameters())
+    n_tensors = sum(1 for _ in model.parameters())
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) * 2  # grads + weights
+    skip = 1  # the first step of each arm pays the lazy init
+    return {
+        "model": name, "rank": rank, "params": n_params, "tensors": n_tensors,
+        "param_dtype": str(param_dtype).removeprefix("torch."),
+        "ms": {arm: 1e3 * statistics.median(t[skip:]) for arm, t in times.items()},
+        "stats_ms": {arm: 1e3 * statistics.median(t[skip:]) for arm, t in stat_times.items()},
+        "collectives": counted[-1],
+        "gather_bytes": full_bytes,
+    }
+
+
+def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    rows = []
+    for name in args["models"]:
+        dtype = DTYPES[args["param_dtype"] or MODELS[name][3]]
+        rows.append(measure(name, args["steps"][name], args["blocks"], dtype))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def run(models: list[str], steps: dict[str, int], blocks: int = 3, param_dtype: str | None = None,
+        world: int = 2) -> list[list[dict]]:
+    """Each rank's rows, one per model."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        args = {"models": models, "steps": steps, "blocks": blocks, "param_dtype": param_dtype}
+        mp.spawn(_worker, args=(world, port, args, out), nprocs=world, join=True)
+        return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def table(per_rank: list[list[dict]]) -> str:
+    lines = ["| model | params | compute | rank | FSDP step ms | + hooks | + statistics every step "
+             "(sampled / exact) | statistics call ms (sampled / exact) | collectives per "
+             "statistics step | bytes sent per rank | gathering the full tensors instead |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for rows in zip(*per_rank):
+        for r in rows:
+            ms = r["ms"]
+            kinds = {}
+            for kind, nbytes in r["collectives"]:
+                n, b = kinds.get(kind, (0, 0))
+                kinds[kind] = (n + 1, b + nbytes)
+            calls = ", ".join(f"{n} {k}" for k, (n, _) in kinds.items())
+            sent = sum(b for _, b in kinds.values())
+            lines.append(
+                f"| {r['model']} | {r['params'] / 1e6:.2f}M ({r['tensors']} tensors) | "
+                f"{r['param_dtype']} | {r['rank']} | {ms['plain']:.1f} | "
+                f"{ms['hooks'] / ms['plain']:.2f}x | {ms['sampled'] / ms['plain']:.2f}x / "
+                f"{ms['exact'] / ms['plain']:.2f}x | {r['stats_ms']['sampled']:.1f} / "
+                f"{r['stats_ms']['exact']:.1f} | {calls} | {sent / 1024:.1f} KiB | "
+                f"{r['gather_bytes'] / 2**20:.1f} MiB |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--steps", type=int, default=None, help="steps per arm (default: 60 tests, 6 gpt2)")
+    p.add_argument("--blocks", type=int, default=3)
+    p.add_argument("--param-dtype", choices=list(DTYPES), default=None)
+    a = p.parse_args(argv)
+    steps = {m: a.steps or {"tests": 60, "gpt2": 6}[m] for m in a.models}
+    print(table(run(a.models, steps, a.blocks, a.param_dtype)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
