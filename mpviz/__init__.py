@@ -26,7 +26,7 @@ _EXPORTS = {
     "explain_policy": "mpviz.precision",
     "evaluate": "mpviz.evaluation",
     "memory_report": "mpviz.evaluation",
-    "steer": "mpviz.mailbox",
+    "steer": "mpviz.steering",
     "steer_status": "mpviz.mailbox",
     "SteerError": "mpviz.mailbox",
     "export": "mpviz.integrations.export",

@@ -294,15 +294,16 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     if not (Path(args.run_dir) / "run.db").exists() and not Path(args.run_dir).is_file():
         fail(f"no run at {args.run_dir!r} (expected {args.run_dir}/run.db)")
     try:
-        print(mpviz.diagnose(args.run_dir))
+        diagnosis = mpviz.diagnose(args.run_dir)
     except mpviz.RunStoreError as e:
         fail(str(e))
+    print(diagnosis)
     if args.apply:
-        from mpviz.mailbox import advice_target
+        from mpviz.diagnosis.advise import advice_target
 
         run = mpviz.load_run(args.run_dir)
         try:
-            policy = mpviz.advise(run, target=advice_target(run))
+            policy = mpviz.advise(run, target=advice_target(run), diagnosis=diagnosis)
         finally:
             run.close()
         try:

@@ -1,4 +1,4 @@
-"""Steer a training job that runs elsewhere: the run directory is the mailbox (``mpviz.steer``).
+"""The steering mailbox: the ``requests`` table of ``run_dir/steer.db`` (``mpviz.steer``).
 
     >>> rid = mpviz.steer("runs/exp1", {"head": "fp32"})     # doctest: +SKIP
     >>> mpviz.steer_status("runs/exp1", rid)["status"]        # doctest: +SKIP
@@ -25,8 +25,9 @@ On such a mount the two sides may not see each other's writes, or may corrupt th
 directories on a local disk of the machine that trains, and run the explorer on that machine
 (reach it from elsewhere through an SSH tunnel).
 
-No torch import: the dashboards use this module. (It is not called ``mpviz/steer.py`` so that
-importing it never hides the function ``mpviz.steer`` behind a submodule of that name.)
+Both ends use this module: :func:`post` (``mpviz.steer``, :mod:`mpviz.steering`) and
+:class:`Inbox` (the recorder, :mod:`mpviz.recording.steering`). No torch import, and no read of
+the run's own store (``mpviz.run`` reads this one for ``run.steer_requests``).
 """
 from __future__ import annotations
 
@@ -40,11 +41,10 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from .formats import AUTOCAST_PRECISIONS, DTYPE_PRECISION
-from .store import RunStoreError, connect_readonly, db_path
+from .store import db_path
 
-__all__ = ["steer", "steer_status", "steer_requests", "SteerError", "STEER_DB",
-           "advice_rules", "advice_target", "precision_in_force", "process_gone", "run_status"]
+__all__ = ["steer_status", "steer_requests", "SteerError", "STEER_DB", "Inbox", "post",
+           "check_rules", "process_gone", "run_status"]
 
 STEER_DB = "steer.db"
 PENDING, APPLIED, REFUSED = "pending", "applied", "refused"
@@ -127,31 +127,8 @@ def run_status(meta: dict[str, Any]) -> str:
     return str(meta.get("status", "?"))
 
 
-def check_steerable(run_dir: str | os.PathLike) -> None:
-    """Raise :class:`SteerError` unless ``run_dir`` holds a running, steerable recording."""
-    try:
-        con = connect_readonly(db_path(run_dir))
-    except RunStoreError as e:
-        raise SteerError(f"cannot steer {str(run_dir)!r}: {e}. To steer a job, {FIX} and pass "
-                         "the same run_dir here.") from None
-    try:
-        meta = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")}
-    finally:
-        con.close()
-    if not meta.get("steerable"):
-        raise SteerError(f"the run in {str(run_dir)!r} is not steerable: {FIX} to accept "
-                         "precision changes from other processes.")
-    status = meta.get("status")
-    if status != "running":
-        raise SteerError(f"the run in {str(run_dir)!r} is {status}: only a job still training "
-                         f"can be steered ({FIX} and steer it while it runs).")
-    if process_gone(meta):
-        raise SteerError(f"the run in {str(run_dir)!r} says it is running, but its process "
-                         f"(pid {meta.get('pid')}) is gone: it was killed. Restart the job "
-                         f"({FIX}) and steer the new run.")
-
-
-def _check_rules(rules: Any) -> dict[str, str | None]:
+def check_rules(rules: Any) -> dict[str, str | None]:
+    """``rules`` as a request carries them, or TypeError: ``{layer or glob: precision or None}``."""
     if not isinstance(rules, Mapping) or not rules:
         raise TypeError("steer takes a non-empty dict {layer name or glob: precision or None}, "
                         f"e.g. {{'head': 'fp32'}}; got {rules!r}")
@@ -162,36 +139,8 @@ def _check_rules(rules: Any) -> dict[str, str | None]:
     return dict(rules)
 
 
-def steer(run_dir: str | os.PathLike, rules: Mapping[str, str | None] | Any) -> int:
-    """Ask the job recording ``run_dir`` to change per-layer precision; returns the request id.
-
-    ``rules`` is ``{layer name or glob: precision}`` (``None`` removes that rule), as for
-    ``PolicyHandle.update``, or the policy :func:`mpviz.advise` returns: then one request carries
-    only the layers it keeps in high precision whose precision in force differs
-    (:func:`advice_rules`; the rest of the job, and rules the user set, stay as they are). The
-    job checks and applies it at its next step boundary; follow it with :func:`steer_status`
-    (``pending``, ``applied`` at ``step``, or ``refused`` with a ``reason``). Raises
-    :class:`SteerError` if the run is missing, not steerable, finished, or its process is gone,
-    or if the advice changes nothing.
-
-        >>> rid = mpviz.steer("runs/exp1", {"encoder.*.norm*": "fp32"})   # doctest: +SKIP
-        >>> rid = mpviz.steer("runs/exp1", mpviz.advise("runs/exp1"))     # doctest: +SKIP
-    """
-    if _is_advice(rules):
-        check_steerable(run_dir)
-        from .run import load_run
-
-        run = load_run(run_dir)
-        try:
-            sent = advice_rules(run, rules)
-        finally:
-            run.close()
-        if not sent:
-            raise SteerError(f"the advice changes nothing in the job recording {str(run_dir)!r}: "
-                             + _nothing_why(rules))
-        rules = sent
-    rules = _check_rules(rules)
-    check_steerable(run_dir)
+def post(run_dir: str | os.PathLike, rules: dict[str, str | None]) -> int:
+    """Add a pending request; returns its id."""
     con = connect(run_dir)
     try:
         cur = con.execute("INSERT INTO requests (time, rules, status) VALUES (?, ?, ?)",
@@ -199,55 +148,6 @@ def steer(run_dir: str | os.PathLike, rules: Mapping[str, str | None] | Any) -> 
         return int(cur.lastrowid)
     finally:
         con.close()
-
-
-# ---------------------------------------------------------------- advice (mpviz.advise)
-
-
-def _is_advice(policy: Any) -> bool:
-    """A PrecisionPolicy from :func:`mpviz.advise` (it carries ``reasons``); no torch import."""
-    if isinstance(policy, Mapping) or not hasattr(policy, "rules"):
-        return False
-    if not isinstance(getattr(policy, "reasons", None), Mapping):
-        raise TypeError("steer takes a dict {layer name or glob: precision or None} or the policy "
-                        "mpviz.advise returns; for a PrecisionPolicy of your own, pass its rules: "
-                        "mpviz.steer(run_dir, policy.rules)")
-    return True
-
-
-def precision_in_force(run: Any) -> dict[str, str]:
-    """``{layer: precision}`` each layer of the job runs in now: its policy's decision (the last
-    of ``run.policy_changes``), or the outer autocast's (``fp32`` without one)."""
-    outer = DTYPE_PRECISION.get(str(run.meta.get("autocast_dtype")), "fp32")
-    now = dict.fromkeys(run.layers["layer"].astype(str), outer)
-    last = run.policy_changes.drop_duplicates("layer", keep="last")
-    for layer, p in zip(last["layer"], last["precision"]):
-        now[str(layer)] = p if isinstance(p, str) else outer
-    return now
-
-
-def advice_target(run: Any) -> str:
-    """The low precision to advise the job for (``mpviz.advise(run, target=...)``): the one its
-    model runs in (``fp16`` or ``bf16``), else ``fp16`` (which layers fp16 would break)."""
-    root = precision_in_force(run).get("", "fp32")
-    return root if root in AUTOCAST_PRECISIONS else "fp16"
-
-
-def advice_rules(run: Any, policy: Any) -> dict[str, str]:
-    """The one request that applies ``policy`` (from :func:`mpviz.advise`) to the job recording
-    ``run``: ``{layer: precision}`` for each layer the advice keeps in high precision
-    (``policy.reasons``) whose precision in force differs. The advice's default (``"*"``) is not
-    sent and no rule is removed: the rest of the job runs as it did."""
-    now = precision_in_force(run)
-    rules = policy.rules
-    return {l: rules[l] for l in policy.reasons if l in rules and now.get(l) != rules[l]}
-
-
-def _nothing_why(policy: Any) -> str:
-    if not policy.reasons:
-        return "it keeps no layer in high precision (nothing the run shows needs it)."
-    kept = ", ".join(f"{l} ({policy.rules.get(l)})" for l in policy.reasons)
-    return f"the layers it keeps in high precision already run so: {kept}."
 
 
 def steer_requests(run_dir: str | os.PathLike) -> pd.DataFrame:
@@ -290,3 +190,46 @@ def _loads(text: Any) -> Any:
         return json.loads(text)
     except (TypeError, ValueError):
         return text
+
+
+Busy = sqlite3.OperationalError   # another process holds the mailbox this instant
+
+
+class Inbox:
+    """The recorder's end: pending requests, and their outcomes written back. Waits at most
+    ``busy_ms`` for another writer (then :data:`Busy`, or ``write`` returns False): training
+    tries again at its next step instead of stalling."""
+
+    def __init__(self, run_dir: str | os.PathLike, busy_ms: int = 50) -> None:
+        self._con = connect(run_dir)
+        self.wait_at_most(busy_ms)
+
+    def wait_at_most(self, busy_ms: int) -> None:
+        self._con.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+
+    def version(self) -> int:
+        """Changes only when another connection commits (~2 us)."""
+        return self._con.execute("PRAGMA data_version").fetchone()[0]
+
+    def pending(self) -> list[tuple[int, str]]:
+        """``[(id, rules JSON)]`` of the pending requests, oldest first."""
+        return self._con.execute("SELECT id, rules FROM requests WHERE status = ? ORDER BY id",
+                                 (PENDING,)).fetchall()
+
+    def write(self, outcomes: list[tuple]) -> bool:
+        """``[(status, step, reason, done_time, id)]`` in one transaction; False if Busy."""
+        try:
+            self._con.execute("BEGIN IMMEDIATE")
+        except Busy:
+            return False
+        try:
+            self._con.executemany("UPDATE requests SET status = ?, step = ?, reason = ?, "
+                                  "done_time = ? WHERE id = ?", outcomes)
+            self._con.execute("COMMIT")
+        except BaseException:
+            self._con.execute("ROLLBACK")
+            raise
+        return True
+
+    def close(self) -> None:
+        self._con.close()

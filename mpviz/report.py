@@ -32,6 +32,7 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from .dashboard import queries, ui
+from .diagnosis.advise import advice_target
 from .dashboard.diagnosis_panel import _scale, diagnosis_html
 from .dashboard.plots import (DTYPE_COLORSCALE, SPEED_WINDOW, _at, _log2, _plain_json, cap_columns,
                               nonfinite_marks, rolling_median)
@@ -75,9 +76,6 @@ def build_figure(run: Any, max_points: int = MAX_POINTS, max_marks: int = MAX_MA
     lo, hi = snap.lo, snap.hi
     skipped = thin_marks(snap.skipped, lo, hi, "culprit", "skipped steps", max_marks)
     marks = thin_marks(snap.marks, lo, hi, "text", "steps with precision changes", max_marks)
-    x = np.asarray(snap.steps["step"], dtype=float)
-    loss = np.asarray(snap.steps["loss"], dtype=float)
-    speed = np.asarray(snap.steps["samples_per_s"], dtype=float)
     dt, heat = snap.dtypes, snap.heat
     # px per row: loss, loss scale, samples/s, dtype map, gradient heatmap (16 px per layer)
     heights = [340, 240, 200] + [max(200, min(900, 60 + 16 * max(n, 1))) for n in
@@ -91,6 +89,26 @@ def build_figure(run: Any, max_points: int = MAX_POINTS, max_marks: int = MAX_MA
                         f"samples/s (median of {SPEED_WINDOW} points; hover: raw)",
                         "dtype map (last step): fp32 blue, bf16 orange, fp16 red, fp8 purple",
                         "gradient norm, log2 (layers × steps)"))
+    _add_lines(fig, snap.steps, marks, skipped)
+    _add_heatmaps(fig, dt, heat, heights[-1] / plot_px)
+    for ax in ("xaxis2", "xaxis3", "xaxis5"):   # the step axes zoom together
+        fig.layout[ax].matches = "x"
+    fig.update_xaxes(type="category", row=4, col=1)
+    for row in (4, 5):   # first layer on top
+        fig.update_yaxes(type="category", autorange="reversed", row=row)
+    fig.update_layout(yaxis6=dict(overlaying="y", range=[0, 1], visible=False, fixedrange=True),
+                      height=plot_px + 120, margin=dict(l=60, r=20, t=80, b=40),
+                      legend=dict(orientation="h", x=0, y=1 + 40 / plot_px, yanchor="bottom"),
+                      hovermode="closest")
+    return fig
+
+
+def _add_lines(fig: go.Figure, steps: pd.DataFrame, marks: pd.DataFrame,
+               skipped: pd.DataFrame) -> None:
+    """Rows 1-3: the loss with its marks, the loss scale with the skipped steps, samples/s."""
+    x = np.asarray(steps["step"], dtype=float)
+    loss = np.asarray(steps["loss"], dtype=float)
+    speed = np.asarray(steps["samples_per_s"], dtype=float)
     few = len(x) <= 200   # a lone finite point between gaps shows as a dot
     fig.add_trace(go.Scatter(x=x, y=loss, mode="lines+markers" if few else "lines", name="loss",
                              meta="loss", marker=dict(size=4)), 1, 1)
@@ -109,7 +127,7 @@ def build_figure(run: Any, max_points: int = MAX_POINTS, max_marks: int = MAX_MA
                              meta="nonfinite", xaxis="x", yaxis="y6",
                              hovertemplate="%{hovertext}<extra></extra>",
                              marker=dict(symbol="x", size=9, color="#d62728")))
-    fig.add_trace(go.Scatter(x=x, y=_log2(snap.steps["loss_scale"]), mode="lines",
+    fig.add_trace(go.Scatter(x=x, y=_log2(steps["loss_scale"]), mode="lines",
                              name="loss scale", meta="scale", line=dict(shape="hv"),
                              showlegend=False), 2, 1)
     fig.add_trace(go.Scatter(x=np.asarray(skipped["step"], dtype=float),
@@ -123,6 +141,12 @@ def build_figure(run: Any, max_points: int = MAX_POINTS, max_marks: int = MAX_MA
                              hovertemplate=(f"step %{{x}}<br>%{{y:.0f}} samples/s (median of "
                                             f"{SPEED_WINDOW})<br>raw: %{{customdata:.0f}}<extra></extra>")),
                   3, 1)
+
+
+def _add_heatmaps(fig: go.Figure, dt: queries.DtypeMap, heat: queries.Heatmap,
+                  heat_share: float) -> None:
+    """Rows 4-5: the dtype map and the gradient heatmap (``heat_share``: its row's share of
+    the figure's height, for its colour bar)."""
     if dt.layers:   # missing cells are None: NaN would break the SVG
         fig.add_trace(go.Heatmap(z=np.where(np.isfinite(dt.codes), dt.codes, None).tolist(),
                                  x=list(dt.kinds), y=dt.layers, text=dt.names, meta="dtypes",
@@ -136,20 +160,9 @@ def build_figure(run: Any, max_points: int = MAX_POINTS, max_marks: int = MAX_MA
         fig.add_trace(go.Heatmap(z=np.where(np.isfinite(z), np.round(z, 2), None).tolist(),
                                  x=np.asarray(steps).tolist(), y=heat.layers, meta="grads",
                                  colorscale="Viridis",
-                                 colorbar=dict(title="log2", len=heights[-1] / plot_px, y=0,
-                                               yanchor="bottom"),
+                                 colorbar=dict(title="log2", len=heat_share, y=0, yanchor="bottom"),
                                  hovertemplate="%{y}<br>step %{x}<br>log2 |g| = %{z:.2f}<extra></extra>"),
                       5, 1)
-    for ax in ("xaxis2", "xaxis3", "xaxis5"):   # the step axes zoom together
-        fig.layout[ax].matches = "x"
-    fig.update_xaxes(type="category", row=4, col=1)
-    for row in (4, 5):   # first layer on top
-        fig.update_yaxes(type="category", autorange="reversed", row=row)
-    fig.update_layout(yaxis6=dict(overlaying="y", range=[0, 1], visible=False, fixedrange=True),
-                      height=plot_px + 120, margin=dict(l=60, r=20, t=80, b=40),
-                      legend=dict(orientation="h", x=0, y=1 + 40 / plot_px, yanchor="bottom"),
-                      hovermode="closest")
-    return fig
 
 
 def _meta_value(key: str, v: Any) -> str:
@@ -211,10 +224,10 @@ def advice_html(policy: Any) -> str:
 def summary_html(run: Any) -> str:
     meta = run.meta
     head = queries.run_status(meta)
-    s = run.query("SELECT COUNT(*) AS n, SUM(skipped) AS skipped, SUM(samples) AS samples, "
-                  "SUM(step_time_s) AS t FROM steps").iloc[0]
+    s = run.step_totals()
     n = int(s["n"] or 0)
-    sps = float(s["samples"]) / float(s["t"]) if n and s["samples"] and s["t"] else float("nan")
+    sps = (float(s["samples"]) / float(s["step_time_s"]) if n and s["samples"] and s["step_time_s"]
+           else float("nan"))
     bits = [f"{n} steps", f"{int(s['skipped'] or 0)} skipped", f"{ui.fmt(sps)} samples/s",
             f"model {html.escape(str(meta.get('model', '?')))}",
             f"autocast {html.escape(str(meta.get('autocast_dtype')))}", f"status {html.escape(head)}"]
@@ -226,7 +239,6 @@ def summary_html(run: Any) -> str:
 def report_html(run: Any, max_points: int = MAX_POINTS, title: str | None = None) -> str:
     """The report of `run` (a :class:`mpviz.Run` or a run directory) as one HTML string."""
     import mpviz
-    from .mailbox import advice_target
 
     own = not isinstance(run, mpviz.Run)
     run = mpviz.load_run(run) if own else run

@@ -3,14 +3,15 @@
     >>> run = mpviz.load_run("runs/exp1")            # doctest: +SKIP
     >>> run.steps[["step", "loss", "loss_scale"]]     # doctest: +SKIP
 
-Every property re-reads the store, so a live run grows between reads. No torch import.
+Every read re-reads the store, so a live run grows between reads. No torch import. The only
+module, with the writer (``store.py``), that knows the tables: the apps, the diagnosis and the
+report read through the named methods below; ``query`` is raw SQL for users.
 
-A distributed job writes one store per rank into its run directory (``run.db`` for rank 0,
-``run-rank{r}.db`` for rank r). ``load_run(run_dir)`` reads every rank found there: the per-step
-tables (steps, layer_stats, overflows, dtypes, policy_changes, layer_history) get a ``rank``
-column (0 for a single-process run); ``load_run(run_dir, rank=r)`` reads one rank. ``layers``,
-``meta``, ``histogram`` and raw SQL (``query``, which the dashboards use) read one store: the
-selected rank's, or the lowest rank found (rank 0).
+A distributed job writes one store per rank (``run.db`` for rank 0, ``run-rank{r}.db`` for rank
+r). ``load_run(run_dir)`` reads every rank found: the per-step tables (steps, layer_stats,
+overflows, dtypes, policy_changes, layer_history) get a ``rank`` column; ``rank=r`` reads one
+rank. Everything else (``layers``, ``meta``, histograms, the apps' views, ``query``) reads one
+store: the selected rank's, or the lowest rank found (rank 0).
 """
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ import re
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import pandas as pd
 
-from .formats import bin_edges, did_you_mean
+from .formats import N_BINS, bin_edges, did_you_mean
+from .mailbox import steer_requests
 from .store import DB_NAME, connect_readonly, db_path, unpack_hist
 
 _STATS_SELECT = """
@@ -38,6 +41,7 @@ FROM layer_stats s JOIN layers l ON l.idx = s.layer_idx
 """
 
 TENSORS = ("activation", "grad", "weight")  # what layer_stats and histograms rows describe
+_HIST_OF = "FROM histograms WHERE layer_idx = ? AND tensor = ?"
 
 
 _RANK_FILE = re.compile(r"run-rank(\d+)\.db")
@@ -208,20 +212,13 @@ class Run:
     def histogram(self, layer: str, tensor: str = "grad", step: int | None = None,
                   rank: int | None = None) -> pd.DataFrame:
         """The log2 magnitude histogram of one layer's tensor at ``step`` (default: the last
-        recorded): columns ``lo, hi`` (magnitude range of the bin) and ``count``. Zeros have
-        ``lo == hi == 0`` and inf/nan ``lo == hi == inf`` (see mpviz.stats for the bins);
-        ``df.attrs["step"]`` is the step it was recorded at.
-
-        Histograms exist only on statistics steps (``meta["every"]``, ``meta["stats_budget"]``:
-        see :class:`mpviz.Recorder`). Raises
-        ``ValueError``, never an empty frame: for a ``layer`` or ``tensor`` (``activation``,
-        ``grad``, ``weight``) the run does not have, naming close matches; for a ``step``
-        without this histogram, naming the nearest steps that have one; when the layer has no
-        such histogram at all (a ReLU has no ``weight``) or none is recorded yet.
+        recorded): columns ``lo, hi`` (magnitude range of the bin) and ``count``; zeros have
+        ``lo == hi == 0``, inf/nan ``lo == hi == inf``. ``df.attrs["step"]``: its step.
+        Histograms exist on statistics steps only. Raises ``ValueError`` (never an empty frame)
+        naming close matches or the nearest steps that have one. ``rank``: whose (default: the
+        rank this Run reads one store from).
 
             >>> run.histogram("fc1", "grad", step=10)   # doctest: +SKIP
-
-        ``rank``: whose histogram (default: the rank this Run reads raw SQL from, rank 0).
         """
         if rank is not None and rank != self.ranks[0]:
             other = self.for_rank(rank)
@@ -232,37 +229,40 @@ class Run:
         if tensor not in TENSORS:
             raise ValueError(f"unknown tensor {tensor!r}: choose one of {', '.join(TENSORS)}"
                              f"{_hint(tensor, TENSORS)}")
-        idx = self._scalar("SELECT idx FROM layers WHERE layer = ?", (layer,))
+        idx = self._layer_idx(layer)
         if idx is None:
             names = self.layers["layer"].tolist()
             shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
             raise ValueError(f"no layer {layer!r} in run {str(self.run_dir)!r}"
                              f"{_hint(layer, names)} Layers are run.layers['layer'] "
                              f"(named_modules() names, '' is the model itself): {shown}")
-        where = "FROM histograms WHERE layer_idx = ? AND tensor = ?"
-        key: tuple = (int(idx), tensor)
-        at = self._scalar(f"SELECT MAX(step) {where}" + (" AND step = ?" if step is not None else ""),
+        key: tuple = (idx, tensor)
+        at = self._scalar(f"SELECT MAX(step) {_HIST_OF}" + (" AND step = ?" if step is not None else ""),
                           key + ((int(step),) if step is not None else ()))
         if at is None:
-            if step is not None and self._scalar(f"SELECT 1 {where} LIMIT 1", key) is not None:
-                before = self._scalar(f"SELECT MAX(step) {where} AND step < ?", key + (int(step),))
-                after = self._scalar(f"SELECT MIN(step) {where} AND step > ?", key + (int(step),))
-                near = " and ".join(str(s) for s in (before, after) if s is not None)
-                raise ValueError(
-                    f"no {tensor} histogram of {layer!r} at step {step}: histograms are recorded "
-                    f"on statistics steps ({self.stats_schedule}); nearest: {near}")
-            has = self.query("SELECT DISTINCT tensor FROM histograms WHERE layer_idx = ?",
-                             (int(idx),))["tensor"].tolist()
-            raise ValueError(
-                f"no {tensor} histogram of {layer!r} in this run"
-                + (f" (it has {', '.join(sorted(has))})" if has else
-                   " (none of its tensors has one: no statistics step of it recorded yet?)"))
-        df = self.query(f"SELECT lo, counts {where} AND step = ?", key + (int(at),))
+            raise self._no_histogram(layer, tensor, step, idx)
+        df = self.query(f"SELECT lo, counts {_HIST_OF} AND step = ?", key + (int(at),))
         counts = unpack_hist(int(df["lo"].iloc[0]), df["counts"].iloc[0])
         rows = [(*bin_edges(k), c) for k, c in enumerate(counts) if c]
         out = pd.DataFrame(rows, columns=["lo", "hi", "count"])
         out.attrs["step"] = int(at)
         return out
+
+    def _no_histogram(self, layer: str, tensor: str, step: int | None, idx: int) -> ValueError:
+        key: tuple = (idx, tensor)
+        if step is not None and self._scalar(f"SELECT 1 {_HIST_OF} LIMIT 1", key) is not None:
+            before = self._scalar(f"SELECT MAX(step) {_HIST_OF} AND step < ?", key + (int(step),))
+            after = self._scalar(f"SELECT MIN(step) {_HIST_OF} AND step > ?", key + (int(step),))
+            near = " and ".join(str(s) for s in (before, after) if s is not None)
+            return ValueError(
+                f"no {tensor} histogram of {layer!r} at step {step}: histograms are recorded "
+                f"on statistics steps ({self.stats_schedule}); nearest: {near}")
+        has = self.query("SELECT DISTINCT tensor FROM histograms WHERE layer_idx = ?",
+                         (idx,))["tensor"].tolist()
+        return ValueError(
+            f"no {tensor} histogram of {layer!r} in this run"
+            + (f" (it has {', '.join(sorted(has))})" if has else
+               " (none of its tensors has one: no statistics step of it recorded yet?)"))
 
     @property
     def overflows(self) -> pd.DataFrame:
@@ -344,9 +344,238 @@ class Run:
         """Precision changes other processes asked for (:func:`mpviz.steer`): ``id, time, rules,
         status`` (pending / applied / refused), ``step`` (applied: the first step run with it),
         ``reason`` (why it was refused). Empty for a run nobody steered."""
-        from .mailbox import steer_requests
-
         return steer_requests(self.run_dir)
+
+    # The named reads of the apps, the diagnosis and the report (one store). Step lists are
+    # inlined as integers we computed; the comments say which index a query is shaped for.
+
+    def _layer_idx(self, layer: str) -> int | None:
+        idx = self._scalar("SELECT idx FROM layers WHERE layer = ?", (layer,))
+        return None if idx is None else int(idx)
+
+    def layer_names(self) -> dict[int, str]:
+        """``{idx: layer name}`` (``idx``: the stored position in ``named_modules()``)."""
+        df = self.query("SELECT idx, layer FROM layers")
+        return {int(i): str(n) for i, n in zip(df["idx"], df["layer"])}
+
+    def n_param_layers(self) -> int:
+        """How many modules have parameters of their own."""
+        return int(self._scalar("SELECT COUNT(*) FROM layers WHERE n_params > 0") or 0)
+
+    def step_range(self) -> tuple[int, int]:
+        """(first, last) recorded step; (0, -1) for a run without steps."""
+        if self._before_read is not None:
+            self._before_read()
+        with self._lock:
+            lo, hi = self._con.execute("SELECT MIN(step), MAX(step) FROM steps").fetchone()
+        return (0, -1) if hi is None else (int(lo), int(hi))
+
+    def step_totals(self) -> dict[str, Any]:
+        """``n`` steps, ``skipped``, and the sums of ``samples`` and ``step_time_s``."""
+        df = self.query("SELECT COUNT(*) AS n, SUM(skipped) AS skipped, SUM(samples) AS samples, "
+                        "SUM(step_time_s) AS step_time_s FROM steps")
+        return df.iloc[0].to_dict()
+
+    def step_buckets(self, lo: int, hi: int, size: int) -> pd.DataFrame:
+        """Steps ``lo..hi`` in buckets of ``size`` steps: ``step`` (the first), the mean
+        ``loss`` and ``samples_per_s``, the smallest ``loss_scale``, the last ``wall_time``."""
+        return self.query(
+            "SELECT MIN(step) AS step, AVG(loss) AS loss, AVG(samples_per_s) AS samples_per_s, "
+            "MIN(loss_scale) AS loss_scale, MAX(wall_time) AS wall_time "
+            "FROM steps WHERE step BETWEEN ? AND ? GROUP BY (step - ?) / ? ORDER BY step",
+            (lo, hi, lo, size))
+
+    def skipped_steps(self, lo: int, hi: int) -> pd.DataFrame:
+        """Skipped steps in ``lo..hi`` with their first non-finite layers: ``step, loss_scale,
+        layer, tensor, phase`` (a row per culprit; NA when none was recorded)."""
+        return self.query(
+            "SELECT s.step AS step, s.loss_scale AS loss_scale, l.layer AS layer, "
+            "o.tensor AS tensor, o.phase AS phase FROM steps s "
+            "LEFT JOIN overflows o ON o.step = s.step AND o.first = 1 "
+            "LEFT JOIN layers l ON l.idx = o.layer_idx "
+            "WHERE s.skipped = 1 AND s.step BETWEEN ? AND ? ORDER BY s.step", (lo, hi))
+
+    def policy_changes_in(self, lo: int, hi: int) -> pd.DataFrame:
+        """``step, layer, precision`` of the policy changes in ``lo..hi``, in layer order."""
+        return self.query(
+            "SELECT p.step AS step, l.layer AS layer, p.precision AS precision FROM policy_changes p "
+            "LEFT JOIN layers l ON l.idx = p.layer_idx WHERE p.step BETWEEN ? AND ? "
+            "ORDER BY p.step, l.idx", (lo, hi))
+
+    def overflow_count(self) -> int:
+        return int(self._scalar("SELECT COUNT(*) FROM overflows") or 0)
+
+    def latest_overflows(self, limit: int) -> pd.DataFrame:
+        """The newest ``limit`` overflow events: ``step, layer, tensor, phase, first, nonfinite,
+        skipped`` (first culprits first within a step)."""
+        return self.query(
+            "SELECT o.step AS step, l.layer AS layer, o.tensor AS tensor, o.phase AS phase, "
+            "o.first AS first, o.nonfinite AS nonfinite, o.skipped AS skipped FROM overflows o "
+            "LEFT JOIN layers l ON l.idx = o.layer_idx ORDER BY o.step DESC, o.first DESC LIMIT ?",
+            (limit,))
+
+    def stats_steps(self, lo: int, hi: int) -> np.ndarray:
+        """The steps in ``lo..hi`` that have per-layer statistics."""
+        # a skip scan of the step index: one lookup per statistics step, not per row
+        steps = self.query(
+            "WITH RECURSIVE s(step) AS (SELECT MIN(step) FROM layer_stats WHERE step >= ? "
+            "UNION ALL SELECT (SELECT MIN(step) FROM layer_stats WHERE step > s.step) FROM s "
+            "WHERE s.step IS NOT NULL AND s.step <= ?) SELECT step FROM s WHERE step <= ?",
+            (int(lo), int(hi), int(hi)))["step"]
+        return steps.dropna().to_numpy(dtype=np.int64)
+
+    def last_stats_step(self) -> int | None:
+        last = self._scalar("SELECT MAX(step) FROM layer_stats")
+        return None if last is None else int(last)
+
+    def grad_norm_buckets(self, lo: int, hi: int, size: int) -> pd.DataFrame:
+        """``idx, b, norm``: each layer's largest gradient norm per bucket ``b`` of ``size``
+        steps from ``lo`` (every row of ``lo..hi`` read)."""
+        return self.query(
+            "SELECT layer_idx AS idx, (step - ?) / ? AS b, MAX(norm) AS norm FROM layer_stats "
+            "WHERE tensor = 'grad' AND step BETWEEN ? AND ? GROUP BY layer_idx, b",
+            (lo, size, lo, hi))
+
+    def grad_norms_at(self, steps: Iterable[int]) -> pd.DataFrame:
+        """``idx, step, norm`` of every layer's gradient at ``steps``."""
+        return self.query("SELECT layer_idx AS idx, step, norm FROM layer_stats WHERE "
+                          f"tensor = 'grad' AND step IN ({_ints(steps)})")
+
+    def stats_at(self, steps: Iterable[int]) -> pd.DataFrame:
+        """``step, layer, tensor, dtype, max_abs`` of every statistics row at ``steps``."""
+        return self.query("SELECT s.step, l.layer, s.tensor, s.dtype, s.max_abs FROM layer_stats s "
+                          f"JOIN layers l ON l.idx = s.layer_idx WHERE s.step IN ({_ints(steps)}) "
+                          "ORDER BY s.step")
+
+    def any_zero(self, tensor: str, steps: Iterable[int]) -> bool:
+        """Whether some layer's ``tensor`` was all zero (max |x| = 0) at one of ``steps``."""
+        return self._scalar(f"SELECT 1 FROM layer_stats WHERE tensor = ? AND max_abs = 0 AND "
+                            f"step IN ({_ints(steps)}) LIMIT 1", (tensor,)) is not None
+
+    def zero_fractions(self, tensor: str) -> pd.DataFrame:
+        """``layer, z``: the fraction of exact zeros of each statistics row of ``tensor``."""
+        return self.query("SELECT l.layer, CAST(s.zeros AS REAL) / s.numel AS z FROM layer_stats s "
+                          "JOIN layers l ON l.idx = s.layer_idx WHERE s.tensor = ?", (tensor,))
+
+    def max_abs_of(self, layers: list[str], tensor: str) -> pd.DataFrame:
+        """``step, layer, max_abs`` of ``tensor`` of these layers at every statistics step."""
+        # CROSS JOIN: layer by layer through the (layer_idx, tensor, step) index
+        return self.query("SELECT s.step, l.layer, s.max_abs FROM layers l CROSS JOIN layer_stats s "
+                          "ON s.layer_idx = l.idx AND s.tensor = ? WHERE l.layer IN (%s)"
+                          % ",".join("?" * len(layers)), (tensor, *layers))
+
+    def peak_max_abs(self, tensor: str, skip_steps: Iterable[int] = ()) -> pd.DataFrame:
+        """``layer, max_abs``: each layer's largest max |x| of ``tensor`` over the statistics
+        steps not in ``skip_steps``, in the order layers first appear."""
+        # NOT INDEXED: one pass over the table; the (layer_idx, ...) index would fetch each of
+        # a long run's millions of rows from a random page
+        return self.query(
+            "SELECT l.layer, p.max_abs FROM (SELECT layer_idx, MAX(max_abs) AS max_abs, "
+            "MIN(step) AS first FROM layer_stats NOT INDEXED WHERE tensor = ? AND step NOT IN "
+            f"({_ints(sorted(set(skip_steps)))}) GROUP BY layer_idx) p JOIN layers l "
+            "ON l.idx = p.layer_idx ORDER BY p.first, p.layer_idx", (tensor,))
+
+    def leaf_numels(self, tensor: str = "activation") -> pd.DataFrame:
+        """``layer, numel`` of each leaf module's ``tensor`` at the last step that recorded one."""
+        return self.query("SELECT l.layer, s.numel FROM layer_stats s JOIN layers l "
+                          "ON l.idx = s.layer_idx WHERE s.tensor = ? AND l.is_leaf = 1 AND s.step = "
+                          "(SELECT MAX(step) FROM layer_stats WHERE tensor = ?)", (tensor, tensor))
+
+    def latest_stats(self) -> pd.DataFrame:
+        """``layer, tensor, norm, max_abs`` at each layer's and tensor's last statistics step."""
+        df = self.query(
+            "SELECT ls.layer_idx AS idx, ls.tensor AS tensor, ls.norm AS norm, ls.max_abs AS max_abs "
+            "FROM layer_stats ls JOIN (SELECT layer_idx, tensor, MAX(step) AS step FROM layer_stats "
+            "GROUP BY layer_idx, tensor) m ON m.layer_idx = ls.layer_idx AND m.tensor = ls.tensor "
+            "AND m.step = ls.step")
+        names = self.layer_names()
+        df.insert(0, "layer", [names.get(int(i)) for i in df.pop("idx")])
+        return df
+
+    def leaf_dtypes(self, upto: int | None = None) -> pd.DataFrame:
+        """``idx, tensor, dtype`` in force at step ``upto`` (default: the last) in leaf modules."""
+        return self.query(
+            "SELECT d.layer_idx AS idx, d.tensor AS tensor, d.dtype AS dtype FROM dtypes d "
+            "JOIN (SELECT layer_idx, tensor, MAX(step) AS step FROM dtypes WHERE step <= ? "
+            "GROUP BY layer_idx, tensor) m "
+            "ON m.layer_idx = d.layer_idx AND m.tensor = d.tensor AND m.step = d.step "
+            "JOIN layers l ON l.idx = d.layer_idx WHERE l.is_leaf = 1",
+            (upto if upto is not None else 2**62,))
+
+    def layer_buckets(self, layer: str, lo: int, hi: int, size: int) -> pd.DataFrame:
+        """One layer's statistics in ``lo..hi`` per tensor and bucket of ``size`` steps:
+        ``step, tensor``, mean ``norm``, largest ``max_abs``, smallest ``min_abs_nonzero``,
+        mean ``zero_frac``, summed ``nonfinite``, mean ``underflow_fp16`` (a fraction)."""
+        idx = self._layer_idx(layer)
+        if idx is None:
+            raise ValueError(f"no layer {layer!r} in this run")
+        # layer_idx first, so SQLite walks the (layer_idx, tensor, step) index
+        return self.query(
+            "SELECT MIN(step) AS step, tensor, AVG(norm) AS norm, MAX(max_abs) AS max_abs, "
+            "MIN(min_abs_nonzero) AS min_abs_nonzero, "
+            "AVG(CAST(zeros AS REAL) / MAX(numel, 1)) AS zero_frac, SUM(nonfinite) AS nonfinite, "
+            "AVG(CAST(underflow_fp16 AS REAL) / MAX(numel, 1)) AS underflow_fp16 "
+            "FROM layer_stats WHERE layer_idx = ? AND step BETWEEN ? AND ? "
+            "GROUP BY tensor, (step - ?) / ? ORDER BY tensor, step", (idx, lo, hi, lo, size))
+
+    def layer_summary(self) -> pd.DataFrame:
+        """Per layer and tensor over the whole run: mean ``norm``, largest ``max_abs``, summed
+        ``nonfinite``, mean ``underflow_fp16`` fraction."""
+        return self.query(
+            "SELECT l.layer AS layer, ls.tensor AS tensor, AVG(ls.norm) AS norm, "
+            "MAX(ls.max_abs) AS max_abs, SUM(ls.nonfinite) AS nonfinite, "
+            "AVG(CAST(ls.underflow_fp16 AS REAL) / MAX(ls.numel, 1)) AS underflow_fp16 "
+            "FROM layer_stats ls JOIN layers l ON l.idx = ls.layer_idx GROUP BY l.layer, ls.tensor")
+
+    def histogram_steps(self, layer: str, tensor: str, lo: int, hi: int) -> list[int]:
+        """The steps in ``lo..hi`` with a histogram of this layer's ``tensor``."""
+        idx = self._layer_idx(layer)
+        if idx is None:
+            return []
+        return self.query(f"SELECT step {_HIST_OF} AND step BETWEEN ? AND ? ORDER BY step",
+                          (idx, tensor, lo, hi))["step"].tolist()
+
+    def histograms_of(self, layer: str, tensor: str, steps: list[int]) -> tuple[list[int], np.ndarray]:
+        """(steps, ``(len(steps), N_BINS)`` counts) of this layer's ``tensor`` histograms at
+        ``steps`` (those that have one)."""
+        idx = self._layer_idx(layer)
+        if idx is None or not steps:
+            return [], np.zeros((0, N_BINS), dtype=np.int64)
+        rows = self.query(f"SELECT step, lo, counts {_HIST_OF} AND step IN ({_ints(steps)}) "
+                          "ORDER BY step", (idx, tensor))
+        return [int(s) for s in rows["step"]], hist_counts(rows["lo"], rows["counts"])
+
+    def grad_histogram_steps(self) -> pd.Series:
+        """The statistics steps that have a gradient histogram."""
+        # Histograms are written and dropped with their layer_stats rows, so each step of the
+        # layer_stats step index is looked up, instead of a DISTINCT over every histogram
+        return self.query(
+            "SELECT s.step FROM (SELECT DISTINCT step FROM layer_stats) s WHERE EXISTS "
+            "(SELECT 1 FROM layers l CROSS JOIN histograms h ON h.layer_idx = l.idx AND "
+            "h.tensor = 'grad' AND h.step = s.step) ORDER BY s.step")["step"]
+
+    def grad_histograms_at(self, steps: Iterable[int]) -> pd.DataFrame:
+        """``step, layer, lo, counts`` (stored form: :func:`hist_chunks` reads it) of every
+        gradient histogram at ``steps``."""
+        return self.query("SELECT h.step, l.layer, h.lo, h.counts FROM layers l CROSS JOIN "
+                          "histograms h ON h.layer_idx = l.idx WHERE h.tensor = 'grad' AND "
+                          f"h.step IN ({_ints(steps)}) ORDER BY h.step, h.layer_idx")
+
+    def stats_with_histograms(self, tensors: list[str], step: int | None = None) -> pd.DataFrame:
+        """``step, layer, tensor, max_abs, lo, counts, loss_scale`` of every statistics row of
+        ``tensors`` (at ``step`` only, if given), with its histogram (stored form, NA where
+        none) and the step's loss scale."""
+        where = "WHERE s.tensor IN (%s)" % ",".join("?" * len(tensors))
+        params: list[Any] = list(tensors)
+        if step is not None:
+            where += " AND s.step = ?"
+            params.append(int(step))
+        return self.query(
+            "SELECT s.step, l.layer, s.tensor, s.max_abs, h.lo, h.counts, st.loss_scale "
+            "FROM layer_stats s JOIN layers l ON l.idx = s.layer_idx "
+            "LEFT JOIN histograms h ON h.step = s.step AND h.layer_idx = s.layer_idx AND h.tensor = s.tensor "
+            f"LEFT JOIN steps st ON st.step = s.step {where} ORDER BY s.step, s.layer_idx",
+            tuple(params))
 
     def close(self) -> None:
         with self._lock:
@@ -375,3 +604,44 @@ def list_runs(root: str | Path = "runs") -> list[Path]:
     dbs = {p.parent: p for pat in ("*/run-rank*.db", "*/run.db") for p in root.glob(pat)}
     return sorted(dbs, key=lambda d: dbs[d].stat().st_mtime, reverse=True)
 
+
+
+def _ints(values: Iterable[int]) -> str:
+    """``1,2,3``: integers for an SQL ``IN (...)`` list."""
+    return ",".join(str(int(x)) for x in values)
+
+
+CHUNK_ROWS = 20_000  # histograms unpacked at once (a long run has millions: ~40 MB a chunk)
+
+
+def hist_counts(los: Any, blobs: Any) -> np.ndarray:
+    """Stored histograms (first bin, little-endian int64 counts: ``store.pack_hists``) as one
+    ``(n, N_BINS)`` int64 array."""
+    blobs = list(blobs)
+    lens = np.fromiter((len(b) // 8 for b in blobs), dtype=np.int64, count=len(blobs))
+    flat = np.frombuffer(b"".join(blobs), dtype="<i8")
+    first = np.asarray(los, dtype=np.int64) - (np.cumsum(lens) - lens)  # bin of flat[0] per row
+    out = np.zeros((len(blobs), N_BINS), dtype=np.int64)
+    out[np.repeat(np.arange(len(blobs)), lens), np.repeat(first, lens) + np.arange(len(flat))] = flat
+    return out
+
+
+def hist_chunks(los: Any, blobs: Any) -> Iterator[tuple[slice, np.ndarray]]:
+    """(rows, :func:`hist_counts` of those rows), at most :data:`CHUNK_ROWS` rows at a time."""
+    los, blobs = np.asarray(los), np.asarray(blobs, dtype=object)
+    for i in range(0, len(blobs), CHUNK_ROWS):
+        rows = slice(i, min(i + CHUNK_ROWS, len(blobs)))
+        yield rows, hist_counts(los[rows], blobs[rows])
+
+
+def is_foreign_store(db: Path) -> bool:
+    """An SQLite file without mpviz's meta table (True), or one we cannot tell about (False)."""
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            con.close()
+    except sqlite3.DatabaseError:
+        return False
+    return "meta" not in names

@@ -354,6 +354,7 @@ def test_percentiles_of_all_histograms_at_once_equal_one_at_a_time(lr5_run, tmp_
     from mpviz.store import pack_hists, unpack_hist
 
     hr = importlib.import_module("mpviz.diagnosis.headroom")   # the module, not the function
+    from mpviz import run as run_module
 
     train(small_model(), "fp16", loss_weight=3e-6, steps=10, every=1, run_dir=tmp_path / "u")
     recorded = []
@@ -376,14 +377,14 @@ def test_percentiles_of_all_histograms_at_once_equal_one_at_a_time(lr5_run, tmp_
     assert packed[0] == (0, b"") and len(packed[5][1]) == 8   # empty; one bin
     los = rec["lo"].tolist() + [lo for lo, _ in packed]
     blobs = rec["counts"].tolist() + [b for _, b in packed]
-    counts = hr.hist_counts(los, blobs)
+    counts = run_module.hist_counts(los, blobs)
     assert counts.shape == (len(blobs), 257)
     for q in (0.0, 0.5, 1.0, 50.0, 99.0, 100.0):
         want = [hist_percentile(unpack_hist(lo, b), q) for lo, b in zip(los, blobs)]
         np.testing.assert_array_equal(hr.hist_percentiles(counts, q), want, err_msg=str(q))
     assert np.isnan(hr.hist_percentiles(counts[-9:-6], 1.0)).all()  # no finite nonzero value
     # headroom()'s low_abs, in several chunks, row by row against the reference
-    monkeypatch.setattr(hr, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(run_module, "CHUNK_ROWS", 7)
     run = mpviz.load_run(lr5_run[0])
     h = mpviz.headroom(run, formats=["fp16"])
     ref = run.query("SELECT s.step, l.layer, s.tensor, h.lo, h.counts FROM layer_stats s "

@@ -18,7 +18,8 @@ from torch import nn
 
 import mpviz
 from mpviz.__main__ import main as cli
-from mpviz.mailbox import advice_rules, advice_target, steer_requests
+from mpviz.diagnosis.advise import advice_rules, advice_target
+from mpviz.mailbox import steer_requests
 from waiting import wait_for
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

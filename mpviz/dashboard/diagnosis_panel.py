@@ -21,7 +21,9 @@ import time
 from typing import Any, Callable
 
 import ipywidgets as widgets
+import numpy as np
 
+from ..formats import FORMATS, NONFINITE_BIN, ZERO_BIN, bin_of
 from . import ui
 
 COLORS = {"error": "#c62828", "warning": "#ef6c00", "info": "#607d8b"}
@@ -285,7 +287,6 @@ class DiagnosisPanel:
 
 # ---------------------------------------------------------------- exponent histogram view
 MAX_COLUMNS = 300   # steps drawn at most (evenly spaced among the recorded ones)
-ZERO_BIN, INF_BIN = 0, 256   # mpviz.stats: bin 0 exact zeros, bin 256 inf/nan, bin k 2**(k-128)..
 LINE_FORMATS = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
 LINE_COLORS = {"fp16": "#c62828", "bf16": "#1565c0", "fp8_e4m3": "#2e7d32", "fp8_e5m2": "#6a1b9a"}
 
@@ -294,32 +295,14 @@ def exponent_history(run: Any, layer: str, tensor: str, lo: int, hi: int,
                      max_columns: int = MAX_COLUMNS) -> tuple[list[int], dict[int, list[float]]]:
     """One layer's stored log2 histograms over steps [lo, hi] (at most ``max_columns`` steps,
     evenly spaced): ``(steps, {bin: [share of elements per step]})`` for every bin that holds
-    anything (bins as in :mod:`mpviz.stats`: 0 zeros, 1 fp32 subnormals, k = 2..255 the binade
-    [2**(k-128), 2**(k-127)), 256 inf/nan)."""
-    from mpviz.store import unpack_hist
-
-    idx = run.query("SELECT idx FROM layers WHERE layer = ?", (layer,))
-    if idx.empty:
-        return [], {}
-    key = (int(idx["idx"].iloc[0]), tensor)
-    have = run.query("SELECT step FROM histograms WHERE layer_idx = ? AND tensor = ? AND step "
-                     "BETWEEN ? AND ? ORDER BY step", key + (lo, hi))["step"].tolist()
+    anything (bins: :mod:`mpviz.formats`)."""
+    have = run.histogram_steps(layer, tensor, lo, hi)
     stride = max(1, math.ceil(len(have) / max_columns))
-    chosen = have[::stride]
-    if not chosen:
+    steps, counts = run.histograms_of(layer, tensor, have[::stride])
+    if not steps:
         return [], {}
-    rows = run.query(f"SELECT step, lo, counts FROM histograms WHERE layer_idx = ? AND tensor = ? "
-                     f"AND step IN ({','.join('?' * len(chosen))}) ORDER BY step",
-                     key + tuple(int(s) for s in chosen))
-    steps = [int(s) for s in rows["step"]]
-    shares: dict[int, list[float]] = {}
-    for j, (first, blob) in enumerate(zip(rows["lo"], rows["counts"])):
-        counts = unpack_hist(int(first), blob)
-        total = sum(counts) or 1
-        for k, c in enumerate(counts):
-            if c:
-                shares.setdefault(k, [0.0] * len(steps))[j] = c / total
-    return steps, shares
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    return steps, {int(k): shares[:, k].tolist() for k in np.flatnonzero(counts.any(axis=0))}
 
 
 def exponent_figure(run: Any, layer: str, lo: int, hi: int,
@@ -330,8 +313,6 @@ def exponent_figure(run: Any, layer: str, lo: int, hi: int,
     tensor, the ``steps`` and the ``bins`` of each heatmap row (tests)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
-
-    from mpviz.formats import FORMATS
 
     data = [(t, *exponent_history(run, layer, t, lo, hi)) for t in tensors]
     data = [d for d in data if d[1]]
@@ -345,34 +326,19 @@ def exponent_figure(run: Any, layer: str, lo: int, hi: int,
                                         for t, _, _ in data])
     meta = {}
     for r, (tensor, steps, shares) in enumerate(data, start=1):
-        mid = sorted(k for k in shares if ZERO_BIN < k < INF_BIN)
-        y_lo = min(mid[0] - 128, -24) if mid else -24     # always show fp16's subnormal floor
-        y_hi = max(mid[-1] - 128, 16) if mid else 16     # ... and its largest value
-        bins = list(range(y_lo + 128, y_hi + 129))
-        ys = [k - 128 + 0.5 for k in bins]                 # the binade's middle, in log2 units
-        if ZERO_BIN in shares:
-            bins, ys = [ZERO_BIN] + bins, [y_lo - 1.5] + ys
-        if INF_BIN in shares:
-            bins, ys = bins + [INF_BIN], ys + [y_hi + 2.5]
+        bins, ys, (y_lo, y_hi) = _exponent_rows(shares)
         z = [[(v if v > 0 else None) for v in shares.get(k, [0.0] * len(steps))] for k in bins]
         fig.add_trace(go.Heatmap(x=steps, y=ys, z=z, colorscale="Viridis", zmin=0, zmax=1,
                                  showscale=r == 1, name=tensor,
                                  colorbar=dict(title="share", len=0.5, y=1, yanchor="top"),
                                  hovertemplate="step %{x}<br>log2|x| %{y}<br>share %{z:.3f}"
                                                "<extra></extra>"), row=r, col=1)
-        for name in LINE_FORMATS:
-            f = FORMATS[name]
-            for v, dash in ((f.max, "solid"), (f.min_subnormal, "dot")):
-                y = math.log2(v)
-                if y_lo - 0.5 <= y <= y_hi + 1.5:
-                    fig.add_hline(y=y, line=dict(color=LINE_COLORS[name], width=1, dash=dash),
-                                  row=r, col=1, annotation_text=name, annotation_font_size=9,
-                                  annotation_position="right")
+        _format_lines(fig, r, y_lo, y_hi)
         ticks = list(range(y_lo - y_lo % 8, y_hi + 2, 8))
         tv, tt = [float(t) for t in ticks], [f"2^{t}" for t in ticks]
         if ZERO_BIN in shares:
             tv, tt = [y_lo - 1.5] + tv, ["zero"] + tt
-        if INF_BIN in shares:
+        if NONFINITE_BIN in shares:
             tv, tt = tv + [y_hi + 2.5], tt + ["inf/nan"]
         fig.update_yaxes(tickvals=tv, ticktext=tt, row=r, col=1)
         meta[tensor] = {"steps": steps, "bins": bins}
@@ -380,3 +346,31 @@ def exponent_figure(run: Any, layer: str, lo: int, hi: int,
                       meta=meta, showlegend=False)
     fig.update_xaxes(title_text="step", row=len(data), col=1)
     return fig
+
+
+def _exponent_rows(shares: dict[int, list[float]]) -> tuple[list[int], list[float], tuple[int, int]]:
+    """The heatmap's rows: bins, their y (the binade's middle, in log2 units; zero below and
+    inf/nan above, when they hold anything), and the exponents shown."""
+    mid = sorted(k for k in shares if ZERO_BIN < k < NONFINITE_BIN)
+    floor, top = FORMATS["fp16"].log2_range()   # always shown: fp16's whole range
+    y_lo = min(mid[0] - bin_of(0), floor) if mid else floor
+    y_hi = max(mid[-1] - bin_of(0), top + 1) if mid else top + 1
+    bins = list(range(bin_of(y_lo), bin_of(y_hi) + 1))
+    ys = [k - bin_of(0) + 0.5 for k in bins]
+    if ZERO_BIN in shares:
+        bins, ys = [ZERO_BIN] + bins, [y_lo - 1.5] + ys
+    if NONFINITE_BIN in shares:
+        bins, ys = bins + [NONFINITE_BIN], ys + [y_hi + 2.5]
+    return bins, ys, (y_lo, y_hi)
+
+
+def _format_lines(fig: Any, row: int, y_lo: int, y_hi: int) -> None:
+    """Each format's largest value (solid) and smallest subnormal (dotted) within the rows."""
+    for name in LINE_FORMATS:
+        f = FORMATS[name]
+        for v, dash in ((f.max, "solid"), (f.min_subnormal, "dot")):
+            y = math.log2(v)
+            if y_lo - 0.5 <= y <= y_hi + 1.5:
+                fig.add_hline(y=y, line=dict(color=LINE_COLORS[name], width=1, dash=dash),
+                              row=row, col=1, annotation_text=name, annotation_font_size=9,
+                              annotation_position="right")

@@ -22,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from mpviz.run import is_foreign_store
 from mpviz.store import DB_NAME, RunStoreError, db_path
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -106,7 +107,7 @@ def describe(run_dir: str | os.PathLike, error: BaseException) -> str:
     if isinstance(error, RunStoreError) and "no schema version" in str(error):
         return (f"{name}: {DB_NAME} has no schema version yet: a run starting this instant (press "
                 f"Rescan in a second), or one killed before its first write")
-    if _is_foreign(db):
+    if is_foreign_store(db):
         return (f"{name}: {DB_NAME} is an SQLite database but not an mpviz run (no meta table "
                 f"with a schema version); nothing to show")
     detail = _sqlite_reason(error)
@@ -127,19 +128,6 @@ def _sqlite_reason(error: BaseException) -> str:
         e = e.__cause__ or e.__context__
     found = re.search(r"\(([^()]+)\)", str(error))  # RunStoreError quotes it in parentheses
     return found.group(1) if found else str(error)
-
-
-def _is_foreign(db: Path) -> bool:
-    """An SQLite file without mpviz's meta table (True), or one we cannot tell about (False)."""
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        finally:
-            con.close()
-    except sqlite3.DatabaseError:
-        return False
-    return "meta" not in names
 
 
 def _truncated(head: bytes, size: int) -> str:

@@ -1,9 +1,9 @@
-"""Plot-ready views of a run, decimated in SQL so a 100k-step run opens in seconds.
+"""Plot-ready views of a run, decimated by the store (`mpviz.Run`'s bucketed reads) so a
+100k-step run opens in well under a second.
 
-Every function takes a `mpviz.Run` (anything with `.query(sql, params)` returning a DataFrame
-over the tables in docs/ARCHITECTURE.md) and a step range, and returns small pandas/numpy data.
-Lines are downsampled by averaging buckets of steps; skipped steps and overflow events are never
-downsampled (they are what a user looks for).
+Every function takes a `mpviz.Run` and a step range, and returns small pandas/numpy data: how
+many points, which steps, the labels. Lines are downsampled by averaging buckets of steps;
+skipped steps and overflow events are never downsampled (they are what a user looks for).
 
 >>> import mpviz
 >>> from mpviz.dashboard import queries
@@ -13,13 +13,13 @@ downsampled (they are what a user looks for).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from mpviz.diagnosis.headroom import bits
 from mpviz.formats import DTYPE_PRECISION, FORMATS, PRECISIONS, dtype_name  # no torch import
 # Whether a run's writer is gone, and the status to show: one check for `mpviz info`, the
 # steering mailbox and the apps (it lives in the core package: the apps' extras are optional).
@@ -47,22 +47,13 @@ def bucket_size(lo: int, hi: int, max_points: int) -> int:
 
 def step_range(run) -> tuple[int, int]:
     """(first, last) recorded step, (0, -1) for an empty run."""
-    df = run.query("SELECT MIN(step) AS lo, MAX(step) AS hi FROM steps")
-    if df.empty or pd.isna(df["hi"].iloc[0]):
-        return 0, -1
-    return int(df["lo"].iloc[0]), int(df["hi"].iloc[0])
+    return run.step_range()
 
 
 def step_view(run, lo: int, hi: int, max_points: int = 2000) -> pd.DataFrame:
     """Per-step series in [lo, hi], averaged over buckets of steps (min for the loss scale, so
     back-offs stay visible). Columns: step, loss, samples_per_s, loss_scale, wall_time."""
-    k = bucket_size(lo, hi, max_points)
-    df = run.query(
-        "SELECT MIN(step) AS step, AVG(loss) AS loss, AVG(samples_per_s) AS samples_per_s, "
-        "MIN(loss_scale) AS loss_scale, MAX(wall_time) AS wall_time "
-        "FROM steps WHERE step BETWEEN ? AND ? GROUP BY (step - ?) / ? ORDER BY step",
-        (lo, hi, lo, k),
-    )
+    df = run.step_buckets(lo, hi, bucket_size(lo, hi, max_points))
     for col in ("loss", "samples_per_s", "loss_scale", "wall_time"):
         vals = np.array(pd.to_numeric(df[col], errors="coerce"), dtype=float)  # a writable copy
         vals[~np.isfinite(vals)] = np.nan  # inf/nan become gaps, not broken axes
@@ -75,14 +66,7 @@ def skipped_view(run, lo: int, hi: int) -> pd.DataFrame:
 
     Columns: step, loss_scale, culprit (e.g. "fc2 grad (backward)", or "?" if unattributed).
     """
-    df = run.query(
-        "SELECT s.step AS step, s.loss_scale AS loss_scale, l.layer AS layer, o.tensor AS tensor, "
-        "o.phase AS phase FROM steps s "
-        "LEFT JOIN overflows o ON o.step = s.step AND o.first = 1 "
-        "LEFT JOIN layers l ON l.idx = o.layer_idx "
-        "WHERE s.skipped = 1 AND s.step BETWEEN ? AND ? ORDER BY s.step",
-        (lo, hi),
-    )
+    df = run.skipped_steps(lo, hi)
     if df.empty:
         return pd.DataFrame({"step": [], "loss_scale": [], "culprit": []})
     culprit = [
@@ -97,12 +81,7 @@ def skipped_view(run, lo: int, hi: int) -> pd.DataFrame:
 
 def policy_marks(run, lo: int, hi: int) -> pd.DataFrame:
     """Policy changes in [lo, hi], one row per step: step, text ("head → fp32<br>...")."""
-    df = run.query(
-        "SELECT p.step AS step, l.layer AS layer, p.precision AS precision FROM policy_changes p "
-        "LEFT JOIN layers l ON l.idx = p.layer_idx WHERE p.step BETWEEN ? AND ? "
-        "ORDER BY p.step, l.idx",
-        (lo, hi),
-    )
+    df = run.policy_changes_in(lo, hi)
     if df.empty:
         return pd.DataFrame({"step": [], "text": []})
     rows = []
@@ -124,7 +103,7 @@ class Heatmap:
     z: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
 
 
-# Up to this many layer_stats rows a heatmap is the exact max per cell; above it, each cell is
+# Up to this many statistics rows a heatmap is the exact max per cell; above it, each cell is
 # the max over SAMPLES_PER_CELL recorded steps spread over its bucket (an indexed lookup), so a
 # 100k-step x 200-layer run draws in well under a second instead of scanning millions of rows.
 EXACT_ROWS = 300_000
@@ -135,32 +114,19 @@ def grad_heatmap(run, lo: int, hi: int, max_cells: int = MAX_HEATMAP_CELLS,
                  max_cols: int = 200) -> Heatmap:
     """log2 of the (unscaled) gradient norm per layer (rows) and step bucket (columns): the
     max over the bucket's recorded steps (sampled on very large runs, see EXACT_ROWS)."""
-    n_layers = int(run.query("SELECT COUNT(*) AS n FROM layers WHERE n_params > 0")["n"].iloc[0] or 0)
+    n_layers = run.n_param_layers()
     if n_layers == 0 or hi < lo:
         return Heatmap()
     cols = max(1, min(max_cols, max_cells // n_layers))
     k = bucket_size(lo, hi, cols)
     recorded = _recorded_steps(run, lo, hi)
     if recorded is None or len(recorded) * n_layers <= EXACT_ROWS:
-        df = run.query(
-            "SELECT layer_idx AS idx, (step - ?) / ? AS b, MAX(norm) AS norm FROM layer_stats "
-            "WHERE tensor = 'grad' AND step BETWEEN ? AND ? GROUP BY layer_idx, b",
-            (lo, k, lo, hi),
-        )
+        df = run.grad_norm_buckets(lo, hi, k)
     else:
-        buckets = (recorded - lo) // k
-        picked = []
-        for b in np.unique(buckets):
-            in_b = recorded[buckets == b]
-            idx = np.linspace(0, len(in_b) - 1, min(SAMPLES_PER_CELL, len(in_b))).round().astype(int)
-            picked.append(in_b[np.unique(idx)])
-        steps = np.concatenate(picked)
-        df = run.query(
-            "SELECT layer_idx AS idx, step, norm FROM layer_stats WHERE tensor = 'grad' AND step IN "
-            f"({','.join(str(int(x)) for x in steps)})")  # integers we computed: safe to inline
+        df = run.grad_norms_at(_sample_buckets(recorded, lo, k))
         df["b"] = (df["step"].to_numpy(dtype=np.int64) - lo) // k
         df = df.groupby(["idx", "b"], as_index=False)["norm"].max()
-    names = _layer_names(run)
+    names = run.layer_names()
     col_ids, col_pos = np.unique(df["b"].to_numpy(dtype=np.int64), return_inverse=True)
     row_ids, row_pos = np.unique(df["idx"].to_numpy(dtype=np.int64), return_inverse=True)
     z = np.full((len(row_ids), len(col_ids)), np.nan)
@@ -171,24 +137,28 @@ def grad_heatmap(run, lo: int, hi: int, max_cells: int = MAX_HEATMAP_CELLS,
     return Heatmap([layer_label(names.get(int(i), str(i))) for i in row_ids], lo + col_ids * k, z)
 
 
+def _sample_buckets(recorded: np.ndarray, lo: int, k: int) -> np.ndarray:
+    """At most SAMPLES_PER_CELL of the `recorded` steps of each bucket of `k` steps, evenly spread."""
+    buckets = (recorded - lo) // k
+    picked = []
+    for b in np.unique(buckets):
+        in_b = recorded[buckets == b]
+        idx = np.linspace(0, len(in_b) - 1, min(SAMPLES_PER_CELL, len(in_b))).round().astype(int)
+        picked.append(in_b[np.unique(idx)])
+    return np.concatenate(picked)
+
+
 def _recorded_steps(run, lo: int, hi: int) -> np.ndarray | None:
     """Steps in [lo, hi] with per-layer statistics: every `meta.every`-th step (the recorder's
     schedule); None if the run does not say. A run recorded with a statistics budget
-    (`meta.stats_budget`, the default schedule) took only some of them: those are read from the
-    layer_stats index, one lookup per step taken (a skip scan, not a scan of its rows)."""
-    meta = run.query("SELECT key, value FROM meta WHERE key IN ('every', 'stats_budget')")
-    kv = dict(zip(meta["key"], meta["value"]))
+    (`meta.stats_budget`, the default schedule) took only some of them: those the store has."""
+    meta = run.meta
     try:
-        n = int(json.loads(kv["every"]))
+        n = int(meta["every"])
     except (KeyError, TypeError, ValueError):
         return None
-    if json.loads(kv.get("stats_budget") or "null") is not None:
-        steps = run.query(
-            "WITH RECURSIVE s(step) AS (SELECT MIN(step) FROM layer_stats WHERE step >= ? "
-            "UNION ALL SELECT (SELECT MIN(step) FROM layer_stats WHERE step > s.step) FROM s "
-            "WHERE s.step IS NOT NULL AND s.step <= ?) SELECT step FROM s WHERE step <= ?",
-            (int(lo), int(hi), int(hi)))["step"]
-        return steps.dropna().to_numpy(dtype=np.int64)
+    if meta.get("stats_budget") is not None:
+        return run.stats_steps(lo, hi)
     first = lo + (-lo) % n
     return np.arange(first, hi + 1, n, dtype=np.int64)
 
@@ -209,18 +179,10 @@ class DtypeMap:
 def dtype_map(run, upto: int | None = None) -> DtypeMap:
     """The dtypes each leaf layer ran with at step `upto` (default: latest): input, output,
     weight, grad. Containers are left out: their rows repeat their children's."""
-    hi = upto if upto is not None else 2**62
-    df = run.query(
-        "SELECT d.layer_idx AS idx, d.tensor AS tensor, d.dtype AS dtype FROM dtypes d "
-        "JOIN (SELECT layer_idx, tensor, MAX(step) AS step FROM dtypes WHERE step <= ? "
-        "GROUP BY layer_idx, tensor) m "
-        "ON m.layer_idx = d.layer_idx AND m.tensor = d.tensor AND m.step = d.step "
-        "JOIN layers l ON l.idx = d.layer_idx WHERE l.is_leaf = 1",
-        (hi,),
-    )
+    df = run.leaf_dtypes(upto)
     if df.empty:
         return DtypeMap()
-    names = _layer_names(run)
+    names = run.layer_names()
     idxs = sorted(set(int(i) for i in df["idx"]))
     pos = {i: r for r, i in enumerate(idxs)}
     table = [["" for _ in DTYPE_KINDS] for _ in idxs]
@@ -239,13 +201,8 @@ def dtype_map(run, upto: int | None = None) -> DtypeMap:
 
 def overflow_table(run, limit: int = 50) -> tuple[pd.DataFrame, int]:
     """The latest `limit` overflow events (newest first) and the total number of events."""
-    total = int(run.query("SELECT COUNT(*) AS n FROM overflows")["n"].iloc[0] or 0)
-    df = run.query(
-        "SELECT o.step AS step, l.layer AS layer, o.tensor AS tensor, o.phase AS phase, "
-        "o.first AS first, o.nonfinite AS nonfinite, o.skipped AS skipped FROM overflows o "
-        "LEFT JOIN layers l ON l.idx = o.layer_idx ORDER BY o.step DESC, o.first DESC LIMIT ?",
-        (limit,),
-    )
+    total = run.overflow_count()
+    df = run.latest_overflows(limit)
     df["layer"] = [layer_label(x) if isinstance(x, str) else "?" for x in df["layer"]]
     return df, total
 
@@ -253,75 +210,47 @@ def overflow_table(run, limit: int = 50) -> tuple[pd.DataFrame, int]:
 def layer_table(run, effective: dict[str, tuple[str | None, str | None]] | None = None,
                 base: str = "fp32") -> pd.DataFrame:
     """One row per module: layer, type, n_params, depth, is_leaf, precision (in force now),
-    grad_norm (latest recorded, unscaled), headroom (binades between the latest activation
-    max |x| and the largest finite value of the layer's precision; -inf once it overflowed)."""
-    layers = run.query("SELECT idx, layer, type, n_params, depth, is_leaf FROM layers ORDER BY idx")
-    last = run.query(
-        "SELECT ls.layer_idx AS idx, ls.tensor AS tensor, ls.norm AS norm, ls.max_abs AS max_abs "
-        "FROM layer_stats ls JOIN (SELECT layer_idx, tensor, MAX(step) AS step FROM layer_stats "
-        "GROUP BY layer_idx, tensor) m ON m.layer_idx = ls.layer_idx AND m.tensor = ls.tensor "
-        "AND m.step = ls.step"
-    )
+    grad_norm (latest recorded, unscaled), headroom (bits between the latest activation max |x|
+    and the largest finite value of the layer's precision; -inf once it overflowed; NaN when
+    unknown or all zero)."""
+    layers = run.layers
+    last = run.latest_stats()
     is_grad, is_act = last["tensor"] == "grad", last["tensor"] == "activation"
-    grad = dict(zip(last.loc[is_grad, "idx"], pd.to_numeric(last.loc[is_grad, "norm"], errors="coerce")))
-    act = dict(zip(last.loc[is_act, "idx"], pd.to_numeric(last.loc[is_act, "max_abs"], errors="coerce")))
+    grad = dict(zip(last.loc[is_grad, "layer"], pd.to_numeric(last.loc[is_grad, "norm"], errors="coerce")))
+    act = dict(zip(last.loc[is_act, "layer"], pd.to_numeric(last.loc[is_act, "max_abs"], errors="coerce")))
     effective = effective or {}
     rows = []
-    for idx, name, typ, n_params, depth, leaf in zip(layers["idx"], layers["layer"], layers["type"],
-                                                      layers["n_params"], layers["depth"], layers["is_leaf"]):
+    for name, typ, n_params, depth, leaf in zip(layers["layer"], layers["type"], layers["n_params"],
+                                                 layers["depth"], layers["is_leaf"]):
         prec = (effective.get(name) or (None, None))[0] or base
         rows.append((name, typ, int(n_params or 0), int(depth or 0), bool(leaf), prec,
-                     float(grad.get(idx, np.nan)), headroom(act.get(idx, np.nan), prec)))
+                     float(grad.get(name, np.nan)), _headroom(act.get(name, np.nan), prec)))
     return pd.DataFrame(rows, columns=["layer", "type", "n_params", "depth", "is_leaf", "precision",
                                        "grad_norm", "headroom"])
 
 
-def headroom(max_abs: float, precision: str) -> float:
-    """Binades between `max_abs` and the largest finite value of `precision` (nan if unknown).
+def _headroom(max_abs: float, precision: str) -> float:
+    """Bits to overflow the layer's precision (fp32 for any other name); NaN, not inf, for an
+    all-zero output: the table shows "–" there, not "overflow".
 
-    >>> round(headroom(1024.0, "fp16"), 3)   # 65504 / 1024 is just under 2**6
+    >>> round(_headroom(1024.0, "fp16"), 3)   # 65504 / 1024 is just under 2**6
     5.999
     """
-    if max_abs is None or np.isnan(max_abs) or max_abs <= 0:
+    if max_abs == 0:
         return float("nan")
-    if not np.isfinite(max_abs):
-        return float("-inf")
-    return math.log2(FORMATS.get(precision, FORMATS["fp32"]).max / max_abs)
+    return float(bits(precision if precision in FORMATS else "fp32", max_abs, np.nan)[0])
 
 
 def layer_history(run, layer: str, lo: int, hi: int, max_points: int = 1000) -> pd.DataFrame:
     """One layer's statistics over [lo, hi] for the drill-down: step, tensor, norm, max_abs,
     min_abs_nonzero, zero_frac, nonfinite, underflow_fp16 (fraction), bucket-averaged."""
-    k = bucket_size(lo, hi, max_points)
-    idx = run.query("SELECT idx FROM layers WHERE layer = ?", (layer,))
-    if idx.empty:
-        raise ValueError(f"no layer {layer!r} in this run")
-    # layer_idx first, so SQLite walks the (layer_idx, tensor, step) index, not the whole table.
-    return run.query(
-        "SELECT MIN(step) AS step, tensor, AVG(norm) AS norm, MAX(max_abs) AS max_abs, "
-        "MIN(min_abs_nonzero) AS min_abs_nonzero, "
-        "AVG(CAST(zeros AS REAL) / MAX(numel, 1)) AS zero_frac, SUM(nonfinite) AS nonfinite, "
-        "AVG(CAST(underflow_fp16 AS REAL) / MAX(numel, 1)) AS underflow_fp16 "
-        "FROM layer_stats WHERE layer_idx = ? AND step BETWEEN ? AND ? "
-        "GROUP BY tensor, (step - ?) / ? ORDER BY tensor, step",
-        (int(idx["idx"].iloc[0]), lo, hi, lo, k),
-    )
+    return run.layer_buckets(layer, lo, hi, bucket_size(lo, hi, max_points))
 
 
 def layer_summary(run) -> pd.DataFrame:
     """Per layer and tensor over the whole run: mean norm, max |x|, non-finite count, mean fp16
     underflow fraction. Used by the comparison table."""
-    return run.query(
-        "SELECT l.layer AS layer, ls.tensor AS tensor, AVG(ls.norm) AS norm, "
-        "MAX(ls.max_abs) AS max_abs, SUM(ls.nonfinite) AS nonfinite, "
-        "AVG(CAST(ls.underflow_fp16 AS REAL) / MAX(ls.numel, 1)) AS underflow_fp16 "
-        "FROM layer_stats ls JOIN layers l ON l.idx = ls.layer_idx GROUP BY l.layer, ls.tensor"
-    )
-
-
-def _layer_names(run) -> dict[int, str]:
-    df = run.query("SELECT idx, layer FROM layers")
-    return {int(i): str(n) for i, n in zip(df["idx"], df["layer"])}
+    return run.layer_summary()
 
 
 @dataclass

@@ -125,7 +125,8 @@ class SteerPanel:
         """Whether "Apply advice" has something to send to ``run`` now; if not, why not.
         ``diagnosis``: ``mpviz.diagnose(run)`` if made already (the advice reuses it)."""
         import mpviz
-        from mpviz.mailbox import FIX, advice_rules, advice_target, process_gone
+        from mpviz.diagnosis.advise import advice_rules, advice_target
+        from mpviz.mailbox import FIX, process_gone
 
         if run is None:
             return False, "no run open"
@@ -158,7 +159,7 @@ class SteerPanel:
         """Send :func:`mpviz.advise` for the open run as one request; the HTML saying what was
         sent, with the reasons (refreshed as the job applies or refuses it)."""
         import mpviz
-        from mpviz.mailbox import advice_rules, advice_target
+        from mpviz.diagnosis.advise import advice_rules, advice_target
 
         if self.run_dir is None:
             raise mpviz.SteerError("no live steerable run is open")

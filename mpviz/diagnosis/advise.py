@@ -1,14 +1,17 @@
-"""``advise(run)``: the precision policy that keeps in high precision only the layers that need it."""
+"""``advise(run)``: the precision policy that keeps in high precision only the layers that need it,
+and the one steering request that applies it to a live job (:func:`advice_rules`)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
 
+from ..formats import AUTOCAST_PRECISIONS, DTYPE_PRECISION
+from ..run import Run, load_run
 from .diagnose import SHADOW_REL_ERR, diagnose
 from .findings import Diagnosis
-from .headroom import headroom
+from .headroom import bits, check_formats
 
 ESTIMATE_METHOD = (
     "time: the kept layers' share of the parameters of the model's leaf modules (a matmul costs "
@@ -24,70 +27,33 @@ def _covers(kept: list[str], layer: str) -> bool:
 
 def advise(run: Any, target: str = "fp16", keep: str = "fp32", margin_bits: float = 1.0,
            shadow_threshold: float = SHADOW_REL_ERR, diagnosis: Diagnosis | None = None) -> Any:
-    """A :class:`mpviz.PrecisionPolicy` ``{"*": target, layer: keep, ...}`` that keeps in
-    ``keep`` precision only the layers the run shows need it:
+    """A :class:`mpviz.PrecisionPolicy` ``{"*": target, layer: keep, ...}`` keeping in ``keep``
+    precision only the layers the run shows need it: a forward overflow (any step); the first
+    layer to overflow in backward on repeated GradScaler skips after warm-up; activations within
+    ``margin_bits`` of ``target``'s largest value on steps without a forward overflow (a container
+    only when none of its children is named); an fp32 shadow error above ``shadow_threshold``.
 
-    - a layer whose output went inf/nan in the forward pass (an overflow event, any step);
-    - a layer first to overflow in backward on repeated GradScaler skips after warm-up (a
-      ``gradient_overflow`` finding above ``info``);
-    - a layer whose activations come within ``margin_bits`` of ``target``'s largest value
-      (headroom, on statistics steps without a forward overflow; leaf modules first: a container
-      is named only when none of its children is);
-    - a layer whose fp32 shadow error (``Recorder(shadow=...)``) is above ``shadow_threshold``.
-
-    The policy carries ``policy.reasons`` ``{layer: why}`` and ``policy.estimate``
-    ``{"time_share", "memory_share", "method"}``: the share of step time and of activation
-    memory that stays in ``keep`` precision, estimated as :data:`ESTIMATE_METHOD` says.
-    Record the run in fp32 to ask which layers fp16 would break, or in fp16 to see which did.
-    ``diagnosis``: :func:`mpviz.diagnose` of this run, if you have it (else it is diagnosed here).
+    ``policy.reasons`` is ``{layer: why}``, ``policy.estimate`` the share of step time and of
+    activation memory that stays in ``keep`` (:data:`ESTIMATE_METHOD`). ``diagnosis``:
+    :func:`mpviz.diagnose` of this run, if you have it.
 
         >>> policy = mpviz.advise("runs/exp1")          # doctest: +SKIP
         >>> policy.rules, policy.reasons                 # doctest: +SKIP
         ({'*': 'fp16', 'fc3': 'fp32'}, {'fc3': 'output overflowed fp16 in the forward (steps 1-79)'})
-        >>> policy = mpviz.advise(run, diagnosis=mpviz.diagnose(run))   # doctest: +SKIP
     """
-    from ..precision import PrecisionPolicy
-    from ..run import Run, load_run
+    from ..precision import PrecisionPolicy   # imports torch: only once advice is asked for
 
     own = not isinstance(run, Run)
     run = load_run(run) if own else run
     try:
-        reasons: dict[str, str] = {}
         if diagnosis is not None and diagnosis.run_dir != str(run.run_dir):
             raise ValueError(f"diagnosis is of {diagnosis.run_dir}, not of {run.run_dir}")
-        d = diagnosis if diagnosis is not None else diagnose(run)
-        for f in d.findings:
-            if f.kind == "forward_overflow":
-                l = f.layers[0]
-                reasons[l] = (f"output overflowed {f.evidence.get('dtype') or 'its format'} in the "
-                              f"forward (steps {f.steps[0]}-{f.steps[1]}): no loss scale fixes that")
-            elif f.kind == "gradient_overflow" and f.severity != "info":
-                reasons.setdefault(f.layers[0], f"gradients overflowed first on {f.evidence['skips']} "
-                                                "skipped steps")
-        sh = run.shadow()
-        if len(sh):
-            err = np.fmax(sh["rel_err"].astype(float), sh["grad_rel_err"].astype(float))
-            med = sh.assign(err=err).groupby("layer", sort=False)["err"].median()
-            for l, e in med[med > shadow_threshold].items():
-                reasons.setdefault(l, f"fp32 shadow error {e:.2%} > {shadow_threshold:.2%} "
-                                      "(median relative error of outputs / weight gradients)")
+        reasons = _overflow_reasons(diagnosis if diagnosis is not None else diagnose(run))
         layers = run.layers
-        leaf = dict(zip(layers["layer"], layers["is_leaf"]))
-        bad_steps = set(run.overflows.query("phase == 'forward'")["step"])
-        h = headroom(run, formats=[target] if not target.startswith("fp32") else [], tensors=["activation"]) \
-            if target != "fp32" else pd.DataFrame()
-        if len(h):
-            h = h[~h["step"].isin(bad_steps) & (h["layer"] != "")]
-            low = h.groupby("layer", sort=False)["bits_to_overflow"].min()
-            low = low[low < margin_bits]
-            flagged = list(low.index)
-            for l in flagged:  # a container only when none of its children is flagged
-                if not leaf.get(l, True) and any(o.startswith(l + ".") for o in flagged if o != l):
-                    continue
-                reasons.setdefault(l, (f"activations exceed {target}'s largest value by "
-                                       f"{-low[l]:.1f} bits" if low[l] < 0 else
-                                       f"activations come within {low[l]:.1f} bits of {target}'s "
-                                       f"largest value") + f" (margin {margin_bits:g} bits)")
+        for found in (_shadow_reasons(run, shadow_threshold),
+                      _headroom_reasons(run, layers, target, margin_bits)):
+            for layer, why in found.items():
+                reasons.setdefault(layer, why)
         reasons.pop("", None)
         kept = list(reasons)
         policy = PrecisionPolicy({"*": target, **{l: keep for l in kept}})
@@ -99,15 +65,111 @@ def advise(run: Any, target: str = "fp16", keep: str = "fp32", margin_bits: floa
             run.close()
 
 
-def _estimate(run: Any, layers: pd.DataFrame, kept: list[str]) -> dict[str, Any]:
+def _overflow_reasons(d: Diagnosis) -> dict[str, str]:
+    reasons: dict[str, str] = {}
+    for f in d.findings:
+        if f.kind == "forward_overflow":
+            reasons[f.layers[0]] = (f"output overflowed {f.evidence.get('dtype') or 'its format'} "
+                                    f"in the forward (steps {f.steps[0]}-{f.steps[1]}): no loss "
+                                    "scale fixes that")
+        elif f.kind == "gradient_overflow" and f.severity != "info":
+            reasons.setdefault(f.layers[0], f"gradients overflowed first on {f.evidence['skips']} "
+                                            "skipped steps")
+    return reasons
+
+
+def _shadow_reasons(run: Run, threshold: float) -> dict[str, str]:
+    sh = run.shadow()
+    if not len(sh):
+        return {}
+    err = np.fmax(sh["rel_err"].astype(float), sh["grad_rel_err"].astype(float))
+    med = sh.assign(err=err).groupby("layer", sort=False)["err"].median()
+    return {l: f"fp32 shadow error {e:.2%} > {threshold:.2%} (median relative error of "
+               "outputs / weight gradients)" for l, e in med[med > threshold].items()}
+
+
+def _headroom_reasons(run: Run, layers: pd.DataFrame, target: str,
+                      margin_bits: float) -> dict[str, str]:
+    """Layers whose activations, at their largest over statistics steps without a forward
+    overflow, come within ``margin_bits`` of ``target``'s largest value."""
+    if target == "fp32":
+        return {}
+    check_formats([target])
+    bad_steps = run.overflows.query("phase == 'forward'")["step"]
+    peaks = run.peak_max_abs("activation", skip_steps=bad_steps)
+    peaks = peaks[peaks["layer"] != ""]
+    over = bits(target, pd.to_numeric(peaks["max_abs"], errors="coerce").astype(float), np.nan)[0]
+    low = pd.Series(over, index=peaks["layer"].to_numpy())
+    low = low[low < margin_bits]
+    leaf = dict(zip(layers["layer"], layers["is_leaf"]))
+    flagged = list(low.index)
+    reasons = {}
+    for l in flagged:  # a container only when none of its children is flagged
+        if not leaf.get(l, True) and any(o.startswith(l + ".") for o in flagged if o != l):
+            continue
+        reasons[l] = (f"activations exceed {target}'s largest value by {-low[l]:.1f} bits"
+                      if low[l] < 0 else
+                      f"activations come within {low[l]:.1f} bits of {target}'s largest value"
+                      ) + f" (margin {margin_bits:g} bits)"
+    return reasons
+
+
+def _estimate(run: Run, layers: pd.DataFrame, kept: list[str]) -> dict[str, Any]:
     leaves = layers[layers["is_leaf"]]
     total = float(leaves["n_params"].sum())
     kept_params = float(leaves.loc[[_covers(kept, l) for l in leaves["layer"]], "n_params"].sum())
-    acts = run.query("SELECT l.layer, s.numel FROM layer_stats s JOIN layers l ON l.idx = s.layer_idx "
-                     "WHERE s.tensor = 'activation' AND l.is_leaf = 1 AND s.step = "
-                     "(SELECT MAX(step) FROM layer_stats WHERE tensor = 'activation')")
+    acts = run.leaf_numels("activation")
     a_total = float(acts["numel"].sum())
     a_kept = float(acts.loc[[_covers(kept, l) for l in acts["layer"]], "numel"].sum()) if len(acts) else 0.0
     return {"time_share": kept_params / total if total else float("nan"),
             "memory_share": a_kept / a_total if a_total else float("nan"),
             "method": ESTIMATE_METHOD}
+
+
+# ---------------------------------------------------------------- applying advice to a live job
+
+
+def is_advice(policy: Any) -> bool:
+    """A PrecisionPolicy from :func:`advise` (it carries ``reasons``); no torch import."""
+    if isinstance(policy, Mapping) or not hasattr(policy, "rules"):
+        return False
+    if not isinstance(getattr(policy, "reasons", None), Mapping):
+        raise TypeError("steer takes a dict {layer name or glob: precision or None} or the policy "
+                        "mpviz.advise returns; for a PrecisionPolicy of your own, pass its rules: "
+                        "mpviz.steer(run_dir, policy.rules)")
+    return True
+
+
+def precision_in_force(run: Run) -> dict[str, str]:
+    """``{layer: precision}`` each layer of the job runs in now: its policy's decision (the last
+    of ``run.policy_changes``), or the outer autocast's (``fp32`` without one)."""
+    outer = DTYPE_PRECISION.get(str(run.meta.get("autocast_dtype")), "fp32")
+    now = dict.fromkeys(run.layers["layer"].astype(str), outer)
+    last = run.policy_changes.drop_duplicates("layer", keep="last")
+    for layer, p in zip(last["layer"], last["precision"]):
+        now[str(layer)] = p if isinstance(p, str) else outer
+    return now
+
+
+def advice_target(run: Run) -> str:
+    """The low precision to advise the job for: the one its model runs in (``fp16`` or
+    ``bf16``), else ``fp16`` (which layers fp16 would break)."""
+    root = precision_in_force(run).get("", "fp32")
+    return root if root in AUTOCAST_PRECISIONS else "fp16"
+
+
+def advice_rules(run: Run, policy: Any) -> dict[str, str]:
+    """The one request that applies ``policy`` to the job recording ``run``: ``{layer:
+    precision}`` for each layer it keeps in high precision whose precision in force differs
+    (the default ``"*"`` is not sent and no rule is removed)."""
+    now = precision_in_force(run)
+    rules = policy.rules
+    return {l: rules[l] for l in policy.reasons if l in rules and now.get(l) != rules[l]}
+
+
+def nothing_to_send(policy: Any) -> str:
+    """Why :func:`advice_rules` is empty, in words."""
+    if not policy.reasons:
+        return "it keeps no layer in high precision (nothing the run shows needs it)."
+    kept = ", ".join(f"{l} ({policy.rules.get(l)})" for l in policy.reasons)
+    return f"the layers it keeps in high precision already run so: {kept}."

@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..formats import FORMATS
+from ..formats import FORMATS, NONFINITE_BIN, SUBNORMAL_BIN, ZERO_BIN, bin_of
+from ..run import Run, hist_chunks, load_run
 from .findings import Diagnosis, Finding, layer_name as _name
-from .headroom import bits, hist_chunks, hist_percentiles
+from .headroom import bits, headroom, hist_percentiles
 from .timeline import scale_timeline, scale_advice, warmup_backoffs
 
 # Thresholds (module constants, so the dashboards and the docs can quote them)
@@ -204,12 +205,9 @@ def _vanished(run: Any, steps: pd.DataFrame, picked: list[int],
     before it reached any weight), or other layers' sat at the floor that step. A frozen layer,
     or one that got no gradient, has no gradient row, and a gradient zero only in part (an
     embedding's unused rows, some dead units) is not all zero: neither is named."""
-    at = ",".join(str(int(x)) for x in picked)
-    if run.query("SELECT 1 FROM layer_stats WHERE tensor = 'grad' AND max_abs = 0 AND step IN "
-                 f"({at}) LIMIT 1").empty:
+    if not run.any_zero("grad", picked):
         return {}, []   # no gradient all zero (the rows below are many in a long run)
-    s = run.query("SELECT s.step, l.layer, s.tensor, s.dtype, s.max_abs FROM layer_stats s JOIN "
-                  f"layers l ON l.idx = s.layer_idx WHERE s.step IN ({at}) ORDER BY s.step")
+    s = run.stats_at(picked)
     grad, act = s[s["tensor"] == "grad"], s[s["tensor"] == "activation"]
     zero = grad[grad["max_abs"] == 0]
     if not len(zero):
@@ -229,6 +227,34 @@ def _vanished(run: Any, steps: pd.DataFrame, picked: list[int],
     return out, sorted(int(st) for st in all_zero & named)
 
 
+def _grad_floor(run: Any, steps: pd.DataFrame, low_layers: set[str]) -> tuple[pd.DataFrame, list[int]]:
+    """The gradient histograms of ``low_layers`` on at most MAX_HIST_STEPS statistics steps,
+    evenly spread (a long run has thousands), and those steps. Per histogram with a nonzero
+    finite value: ``bits`` from the 1st percentile of |g| != 0, at the loss scale in force, to
+    fp16's subnormal floor; ``frac``, the share of the nonzero values that are fp16 subnormals."""
+    have = run.grad_histogram_steps()
+    if not len(have):
+        return pd.DataFrame(columns=["step", "layer", "bits", "frac"]), []
+    pick = have.iloc[np.unique(np.linspace(0, len(have) - 1, min(len(have), MAX_HIST_STEPS)).astype(int))]
+    h = run.grad_histograms_at(pick)
+    h = h[h["layer"].isin(low_layers)]
+    s = h["step"].map(dict(zip(steps["step"], steps["loss_scale"].fillna(1.0)))).to_numpy(dtype=float)
+    s = np.where(s > 0, s, 1.0)   # no scale recorded (or 0): gradients as recorded
+    # per histogram: bins below `cut` hold values that, times the scale, are fp16 subnormals
+    cut = np.clip(bin_of(math.log2(FORMATS["fp16"].min_normal) - np.round(np.log2(s))).astype(int),
+                  SUBNORMAL_BIN, NONFINITE_BIN)
+    p1, nz, sub = np.empty(len(h)), np.empty(len(h)), np.empty(len(h))
+    for rows, counts in hist_chunks(h["lo"], h["counts"]):
+        cum = np.cumsum(counts, axis=1)
+        p1[rows] = hist_percentiles(counts, 1.0)
+        nz[rows] = cum[:, NONFINITE_BIN - 1] - cum[:, ZERO_BIN]                 # nonzero, finite
+        sub[rows] = cum[np.arange(len(counts)), cut[rows] - 1] - cum[:, ZERO_BIN]  # ... below cut
+    ok = p1 > 0   # a histogram with a nonzero finite value
+    g = pd.DataFrame({"step": h["step"].to_numpy()[ok].astype(int), "layer": h["layer"].to_numpy()[ok],
+                      "bits": bits("fp16", np.nan, p1[ok], s[ok])[1], "frac": sub[ok] / nz[ok]})
+    return g, pick.tolist()
+
+
 def _gradient_underflow(run: Any, steps: pd.DataFrame, dtypes: pd.DataFrame) -> list[Finding]:
     """Layers whose gradients, at the loss scale in force, sit at fp16's subnormal floor or
     underflowed to zero altogether (:func:`_vanished`)."""
@@ -236,58 +262,43 @@ def _gradient_underflow(run: Any, steps: pd.DataFrame, dtypes: pd.DataFrame) -> 
                                 & (dtypes["dtype"] == "float16"), "layer"])
     if not low_layers:
         return []
-    # The statistics steps that have a gradient histogram. Histograms are written and dropped
-    # with their layer_stats rows (recording/rows.py, store.thin), so this looks up each step of
-    # the layer_stats step index, instead of collecting the steps of every histogram (a long
-    # run's millions) into a DISTINCT.
-    have = run.query("SELECT s.step FROM (SELECT DISTINCT step FROM layer_stats) s WHERE EXISTS "
-                     "(SELECT 1 FROM layers l CROSS JOIN histograms h ON h.layer_idx = l.idx AND "
-                     "h.tensor = 'grad' AND h.step = s.step) ORDER BY s.step")["step"]
-    # at most MAX_HIST_STEPS of them, evenly spread (a long run has thousands)
-    pick = have.iloc[np.unique(np.linspace(0, len(have) - 1, min(len(have), MAX_HIST_STEPS)).astype(int))] \
-        if len(have) else have
-    if not len(pick):
+    g, pick = _grad_floor(run, steps, low_layers)
+    if not pick:
         return []
-    h = run.query("SELECT h.step, l.layer, h.lo, h.counts FROM layers l CROSS JOIN histograms h "
-                  "ON h.layer_idx = l.idx WHERE h.tensor = 'grad' AND h.step IN (%s) "
-                  "ORDER BY h.step, h.layer_idx" % ",".join(str(int(x)) for x in pick))
-    h = h[h["layer"].isin(low_layers)]
-    floor = math.log2(FORMATS["fp16"].min_subnormal)        # -24
-    s = h["step"].map(dict(zip(steps["step"], steps["loss_scale"].fillna(1.0)))).to_numpy(dtype=float)
-    s = np.where(s > 0, s, 1.0)   # no scale recorded (or 0): gradients as recorded
-    # per histogram: bins below `cut` hold values that, times the scale, are fp16 subnormals
-    cut = np.clip((128 + math.log2(FORMATS["fp16"].min_normal) - np.round(np.log2(s))).astype(int),
-                  1, 256)
-    p1, nz, sub = np.empty(len(h)), np.empty(len(h)), np.empty(len(h))
-    for rows, counts in hist_chunks(h["lo"], h["counts"]):
-        cum = np.cumsum(counts, axis=1)
-        p1[rows] = hist_percentiles(counts, 1.0)
-        nz[rows] = cum[:, 255] - cum[:, 0]                                  # bins 1..255
-        sub[rows] = cum[np.arange(len(counts)), cut[rows] - 1] - cum[:, 0]  # bins 1..cut-1
-    ok = p1 > 0   # a histogram with a nonzero finite value
-    g = pd.DataFrame({"step": h["step"].to_numpy()[ok].astype(int), "layer": h["layer"].to_numpy()[ok],
-                      "bits": bits("fp16", np.nan, p1[ok], s[ok])[1], "frac": sub[ok] / nz[ok]})
     med = g.groupby("layer", sort=False)[["bits", "frac"]].median()
     hits = list(med.index[med["bits"] < UNDERFLOW_BITS])
     at_floor = set(g.loc[g["bits"] < UNDERFLOW_BITS, "step"].tolist())
-    gone, everywhere = _vanished(run, steps, pick.tolist(), at_floor)
+    gone, everywhere = _vanished(run, steps, pick, at_floor)
     if not hits and not gone:
         return []
     hit_steps = g.loc[g["layer"].isin(hits), "step"].tolist()
     first = min(hit_steps + [v[0] for v in gone.values()])
     last = max(hit_steps + [v[-1] for v in gone.values()])
     frac = {l: float(med.at[l, "frac"]) for l in hits}
-    zs = run.query("SELECT l.layer, CAST(s.zeros AS REAL) / s.numel AS z FROM layer_stats s "
-                   "JOIN layers l ON l.idx = s.layer_idx WHERE s.tensor = 'grad'")
+    zs = run.zero_fractions("grad")
     zero = zs.groupby("layer")["z"].median().to_dict() if len(zs) else {}
     layers = sorted(hits, key=lambda l: -frac[l]) + [l for l in gone if l not in hits]
     scaled = bool(steps["loss_scale"].notna().any())
+    msg = _underflow_message(layers, frac, zero, gone, everywhere, len(pick), scaled)
+    sug = ("turn loss scaling on: torch.amp.GradScaler() (init_scale 2^16 is a good start)"
+           if not scaled else "raise the loss scale (GradScaler(init_scale=...)); or use bf16.")
+    worst = max(list(frac.values()) + [len(v) / len(pick) for v in gone.values()])
+    return [Finding("gradient_underflow", "error" if worst > 0.25 else "warning",
+                    (first, last), layers, msg, sug,
+                    {"subnormal_frac": frac, "zero_frac": {l: zero.get(l) for l in layers},
+                     "zero_steps": gone, "all_zero_steps": everywhere, "loss_scaling": scaled})]
+
+
+def _underflow_message(layers: list[str], frac: dict[str, float], zero: dict[str, float],
+                       gone: dict[str, list[int]], everywhere: list[int], n_steps: int,
+                       scaled: bool) -> str:
+    floor = math.log2(FORMATS["fp16"].min_subnormal)        # -24
     at_scale = " at the loss scale in force" if scaled else ""
     parts = []
-    if hits:
+    if frac:
         parts.append("gradients of " + ", ".join(
             f"{_name(l)} ({zero.get(l, 0):.0%} zeros, {frac[l]:.0%} of the rest subnormal)"
-            for l in layers[:4] if l in hits)
+            for l in layers[:4] if l in frac)
             + f" sit at fp16's floor (2^{floor:.0f}){at_scale}: smaller values were flushed to "
             "zero in the backward pass, and the survivors below 2^-14 keep few significant bits")
     if gone:
@@ -296,19 +307,12 @@ def _gradient_underflow(run: Any, steps: pd.DataFrame, dtypes: pd.DataFrame) -> 
         parts.append("the gradients of " + ", ".join(map(_name, names[:4]))
             + (f" and {len(names) - 4} more layers" if len(names) > 4 else "")
             + f" were entirely zero on {n[0] if len(set(n)) == 1 else ', '.join(map(str, n))} "
-            f"of {len(pick)} statistics steps" + (" respectively" if len(set(n)) > 1 else "")
+            f"of {n_steps} statistics steps" + (" respectively" if len(set(n)) > 1 else "")
             + (f" (on {len(everywhere)} of them every layer's at once, though the loss was not 0)"
                if everywhere else "")
             + f": they underflowed fp16 in the backward pass{at_scale}, and no gradient reached "
             "these weights on those steps")
-    msg = "; ".join(parts) + "."
-    sug = ("turn loss scaling on: torch.amp.GradScaler() (init_scale 2^16 is a good start)"
-           if not scaled else "raise the loss scale (GradScaler(init_scale=...)); or use bf16.")
-    worst = max(list(frac.values()) + [len(v) / len(pick) for v in gone.values()])
-    return [Finding("gradient_underflow", "error" if worst > 0.25 else "warning",
-                    (first, last), layers, msg, sug,
-                    {"subnormal_frac": frac, "zero_frac": {l: zero.get(l) for l in layers},
-                     "zero_steps": gone, "all_zero_steps": everywhere, "loss_scaling": scaled})]
+    return "; ".join(parts) + "."
 
 
 def _lost_updates(run: Any) -> list[Finding]:
@@ -360,10 +364,8 @@ def _precision_loss(run: Any) -> list[Finding]:
 
 def _headroom_notes(run: Any, scaling: bool) -> list[str]:
     """Headroom against fp16 at the last statistics step, in words."""
-    from .headroom import headroom
-
-    last = run.query("SELECT MAX(step) AS s FROM layer_stats")["s"].iloc[0]
-    if last is None or pd.isna(last):
+    last = run.last_stats_step()
+    if last is None:
         return []
     h = headroom(run, formats=["fp16"], step=int(last))
     h = h[(h["layer"] != "") & np.isfinite(h["bits_to_overflow"].astype(float))]
@@ -402,8 +404,6 @@ def diagnose(run: Any) -> Diagnosis:
         >>> d.findings[0].kind, d.findings[0].layers, d.findings[0].steps   # doctest: +SKIP
         ('forward_overflow', ['fc3'], (1, 79))
     """
-    from ..run import Run, load_run
-
     own = not isinstance(run, Run)
     run = load_run(run) if own else run
     try:
@@ -412,11 +412,9 @@ def diagnose(run: Any) -> Diagnosis:
         findings: list[Finding] = []
         if len(steps):
             # the weights of the layers that overflowed in the forward only (a long run has
-            # millions of rows); CROSS JOIN: layer by layer through the (layer, tensor) index
+            # millions of rows)
             named = sorted(set(ov.loc[(ov["phase"] == "forward") & ov["first"], "layer"].dropna()))
-            weights = run.query("SELECT s.step, l.layer, s.max_abs FROM layers l CROSS JOIN "
-                                "layer_stats s ON s.layer_idx = l.idx AND s.tensor = 'weight' "
-                                "WHERE l.layer IN (%s)" % ",".join("?" * len(named)), tuple(named))
+            weights = run.max_abs_of(named, "weight")
             fwd = _forward_overflow(steps, ov, dtypes, weights)
             fwd_err = [f for f in fwd if f.severity == "error"]
             findings += fwd

@@ -15,51 +15,37 @@ Tensors above 4,096 elements have histograms taken from a strided sample (see mp
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
 
-from ..formats import FORMATS, N_BINS
+from ..formats import FORMATS, NONFINITE_BIN, SUBNORMAL_BIN, bin_of
+from ..run import Run, hist_chunks, load_run
 
 HEADROOM_FORMATS = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
 COLUMNS = ["step", "layer", "tensor", "format", "scale", "max_abs", "low_abs",
            "bits_to_overflow", "bits_to_underflow"]
 
 
-CHUNK_ROWS = 20_000  # histograms unpacked at once (a long run has millions: ~40 MB a chunk)
-
-
-def hist_counts(los: Any, blobs: Any) -> np.ndarray:
-    """Stored histograms (first bin, little-endian int64 counts: mpviz.store.pack_hists) as one
-    ``(n, N_BINS)`` int64 array."""
-    blobs = list(blobs)
-    lens = np.fromiter((len(b) // 8 for b in blobs), dtype=np.int64, count=len(blobs))
-    flat = np.frombuffer(b"".join(blobs), dtype="<i8")
-    first = np.asarray(los, dtype=np.int64) - (np.cumsum(lens) - lens)  # bin of flat[0] per row
-    out = np.zeros((len(blobs), N_BINS), dtype=np.int64)
-    out[np.repeat(np.arange(len(blobs)), lens), np.repeat(first, lens) + np.arange(len(flat))] = flat
-    return out
-
-
-def hist_chunks(los: Any, blobs: Any) -> Iterator[tuple[slice, np.ndarray]]:
-    """(rows, :func:`hist_counts` of those rows), at most :data:`CHUNK_ROWS` rows at a time."""
-    los, blobs = np.asarray(los), np.asarray(blobs, dtype=object)
-    for i in range(0, len(blobs), CHUNK_ROWS):
-        rows = slice(i, min(i + CHUNK_ROWS, len(blobs)))
-        yield rows, hist_counts(los[rows], blobs[rows])
-
-
 def hist_percentiles(counts: np.ndarray, q: float) -> np.ndarray:
-    """Per row of ``counts`` (histograms, bins as in mpviz.stats), the lower edge of the bin
+    """Per row of ``counts`` (histograms, bins as in mpviz.formats), the lower edge of the bin
     that holds the ``q``-th percentile (0-100) of the nonzero finite values; NaN for a row
     that has none."""
-    cum = np.cumsum(counts[:, 1:256], axis=1)   # int64: exact
+    cum = np.cumsum(counts[:, SUBNORMAL_BIN:NONFINITE_BIN], axis=1)   # int64: exact
     total = cum[:, -1]
     # the first bin whose running count reaches q% of the total (np.searchsorted, side="left")
-    k = np.clip((cum < (q / 100.0 * total)[:, None]).sum(axis=1) + 1, 1, 255)
-    low = np.where(k == 1, 2.0 ** -149, np.ldexp(1.0, k - 128))   # bin 1: fp32's subnormals
+    k = np.clip((cum < (q / 100.0 * total)[:, None]).sum(axis=1) + SUBNORMAL_BIN,
+                SUBNORMAL_BIN, NONFINITE_BIN - 1)
+    # the subnormal bin's lower edge is 0: its smallest value instead, so that log2 works
+    low = np.where(k == SUBNORMAL_BIN, FORMATS["fp32"].min_subnormal, np.ldexp(1.0, k - bin_of(0)))
     return np.where(total > 0, low, np.nan)
+
+
+def check_formats(formats: Iterable[str]) -> None:
+    for f in formats:
+        if f not in FORMATS:
+            raise ValueError(f"unknown format {f!r}: choose from {', '.join(FORMATS)}")
 
 
 def bits(fmt: str, max_abs: Any, low_abs: Any, scale: Any = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -85,24 +71,15 @@ def headroom(run: Any, formats: Iterable[str] = HEADROOM_FORMATS, percentile: fl
         >>> h = mpviz.headroom(run)                                     # doctest: +SKIP
         >>> h[(h.format == "fp16") & (h.tensor == "grad")].groupby("layer").bits_to_overflow.min()
     """
-    from ..run import Run, load_run
-
-    run = run if isinstance(run, Run) else load_run(run)
     formats, tensors = list(formats), list(tensors)
-    for f in formats:
-        if f not in FORMATS:
-            raise ValueError(f"unknown format {f!r}: choose from {', '.join(FORMATS)}")
-    where = "WHERE s.tensor IN (%s)" % ",".join("?" * len(tensors))
-    params: list[Any] = list(tensors)
-    if step is not None:
-        where += " AND s.step = ?"
-        params.append(int(step))
-    df = run.query(
-        "SELECT s.step, l.layer, s.tensor, s.max_abs, h.lo, h.counts, st.loss_scale "
-        "FROM layer_stats s JOIN layers l ON l.idx = s.layer_idx "
-        "LEFT JOIN histograms h ON h.step = s.step AND h.layer_idx = s.layer_idx AND h.tensor = s.tensor "
-        f"LEFT JOIN steps st ON st.step = s.step {where} ORDER BY s.step, s.layer_idx",
-        tuple(params))
+    own = not isinstance(run, Run)
+    run = load_run(run) if own else run
+    try:
+        check_formats(formats)
+        df = run.stats_with_histograms(tensors, step)
+    finally:
+        if own:
+            run.close()
     if not len(df):
         return pd.DataFrame(columns=COLUMNS)
     low = np.full(len(df), np.nan)
@@ -122,9 +99,3 @@ def headroom(run: Any, formats: Iterable[str] = HEADROOM_FORMATS, percentile: fl
         out.append(part)
     return pd.concat(out, ignore_index=True)[COLUMNS]
 
-
-def min_headroom(h: pd.DataFrame, fmt: str = "fp16", tensor: str = "activation",
-                 since: int = 0) -> pd.DataFrame:
-    """Per layer, the smallest bits to overflow / underflow over statistics steps >= ``since``."""
-    h = h[(h["format"] == fmt) & (h["tensor"] == tensor) & (h["step"] >= since)]
-    return h.groupby("layer", sort=False)[["bits_to_overflow", "bits_to_underflow"]].min()
