@@ -236,12 +236,5 @@ def watch(model: nn.Module, parts: Any) -> OriginWatch | None:
             raise ValueError(f"mpviz cannot register its DDP communication hook ({e}): this model "
                              "has a built-in one already. Remove it (DDP takes one hook), or "
                              "wrap a Python hook with mpviz.distributed.checked.") from None
-    w.bind(parts.params, parts.param_layer, parts.device, parts.contained)
+    w.bind(parts.layers.params, parts.layers.param_layer, parts.layers.device, parts.contained)
     return w
-
-
-def with_origin(rows: list[tuple], bad_layers: set[int] | None) -> list[tuple]:
-    """``overflows`` rows with ``origin`` appended: forward rows are always this rank's own; a
-    gradient row is when its layer's local gradient was non-finite (``bad_layers``; None: no
-    all-reduce, so every gradient is local)."""
-    return [(*r, int(bad_layers is None or r[3] == "forward" or r[1] in bad_layers)) for r in rows]

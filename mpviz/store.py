@@ -19,51 +19,12 @@ import time
 import warnings
 from array import array
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
-SCHEMA_VERSION = 1
+from .schema import COLUMNS, SCHEMA, SCHEMA_VERSION, STEP_TABLES, values
+
 DB_NAME = "run.db"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS layers (
-    idx INTEGER PRIMARY KEY, layer TEXT, type TEXT, n_params INTEGER, param_dtype TEXT,
-    depth INTEGER, is_leaf INTEGER);
-CREATE TABLE IF NOT EXISTS steps (
-    step INTEGER PRIMARY KEY, loss REAL, loss_scale REAL, loss_scale_after REAL, skipped INTEGER,
-    nonfinite_grads INTEGER, step_time_s REAL, samples INTEGER, samples_per_s REAL, wall_time REAL);
-CREATE TABLE IF NOT EXISTS layer_stats (
-    step INTEGER, layer_idx INTEGER, tensor TEXT, dtype TEXT, norm REAL, max_abs REAL,
-    min_abs_nonzero REAL, zeros INTEGER, nonfinite INTEGER, underflow_fp16 INTEGER,
-    overflow_fp16 INTEGER, underflow_bf16 INTEGER, overflow_bf16 INTEGER, numel INTEGER);
-CREATE INDEX IF NOT EXISTS layer_stats_step ON layer_stats (step);
-CREATE INDEX IF NOT EXISTS layer_stats_layer ON layer_stats (layer_idx, tensor, step);
-CREATE TABLE IF NOT EXISTS dtypes (step INTEGER, layer_idx INTEGER, tensor TEXT, dtype TEXT);
-CREATE TABLE IF NOT EXISTS overflows (
-    step INTEGER, layer_idx INTEGER, tensor TEXT, phase TEXT, first INTEGER, nonfinite INTEGER,
-    skipped INTEGER, origin INTEGER);
-CREATE TABLE IF NOT EXISTS histograms (
-    step INTEGER, layer_idx INTEGER, tensor TEXT, lo INTEGER, counts BLOB);
-CREATE INDEX IF NOT EXISTS histograms_layer ON histograms (layer_idx, tensor, step);
-CREATE TABLE IF NOT EXISTS policy_changes (step INTEGER, layer_idx INTEGER, precision TEXT, rule TEXT);
-CREATE TABLE IF NOT EXISTS diagnostics (
-    step INTEGER, layer_idx INTEGER, kind TEXT, metric TEXT, value REAL);
-"""
-
-COLUMNS = {
-    "steps": ("step", "loss", "loss_scale", "loss_scale_after", "skipped", "nonfinite_grads",
-              "step_time_s", "samples", "samples_per_s", "wall_time"),
-    "layer_stats": ("step", "layer_idx", "tensor", "dtype", "norm", "max_abs", "min_abs_nonzero",
-                    "zeros", "nonfinite", "underflow_fp16", "overflow_fp16", "underflow_bf16",
-                    "overflow_bf16", "numel"),
-    "dtypes": ("step", "layer_idx", "tensor", "dtype"),
-    "overflows": ("step", "layer_idx", "tensor", "phase", "first", "nonfinite", "skipped",
-                  "origin"),
-    "histograms": ("step", "layer_idx", "tensor", "lo", "counts"),
-    "policy_changes": ("step", "layer_idx", "precision", "rule"),
-    "diagnostics": ("step", "layer_idx", "kind", "metric", "value"),
-    "layers": ("idx", "layer", "type", "n_params", "param_dtype", "depth", "is_leaf"),
-}
 
 
 def pack_hists(hists: Any) -> list[tuple[int, bytes]]:
@@ -154,6 +115,16 @@ def warn_if_network_filesystem(path: str | Path, mounts: str | None = None) -> b
     return False
 
 
+def _write_meta(con: sqlite3.Connection, meta: dict[str, Any]) -> None:
+    con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                    [(k, json.dumps(v, default=str)) for k, v in meta.items()])
+
+
+def _insert_sql(table: str) -> str:
+    cols = COLUMNS[table]
+    return f"INSERT INTO {table} ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})"
+
+
 def _create(path: Path, meta: dict[str, Any], layers: list[tuple]) -> None:
     try:  # O_EXCL: of two processes (or two lab pages) claiming one path, exactly one wins
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
@@ -165,8 +136,8 @@ def _create(path: Path, meta: dict[str, Any], layers: list[tuple]) -> None:
         con.execute("PRAGMA journal_mode=WAL")
         con.executescript(SCHEMA)
         with con:
-            RunWriter._write_meta(con, {**meta, "schema_version": SCHEMA_VERSION})
-            con.executemany(f"INSERT INTO layers VALUES ({','.join('?' * 7)})", layers)
+            _write_meta(con, {**meta, "schema_version": SCHEMA_VERSION})
+            con.executemany(_insert_sql("layers"), layers)
     except sqlite3.Error as e:  # a half-made store would refuse the next try as "already a run"
         con.close()
         for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
@@ -174,10 +145,6 @@ def _create(path: Path, meta: dict[str, Any], layers: list[tuple]) -> None:
         raise RunStoreError(f"cannot create the run store {path} ({type(e).__name__}: {e}): "
                             "is its disk full?") from e
     con.close()
-
-
-_STEP_TABLES = ("steps", "layer_stats", "dtypes", "overflows", "histograms", "policy_changes",
-                "diagnostics")
 
 
 def _resume(path: Path, meta: dict[str, Any], layers: list[tuple], start: int) -> int:
@@ -202,16 +169,150 @@ def _resume(path: Path, meta: dict[str, Any], layers: list[tuple], start: int) -
         prev = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")}
         with con:
             dropped = sum(con.execute(f"DELETE FROM {t} WHERE step >= ?", (start,)).rowcount
-                          for t in _STEP_TABLES)
+                          for t in STEP_TABLES)
             resumed = list(prev.get("resumed") or []) + [
                 {"at_step": start, "dropped_rows": dropped, "time": time.time(),
                  "previous_status": prev.get("status")}]
             keep = {k: prev[k] for k in ("start_time",) if k in prev}
-            RunWriter._write_meta(con, {**meta, **keep, "resumed": resumed, "status": "running",
-                                        "end_time": None})
+            _write_meta(con, {**meta, **keep, "resumed": resumed, "status": "running",
+                              "end_time": None})
     finally:
         con.close()
     return dropped
+
+
+# ---------------------------------------------------------------- what the writer queue carries
+@dataclass(frozen=True)
+class Rows:
+    """Rows of one table, each a tuple in the table's column order."""
+
+    table: str
+    rows: list[tuple]
+
+    @classmethod
+    def of(cls, records: Sequence[Any]) -> "Rows":
+        """Rows from records of one table (the dataclasses of :mod:`mpviz.schema`)."""
+        return cls(type(records[0]).TABLE, [values(r) for r in records])
+
+    @classmethod
+    def columns(cls, table: type, **columns: Sequence[Any]) -> "Rows":
+        """Rows from whole columns, matched to the table's columns by name."""
+        names = COLUMNS[table.TABLE]
+        if columns.keys() != set(names):
+            raise ValueError(f"{table.TABLE} has the columns {names}, got {sorted(columns)}")
+        return cls(table.TABLE, list(zip(*(columns[n] for n in names))))
+
+
+@dataclass(frozen=True)
+class Meta:
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Later:
+    """An item that ``make_rows`` turns into rows on the writer thread, with others of its kind.
+    These are the statistics, which a failing store drops first."""
+
+    make_rows: Callable[[list[Any]], list[Rows]]
+    item: Any
+    nbytes: int = 0  # memory the item holds while it waits
+
+
+Message = Rows | Meta | Later
+
+
+class _Inbox:
+    """Messages for the writer thread, and who waits for them to be written."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.messages: list[Message] = []
+        self.nbytes = 0
+        self.waiters: list[threading.Event] = []
+        self.closing = False
+        # The writer wakes every flush_every_s (or on flush/close), not on every message:
+        # waking it that often would make it fight the training thread for the GIL.
+        self.wake = threading.Event()
+
+    def send(self, message: Message) -> int:
+        """Queue ``message``; returns the bytes of the items waiting."""
+        with self.lock:
+            self.messages.append(message)
+            if isinstance(message, Later):
+                self.nbytes += message.nbytes
+            return self.nbytes
+
+    def take(self, timeout: float) -> tuple[bool, list[Message], list[threading.Event]]:
+        self.wake.wait(timeout)
+        self.wake.clear()
+        closing = self.closing
+        with self.lock:
+            messages, self.messages = self.messages, []
+            waiters, self.waiters = self.waiters, []
+            self.nbytes = 0
+        return closing, messages, waiters
+
+
+class _Failures:
+    """What a store that cannot be written costs, and the account of it (``meta["store_errors"]``).
+
+    Rows a failed commit could not write are kept for the next one (meta updates always); after
+    statistics failed to commit, those of the next 10 commits are dropped unmade: on a full disk
+    each commit would make and write them only to fail again."""
+
+    def __init__(self, path: Path, report: Callable[[BaseException], None]) -> None:
+        self.path, self.report = path, report
+        self.kept: list[Message] = []
+        self.kept_rows = 0
+        self.skip_stats = 0
+        self.account: dict[str, Any] = {}  # meta["store_errors"]
+        self.unwritten = False  # the account changed since the last commit
+
+    def failed(self, e: BaseException, rows: list[Message]) -> None:
+        err = self.account
+        if not err:
+            steps = _steps_of(rows)
+            err.update(error=f"{type(e).__name__}: {e}", at_step=min(steps, default=None),
+                       time=time.time(), failed_commits=0)
+            self.report(RunStoreError(
+                f"the run store {self.path} could not be written"
+                + (f" at step {err['at_step']}" if steps else "") + f" ({err['error']}): "
+                "statistics are dropped first; what could not be written is in "
+                "run.meta['store_errors'] once the store takes it"))
+        err["failed_commits"] += 1
+        err["last_error"] = f"{type(e).__name__}: {e}"
+        self.unwritten = True
+
+    def dropped(self, key: str, count: str, n: int, rows: list[Message],
+                e: BaseException | None = None) -> None:
+        """``n`` (``count``) of the steps of ``rows`` were dropped; the first time rows are
+        dropped (``e``: why), an error says so."""
+        steps = _steps_of(rows)
+        d = self.account.setdefault(key, {"from_step": None, "to_step": None, count: 0})
+        if e is not None and not d[count]:
+            self.report(RunStoreError(
+                f"rows of the run store {self.path} are dropped"
+                + (f" from step {min(steps)}" if steps else "")
+                + f" ({type(e).__name__}: {e}); counted in run.meta['store_errors']"))
+        d[count] += n
+        if steps:
+            lo, hi = min(steps), max(steps)
+            d["from_step"] = lo if d["from_step"] is None else min(d["from_step"], lo)
+            d["to_step"] = hi if d["to_step"] is None else max(d["to_step"], hi)
+        self.unwritten = True
+
+    def keep(self, rows: list[Message], error: BaseException, max_rows: int) -> None:
+        """Rows of a failed commit, for the next: only while the disk may take them later."""
+        if not isinstance(error, (sqlite3.OperationalError, OSError)):
+            # rows the store refuses (not a full disk): they would fail again
+            self.dropped("rows_dropped", "rows", _count(rows), rows, error)
+            return
+        for m in rows:
+            if isinstance(m, Rows) and self.kept_rows + len(m.rows) > max_rows:
+                self.dropped("rows_dropped", "rows", len(m.rows), [m], error)
+                continue
+            self.kept.append(m)
+            self.kept_rows += _count([m])
 
 
 class RunWriter:
@@ -223,10 +324,10 @@ class RunWriter:
     Nothing here raises into training when the store cannot be written (disk full, store
     deleted...). A commit that fails is tried again without its statistics (``layer_stats`` and
     ``histograms``: nearly all the bytes), which are dropped, and so are those of the next 10
-    commits; if that fails too, its other rows wait in memory (at most
-    ``max_kept_rows``, then they are dropped) for the next commit that succeeds. What was
-    dropped goes to ``meta["store_errors"]`` (when the store takes it) and to ``errors``;
-    errors not taken and rows still unwritten at ``close()`` get a warning.
+    commits; if that fails too, its other rows wait in memory (at most ``max_kept_rows``, then
+    they are dropped) for the next commit that succeeds. What was dropped goes to
+    ``meta["store_errors"]`` (when the store takes it) and to ``errors``; errors not taken and
+    rows still unwritten at ``close()`` get a warning.
     """
 
     def __init__(self, path: Path, meta: dict[str, Any], layers: Iterable[tuple],
@@ -243,253 +344,199 @@ class RunWriter:
         else:
             _create(path, meta, layers)
         self.path = path
-        self._inode = os.stat(path).st_ino
-        # mode=rw: a store deleted during the run is not re-created empty by a reconnect
-        self._uri = path.resolve().as_uri() + "?mode=rw"
         self.flush_every_s = flush_every_s
-        # Rows wait in memory and the writer wakes every flush_every_s (or on flush/close):
-        # waking it on every put would make it fight the training thread for the GIL.
-        self._lock = threading.Lock()
-        self._pending: list[tuple[str, Any]] = []
-        self._pending_bytes = 0
         self.max_pending_bytes = 256 << 20
-        self._wake = threading.Event()
-        self._waiters: list[threading.Event] = []
-        self._closing = False
-        self._con: sqlite3.Connection | None = None
-        # Rows a failed commit could not write, for the next commit (meta updates always kept)
-        self._kept: list[tuple[str, Any]] = []
-        self._kept_rows = 0
         self.max_kept_rows = 100_000
-        # after statistics failed to commit, those of the next commits are dropped unmade: on a
-        # full disk each commit would make and write them only to fail again
-        self._skip_stats = 0
-        self.store_errors: dict[str, Any] = {}  # meta["store_errors"]
-        self._store_errors_written = True
-        # Errors of put_later's row makers and of the store: the recorder records them
-        # (take_errors). A maker that failed has its items dropped from then on.
+        # Errors of the row makers (whose items are dropped from then on) and of the store,
+        # for the recorder to record (take_errors).
         self.errors: list[BaseException] = []
+        self._errors_lock = threading.Lock()
         self._failed_makers: set[Any] = set()
-        # CPU seconds this writer's thread spent committing, and put_later items committed (the
+        # CPU seconds this writer's thread spent committing, and Later items committed (the
         # recorder's statistics schedule counts them as what statistics cost)
         self.busy_s, self.later_done = 0.0, 0
+        self._inbox = _Inbox()
+        self._db = _Connection(path)
+        self._failures = _Failures(path, self._report)
         self._thread = threading.Thread(target=self._loop, name="mpviz-writer", daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def _write_meta(con: sqlite3.Connection, meta: dict[str, Any]) -> None:
-        con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                        [(k, json.dumps(v, default=str)) for k, v in meta.items()])
-
+    # ---------------------------------------------------------------- the training thread's side
     def put(self, table: str, rows: list[tuple]) -> None:
-        """Queue rows. Never blocks on disk and never raises (see the class docstring)."""
+        """Queue rows (tuples in the table's column order). Never blocks on disk, never raises."""
         if rows:
-            with self._lock:
-                self._pending.append((table, rows))
+            self._inbox.send(Rows(table, rows))
 
-    def put_later(self, make_rows: Callable[[list[Any]], list[tuple[str, list[tuple]]]],
-                  item: Any, nbytes: int = 0) -> None:
-        """Queue ``item`` for ``make_rows``, called on the writer thread with the items queued
-        for it since the last commit (one call for many steps), which returns
-        ``[(table, rows), ...]``: the recorder hands over raw numbers and leaves turning them
-        into rows to this thread. These are the statistics a failed commit drops first.
+    def write(self, records: Sequence[Any]) -> None:
+        """Queue records of one table (dataclasses of :mod:`mpviz.schema`)."""
+        if records:
+            self._inbox.send(Rows.of(records))
 
-        ``nbytes``: memory the item holds. When more than ``max_pending_bytes`` wait, this call
-        blocks until the writer has caught up, so a writer that falls behind slows training
+    def put_later(self, make_rows: Callable[[list[Any]], list[Rows]], item: Any,
+                  nbytes: int = 0) -> None:
+        """Queue ``item`` for ``make_rows``, called on the writer thread with every item queued
+        for it since the last commit. When more than ``max_pending_bytes`` wait, this call
+        blocks until the writer has caught up: a writer that falls behind slows training
         instead of filling memory."""
-        self.put("later", [(make_rows, item)])
-        with self._lock:
-            self._pending_bytes += nbytes
-            behind = self._pending_bytes > self.max_pending_bytes
-        if behind:
+        if self._inbox.send(Later(make_rows, item, nbytes)) > self.max_pending_bytes:
             self.flush()
 
+    def set_meta(self, **meta: Any) -> None:
+        self._inbox.send(Meta(meta))
+
     def take_errors(self) -> list[BaseException]:
-        with self._lock:
+        with self._errors_lock:
             errors, self.errors = self.errors, []
         return errors
-
-    def set_meta(self, **meta: Any) -> None:
-        with self._lock:
-            self._pending.append(("meta", [meta]))
 
     def flush(self, timeout: float = 30.0) -> None:
         """Block until every row put so far is committed (or its commit failed)."""
         done = threading.Event()
-        with self._lock:
-            self._waiters.append(done)
-        self._wake.set()
+        with self._inbox.lock:
+            self._inbox.waiters.append(done)
+        self._inbox.wake.set()
         if self._thread.is_alive():
             done.wait(timeout)
 
     def close(self) -> None:
-        self._closing = True
-        self._wake.set()
+        self._inbox.closing = True
+        self._inbox.wake.set()
         self._thread.join()
         for e in self.take_errors():  # of the last commit: nobody will take them any more
             warnings.warn(f"mpviz: {e}", RuntimeWarning, stacklevel=2)
-        if self._kept:
-            steps = _steps_of(self._kept)
-            what = (f"{self._kept_rows} rows of steps {min(steps)}..{max(steps)} and " if steps
-                    else "")
+        kept = self._failures.kept
+        if kept:
+            steps = _steps_of(kept)
+            what = (f"{self._failures.kept_rows} rows of steps {min(steps)}..{max(steps)} and "
+                    if steps else "")
             warnings.warn(f"mpviz: the run store {self.path} could not be written at the end "
-                          f"({self.store_errors.get('last_error')}): {what}the run's last meta "
-                          "updates (its status among them) are not in it.", RuntimeWarning,
+                          f"({self._failures.account.get('last_error')}): {what}the run's last "
+                          "meta updates (its status among them) are not in it.", RuntimeWarning,
                           stacklevel=2)
 
+    # ---------------------------------------------------------------- the writer thread
     def _loop(self) -> None:
         while True:
-            self._wake.wait(self.flush_every_s)
-            self._wake.clear()
-            closing = self._closing
-            with self._lock:
-                pending, self._pending = self._pending, []
-                waiters, self._waiters = self._waiters, []
-                self._pending_bytes = 0
-            if pending or self._kept:
+            closing, messages, waiters = self._inbox.take(self.flush_every_s)
+            if messages or self._failures.kept:
                 t0 = time.thread_time()
-                self._write(pending)
+                self._write(messages)
                 self.busy_s += time.thread_time() - t0
-                self.later_done += sum(len(rows) for table, rows in pending if table == "later")
+                self.later_done += sum(isinstance(m, Later) for m in messages)
             for w in waiters:
                 w.set()
             if closing:
                 break
-        if self._con is not None:
-            try:
-                self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error:  # no space to checkpoint: the WAL stays, readers read it
-                pass
-            self._con.close()
+        self._db.close()
 
-    def _write(self, pending: list[tuple[str, Any]]) -> None:
-        """Commit the kept rows and ``pending``; on failure, the same without the statistics;
+    def _write(self, messages: list[Message]) -> None:
+        """Commit the kept rows and ``messages``; on failure, the same without the statistics;
         on failure again, keep the rows for the next commit."""
-        rows = [p for p in pending if p[0] != "later"]
-        later = [p for p in pending if p[0] == "later"]
-        if later and self._skip_stats:
-            self._skip_stats -= 1
-            self._dropped("statistics_dropped", "statistics_steps", _count(later), rows)
+        f = self._failures
+        rows = [m for m in messages if not isinstance(m, Later)]
+        later = [m for m in messages if isinstance(m, Later)]
+        if later and f.skip_stats:
+            f.skip_stats -= 1
+            f.dropped("statistics_dropped", "statistics_steps", len(later), rows)
             later = []
-        tries = [self._kept + rows + later] + ([self._kept + rows] if later else [])
+        tries = [f.kept + rows + later] + ([f.kept + rows] if later else [])
         for n, batch in enumerate(tries):
             try:
                 self._commit(batch)
             except Exception as e:  # noqa: BLE001 - the writer thread must not die
                 error = e
-                self._failed(e, rows)
+                f.failed(e, rows)
                 if n == 0 and later:
-                    self._dropped("statistics_dropped", "statistics_steps", _count(later), rows)
-                    self._skip_stats = 10
+                    f.dropped("statistics_dropped", "statistics_steps", len(later), rows)
+                    f.skip_stats = 10
             else:
-                self._kept, self._kept_rows = [], 0
+                f.kept, f.kept_rows = [], 0
                 return
-        if not isinstance(error, (sqlite3.OperationalError, OSError)):
-            # rows the store refuses (not a full disk): they would fail again
-            self._dropped("rows_dropped", "rows", _count(rows), rows, error)
-            return
-        for table, rs in rows:
-            if table != "meta" and self._kept_rows + len(rs) > self.max_kept_rows:
-                self._dropped("rows_dropped", "rows", len(rs), [(table, rs)], error)
-                continue
-            self._kept.append((table, rs))
-            self._kept_rows += _count([(table, rs)])
+        f.keep(rows, error, self.max_kept_rows)
 
-    def _failed(self, e: BaseException, rows: list[tuple[str, Any]]) -> None:
-        err = self.store_errors
-        if not err:
-            steps = _steps_of(rows)
-            err.update(error=f"{type(e).__name__}: {e}", at_step=min(steps, default=None),
-                       time=time.time(), failed_commits=0)
-            with self._lock:
-                self.errors.append(RunStoreError(
-                    f"the run store {self.path} could not be written"
-                    + (f" at step {err['at_step']}" if steps else "") + f" ({err['error']}): "
-                    "statistics are dropped first; what could not be written is in "
-                    "run.meta['store_errors'] once the store takes it"))
-        err["failed_commits"] += 1
-        err["last_error"] = f"{type(e).__name__}: {e}"
-        self._store_errors_written = False
-
-    def _dropped(self, key: str, count: str, n: int, rows: list[tuple[str, Any]],
-                 e: BaseException | None = None) -> None:
-        """Note in ``store_errors[key]`` that ``n`` (``count``) of the steps of ``rows`` were
-        dropped; the first time rows (``e``: why) are dropped, an error says so."""
-        steps = _steps_of(rows)
-        d = self.store_errors.setdefault(key, {"from_step": None, "to_step": None, count: 0})
-        if e is not None and not d[count]:
-            with self._lock:
-                self.errors.append(RunStoreError(
-                    f"rows of the run store {self.path} are dropped"
-                    + (f" from step {min(steps)}" if steps else "")
-                    + f" ({type(e).__name__}: {e}); counted in run.meta['store_errors']"))
-        d[count] += n
-        if steps:
-            lo, hi = min(steps), max(steps)
-            d["from_step"] = lo if d["from_step"] is None else min(d["from_step"], lo)
-            d["to_step"] = hi if d["to_step"] is None else max(d["to_step"], hi)
-        self._store_errors_written = False
-
-    def _commit(self, pending: list[tuple[str, Any]]) -> None:
-        try:
-            gone = os.stat(self.path).st_ino != self._inode
-        except FileNotFoundError:
-            gone = True
-        if gone:  # SQLite would go on writing into the removed file, unseen
-            raise RunStoreError(f"{self.path} was deleted or replaced during the run")
-        if self._con is None:
-            self._con = sqlite3.connect(self._uri, uri=True)
-            self._con.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against kill
-        con = self._con
-        if not self._store_errors_written:
-            pending = pending + [("meta", [{"store_errors": self.store_errors}])]
+    def _commit(self, batch: list[Message]) -> None:
+        con = self._db.open()
+        if self._failures.unwritten:
+            batch = batch + [Meta({"store_errors": self._failures.account})]
         try:
             with con:
-                for table, rows in self._expand(pending):
-                    if table == "meta":
-                        for meta in rows:
-                            RunWriter._write_meta(con, meta)
-                        continue
-                    cols = COLUMNS[table]
-                    con.executemany(f"INSERT INTO {table} ({','.join(cols)}) "
-                                    f"VALUES ({','.join('?' * len(cols))})", rows)
+                for m in self._made(batch):
+                    if isinstance(m, Meta):
+                        _write_meta(con, m.values)
+                    else:
+                        con.executemany(_insert_sql(m.table), m.rows)
         except BaseException:
             try:
                 con.rollback()
             except sqlite3.Error:
                 pass
             raise
-        self._store_errors_written = True
+        self._failures.unwritten = False
 
-    def _expand(self, pending: list[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
-        later: dict[Any, list[Any]] = {}  # make_rows -> its items, in order
-        for table, rows in pending:
-            if table == "later":
-                for make_rows, item in rows:
-                    later.setdefault(make_rows, []).append(item)
+    def _made(self, batch: list[Message]) -> Iterator[Rows | Meta]:
+        """``batch`` with its Later items made into rows: one call per row maker for up to
+        64 items (bounded temporaries); a maker that fails stops, the rest is written."""
+        later: dict[Any, list[Any]] = {}
+        for m in batch:
+            if isinstance(m, Later):
+                later.setdefault(m.make_rows, []).append(m.item)
             else:
-                yield table, rows
+                yield m
         for make_rows, items in later.items():
-            for i in range(0, len(items), 64):  # bounded temporaries
+            for i in range(0, len(items), 64):
                 if make_rows in self._failed_makers:
                     break
                 try:
                     made = make_rows(items[i:i + 64])
                 except Exception as e:  # noqa: BLE001 - that part stops, the rest is written
                     self._failed_makers.add(make_rows)
-                    with self._lock:
-                        self.errors.append(e)
+                    self._report(e)
                     break
                 yield from made
 
+    def _report(self, e: BaseException) -> None:
+        with self._errors_lock:
+            self.errors.append(e)
 
-def _steps_of(rows: list[tuple[str, Any]]) -> list[int]:
+
+class _Connection:
+    """The writer's connection, opened on first use; a store deleted during the run is noticed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.inode = os.stat(path).st_ino
+        # mode=rw: a store deleted during the run is not re-created empty by a reconnect
+        self.uri = path.resolve().as_uri() + "?mode=rw"
+        self.con: sqlite3.Connection | None = None
+
+    def open(self) -> sqlite3.Connection:
+        try:
+            gone = os.stat(self.path).st_ino != self.inode
+        except FileNotFoundError:
+            gone = True
+        if gone:  # SQLite would go on writing into the removed file, unseen
+            raise RunStoreError(f"{self.path} was deleted or replaced during the run")
+        if self.con is None:
+            self.con = sqlite3.connect(self.uri, uri=True)
+            self.con.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against kill
+        return self.con
+
+    def close(self) -> None:
+        if self.con is not None:
+            try:
+                self.con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:  # no space to checkpoint: the WAL stays, readers read it
+                pass
+            self.con.close()
+
+
+def _steps_of(messages: list[Message]) -> list[int]:
     """The steps of queued rows (a step table's first column is its step)."""
-    return [r[0] for table, rs in rows if table != "meta" for r in rs]
+    return [r[0] for m in messages if isinstance(m, Rows) for r in m.rows]
 
 
-def _count(rows: list[tuple[str, Any]]) -> int:
-    return sum(len(rs) for table, rs in rows if table != "meta")
+def _count(messages: list[Message]) -> int:
+    return sum(len(m.rows) for m in messages if isinstance(m, Rows))
 
 
 def thin(run_dir: str | Path, keep_every: int = 100, before_step: int | None = None,
@@ -529,7 +576,7 @@ def thin(run_dir: str | Path, keep_every: int = 100, before_step: int | None = N
             with con:
                 n = sum(con.execute(f"DELETE FROM {t} WHERE {where}", (end, int(keep_every))).rowcount
                         for t in ("layer_stats", "histograms"))
-                RunWriter._write_meta(con, {"thinned": list(meta.get("thinned") or []) + [
+                _write_meta(con, {"thinned": list(meta.get("thinned") or []) + [
                     {"keep_every": int(keep_every), "before_step": before_step,
                      "rows_dropped": n, "time": time.time()}]})
             dropped += n

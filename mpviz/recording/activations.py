@@ -7,7 +7,7 @@ steps the model carries only the recorder's entry hooks.
 
 They are on from the step's start, not from the model's own forward, so a loop that calls a
 child module is seen too. In compiled code they do not run: the recorder reruns a compiled
-model's forward eagerly on watched steps (``rerunning``) and they record that.
+model's forward eagerly on watched steps (:meth:`ForwardWatch.rerun`) and they record that.
 """
 from __future__ import annotations
 
@@ -19,60 +19,61 @@ from torch import nn
 
 from .. import tree
 from ..formats import dtype_name
+from ..schema import DtypeRow
 from .step import StepState
 
 
 class ForwardWatch:
-    """Module hooks, attached on watched steps; what they saw goes into the step's state."""
+    """Module hooks, on during watched steps (which ones: :class:`.schedule.StepPlan`)."""
 
-    def __init__(self, modules: list[nn.Module], wrap: Callable[[Callable], Callable]) -> None:
+    def __init__(self, modules: list[nn.Module], wrap: Callable[[Callable], Callable],
+                 compiled: bool) -> None:
         self.modules, self.wrap = modules, wrap
         self.handles: list[Any] = []
-        self.watch_next = True  # the first step, and after a policy change
-        self.watch_key: Any = None
         self.fwd_dtypes: dict[int, tuple[torch.dtype | None, torch.dtype | None]] = {}
         self.fwd_order: list[int] | None = None  # modules in the order they finished, once
         self.order_acc: list[int] | None = []
+        self.acts: dict[int, tuple[torch.Tensor, int]] = {}  # this step's outputs, versions
         # Modules whose output is changed in place later in the forward (ReLU(inplace=True)
         # after a conv): their outputs are copied when they are made.
         self.clone_acts: set[int] = set()
         self.last_dtypes: dict[tuple[int, str], str] = {}
         self.dtypes_seen: Any = None
         self.state: StepState | None = None
-        self.paused = False  # set while the recorder replays a forward to find inf/nan
-        self.rerunning = False  # set while it reruns a compiled forward eagerly (no grad)
+        self.paused = False  # while the recorder replays a forward to find inf/nan
+        self.rerunning = False  # while it reruns a compiled forward eagerly (no grad)
         self.fired: set[int] = set()  # modules seen this step
         # The model runs compiled: hooks are on during reruns only (dynamo guards on a module's
         # hooks, so hooks that come and go would make it compile the model once more).
-        self.compiled = False
+        self.compiled = compiled
 
     def begin_step(self, state: StepState) -> None:
-        """A step begins: statistics steps and the step after a policy change are watched."""
-        self.state, self.fired = state, set()
-        state.watching, self.watch_next = state.stats_step or self.watch_next, False
+        self.state, self.fired, self.acts = state, set(), {}
         self._hook(state.watching)
 
-    def start(self, state: StepState, args: Any) -> None:
-        """A training forward begins: a change of autocast state or input dtype watches it."""
-        first = tree.first_float(args)
-        key = (state.autocast, first.dtype if first is not None else None)
-        if self.watch_next or key != self.watch_key:
-            state.watching = True
+    def start(self, state: StepState) -> None:
+        """A training forward begins."""
         if state.watching:
-            self.watch_key, self.watch_next = key, False
             self._hook(True)
 
+    def clear_acts(self) -> None:
+        self.acts = {}
+
+    def compiled_found(self) -> None:
+        self.compiled = True
+
     @contextlib.contextmanager
-    def recording_rerun(self) -> Iterator[None]:
-        """The hooks record an eager rerun of the step's forward (no grad), then, on a compiled
-        model, come off again."""
-        self.rerunning = True
-        self._hook(True)
+    def rerun(self, record: bool) -> Iterator[None]:
+        """A rerun of the step's forward: recorded by the hooks (then, on a compiled model, they
+        come off again), or unseen (the inf/nan replay)."""
+        self.paused, self.rerunning = not record, record
+        if record:
+            self._hook(True)
         try:
             yield
         finally:
-            self.rerunning = False
-            if self.compiled:
+            self.paused = self.rerunning = False
+            if record and self.compiled:
                 self.remove()
 
     def _hook(self, on: bool) -> None:
@@ -102,19 +103,19 @@ class ForwardWatch:
             if out is not None and state.stats_step:
                 if idx in self.clone_acts:
                     out = out.detach().clone()
-                state.acts[idx] = (out, out._version)  # a module called twice: its last output
+                self.acts[idx] = (out, out._version)  # a module called twice: its last output
         return hook
 
-    def take_acts(self, state: StepState) -> dict[int, torch.Tensor]:
+    def take_acts(self) -> dict[int, torch.Tensor]:
         """The step's activations as the modules returned them (in-place-changed ones dropped,
         and copied from the next statistics step on)."""
         acts = {}
-        for idx, (t, version) in state.acts.items():
+        for idx, (t, version) in self.acts.items():
             if t._version == version:
                 acts[idx] = t
             else:
                 self.clone_acts.add(idx)
-        state.acts = {}
+        self.acts = {}
         if 0 in acts and any(t is acts[0] for i, t in acts.items() if i):
             del acts[0]  # the model's output is a child's: its row would only repeat that one
         return acts
@@ -125,7 +126,7 @@ class ForwardWatch:
         self.handles = []
 
     def dtype_rows(self, step: int, params: list[nn.Parameter], param_layer: list[int],
-                   grads: list[torch.Tensor | None]) -> list[tuple]:
+                   grads: list[torch.Tensor | None]) -> list[DtypeRow]:
         """Rows for the dtypes that changed since they were last recorded."""
         seen = (self.fwd_dtypes, [p.dtype for p in params],
                 [None if g is None else g.dtype for g in grads])
@@ -144,8 +145,9 @@ class ForwardWatch:
             g = grads[i] if i < len(grads) else None
             if g is not None:
                 current.setdefault((layer, "grad"), dtype_name(g.dtype))
-        rows = [(step, key[0], key[1], dt) for key, dt in current.items()
+        rows = [DtypeRow(step, key[0], key[1], dt) for key, dt in current.items()
                 if self.last_dtypes.get(key) != dt]
         if rows:  # a new dict: the writer thread may still be reading the old one
-            self.last_dtypes = {**self.last_dtypes, **{(r[1], r[2]): r[3] for r in rows}}
+            self.last_dtypes = {**self.last_dtypes,
+                                **{(r.layer_idx, r.tensor): r.dtype for r in rows}}
         return rows

@@ -32,6 +32,7 @@ from torch import nn
 
 from .. import compat, tree
 from ..formats import did_you_mean
+from ..schema import DiagnosticRow
 from .step import Parts
 
 LOW = (torch.bfloat16, torch.float16)
@@ -49,7 +50,7 @@ class LostUpdates:
         self.before = []
         if s is None or not s.stats_step or (len(args) > 1 or kwargs.get("closure")):
             return
-        for i, p in enumerate(self.rec.params):
+        for i, p in enumerate(self.rec.layers.params):
             if p.dtype in LOW and p.grad is not None:
                 self.before.append((i, p.detach().clone(), p.grad.detach() != 0))
 
@@ -57,10 +58,10 @@ class LostUpdates:
         if not self.before:
             return
         before, self.before = self.before, []
-        layer_of = self.rec.param_layer
+        layer_of = self.rec.layers.param_layer
         counts = []
         for i, old, nonzero in before:
-            p = self.rec.params[i]
+            p = self.rec.layers.params[i]
             counts.append(torch.stack([(nonzero & (p.detach() == old)).sum(), nonzero.sum()]))
         values = torch.stack(counts).tolist()  # one host read (a sync on an accelerator)
         per: dict[int, list[float]] = {}
@@ -71,10 +72,10 @@ class LostUpdates:
         step = self.rec.state().index
         rows = []
         for layer, (lost, eligible) in per.items():
-            rows.append((step, layer, "lost_updates", "lost_frac",
-                         lost / eligible if eligible else None))
-            rows.append((step, layer, "lost_updates", "eligible", eligible))
-        self.rec.put("diagnostics", rows)
+            rows.append(DiagnosticRow(step, layer, "lost_updates", "lost_frac",
+                                      lost / eligible if eligible else None))
+            rows.append(DiagnosticRow(step, layer, "lost_updates", "eligible", eligible))
+        self.rec.write(rows)
 
 
 def _bare_fp32_copy(module: nn.Module) -> nn.Module:
@@ -113,7 +114,7 @@ class Shadow:
     def __init__(self, rec: Parts, patterns: Sequence[str], every: int) -> None:
         if int(every) < 1:
             raise ValueError(f"shadow_every must be >= 1, got {every}")
-        names = rec.names
+        names = rec.layers.names
         self.layers: list[int] = []
         for pat in patterns:
             hit = [i for i, n in enumerate(names) if n and fnmatch.fnmatchcase(n, pat)]
@@ -141,7 +142,7 @@ class Shadow:
     def attach(self, hook: Any) -> None:
         hook(self)  # removes the pending backward hooks
         for i in self.layers:
-            m = self.rec.modules[i]
+            m = self.rec.layers.modules[i]
             hook(m.register_forward_pre_hook(self.rec.contained("shadow", self._pre(i))))
             hook(m.register_forward_hook(self.rec.contained("shadow", self._post(i)),
                                          with_kwargs=True))
@@ -154,7 +155,7 @@ class Shadow:
                     h.remove()
             step = self._on()
             if step is not None and (step, i) not in self.done:
-                self.rng[i] = compat.get_rng_state(self.rec.device)
+                self.rng[i] = compat.get_rng_state(self.rec.layers.device)
         return pre
 
     def _post(self, i: int) -> Any:
@@ -174,7 +175,7 @@ class Shadow:
         c = self.copies.get(i)
         if c is None:
             c = self.copies[i] = compat.bare_copy(module).float().requires_grad_(False)
-        device = self.rec.device
+        device = self.rec.layers.device
         after = compat.get_rng_state(device)
         rng = self.rng.pop(i)
         up = lambda t: t.detach().float()  # noqa: E731
@@ -198,8 +199,8 @@ class Shadow:
             compat.set_rng_state(after, device)
         rel = math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
         sqnr = 10 * math.log10(ref2 / err2) if err2 > 0 else math.inf
-        self.rec.put("diagnostics", [(step, i, "shadow", "rel_err", rel),
-                                             (step, i, "shadow", "sqnr_db", sqnr)])
+        self.rec.write([DiagnosticRow(step, i, "shadow", "rel_err", rel),
+                        DiagnosticRow(step, i, "shadow", "sqnr_db", sqnr)])
         if y.requires_grad:
             self._backward(i, module, c, args, kwargs, rng, y, step)
 
@@ -215,7 +216,7 @@ class Shadow:
         mine = [cp for cp, p in zip(c.parameters(), module.parameters()) if p.requires_grad]
         ref: list[torch.Tensor | None] = []
         got: dict[int, torch.Tensor] = {}
-        device = self.rec.device
+        device = self.rec.layers.device
 
         def on_output(g: torch.Tensor) -> None:
             if ref:
@@ -257,8 +258,8 @@ class Shadow:
         err2, ref2 = sq.tolist()
         rel = math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
         sqnr = 10 * math.log10(ref2 / err2) if err2 > 0 else math.inf
-        self.rec.put("diagnostics", [(step, i, "shadow", "grad_rel_err", rel),
-                                             (step, i, "shadow", "grad_sqnr_db", sqnr)])
+        self.rec.write([DiagnosticRow(step, i, "shadow", "grad_rel_err", rel),
+                        DiagnosticRow(step, i, "shadow", "grad_sqnr_db", sqnr)])
 
     def remove(self) -> None:
         for _, hooks in self.pending.values():
@@ -272,7 +273,7 @@ def attach_diagnostics(rec: Parts, optimizer: Any, hook: Any, lost_updates: bool
     """Wire the diagnostics into a recorder being attached, through its ``Parts`` (``hook``
     keeps each handle for removal); errors are contained per part (``rec.contained``)."""
     if lost_updates is None:
-        lost_updates = any(p.dtype in LOW for p in rec.params)
+        lost_updates = any(p.dtype in LOW for p in rec.layers.params)
     if lost_updates and optimizer is not None:
         lu = LostUpdates(rec)
         hook(optimizer.register_step_pre_hook(rec.contained("lost updates", lu.pre)))

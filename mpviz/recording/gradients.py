@@ -1,86 +1,102 @@
-"""The step's gradients: read once they are all accumulated, checked for inf/nan, measured.
+"""The one place gradients are read: once backward has accumulated them, checked for inf/nan,
+measured on statistics steps.
 
-Gradients are read as backward produced them: before the loop clips or unscales them, at the end
-of backward, from a callback queued by a post-accumulate-grad hook on one parameter of each part
-of the model (so also when the model is compiled, or the loop calls a child module). Fallbacks:
-- a backward that reached none of those parameters: in the optimizer's step pre-hook;
-- ``optimizer.step(closure)`` (LBFGS): after the step, the closure's last gradients;
-- a statistics step whose gradients nobody read yet: in ``rec.step()``.
-:meth:`Gradients.ready` is the one place that reads them, whichever way it is reached.
+They are read as backward produced them, before the loop clips or unscales them: at the end of
+backward, from a callback queued by a post-accumulate-grad hook on one parameter of each part of
+the model (so also when the model is compiled, or the loop calls a child module). Where no
+backward was seen: in the optimizer's step pre-hook; after ``optimizer.step(closure)`` (LBFGS);
+on a statistics step whose gradients nobody read, in ``rec.step()``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from .. import compat
 from ..stats import HostSample, tensor_stats_device
-from .step import StepState
+from .layers import Layers
+from .rows import Measured
+
+
+@dataclass(frozen=True)
+class GradRead:
+    grads: list[torch.Tensor | None]  # each parameter's .grad, still multiplied by the scale
+    scale: Any  # the loss scale: a float (CPU), a device tensor, or None without GradScaler
+    scaler_token: Any  # GradScaler state that its update() replaces
+    bad: torch.Tensor | None  # our own inf/nan flag (only without GradScaler)
 
 
 class Gradients:
-    def __init__(self, params: list[nn.Parameter], param_layer: list[int], scaler: Any,
-                 device: torch.device) -> None:
-        self.params, self.param_layer, self.scaler = params, param_layer, scaler
+    def __init__(self, layers: Layers, scaler: Any) -> None:
+        self.params, self.param_layer, self.scaler = layers.params, layers.param_layer, scaler
         # CPU tensors are read in place and measured with numpy; on an accelerator statistics
         # are kernels there and one host copy per step (tests switch this off on the CPU).
-        self.on_host = device.type == "cpu"
+        self.on_host = layers.device.type == "cpu"
         self.views: dict = {}  # the parameters' numpy views (HostSample.take)
-        self.found_inf = torch.zeros(1, device=device)
+        self.found_inf = torch.zeros(1, device=layers.device)
 
     def scaling(self) -> bool:
         return self.scaler is not None and self.scaler.is_enabled()
 
-    def ready(self, state: StepState, acts: dict[int, torch.Tensor]) -> None:
-        """All ``.grad`` are accumulated (and still multiplied by the loss scale)."""
-        state.backward_queued = False
-        state.grads = [p.grad for p in self.params]
-        present = [g for g in state.grads if g is not None]
-        scale = compat.scaler_scale(self.scaler)
-        state.scaler_token = compat.scaler_token(self.scaler)
-        if scale is None:
-            state.scale_used = None
-        else:  # reading a CPU tensor is no sync; elsewhere keep a device copy for step()
-            state.scale_used = float(scale) if self.on_host else scale.detach().clone()
-        if present and scale is None:
-            # No GradScaler watches for inf/nan: check the gradients here (on device, no sync).
-            # Which ones are bad is worked out only on a bad step (nonfinite_params).
-            state.grad_bad = self.found_inf  # zero but after a bad step (reset in step())
-            compat.check_nonfinite(present, state.grad_bad)
-        if state.stats_step:
-            self.take_stats(state, present, acts)
+    def any_present(self) -> bool:
+        return any(p.grad is not None for p in self.params)
 
-    def take_stats(self, state: StepState, present: list[torch.Tensor],
-                   acts: dict[int, torch.Tensor]) -> None:
-        """Activations, (unscaled) gradients and weights of this step: one batched computation."""
-        grads_of = [self.param_layer[i] for i, g in enumerate(state.grads or []) if g is not None]
-        state.stats_owners = {"activation": list(acts), "grad": grads_of,
-                              "weight": self.param_layer if present else []}
+    def read(self) -> GradRead:
+        grads = [p.grad for p in self.params]
+        present = [g for g in grads if g is not None]
+        scale = compat.scaler_scale(self.scaler)
+        token = compat.scaler_token(self.scaler)
+        if scale is not None:  # reading a CPU tensor is no sync; elsewhere keep a device copy
+            scale = float(scale) if self.on_host else scale.detach().clone()
+        bad = None
+        if present and scale is None:
+            # No GradScaler watches for inf/nan: check here (on device, no sync). Which
+            # gradients are bad is worked out on a bad step only (nonfinite_layers).
+            bad = self.found_inf  # zero but after a bad step (clear_flag)
+            compat.check_nonfinite(present, bad)
+        return GradRead(grads, scale, token, bad)
+
+    def clear_flag(self) -> None:
+        self.found_inf.zero_()
+
+    def measure(self, step: int, acts: dict[int, torch.Tensor], read: GradRead | None,
+                with_grads: bool = True) -> Measured | None:
+        """Activations, (unscaled) gradients and weights of a statistics step, in one batched
+        computation; without ``with_grads``, the activations alone."""
+        grads = read.grads if read is not None else []
+        present = [g for g in grads if g is not None] if with_grads else []
+        owners = {"activation": list(acts),
+                  "grad": [self.param_layer[i] for i, g in enumerate(grads) if g is not None],
+                  "weight": self.param_layer if present else []}
         # A container's output is often its last child's very tensor: measure it once.
         unique: dict[int, int] = {}
-        state.act_rows = [unique.setdefault(id(t), len(unique)) for t in acts.values()]
+        act_rows = [unique.setdefault(id(t), len(unique)) for t in acts.values()]
         act_tensors = list({id(t): t for t in acts.values()}.values())
         tensors = act_tensors + present + (self.params if present else [])
         if not tensors:
-            return
-        scaled = None
-        if state.scale_used is not None:
-            scaled = (len(act_tensors), len(act_tensors) + len(present), state.scale_used)
+            return None
+        scale = read.scale if read is not None else None
+        scaled = None if scale is None else (
+            len(act_tensors), len(act_tensors) + len(present), scale)
         if self.on_host:  # the rest is computed on the writer thread
-            state.stats = HostSample.take(tensors, scaled, cache=self.views,
-                                          stable_from=len(act_tensors) + len(present),
-                                          offset=state.index)
+            values = HostSample.take(tensors, scaled, cache=self.views,
+                                     stable_from=len(act_tensors) + len(present), offset=step)
         else:
-            state.stats = tensor_stats_device(tensors, scaled, offset=state.index)
+            values = tensor_stats_device(tensors, scaled, offset=step)
+        return Measured(step, values, owners, act_rows)
 
-    def nonfinite_params(self, state: StepState) -> list[int]:
-        """Indices of the parameters whose gradient holds inf/nan (run on bad steps only)."""
-        grads = state.grads or []
+    def nonfinite_layers(self, read: GradRead | None) -> dict[int, int]:
+        """Layer -> inf/nan elements of its gradients, in parameter order (bad steps only)."""
+        grads = read.grads if read is not None else []
         present = [i for i, g in enumerate(grads) if g is not None]
         if not present:
-            return []
+            return {}
         # Element-wise, not a norm: the norm of finite fp16 values can itself overflow.
         flags = torch.stack([(~torch.isfinite(grads[i])).any() for i in present])
-        return [present[k] for k in flags.nonzero().flatten().tolist()]
+        counts: dict[int, int] = {}
+        for k in flags.nonzero().flatten().tolist():
+            g, layer = grads[present[k]], self.param_layer[present[k]]
+            counts[layer] = counts.get(layer, 0) + int((~torch.isfinite(g)).sum())
+        return counts

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import compat, tree
+from ..schema import OverflowRow
 
 
 def _nonfinite(obj: Any) -> int:
@@ -75,21 +76,40 @@ def replay_forward(modules: list[nn.Module], inputs: tuple[int, tuple, dict],
     return found
 
 
-def overflow_rows(step: int, culprits: list[tuple[int, int]], bad_params: list[int],
-                  grads: list[torch.Tensor | None], param_layer: list[int],
-                  fwd_order: list[int] | None, skipped: bool) -> list[tuple]:
-    """``overflows`` rows: forward culprits in the order they finished, then the layers whose
-    gradients went non-finite, the first in backward order marked ``first``."""
-    rows = [(step, layer, "activation", "forward", int(k == 0), count, int(skipped))
+class Replay:
+    """Reruns of the step's forward, for the module hooks (a compiled model's dtypes and
+    activations) or with checks on (the inf/nan culprit)."""
+
+    def __init__(self, modules: list[nn.Module], device: torch.device, watch: Any) -> None:
+        self.modules, self.device, self.watch = modules, device, watch
+        self.active = False  # a rerun is under way: not the user's forward
+
+    def run(self, s: Any, check: bool) -> list[tuple[int, int]] | None:
+        if s.inputs is None:
+            return None
+        self.active = True
+        try:
+            with self.watch.rerun(record=not check):
+                return replay_forward(self.modules, s.inputs, s.autocast, s.rng, self.device,
+                                      check=check)
+        finally:
+            self.active = False
+
+
+def overflow_rows(step: int, culprits: list[tuple[int, int]], bad_grads: dict[int, int],
+                  fwd_order: list[int] | None, skipped: bool,
+                  rank_layers: set[int] | None) -> list[OverflowRow]:
+    """Forward culprits in the order they finished, then the layers whose gradients went
+    non-finite, the first in backward order marked ``first``.
+
+    ``origin``: forward rows are always this rank's own; a gradient row is when its layer's
+    gradients on this rank were (``rank_layers``; None: no all-reduce, every gradient is)."""
+    rows = [OverflowRow(step, layer, "activation", "forward", int(k == 0), count, int(skipped), 1)
             for k, (layer, count) in enumerate(culprits)]
-    counts: dict[int, int] = {}
-    for i in bad_params:
-        g = grads[i]
-        n = int((~torch.isfinite(g)).sum()) if g is not None else 0
-        counts[param_layer[i]] = counts.get(param_layer[i], 0) + n
     # Backward runs in reverse forward order: the first layer to receive a non-finite
     # gradient is the one that ran last in the forward pass.
     order = {l: k for k, l in enumerate(fwd_order or [])}
-    for k, layer in enumerate(sorted(counts, key=lambda l: -order.get(l, -1))):
-        rows.append((step, layer, "grad", "backward", int(k == 0), counts[layer], int(skipped)))
+    for k, layer in enumerate(sorted(bad_grads, key=lambda l: -order.get(l, -1))):
+        rows.append(OverflowRow(step, layer, "grad", "backward", int(k == 0), bad_grads[layer],
+                                int(skipped), int(rank_layers is None or layer in rank_layers)))
     return rows

@@ -113,3 +113,38 @@ class StatsSchedule:
                 "train_s": round(train_s, 6), "writer_s": round(writer_s, 6),
                 "plain_s": round(plain_s, 6),
                 "plain_step_s": round(plain_s / self.steps, 7) if self.steps else None}
+
+
+class StepPlan:
+    """The one place that decides where a step's statistics and dtypes come from: whether it
+    takes statistics (this rank, the schedule), whether its module hooks are on ("watched":
+    statistics steps, the first step, after a policy change, and a forward whose autocast state
+    or input dtype changed), and whether a compiled forward is rerun eagerly for them."""
+
+    def __init__(self, schedule: StatsSchedule, stats_rank: bool) -> None:
+        self.schedule, self.stats_rank = schedule, stats_rank
+        self.watch_next = True
+        self.key: Any = None  # (autocast state, input dtype) of the last watched forward
+
+    def begin(self, index: int) -> tuple[bool, bool]:
+        """(statistics step, watched) of the step that begins."""
+        stats = self.stats_rank and self.schedule.is_stats_step(index)
+        watching, self.watch_next = stats or self.watch_next, False
+        return stats, watching
+
+    def forward(self, watching: bool, autocast: Any, input_dtype: Any) -> bool:
+        """Whether the step is watched from this training forward on."""
+        key = (autocast, input_dtype)
+        if self.watch_next or key != self.key:
+            watching = True
+        if watching:
+            self.key, self.watch_next = key, False
+        return watching
+
+    def policy_changed(self) -> None:
+        self.watch_next = True
+
+    @staticmethod
+    def rerun(s: Any) -> bool:
+        """Module hooks do not run in compiled code: a watched step reruns its forward eagerly."""
+        return s.compiled and s.watching and s.inputs is not None and not s.rerun
