@@ -29,19 +29,12 @@ _transformers = require("transformers", "hf", "mpviz.integrations.hf")
 import torch  # noqa: E402  (after the check, so a missing extra is named first)
 
 from .. import tree  # noqa: E402
-from ..recording import Recorder  # noqa: E402
+from .callback import RecorderCallback  # noqa: E402
 
 
-class MpvizCallback(_transformers.TrainerCallback):
-    """A ``TrainerCallback`` that records the run with :class:`mpviz.Recorder`.
-
-    Args:
-        run_dir: where the run is written (default ``runs/<time>``); with several processes each
-            rank writes its own store in it.
-        every: per-layer statistics exactly every ``every`` optimizer steps; None (the
-            default): at most every 10, within the recorder's cost budget (``stats_budget``).
-        policy: an optional :class:`mpviz.PrecisionPolicy` (or rules dict) applied while training.
-        **recorder_kwargs: passed to :class:`mpviz.Recorder` (``meta``, ``flush_every_s``, ...).
+class MpvizCallback(RecorderCallback, _transformers.TrainerCallback):
+    """A ``TrainerCallback`` that records the run with :class:`mpviz.Recorder`; arguments as
+    :class:`~mpviz.integrations.callback.RecorderCallback`.
 
     ``callback.recorder`` is the Recorder while training (``callback.recorder.run``: the live run);
     ``callback.run_dir`` where the run is.
@@ -53,9 +46,7 @@ class MpvizCallback(_transformers.TrainerCallback):
 
     def __init__(self, run_dir: str | os.PathLike | None = None, every: int | None = None,
                  policy: Any = None, **recorder_kwargs: Any) -> None:
-        self.run_dir, self.every, self.policy = run_dir, every, policy
-        self.recorder_kwargs = recorder_kwargs
-        self.recorder: Recorder | None = None
+        super().__init__(run_dir, every, policy, **recorder_kwargs)
         self._hooks: list[Any] = []
         self._losses: list[torch.Tensor] = []
         self._normalized = False  # the model's loss was divided by the step's item count
@@ -74,13 +65,8 @@ class MpvizCallback(_transformers.TrainerCallback):
         if self.recorder is not None:  # a second train() call: a new run_dir is needed
             self._close()
         scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer
-        meta = {"trainer": "transformers.Trainer", "transformers_version":
-                _transformers.__version__, **self.recorder_kwargs.get("meta", {})}
-        kwargs = {k: v for k, v in self.recorder_kwargs.items() if k != "meta"}
-        rec = Recorder(model, optimizer=optimizer, scaler=scaler, run_dir=self.run_dir,
-                       every=self.every, policy=self.policy, meta=meta, **kwargs)
-        rec.attach()  # all or nothing; a bad policy is refused here, before training starts
-        self.recorder, self.run_dir = rec, rec.run_dir
+        self._start(model, optimizer, scaler, {"trainer": "transformers.Trainer",
+                                               "transformers_version": _transformers.__version__})
         self._hooks = [model.register_forward_hook(self._on_forward, with_kwargs=True)]
         autocast = _accelerate_autocast(model)
         if autocast is not None:

@@ -20,7 +20,6 @@ training. ``pip install "mpviz[lightning]"``.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from . import require
@@ -30,40 +29,21 @@ _pl = require("lightning.pytorch", "lightning", "mpviz.integrations.lightning")
 import torch  # noqa: E402  (after the check, so a missing extra is named first)
 
 from .. import tree  # noqa: E402
-from ..recording import Recorder  # noqa: E402
+from .callback import RecorderCallback  # noqa: E402
 
 
-class MpvizCallback(_pl.Callback):
-    """A Lightning ``Callback`` that records training with :class:`mpviz.Recorder`.
-
-    Args:
-        run_dir: where the run is written (default ``runs/<time>``); with several processes each
-            rank writes its own store in it.
-        every: per-layer statistics exactly every ``every`` optimizer steps; None (the
-            default): at most every 10, within the recorder's cost budget (``stats_budget``).
-        policy: an optional :class:`mpviz.PrecisionPolicy` (or rules dict) applied while training.
-        **recorder_kwargs: passed to :class:`mpviz.Recorder` (``meta``, ``flush_every_s``, ...).
-    """
-
-    def __init__(self, run_dir: str | os.PathLike | None = None, every: int | None = None,
-                 policy: Any = None, **recorder_kwargs: Any) -> None:
-        self.run_dir, self.every, self.policy = run_dir, every, policy
-        self.recorder_kwargs = recorder_kwargs
-        self.recorder: Recorder | None = None
+class MpvizCallback(RecorderCallback, _pl.Callback):
+    """A Lightning ``Callback`` that records training with :class:`mpviz.Recorder`; arguments as
+    :class:`~mpviz.integrations.callback.RecorderCallback`."""
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.recorder is not None:
             self._close()
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        meta = {"trainer": "lightning.Trainer", "lightning_version": _pl.__version__,
-                "lightning_precision": str(trainer.precision_plugin.precision),
-                **self.recorder_kwargs.get("meta", {})}
-        kwargs = {k: v for k, v in self.recorder_kwargs.items() if k != "meta"}
-        rec = Recorder(pl_module, optimizer=optimizer, scaler=scaler, run_dir=self.run_dir,
-                       every=self.every, policy=self.policy, meta=meta, **kwargs)
-        rec.attach()  # all or nothing; a bad policy is refused before training starts
-        self.recorder, self.run_dir = rec, rec.run_dir
+        self._start(pl_module, optimizer, scaler, {
+            "trainer": "lightning.Trainer", "lightning_version": _pl.__version__,
+            "lightning_precision": str(trainer.precision_plugin.precision)})
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
