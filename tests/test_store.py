@@ -13,7 +13,8 @@ import time
 import pytest
 
 import mpviz
-from mpviz.store import SCHEMA_VERSION
+from mpviz.schema import DiagnosticRow, LayerRow, StepRow, values
+from mpviz.store import SCHEMA_VERSION, Rows, RunWriter
 
 TRAINER = textwrap.dedent("""
     import sys, time, torch
@@ -139,6 +140,64 @@ def test_newer_schema_and_corrupt_store_give_clear_errors(tmp_path):
         mpviz.load_run(tmp_path / "bad")
     with pytest.raises(mpviz.RunStoreError, match="does not exist"):
         mpviz.load_run(tmp_path / "nothing")
+
+
+# Schema version 1 as mpviz has always written it, (column, type, primary key) per table and
+# (index: columns): runs recorded before must open, and a change needs a new SCHEMA_VERSION.
+V1_TABLES = {
+    "meta": "key TEXT pk, value TEXT",
+    "layers": "idx INTEGER pk, layer TEXT, type TEXT, n_params INTEGER, param_dtype TEXT, "
+              "depth INTEGER, is_leaf INTEGER",
+    "steps": "step INTEGER pk, loss REAL, loss_scale REAL, loss_scale_after REAL, skipped INTEGER, "
+             "nonfinite_grads INTEGER, step_time_s REAL, samples INTEGER, samples_per_s REAL, "
+             "wall_time REAL",
+    "layer_stats": "step INTEGER, layer_idx INTEGER, tensor TEXT, dtype TEXT, norm REAL, "
+                   "max_abs REAL, min_abs_nonzero REAL, zeros INTEGER, nonfinite INTEGER, "
+                   "underflow_fp16 INTEGER, overflow_fp16 INTEGER, underflow_bf16 INTEGER, "
+                   "overflow_bf16 INTEGER, numel INTEGER",
+    "dtypes": "step INTEGER, layer_idx INTEGER, tensor TEXT, dtype TEXT",
+    "overflows": "step INTEGER, layer_idx INTEGER, tensor TEXT, phase TEXT, first INTEGER, "
+                 "nonfinite INTEGER, skipped INTEGER, origin INTEGER",
+    "histograms": "step INTEGER, layer_idx INTEGER, tensor TEXT, lo INTEGER, counts BLOB",
+    "policy_changes": "step INTEGER, layer_idx INTEGER, precision TEXT, rule TEXT",
+    "diagnostics": "step INTEGER, layer_idx INTEGER, kind TEXT, metric TEXT, value REAL",
+}
+V1_INDEXES = {"layer_stats_step": "step", "layer_stats_layer": "layer_idx, tensor, step",
+              "histograms_layer": "layer_idx, tensor, step"}
+
+
+def test_a_new_store_has_the_version_1_schema(tmp_path):
+    RunWriter(tmp_path / "run.db", {"status": "running"}, []).close()
+    con = sqlite3.connect(tmp_path / "run.db")
+    tables = {t: ", ".join(f"{name} {type_}" + (" pk" if pk else "") for _, name, type_, _, _, pk
+                           in con.execute(f"PRAGMA table_info({t})"))
+              for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    indexes = {name: ", ".join(c[2] for c in con.execute(f"PRAGMA index_info({name})"))
+               for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'index' "
+                                          "AND name NOT LIKE 'sqlite_%'")}
+    con.close()
+    assert SCHEMA_VERSION == 1 and tables == V1_TABLES and indexes == V1_INDEXES
+
+
+def test_rows_reach_their_columns_by_name(tmp_path):
+    """Records (mpviz.schema) and whole columns are matched to the table's columns by name."""
+    w = RunWriter(tmp_path / "run.db", {"status": "running"},
+                  [values(LayerRow(idx=0, layer="", type="Net", n_params=3, param_dtype=None,
+                                   depth=0, is_leaf=1))])
+    w.write([StepRow(wall_time=9.0, samples_per_s=None, samples=8, step_time_s=0.25,
+                     nonfinite_grads=0, skipped=1, loss_scale_after=None, loss_scale=None,
+                     loss=0.5, step=3)])
+    w.put_later(lambda items: [Rows.columns(DiagnosticRow, value=[1.5], metric=["m"],
+                                            kind=["k"], layer_idx=[0], step=items)], 4)
+    w.close()
+    con = sqlite3.connect(tmp_path / "run.db")
+    assert con.execute("SELECT * FROM steps").fetchall() == [
+        (3, 0.5, None, None, 1, 0, 0.25, 8, None, 9.0)]
+    assert con.execute("SELECT * FROM diagnostics").fetchall() == [(4, 0, "k", "m", 1.5)]
+    assert con.execute("SELECT * FROM layers").fetchall() == [(0, "", "Net", 3, None, 0, 1)]
+    con.close()
+    with pytest.raises(ValueError, match="diagnostics has the columns"):
+        Rows.columns(DiagnosticRow, step=[1], layer_idx=[0], kind=["k"], metric=["m"])
 
 
 def test_list_runs_newest_first(tmp_path):
