@@ -574,6 +574,31 @@ def test_steps_after_a_bad_step_are_clean_again_without_a_scaler(digits, tmp_pat
     assert mpviz.load_run(tmp_path / "r").steps["nonfinite_grads"].tolist() == [True, False, False]
 
 
+def test_a_forward_after_the_backward_leaves_the_steps_statistics_as_they_were(digits, tmp_path):
+    """A loop that runs the model again with grad on after backward (a metric, an evaluation
+    without no_grad) on a statistics step: the step keeps the statistics of its backward."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    grad_norms = []  # the head's gradient norm of each step, by hand
+    with mpviz.Recorder(model, optimizer=opt, run_dir=tmp_path / "r", every=1) as rec:
+        for x, y in batches(*digits, 3):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            grad_norms.append(math.hypot(model.head.weight.grad.norm().item(),
+                                         model.head.bias.grad.norm().item()))
+            opt.step()
+            opt.zero_grad()
+            model(x)  # with grad on, after the backward
+            rec.step(loss=loss, samples=len(x))
+    run = mpviz.load_run(tmp_path / "r")
+    assert "recorder_errors" not in run.meta
+    st = run.layer_stats
+    head = st[(st.layer == "head") & (st.tensor == "grad")].sort_values("step")
+    assert head["step"].tolist() == [0, 1, 2]
+    assert head["norm"].tolist() == pytest.approx(grad_norms, rel=1e-5)
+
+
 class Wrapper(nn.Module):
     """Holds the network as a child, as a LightningModule or a GAN's container does."""
 

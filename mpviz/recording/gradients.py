@@ -61,12 +61,12 @@ class Gradients:
     def clear_flag(self) -> None:
         self.found_inf.zero_()
 
-    def measure(self, step: int, acts: dict[int, torch.Tensor], read: GradRead | None,
-                with_grads: bool = True) -> Measured | None:
+    def measure(self, step: int, acts: dict[int, torch.Tensor],
+                read: GradRead | None) -> Measured | None:
         """Activations, (unscaled) gradients and weights of a statistics step, in one batched
-        computation; without ``with_grads``, the activations alone."""
+        computation."""
         grads = read.grads if read is not None else []
-        present = [g for g in grads if g is not None] if with_grads else []
+        present = [g for g in grads if g is not None]
         owners = {"activation": list(acts),
                   "grad": [self.param_layer[i] for i, g in enumerate(grads) if g is not None],
                   "weight": self.param_layer if present else []}

@@ -543,10 +543,11 @@ class Recorder:
             self._errors.contained("gradients", self._gradients_ready)()  # nobody read them yet
         if s.grads is None:
             self._forward_seen(s)  # a forward without backward, or gradients never seen
-        if self._watch.acts and s.stats_step and "gradients" not in self._errors.broken:
-            # a forward, no backward: its activations
-            s.stats = self._grads.measure(s.index, self._watch.take_acts(), s.grads,
-                                          with_grads=False) or s.stats
+        if (self._watch.acts and s.stats_step and s.stats is None
+                and "gradients" not in self._errors.broken):
+            # a forward without backward: its activations (after a backward, a later forward's
+            # are not the step's)
+            s.stats = self._grads.measure(s.index, self._watch.take_acts(), s.grads)
 
     def _read_end(self, s: StepState, scale_now: Any) -> StepEnd:
         """The step's values (one host copy) and, on a bad step, where the inf/nan came from."""
