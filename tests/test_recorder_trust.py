@@ -193,6 +193,19 @@ def test_attach_failing_halfway_unwinds_and_marks_the_run_failed(tmp_path, monke
     assert meta["status"] == "failed" and "no more hooks" in meta["error"]
 
 
+def test_close_puts_back_what_attach_changed_on_a_model_compiled_in_place(tmp_path):
+    """``model.compile()`` before attach: the recorder wraps its compiled call to see the
+    forward from outside, and close puts the original back, with no hook left."""
+    model = BNNet()
+    model.compile()
+    original = model._compiled_call_impl
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with mpviz.Recorder(model, optimizer=opt, run_dir=tmp_path / "r"):
+        assert model._compiled_call_impl is not original
+    assert model._compiled_call_impl is original
+    assert hooks_of(model, opt) == (0, 0)
+
+
 def test_an_optimizer_that_is_not_one_is_refused():
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         mpviz.Recorder(BNNet(), ...)
