@@ -55,19 +55,19 @@ def test_hf_model_with_a_one_line_loss_fn_trains_and_is_steered_by_layer_and_glo
                   precision="bf16", every=2, eval_fn=_accuracy, eval_data=held_out, eval_every=4)
     try:
         assert lab.task.value == "BertForSequenceClassification" and lab.task.disabled
-        assert "classifier" in lab._rows and "bert.encoder.layer.0.output.LayerNorm" in lab._rows
+        assert "classifier" in lab.live.table.rows and "bert.encoder.layer.0.output.LayerNorm" in lab.live.table.rows
         lab.start(max_steps=12, pause_at=4)
-        assert _wait(lambda: lab.worker.state == "paused" and lab.pause_btn.description == "Resume")
+        assert _wait(lambda: lab.worker.state == "paused" and lab.bar.pause.description == "Resume")
         lab.set_layer_precision("classifier", "fp32")
         assert lab.add_rule(LAYER_NORMS, "fp32")
         # A rule the policy refuses shows its reason, and changes nothing.
         assert not lab.add_rule("bert.encdoer.*", "fp16")
-        assert "refused" in lab.rule_msg.value and "bert.encdoer.*" in lab.rule_msg.value
-        assert lab._rules == {LAYER_NORMS: "fp32"}
+        assert "refused" in lab.rules.msg.value and "bert.encdoer.*" in lab.rules.msg.value
+        assert lab.session.rules == {LAYER_NORMS: "fp32"}
         lab.toggle_pause()
         lab.worker.join(300)
         assert lab.worker.state == "done" and lab.worker.rounds == 12, lab.worker.reason
-        run = mpviz.load_run(lab.trainers[0].recorder.run_dir)
+        run = mpviz.load_run(lab.trainers[0].run_dir)
         assert run.meta["status"] == "finished" and len(run.steps) == 12
         assert run.meta["precision"] == "bf16" and run.meta["autocast_dtype"] == "bfloat16"
 
@@ -76,7 +76,7 @@ def test_hf_model_with_a_one_line_loss_fn_trains_and_is_steered_by_layer_and_glo
         at4 = ch[ch["step"] == 4].set_index("layer")
         assert set(ch["step"]) == {4}
         assert at4.loc["classifier", "precision"] == "fp32"
-        norms = [n for n in lab._rows if n.endswith("output.LayerNorm") and "encoder.layer." in n]
+        norms = [n for n in lab.live.table.rows if n.endswith("output.LayerNorm") and "encoder.layer." in n]
         assert len(norms) == 4     # attention.output.LayerNorm and output.LayerNorm, 2 layers
         for n in norms:
             assert at4.loc[n, "precision"] == "fp32" and at4.loc[n, "rule"] == LAYER_NORMS
@@ -85,7 +85,7 @@ def test_hf_model_with_a_one_line_loss_fn_trains_and_is_steered_by_layer_and_glo
         out = d[(d["layer"] == "classifier") & (d["tensor"] == "output")].sort_values("step")
         assert out["dtype"].iloc[0].endswith("bfloat16") and out["dtype"].iloc[-1].endswith("float32")
         # The curve is exactly the recorded losses.
-        np.testing.assert_allclose(np.asarray(lab.fig.trace("loss", 0).y), run.steps["loss"].to_numpy(float))
+        np.testing.assert_allclose(np.asarray(lab.live.fig.trace("loss", 0).y), run.steps["loss"].to_numpy(float))
 
         # Your model itself was trained (no copy), and carries no hooks once the lab is done.
         assert any(not torch.equal(start[k], v) for k, v in model.state_dict().items())
@@ -97,7 +97,7 @@ def test_hf_model_with_a_one_line_loss_fn_trains_and_is_steered_by_layer_and_glo
             ref = sum(_accuracy(model, b) for b in held_out) / len(held_out)
         model.train()
         assert lab.trainers[0].evals[-1][1] == pytest.approx(ref)
-        drawn = lab.eval_out.outputs[0]["data"]["application/vnd.plotly.v1+json"]["data"][0]
+        drawn = lab.live.eval_out.outputs[0]["data"]["application/vnd.plotly.v1+json"]["data"][0]
         assert list(drawn["y"]) == pytest.approx([v for _, v in lab.trainers[0].evals])
         run.close()
     finally:
@@ -147,7 +147,7 @@ def test_hf_model_with_its_own_train_step(dash_runs):
         # A race needs copies of the optimizer the train_step closes over: refused, with why.
         lab.alongside.value = ("bf16",)
         lab.start(max_steps=10)
-        assert lab.worker is None and "a race needs loss_fn" in lab.status.value
+        assert lab.worker is None and "a race needs loss_fn" in lab.bar.status.value
         lab.alongside.value = ()
         torch.manual_seed(0)
         lab.start(max_steps=10)
@@ -155,7 +155,7 @@ def test_hf_model_with_its_own_train_step(dash_runs):
         assert lab.worker.state == "done" and lab.worker.rounds == 10, lab.worker.reason
         assert sched.last_epoch == 10    # the user's scheduler stepped once per step
         assert lab.precision.value == "autocast fp16 (train_step)"   # as recorded
-        run = mpviz.load_run(lab.trainers[0].recorder.run_dir)
+        run = mpviz.load_run(lab.trainers[0].run_dir)
         assert run.meta["amp"]["init_scale"] == 2.0**12 and run.meta["precision"] == "train_step"
         assert run.meta["scaler"]["growth_interval"] == 5 and run.meta["amp"]["owner"] == "train_step"
         losses = run.steps["loss"].to_numpy(float)
@@ -199,7 +199,7 @@ def test_race_with_your_model_starts_equal_and_differs_only_by_precision(dash_ru
         assert lab.worker.state == "done", lab.worker.reason
         assert [t.precision for t in lab.trainers] == ["fp32", "bf16"]
         assert lab.trainers[1].model is not model and forward_hooks(lab.trainers[1].model) == 0
-        runs = [mpviz.load_run(t.recorder.run_dir) for t in lab.trainers]
+        runs = [mpviz.load_run(t.run_dir) for t in lab.trainers]
         lanes = [r.steps["loss"].to_numpy(float) for r in runs]
         assert [len(x) for x in lanes] == [6, 6]
         assert len({r.run_dir for r in runs}) == 2
@@ -245,7 +245,7 @@ def test_amp_knobs_reach_the_run(dash_runs):
         lab.growth_interval.value = 3
         lab.start(max_steps=4)
         lab.worker.join(300)
-        run = mpviz.load_run(lab.trainers[0].recorder.run_dir)
+        run = mpviz.load_run(lab.trainers[0].run_dir)
         s, amp = run.meta["scaler"], run.meta["amp"]
         assert (s["enabled"], s["growth_interval"]) == (True, 3)
         assert (amp["grad_scaler"], amp["init_scale"], amp["growth_interval"]) == (True, 1024.0, 3)
@@ -255,7 +255,7 @@ def test_amp_knobs_reach_the_run(dash_runs):
         lab.grad_scaler.value = False          # fp16 without a GradScaler (to see why it needs one)
         lab.start(max_steps=2)
         lab.worker.join(300)
-        run = mpviz.load_run(lab.trainers[0].recorder.run_dir)
+        run = mpviz.load_run(lab.trainers[0].run_dir)
         assert run.meta["scaler"] is None and run.meta["autocast_dtype"] == "float16"
         run.close()
     finally:
@@ -302,7 +302,7 @@ def test_two_labs_opened_in_the_same_second_both_train(dash_runs):
         for lab in labs:
             lab.worker.join(300)
             assert lab.worker.state == "done" and lab.worker.rounds == 5, lab.worker.reason
-        dirs = [Path(lab.trainers[0].recorder.run_dir) for lab in labs]
+        dirs = [Path(lab.trainers[0].run_dir) for lab in labs]
         assert dirs[0] != dirs[1] and all(d.parent == dash_runs for d in dirs)
         for d in dirs:
             run = mpviz.load_run(d)
@@ -327,7 +327,7 @@ def test_your_model_lab_notebook_runs_in_a_jupyter_kernel(tmp_path, monkeypatch)
         "lab.start(max_steps=6)\n"
         "lab.worker.join(300)\n"
         "assert lab.worker.state == 'done' and lab.worker.rounds == 6, lab.worker.reason\n"
-        "print('trained', lab.trainers[0].recorder.run_dir)"))
+        "print('trained', lab.trainers[0].run_dir)"))
     client = NotebookClient(nb, timeout=300, kernel_name="python3", store_widget_state=False,
                             resources={"metadata": {"path": str(path.parent)}})
     client.execute()   # raises CellExecutionError on any failing cell

@@ -33,6 +33,10 @@ import traitlets
 from ipywidgets.widgets.widget import _remove_buffers
 from plotly.utils import PlotlyJSONEncoder
 
+from .worker import share_wait
+
+PAGE_SHARE = 0.05   # the most of the page's main thread that a view's redraws take
+
 _RENDER = r"""
 // plotly.js arrives as state (plotly_js) and is run as a classic script when the first view
 // renders, unless the page has it already: anywidget gives a widget's module 2 s to load, and a
@@ -54,17 +58,18 @@ function unpack(v) {   // binary buffers arrive as DataViews (or ArrayBuffers): 
   return v;
 }
 
-// Redraws, painting included, take at most SHARE of the page's main thread (a redraw that took
-// 40 ms waits 0.76 s for the next; only the newest state is drawn), so a browser on the machine
-// that trains takes little from it, however long the run and however slow the page.
-const SHARE = 0.05, MIN_GAP_MS = 250;
+// Redraws, painting included, take at most PAGE_SHARE of the page's main thread: after one that
+// took t ms the next waits t * redraw_wait ms (worker.share_wait; only the newest state is
+// drawn), so a browser on the machine that trains takes little from it, however long the run
+// and however slow the page.
+const MIN_GAP_MS = 250;
 
 function render({ model, el }) {
   const Plotly = plotly(model);
   const gd = document.createElement("div");
   el.appendChild(gd);
   let busy = false, again = false, gone = false, area = null;
-  let next = 0;   // performance.now() before which no redraw starts (see SHARE)
+  let next = 0;   // performance.now() before which no redraw starts (see PAGE_SHARE)
   const ro = new ResizeObserver(() => resize());
   // A fixed layout.width wider than the room the page gives is drawn at the room's width instead
   // of being clipped (JupyterLab with its file browser open: ~870 px in a 1,300 px window). The
@@ -94,7 +99,7 @@ function render({ model, el }) {
         const took = performance.now() - t0;
         window.mpvizPlotMs = (window.mpvizPlotMs || 0) + took;   // read by benchmarks/live_plots.py
         window.mpvizPlotDraws = (window.mpvizPlotDraws || 0) + 1;
-        next = performance.now() + Math.max(MIN_GAP_MS, took * (1 - SHARE) / SHARE);
+        next = performance.now() + Math.max(MIN_GAP_MS, took * model.get("redraw_wait"));
       } while (again && !gone);
     } catch (e) {
       console.error("mpviz live plot:", e);
@@ -167,6 +172,7 @@ class LivePlot(anywidget.AnyWidget):
     plotly_js = traitlets.Unicode().tag(sync=True)   # plotly's own bundle (see _RENDER)
     traces = traitlets.List().tag(sync=True)
     plot_layout = traitlets.Dict().tag(sync=True)   # `layout` is the widget's own box layout
+    redraw_wait = traitlets.Float(share_wait(1.0, PAGE_SHARE)).tag(sync=True)   # per unit of cost
 
     def __init__(self, figure: go.Figure, **kwargs: Any) -> None:
         super().__init__(plotly_js=_plotly_js(), **kwargs)

@@ -1,14 +1,11 @@
-"""`LabSession`: the precision lab without its widgets. It builds the model the next session
-trains, starts and stops the training worker (one trainer per lane of a race), applies layer
-precisions, rules and advice, loads teaching scenarios, and reads the runs back for the page.
+"""`LabSession`: the precision lab without its widgets: the model the next session trains,
+the training worker (one trainer per lane of a race), layer precisions, rules, advice,
+scenarios, and the reads the page draws from. Torch runs only on `worker.torch_thread`.
 
     >>> s = LabSession("runs", task="mlp")            # doctest: +SKIP
     >>> layers = s.prepare()                          # the model, before any run exists
     >>> s.start("bf16", alongside=("fp32",), max_steps=50, pause_at=20)   # doctest: +SKIP
     >>> s.set_layer("fc3", "fp32")                    # from the next step   # doctest: +SKIP
-
-Torch runs only on `worker.torch_thread`: through the trainers, and a few builders imported
-lazily at the bottom of this file.
 """
 
 from __future__ import annotations
@@ -93,8 +90,8 @@ class LabSession:
 
     def prepare(self, task: str | None = None, batch_size: int | None = None,
                 lr: float | None = None) -> Layers:
-        """End any session and build the model the next one trains: fresh weights for a demo
-        task or a scenario, yours as it is. Nothing is recorded until `start`."""
+        """End any session; build the model the next one trains (a demo's or scenario's afresh,
+        yours as it is). Nothing is recorded until `start`."""
         with self._lock:
             self.end()
             self.task = task or self.task
@@ -142,10 +139,9 @@ class LabSession:
 
     def begin(self, precision: str, alongside: Iterable[str] = (),
               amp: dict[str, Any] | None = None) -> None:
-        """End the session before and claim new runs: the main one at ``precision`` and a race
-        lane per ``alongside`` precision (copies of the main model and optimizer, made now).
-        ``amp``: grad_scaler, init_scale, growth_interval of the main run (lanes: a GradScaler
-        exactly when fp16). Refused (ValueError) before anything changes."""
+        """End the session before; claim the main run at ``precision`` and a race lane per
+        ``alongside`` precision (copies of the main model and optimizer, made now). ``amp``:
+        the main run's grad_scaler, init_scale, growth_interval (lanes: a GradScaler if fp16)."""
         extra = [p for p in alongside if p != precision][:MAX_ALONGSIDE]
         if extra and not self.owns_step:
             raise ValueError(RACE_NEEDS_LOSS_FN)
@@ -233,7 +229,7 @@ class LabSession:
 
     def set_layer(self, layer: str, precision: str | None) -> bool:
         """Set one layer's precision (None: it follows the policy again) from the next step, or
-        from the next start between sessions. Returns whether the session was live."""
+        between sessions from the next start. Returns whether the session was live."""
         names = [name for name, *_ in self.layers if name]
         if layer not in names:
             raise ValueError(f"unknown layer {layer!r}; "
@@ -259,10 +255,9 @@ class LabSession:
         return True
 
     def add_rule(self, pattern: str, precision: str | None) -> bool:
-        """Set ``pattern`` (a layer name or a glob such as ``encoder.*.norm*``) to ``precision``
-        (None: drop that rule) from the next step, or from the next start between sessions.
-        A rule the policy refuses (unknown layer, a glob matching nothing, a precision the
-        device cannot run) raises ValueError and changes nothing. Returns whether it was live."""
+        """Set ``pattern`` (a layer name or a glob) to ``precision`` (None: drop that rule) like
+        `set_layer`. A rule the policy refuses raises ValueError (with the reason) and changes
+        nothing."""
         live = self.live
         if live:
             self.trainers[0].set_rules({pattern: precision})   # checked now, applied at the next forward
@@ -312,10 +307,11 @@ class LabSession:
             return self.trainers[0].precision
         return DTYPE_PRECISION.get(self.readers[0].meta.get("autocast_dtype"), "fp32")
 
-    def layer_table(self) -> Any:
-        """`queries.layer_table` of the main run, with the precisions in force now."""
+    def layer_table(self, base: str | None = None) -> Any:
+        """`queries.layer_table` of the main run, with the precisions in force now (``base``:
+        `base_precision`, if read already)."""
         return queries.layer_table(self.readers[0], self.trainers[0].precision_in_force(),
-                                   base=self.base_precision())
+                                   base=base or self.base_precision())
 
     def samples_per_s(self) -> float | None:
         """The main run's median speed over its last 20 steps (None before a step)."""

@@ -1,19 +1,14 @@
-"""Training in a worker thread, bounded by a step limit, a time limit and Stop.
+"""Training on the dashboards' one torch thread, bounded by a step limit, a time limit and Stop.
 
-Widget events do not reach a kernel that is busy in a cell, so the lab trains on a daemon
-thread (`torch_thread`, the only thread that runs torch), and the kernel stays free for
-toggles. A kernel whose thread keeps updating widgets is never culled by Voila, so training
-always ends: at `max_steps`, after `max_seconds` of wall time (pauses
-included), or on `stop()`. `pause_at=N` pauses it by itself once N steps are done (to toggle a
-layer at a known step; `resume()` goes on).
+Widget events do not reach a kernel busy in a cell, so the lab trains on a daemon thread
+(`torch_thread`, the only one that runs torch) and the kernel stays free for toggles. Voila
+never culls a kernel whose thread keeps updating widgets, so training always ends: at
+`max_steps`, after `max_seconds` (pauses included), or on `stop()`; `pause_at=N` pauses it by
+itself after N steps, so that a toggle lands at a known step.
 
-Several trainers train interleaved, one step each per round, on the same batch (the lab's race
-mode), so they see the same data and the same wall-clock conditions. `on_tick(worker)` is called from this thread at most every
-`tick_s` seconds, stretched so that ticks take at most `UI_SHARE` of the thread's time (a tick
-that took 50 ms waits ~1 s for the next): a slow UI or a busy machine cannot eat the training.
-Evaluations (`trainer.run_eval()`) come every `eval_every` rounds, or with ``eval_every=None``
-as often as they can while taking at most `EVAL_SHARE` of the thread's time, plus one on the
-final weights.
+A race steps several trainers in turn on the same batch. `on_tick(worker)` (the page's redraw)
+and, with ``eval_every=None``, evaluations are spaced by `share_wait` so that they take at most
+`UI_SHARE` and `EVAL_SHARE` of the thread (plus one evaluation on the final weights).
 
 >>> from mpviz.dashboard.worker import TrainingWorker, make_trainer
 >>> t = make_trainer("mlp", "fp32", runs_root="runs", run_name="doc-worker")  # doctest: +SKIP
@@ -33,9 +28,7 @@ from typing import Any, Callable, Sequence
 
 IDLE, RUNNING, PAUSED, DONE, FAILED = "idle", "running", "paused", "done", "failed"
 UI_SHARE = 0.05   # the most of the training thread's time that on_tick (the page's redraws) takes
-# The most that evaluations take when their cadence is left to the worker (eval_every=None). An
-# eval of the digits demo takes about one training step: every 25 steps, that was 4% of training.
-EVAL_SHARE = 0.01
+EVAL_SHARE = 0.01  # the most evaluations take when their cadence is left to the worker
 
 
 def share_wait(cost_s: float, share: float) -> float:
@@ -47,11 +40,11 @@ def share_wait(cost_s: float, share: float) -> float:
 class _TorchThread:
     """The one thread on which the dashboards run torch: build, step, toggle and close trainers.
 
-    Why one thread: OpenMP keeps a thread pool per calling thread. Once a second thread has run
-    torch ops, the small demo models train 2-2.5x slower on this 2-core CPU (measured: digits
-    fp32 ~26k samples/s on the first torch thread, ~10.5k on a second one). So the kernel's main
-    thread never touches torch. It is a daemon thread that sleeps on a queue when idle (nothing
-    keeps the kernel busy), so Voila's culler still stops an abandoned kernel.
+    Why one thread: OpenMP keeps a thread pool per calling thread, and once a second thread has
+    run torch ops the two pools contend for the cores (small models train several times slower).
+    So the kernel's main thread never touches torch. It is a daemon thread that sleeps on a
+    queue when idle (nothing keeps the kernel busy), so Voila's culler still stops an abandoned
+    kernel.
     """
 
     def __init__(self) -> None:

@@ -1,13 +1,6 @@
-"""`Trainer`: the one step runner behind the lab and ``python -m mpviz demo``: where a
-training step of the dashboards and the command line runs (autocast, GradScaler, backward,
-optimizer step), recorded by `mpviz.Recorder` under a live precision policy.
-
-    >>> from mpviz.training import Trainer
-    >>> t = Trainer(task="digits", precision="fp32", record=False, seed=0)
-    >>> out = t.step(); sorted(out)
-    ['loss', 'step']
-    >>> t.close()
-"""
+"""`Trainer`: the one step runner behind the lab and ``python -m mpviz demo`` (autocast,
+GradScaler, backward, optimizer step), recorded by `mpviz.Recorder` under a live precision
+policy."""
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +26,7 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Trainer:
-    """Train a model step by step, optionally recording it with `mpviz.Recorder`: the one step
-    runner behind the lab and ``python -m mpviz demo``.
+    """Train a model step by step, optionally recording it with `mpviz.Recorder`.
 
     Either a demo task (``Trainer(task="digits", precision="fp16")``, see `demo_parts`), or your
     own parts:
@@ -48,9 +40,8 @@ class Trainer:
 
     ``precision``: ``"fp32"`` (no autocast), ``"bf16"``, ``"fp16"`` (autocast on the model's
     device), ``"fp8_e4m3"``/``"fp8_e5m2"`` (emulated through the policy ``{"*": precision}``).
-    A precision policy is always applied (possibly empty), so
-    ``t.policy_handle.update({"head": "fp32"})`` toggles a layer live from any thread. Batches
-    are moved to the model's device (every tensor in them, containers kept).
+    A precision policy is always applied (possibly empty), so ``t.set_rules({"head": "fp32"})``
+    toggles a layer live from any thread. Batches are moved to the model's device.
 
         >>> t = Trainer(task="mlp", precision="bf16", record=False, seed=0)
         >>> first = t.step()["loss"]
@@ -111,8 +102,7 @@ class Trainer:
     # ------------------------------------------------------------------ setting up
     def _take_parts(self, task: "str | Task | None", parts: dict[str, Any], train_step: LossFn | None,
                     seed: int, batch_size: int | None, lr: float | None) -> dict[str, Any]:
-        """Keep the model, optimizer, loss, data and evaluation: a demo task's (when no ``model``
-        is given) or the user's, checked. Returns the run's meta so far (a demo's task, ...)."""
+        """A demo task's parts, or the user's, checked; returns the run's meta so far."""
         info: dict[str, Any] = {}
         if parts["model"] is None:
             parts = demo_parts(task if task is not None else "digits", seed, batch_size, lr)
@@ -144,8 +134,7 @@ class Trainer:
     def _attach(self, policy: Mapping[str, str] | Any | None, record: bool, info: dict[str, Any],
                 meta: Mapping[str, Any] | None, run_dir: str | os.PathLike[str] | None, runs_root: str | os.PathLike[str] | None,
                 run_name: str | None, every: int | None) -> None:
-        """Apply the precision policy (fp8 precisions are a ``{"*": precision}`` rule), through
-        a `mpviz.Recorder` writing a run when ``record``."""
+        """Apply the policy (fp8: a ``{"*": precision}`` rule), through a recorder if ``record``."""
         rules: dict[str, str] = {"*": self.precision} if self.precision.startswith("fp8") else {}
         if policy is not None:
             rules.update(getattr(policy, "rules", policy))  # a PrecisionPolicy or a plain mapping
