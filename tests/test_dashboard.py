@@ -61,12 +61,12 @@ def test_dashboard_package_never_imports_torch():
 def test_lab_trains_in_a_thread_and_shows_every_step_and_a_toggle(dash_runs):
     lab = lab_app(task="digits", precision="fp16", every=2)
     try:
-        assert "head" in lab._rows and "conv1" in lab._rows
+        assert "head" in lab.live.table.rows and "conv1" in lab.live.table.rows
         # The worker pauses itself after 12 steps, whatever the machine's speed; the toggle is
         # made while it waits, and must take effect at the next step, 12.
         lab.start(max_steps=40, pause_at=12)
         # Paused, and drawn so (the buttons follow at the tick right after the pause).
-        assert _wait(lambda: lab.worker.state == "paused" and lab.pause_btn.description == "Resume")
+        assert _wait(lambda: lab.worker.state == "paused" and lab.bar.pause.description == "Resume")
         assert lab.worker.rounds == 12
         lab.set_layer_precision("head", "fp32")
         # still paused: the worker's loop goes round without a step
@@ -76,37 +76,37 @@ def test_lab_trains_in_a_thread_and_shows_every_step_and_a_toggle(dash_runs):
         lab.worker.join(120)
         assert lab.worker.state == "done" and lab.worker.reason == "step limit"
         assert not lab.worker.alive
-        run_dir = lab.trainers[0].recorder.run_dir
+        run_dir = lab.trainers[0].run_dir
 
         run = mpviz.load_run(run_dir)
         steps = run.steps
         assert run.meta["status"] == "finished" and len(steps) == 40
         # The loss curve is exactly the recorded losses (40 points: no decimation).
-        loss = lab.fig.trace("loss", 0)
+        loss = lab.live.fig.trace("loss", 0)
         np.testing.assert_array_equal(np.asarray(loss.x), steps["step"].to_numpy(dtype=float))
         np.testing.assert_allclose(np.asarray(loss.y), steps["loss"].to_numpy(dtype=float))
         # The toggle took effect at a later step, and is marked there on the curve.
         changes = run.policy_changes
         head = changes[(changes["layer"] == "head") & (changes["precision"] == "fp32")]
         assert len(head) == 1 and int(head["step"].iloc[0]) == 12
-        marks = lab.fig.trace("marks", 0)
+        marks = lab.live.fig.trace("marks", 0)
         k = int(head["step"].iloc[0])
         assert k in [int(x) for x in marks.x]
         i = [int(x) for x in marks.x].index(k)
         assert "head → fp32" in marks.hovertext[i]
         assert marks.y[i] == pytest.approx(float(steps.loc[steps["step"] == k, "loss"].iloc[0]))
         # The layer table shows the new precision for head, the base one elsewhere.
-        assert "<b>fp32</b>" in lab._rows["head"][0].value
-        assert "<b>fp16</b>" in lab._rows["conv1"][0].value
+        assert "<b>fp32</b>" in lab.live.table.rows["head"][0].value
+        assert "<b>fp16</b>" in lab.live.table.rows["conv1"][0].value
         # ... and head really ran in fp32 after the change (recorded output dtype).
         dts = run.dtypes
         out = dts[(dts["layer"] == "head") & (dts["tensor"] == "output")]
         assert out["dtype"].iloc[-1].endswith("float32") and out["dtype"].iloc[0].endswith("float16")
         # Loss scale trace = log2 of the scaler's values recorded each step.
-        np.testing.assert_allclose(np.asarray(lab.fig.trace("scale", 0).y),
+        np.testing.assert_allclose(np.asarray(lab.live.fig.trace("scale", 0).y),
                                    np.log2(steps["loss_scale"].to_numpy(float)))
         # Heatmap: one row per layer with grads, log2 of the recorded grad norm.
-        heat = lab.fig.trace("grads")
+        heat = lab.live.fig.trace("grads")
         stats = run.layer_stats
         g = stats[(stats["tensor"] == "grad") & (stats["layer"] == "conv1") & (stats["step"] == 0)]
         row = list(heat.y).index("conv1")
@@ -125,7 +125,7 @@ def test_lab_race_trains_the_same_data_interleaved(dash_runs):
         lab.start(max_steps=8)
         lab.worker.join(120)
         assert [t.precision for t in lab.trainers] == ["bf16", "fp32", "fp16"]
-        runs = [mpviz.load_run(t.recorder.run_dir) for t in lab.trainers]
+        runs = [mpviz.load_run(t.run_dir) for t in lab.trainers]
         assert [r.last_step for r in runs] == [7, 7, 7]
         # Same model, seed and data as a plain fp32 Trainer stepped by hand (no recorder, no UI).
         ref = Trainer(task="mlp", precision="fp32", seed=0, record=False)
@@ -134,8 +134,8 @@ def test_lab_race_trains_the_same_data_interleaved(dash_runs):
         np.testing.assert_allclose(runs[1].steps["loss"].to_numpy(float), ref_loss, rtol=1e-6)
         # Three overlaid curves, one per policy.
         for slot in range(3):
-            assert len(lab.fig.trace("loss", slot).x) == 8 and lab.fig.trace("loss", slot).visible
-            assert len(lab.fig.trace("speed", slot).y) == 8
+            assert len(lab.live.fig.trace("loss", slot).x) == 8 and lab.live.fig.trace("loss", slot).visible
+            assert len(lab.live.fig.trace("speed", slot).y) == 8
         for r in runs:
             r.close()
     finally:
@@ -157,7 +157,7 @@ def test_lab_pause_stop_and_time_limit_end_the_thread(dash_runs):
         assert _wait(lambda: lab.worker.rounds > paused_at)
         lab.stop()
         assert not lab.worker.alive and lab.worker.reason == "stopped"
-        assert mpviz.load_run(lab.trainers[0].recorder.run_dir).meta["status"] == "finished"
+        assert mpviz.load_run(lab.trainers[0].run_dir).meta["status"] == "finished"
         # A time limit ends a session even when nobody presses anything (or the tab is gone).
         lab.start(max_steps=1_000_000, max_seconds=1)
         lab.worker.join(60)
@@ -175,27 +175,27 @@ def test_lab_claims_its_run_at_start_not_at_page_load(dash_runs):
     lab = lab_app(task="mlp", precision="fp32")
     try:
         assert list(dash_runs.iterdir()) == []
-        assert "fc1" in lab._rows and lab.trainers == [] and lab.model is not None
-        assert "Start" in lab.fig.placeholder and lab.fig.figure.layout.xaxis.visible is False
+        assert "fc1" in lab.live.table.rows and lab.trainers == [] and lab.model is not None
+        assert "Start" in lab.live.fig.placeholder and lab.live.fig.figure.layout.xaxis.visible is False
         assert lab.add_rule("fc3", "bf16")        # rules are checked against the model already
         lab.task.value = "digits"                 # a config change builds a new model ...
-        assert "conv1" in lab._rows and list(dash_runs.iterdir()) == []   # ... and records nothing
+        assert "conv1" in lab.live.table.rows and list(dash_runs.iterdir()) == []   # ... and records nothing
         lab.task.value = "mlp"
         lab.start(max_steps=3)
         claimed = list(dash_runs.iterdir())
-        assert claimed == [Path(lab.trainers[0].recorder.run_dir)]
-        assert lab.fig.placeholder is None and lab.fig.figure.layout.xaxis.visible is True
+        assert claimed == [Path(lab.trainers[0].run_dir)]
+        assert lab.live.fig.placeholder is None and lab.live.fig.figure.layout.xaxis.visible is True
         lab.worker.join(60)
         run = mpviz.load_run(claimed[0])
         assert len(run.steps) == 3
         recorded = [(n, t, int(p), int(d)) for n, t, p, d in
                     zip(*(run.layers[c] for c in ("layer", "type", "n_params", "depth")))]
         assert model_layers(lab.model) == recorded    # what the table was built from
-        assert [r[0] for r in recorded if r[0]] == list(lab._rows)
+        assert [r[0] for r in recorded if r[0]] == list(lab.live.table.rows)
         run.close()
         lab.reset()                               # Reset: the trained run stays, none is added
         assert list(dash_runs.iterdir()) == claimed
-        assert len(lab.fig.trace("loss", 0).x) == 0 and "Start" in lab.fig.placeholder
+        assert len(lab.live.fig.trace("loss", 0).x) == 0 and "Start" in lab.live.fig.placeholder
     finally:
         lab.close()
     assert list(dash_runs.iterdir()) == claimed   # closing the page adds nothing either
@@ -223,7 +223,7 @@ def test_the_labs_default_session_has_no_step_limit_only_a_time_limit_and_stop(d
         assert lab.worker.alive and lab.worker.state == "running"
         lab.stop()
         assert not lab.worker.alive and lab.worker.reason == "stopped"
-        assert " / " not in lab.status.value.split("·")[1]      # "step N", no "of 1000"
+        assert " / " not in lab.bar.status.value.split("·")[1]      # "step N", no "of 1000"
     finally:
         lab.close()
         torch_thread.call(torch.set_num_threads, threads)
