@@ -54,7 +54,7 @@ def test_explorer_shows_one_message_per_bad_run_and_keeps_working(bad_runs, capf
             ex.picker.value = str(root / name)
             assert EXPECTED[name] in ex.info.value, (name, ex.info.value)
             assert ex.info.value.count("mpviz-problem") == 1
-            assert ex.run is None and ex._thread is None and _loss_points(ex) == 0, name
+            assert ex.run is None and ex.follower.thread is None and _loss_points(ex) == 0, name
             assert ex.range.value == (0, 0)
             assert ex.layer.options == (("(pick a layer)", ""),)
             # ... and the app keeps working: the good run is drawn after it.
@@ -73,7 +73,7 @@ def test_explorer_shows_a_killed_run_as_killed_and_does_not_follow_it(bad_runs):
     ex = explorer_app(run_dir=d, runs_dir=d.parent, follow=True, poll_s=0.1)
     try:
         assert f">{len(steps)}</span> steps · killed / not finished" in ex.info.value
-        assert "following" not in ex.info.value and ex._thread is None
+        assert "following" not in ex.info.value and ex.follower.thread is None
         # What it wrote, drawn (over 2000 steps: the first step of each bucket of k steps).
         k = queries.bucket_size(0, len(steps) - 1, 2000)
         assert [int(x) for x in ex.fig.trace("loss", 0).x] == steps["step"].tolist()[::k]
@@ -90,13 +90,13 @@ def test_explorer_stops_following_a_run_deleted_while_open(bad_runs, tmp_path):
     try:
         ex = explorer_app(run_dir=live, runs_dir=root, follow=True, poll_s=0.1)
         try:
-            assert ex._thread is not None
+            assert ex.follower.thread is not None
             seen = ex.last_seen
             assert _wait(lambda: ex.last_seen > seen)     # it follows the other process
             assert _wait(lambda: " · following" in ex.info.value)
             shutil.rmtree(live)                            # ... which goes on writing
             assert _wait(lambda: "was deleted while open" in ex.info.value), ex.info.value
-            assert _wait(lambda: ex._thread is None)
+            assert _wait(lambda: ex.follower.thread is None)
             assert ex.run is None and _loss_points(ex) == 0
             assert proc.poll() is None                     # the training process is unharmed
             ex.picker.value = str(root / "good")           # pick another run: drawn

@@ -361,11 +361,11 @@ def test_explorer_follows_a_run_written_by_another_process(dash_runs):
         ex = explorer_app(poll_s=0.2)   # the newest run under $MPVIZ_RUNS_DIR
         assert Path(ex.picker.value) == run_dir
         first = ex.run.last_step
-        assert first < 2999 and ex._thread is not None and ex._thread.is_alive()
+        assert first < 2999 and ex.follower.alive
         assert _wait(lambda: ex.last_seen > first)   # it grows while the other process writes
         assert proc.wait(300) == 0, proc.stderr.read().decode()
         # The follower sees the end of the run and stops by itself.
-        assert _wait(lambda: ex._thread is None)
+        assert _wait(lambda: ex.follower.thread is None)
         assert ex.last_seen == 2999
         assert ">3000</span> steps" in ex.info.value
         # 3000 steps drawn as <= 2000 averaged points, up to the last one.
@@ -424,7 +424,7 @@ def test_a_run_whose_writer_was_killed_reads_killed_in_info_explorer_and_compare
 
     ex = explorer_app(runs_dir=dash_runs)   # follow on: there is nothing to follow
     try:
-        assert Path(ex.picker.value) == run_dir and ex._thread is None
+        assert Path(ex.picker.value) == run_dir and ex.follower.thread is None
         assert killed in ex.info.value and killed in ex.meta.value
         assert "running" not in ex.info.value + ex.meta.value
     finally:

@@ -18,7 +18,7 @@ import ipywidgets as widgets
 import numpy as np
 import pandas as pd
 
-from . import paths, queries, ui
+from . import paths, queries, run_list, ui
 from .plots import CompareFigure
 
 MAX_RUNS = 6
@@ -98,31 +98,9 @@ class Compare(ui.App):
 
     def rescan(self, select: Sequence[str | Path] | None = None, keep: bool = False) -> None:
         """Re-list runs under runs_dir; select `select` (default: the newest two)."""
-        import mpviz
-
-        found = [str(p) for p in mpviz.list_runs(self.runs_dir)]
-        refused = []
-        for p in select or ():
-            try:
-                paths.confine(self.runs_dir, p)
-            except paths.RunUnavailable as e:  # outside the runs folder: not listed, not opened
-                refused.append(str(e))
-                continue
-            if str(p) not in found:
-                found.append(str(p))
-        labels = {}
-        for p in list(found):
-            try:
-                run = self._run(p)
-                meta, ranks = run.meta, list(run.ranks)
-            except (paths.RunUnavailable, *paths.STORE_ERRORS):  # listed, so the user sees it
-                meta, ranks = {"precision": "unreadable"}, [0]
-            labels[p] = ui.run_label(Path(p), meta)
-            if len(ranks) > 1:   # a distributed run: one entry per rank, to overlay or pick
-                i = found.index(p)
-                found[i:i + 1] = [f"{p}{RANK_SEP}{r}" for r in ranks]
-                for r in ranks:
-                    labels[f"{p}{RANK_SEP}{r}"] = f"{labels[p]} rank {r}"
+        select = [str(Path(p)) for p in select or ()]
+        runs, refused = run_list.scan(self.runs_dir, select)
+        found, labels = self._entries([str(p) for p in runs])
         if select:
             select = [q for p in select for q in
                       ([str(p)] if str(p) in found else [f for f in found if _split(f)[0] == str(p)])]
@@ -138,6 +116,25 @@ class Compare(ui.App):
         if not found:
             self.info.value = (f"No runs under <code>{html.escape(str(self.runs_dir))}</code> yet."
                                + self._problems_html())
+
+    def _entries(self, runs: list[str]) -> tuple[list[str], dict[str, str]]:
+        """The picker's entries (a distributed run: one per rank, to overlay or pick) and their
+        labels; an unreadable run is listed, so that the user sees it."""
+        found, labels = [], {}
+        for p in runs:
+            try:
+                run = self._run(p)
+                meta, ranks = run.meta, list(run.ranks)
+            except (paths.RunUnavailable, *paths.STORE_ERRORS):
+                meta, ranks = {"precision": "unreadable"}, [0]
+            labels[p] = ui.run_label(Path(p), meta)
+            if len(ranks) > 1:
+                for r in ranks:
+                    found.append(f"{p}{RANK_SEP}{r}")
+                    labels[f"{p}{RANK_SEP}{r}"] = f"{labels[p]} rank {r}"
+            else:
+                found.append(p)
+        return found, labels
 
     def select(self, runs: Sequence[str | Path]) -> None:
         self.rescan(select=runs)

@@ -167,6 +167,75 @@ class _Pushed:
             self._push()
 
 
+def _lines_figure(n_slots: int, height: int, width: int | None) -> go.Figure:
+    """The run figure's lines: loss (with its marks), samples/s, loss scale (with skipped steps),
+    a set of traces per slot."""
+    base = make_subplots(
+        rows=2, cols=2, specs=[[{"colspan": 2}, None], [{}, {}]],
+        subplot_titles=("loss (★ = precision change, × on top = loss nan/inf)",
+                        f"samples/s (median of {SPEED_WINDOW} points; hover: raw)",
+                        "log2 loss scale (× = skipped step, hover: culprit layer)"),
+        vertical_spacing=0.14, horizontal_spacing=0.12, row_heights=[0.55, 0.45],
+    )
+    for slot in range(n_slots):
+        c = COLORS[slot % len(COLORS)]
+        show = slot == 0
+        base.add_trace(go.Scatter(x=[], y=[], mode="lines", name="run", meta=f"loss:{slot}",
+                                  line=dict(color=c), legendgroup=str(slot), visible=show), 1, 1)
+        base.add_trace(go.Scatter(x=[], y=[], mode="markers", name="precision change",
+                                  meta=f"marks:{slot}", hovertemplate="step %{x}<br>%{hovertext}<extra></extra>",
+                                  marker=dict(symbol="star", size=13, color=c, line=dict(width=1, color="black")),
+                                  legendgroup=str(slot), showlegend=False, visible=show), 1, 1)
+        base.add_trace(go.Scatter(x=[], y=[], mode="lines", name="samples/s", meta=f"speed:{slot}",
+                                  line=dict(color=c), legendgroup=str(slot), showlegend=False,
+                                  hovertemplate=(f"step %{{x}}<br>%{{y:.0f}} samples/s (median of {SPEED_WINDOW})"
+                                                 "<br>raw: %{customdata:.0f}<extra></extra>"),
+                                  visible=show), 2, 1)
+        base.add_trace(go.Scatter(x=[], y=[], mode="lines", name="loss scale", meta=f"scale:{slot}",
+                                  line=dict(color=c, shape="hv"), legendgroup=str(slot),
+                                  showlegend=False, visible=show), 2, 2)
+        base.add_trace(go.Scatter(x=[], y=[], mode="markers", name="skipped", meta=f"skips:{slot}",
+                                  hovertemplate="skipped step %{x}<br>%{hovertext}<extra></extra>",
+                                  marker=dict(symbol="x", size=9, color=c), legendgroup=str(slot),
+                                  showlegend=False, visible=show), 2, 2)
+        # Non-finite losses: × along the top of the loss plot (a hidden [0, 1] axis overlaid
+        # on the loss axis), so a run that is NaN from its first step does not look empty.
+        base.add_trace(go.Scatter(x=[], y=[], mode="markers", name="loss nan/inf",
+                                  meta=f"nonfinite:{slot}", xaxis="x", yaxis="y4",
+                                  hovertemplate="%{hovertext}<extra></extra>",
+                                  marker=dict(symbol="x", size=9, color=c, line=dict(width=1)),
+                                  legendgroup=str(slot), showlegend=False, visible=show))
+    base.update_layout(yaxis4=dict(overlaying="y", range=[0, 1], visible=False, fixedrange=True),
+                       height=round(height * 0.6), width=width,
+                       margin=dict(l=60, r=20, t=40, b=40),
+                       legend=dict(orientation="h", y=1.1), uirevision="keep")
+    return base
+
+
+def _detail_figure(height: int) -> go.Figure:
+    """The dtype map and the gradient-norm heatmap of the first run."""
+    detail = make_subplots(
+        rows=1, cols=2, column_widths=[0.28, 0.72], horizontal_spacing=0.16,
+        subplot_titles=("dtype map: fp32 blue, bf16 orange,<br>fp16 red, fp8 purple",
+                        "gradient norm, log2 (layers × steps)"))
+    detail.add_trace(go.Heatmap(z=[[None] * 4], x=list(queries.DTYPE_KINDS), y=[""], meta="dtypes",
+                                colorscale=DTYPE_COLORSCALE, zmin=-0.5, zmax=5.5, showscale=False,
+                                texttemplate="%{text}", text=[[""] * 4], textfont=dict(size=10),
+                                hovertemplate="%{y} %{x}: %{text}<extra></extra>"), 1, 1)
+    detail.add_trace(go.Heatmap(z=[[None]], x=[0], y=[""], meta="grads", colorscale="Viridis",
+                                colorbar=dict(title="log2"),
+                                hovertemplate="%{y}<br>step %{x}<br>log2 |g| = %{z:.2f}<extra></extra>"),
+                     1, 2)
+    # The dtype map's placeholders would make its axes numeric: fix the types up front.
+    detail.update_xaxes(type="category", row=1, col=1)
+    detail.update_yaxes(type="category", autorange="reversed")  # first layer on top
+    # No fixed width: the page's plotly draws it at the width its output has (a narrow
+    # JupyterLab output area would clip a fixed one).
+    detail.update_layout(height=height, margin=dict(l=60, r=20, t=60, b=40))
+    return detail
+
+
+
 class RunFigure(_Pushed):
     """Loss, samples/s, loss scale (+ skipped steps) of up to `n_slots` runs in `figure`, drawn
     by `widget` (a LivePlot), and the dtype map and grad-norm heatmap of the first run in a static figure
@@ -185,68 +254,10 @@ class RunFigure(_Pushed):
         self.max_heat_cells = max_heat_cells
         self.lock = threading.RLock()
         self._detail_height = max(260, round(height * 0.4))
-        self._range: list[int] | None = None
-        base = make_subplots(
-            rows=2, cols=2, specs=[[{"colspan": 2}, None], [{}, {}]],
-            subplot_titles=("loss (★ = precision change, × on top = loss nan/inf)",
-                            f"samples/s (median of {SPEED_WINDOW} points; hover: raw)",
-                            "log2 loss scale (× = skipped step, hover: culprit layer)"),
-            vertical_spacing=0.14, horizontal_spacing=0.12, row_heights=[0.55, 0.45],
-        )
-        for slot in range(n_slots):
-            c = COLORS[slot % len(COLORS)]
-            show = slot == 0
-            base.add_trace(go.Scatter(x=[], y=[], mode="lines", name="run", meta=f"loss:{slot}",
-                                      line=dict(color=c), legendgroup=str(slot), visible=show), 1, 1)
-            base.add_trace(go.Scatter(x=[], y=[], mode="markers", name="precision change",
-                                      meta=f"marks:{slot}", hovertemplate="step %{x}<br>%{hovertext}<extra></extra>",
-                                      marker=dict(symbol="star", size=13, color=c, line=dict(width=1, color="black")),
-                                      legendgroup=str(slot), showlegend=False, visible=show), 1, 1)
-            base.add_trace(go.Scatter(x=[], y=[], mode="lines", name="samples/s", meta=f"speed:{slot}",
-                                      line=dict(color=c), legendgroup=str(slot), showlegend=False,
-                                      hovertemplate=(f"step %{{x}}<br>%{{y:.0f}} samples/s (median of {SPEED_WINDOW})"
-                                                     "<br>raw: %{customdata:.0f}<extra></extra>"),
-                                      visible=show), 2, 1)
-            base.add_trace(go.Scatter(x=[], y=[], mode="lines", name="loss scale", meta=f"scale:{slot}",
-                                      line=dict(color=c, shape="hv"), legendgroup=str(slot),
-                                      showlegend=False, visible=show), 2, 2)
-            base.add_trace(go.Scatter(x=[], y=[], mode="markers", name="skipped", meta=f"skips:{slot}",
-                                      hovertemplate="skipped step %{x}<br>%{hovertext}<extra></extra>",
-                                      marker=dict(symbol="x", size=9, color=c), legendgroup=str(slot),
-                                      showlegend=False, visible=show), 2, 2)
-            # Non-finite losses: × along the top of the loss plot (a hidden [0, 1] axis overlaid
-            # on the loss axis), so a run that is NaN from its first step does not look empty.
-            base.add_trace(go.Scatter(x=[], y=[], mode="markers", name="loss nan/inf",
-                                      meta=f"nonfinite:{slot}", xaxis="x", yaxis="y4",
-                                      hovertemplate="%{hovertext}<extra></extra>",
-                                      marker=dict(symbol="x", size=9, color=c, line=dict(width=1)),
-                                      legendgroup=str(slot), showlegend=False, visible=show))
-        base.update_layout(yaxis4=dict(overlaying="y", range=[0, 1], visible=False, fixedrange=True),
-                           height=round(height * 0.6), width=width,
-                           margin=dict(l=60, r=20, t=40, b=40),
-                           legend=dict(orientation="h", y=1.1), uirevision="keep")
-        self.figure = base
+        self.figure = _lines_figure(n_slots, height, width)
         self._make_widget(static)
         self._index = {t.meta: i for i, t in enumerate(self.figure.data)}
-
-        self.detail = make_subplots(
-            rows=1, cols=2, column_widths=[0.28, 0.72], horizontal_spacing=0.16,
-            subplot_titles=("dtype map: fp32 blue, bf16 orange,<br>fp16 red, fp8 purple",
-                            "gradient norm, log2 (layers × steps)"))
-        self.detail.add_trace(go.Heatmap(z=[[None] * 4], x=list(queries.DTYPE_KINDS), y=[""], meta="dtypes",
-                                         colorscale=DTYPE_COLORSCALE, zmin=-0.5, zmax=5.5, showscale=False,
-                                         texttemplate="%{text}", text=[[""] * 4], textfont=dict(size=10),
-                                         hovertemplate="%{y} %{x}: %{text}<extra></extra>"), 1, 1)
-        self.detail.add_trace(go.Heatmap(z=[[None]], x=[0], y=[""], meta="grads", colorscale="Viridis",
-                                         colorbar=dict(title="log2"),
-                                         hovertemplate="%{y}<br>step %{x}<br>log2 |g| = %{z:.2f}<extra></extra>"),
-                              1, 2)
-        # The dtype map's placeholders would make its axes numeric: fix the types up front.
-        self.detail.update_xaxes(type="category", row=1, col=1)
-        self.detail.update_yaxes(type="category", autorange="reversed")  # first layer on top
-        # No fixed width: the page's plotly draws it at the width its output has (a narrow
-        # JupyterLab output area would clip a fixed one).
-        self.detail.update_layout(height=self._detail_height, margin=dict(l=60, r=20, t=60, b=40))
+        self.detail = _detail_figure(self._detail_height)
         self._detail_index = {t.meta: i for i, t in enumerate(self.detail.data)}
         self._detail_sent: str | None = None
         self._detail_at = -np.inf
