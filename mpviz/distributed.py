@@ -1,28 +1,17 @@
 """torch.distributed: which rank's gradients went inf/nan first, and which ranks take statistics.
 
-Under DDP the all-reduce spreads one rank's inf/nan to every rank, so after ``backward()`` every
-rank sees the same non-finite gradients. :func:`watch` registers a DDP communication hook that
-does exactly what DDP does without one (scale each bucket by 1/world size, all-reduce it: the
-reduced gradients are bit-identical to DDP's own) and, before the all-reduce, checks each
-bucket's *local* gradients. On an accelerator: one max |g| per parameter (one fused
-``torch._foreach_norm(grads, inf)``, which keeps inf and nan) and one per-step flag, all on the
-device and read at the step's one host copy (no extra sync); the per-parameter values are read
-only on a step whose flag is set. On the CPU, where reading a tensor is no sync: one fused inf/nan
-check of the bucket (GradScaler's kernel, about one pass over it), and the per-parameter values
-only for a bucket that failed it. The Recorder attaches it by
-itself when it is given a ``DistributedDataParallel`` model, and ``run.overflows`` gets ``origin``
-(True where this rank's own gradients were non-finite).
+Under DDP the all-reduce spreads one rank's inf/nan to every rank. :func:`watch` registers a DDP
+communication hook that does what DDP does without one (scale each bucket by 1/world size,
+all-reduce it: bit-identical to DDP's own) and, before the all-reduce, checks each bucket's
+*local* gradients, with no extra host sync; ``run.overflows.origin`` says where this rank's own
+gradients were non-finite. The Recorder attaches it when given a ``DistributedDataParallel``.
 
-DDP takes one communication hook per model and cannot remove it. So:
-- after ``Recorder.close()`` the hook stays registered and only does the plain all-reduce (no
-  check); a later Recorder on the same model takes it over;
-- a model that already has a hook of its own is refused at attach, with the fix: register yours
-  through :func:`checked` (``ddp.register_comm_hook(state, mpviz.distributed.checked(hook))``),
-  which runs the local check and then your hook.
+DDP takes one communication hook per model and cannot remove it: after ``Recorder.close()`` the
+hook only does the plain all-reduce (a later Recorder takes it over), and a model with a hook of
+its own is refused at attach, with the fix (:func:`checked`).
 
-FSDP (``fully_shard`` / ``FullyShardedDataParallel``) is refused at attach (see
-:func:`check_supported`). Per-layer statistics on a sample of ranks: ``Recorder(...,
-stats_ranks=[0, 7])`` or ``stats_ranks="sample:8"`` (:func:`stats_ranks`); docs/SCALE.md.
+FSDP is refused at attach (:func:`check_supported`). Statistics on a sample of ranks:
+``stats_ranks=[0, 7]`` or ``"sample:8"`` (:func:`stats_ranks`); docs/SCALE.md.
 """
 from __future__ import annotations
 

@@ -1,16 +1,9 @@
 """Tensor statistics for many tensors at once: norm, max |x|, smallest nonzero |x| and a log2
 histogram (one ``bincount`` of the float32 exponent bits), from which the zero / underflow /
-overflow / non-finite counts are read.
-
-- On an accelerator (:func:`tensor_stats_device`) a recorded step costs a fixed handful of
-  kernels whatever the number of tensors: the tensors' elements are laid out as rows of one
-  zero-padded matrix and every statistic is a row-wise reduction. The result is one small tensor;
-  the recorder copies a step's results to the host in one transfer.
-- On the CPU (:class:`HostSample`) torch's per-op dispatch (microseconds per op) would dominate, so
-  the training thread only copies each tensor's (sampled) elements, one concatenation per dtype,
-  and measures norm and max |x| of sampled tensors over every element; numpy segment reductions
-  (``reduceat``) finish the rest wherever :meth:`HostSample.rows` is called (the recorder's writer
-  thread).
+overflow / non-finite counts are read. On an accelerator a fixed handful of kernels whatever the
+number of tensors (:func:`tensor_stats_device`); on the CPU, where torch's per-op dispatch would
+dominate, a copy of each tensor's (sampled) elements that numpy finishes on another thread
+(:class:`HostSample`).
 
 The histogram has ``N_BINS`` bins per tensor, one per float32 exponent (zeros, subnormals, each
 binade, inf/nan: the layout is :mod:`mpviz.formats`'s).
@@ -103,13 +96,8 @@ def _host_views(t: torch.Tensor, offset: int = 0,
 
 class HostSample:
     """What statistics of CPU tensors need, taken at once: a copy of their (sampled) elements,
-    concatenated, and the exact norm and max |x| of the sampled ones. :meth:`rows` computes the
-    rest, on any thread (the recorder leaves it to its writer thread, so the training thread
-    pays only for the copy).
-
-    How: norm, max and smallest nonzero are segment reductions (``reduceat``) over the
-    concatenation; the histograms are one ``bincount`` of exponent bits.
-    """
+    one concatenation per dtype, and the exact norm and max |x| of the sampled ones.
+    :meth:`rows` computes the rest (segment reductions and one ``bincount``) on any thread."""
 
     def __init__(self, numel: list[int], keep: list[int], lengths: tuple[int, ...],
                  groups: list[tuple[list[int], np.ndarray]], scaled: dict[int, float],

@@ -254,11 +254,11 @@ class _Inbox:
 
 
 class _Failures:
-    """What a store that cannot be written costs, and the account of it (``meta["store_errors"]``).
+    """What a store that cannot be written costs, and its account (``meta["store_errors"]``).
 
-    Rows a failed commit could not write are kept for the next one (meta updates always); after
-    statistics failed to commit, those of the next 10 commits are dropped unmade: on a full disk
-    each commit would make and write them only to fail again."""
+    A failed commit is tried again without its statistics (nearly all the bytes), and those of
+    the next 10 commits are dropped unmade: on a full disk they would only fail again. Its other
+    rows wait for a later commit (at most ``max_kept_rows``; meta updates always)."""
 
     def __init__(self, path: Path, report: Callable[[BaseException], None]) -> None:
         self.path, self.report = path, report
@@ -316,25 +316,15 @@ class _Failures:
 
 
 class RunWriter:
-    """Appends rows to a store from a background thread.
-
-    ``put`` never blocks on disk; rows are committed at least every ``flush_every_s`` seconds,
-    on ``flush()`` and on ``close()``.
-
-    Nothing here raises into training when the store cannot be written (disk full, store
-    deleted...). A commit that fails is tried again without its statistics (``layer_stats`` and
-    ``histograms``: nearly all the bytes), which are dropped, and so are those of the next 10
-    commits; if that fails too, its other rows wait in memory (at most ``max_kept_rows``, then
-    they are dropped) for the next commit that succeeds. What was dropped goes to
-    ``meta["store_errors"]`` (when the store takes it) and to ``errors``; errors not taken and
-    rows still unwritten at ``close()`` get a warning.
-    """
+    """Appends rows to a store from a background thread, committed at least every
+    ``flush_every_s`` seconds, on ``flush()`` and on ``close()``. Nothing here blocks on disk or
+    raises into training: a store that cannot be written drops statistics first, keeps other
+    rows for a later commit (:class:`_Failures`), and says so in ``errors``."""
 
     def __init__(self, path: Path, meta: dict[str, Any], layers: Iterable[tuple],
                  flush_every_s: float = 2.0, resume_from: int | None = None) -> None:
-        """Create the store at ``path`` (claimed atomically: two writers never share one), or,
-        with ``resume_from=N`` and a run already there, continue it from step ``N``: rows the
-        earlier process wrote for steps >= N are dropped (``meta["resumed"]`` says how many)."""
+        """Create the store at ``path`` (claimed atomically), or with ``resume_from=N`` continue
+        the run there from step N (its rows of later steps dropped: ``meta["resumed"]``)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         warn_if_network_filesystem(path.parent)
         layers = list(layers)

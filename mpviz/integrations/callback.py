@@ -9,7 +9,10 @@ from ..recording import Recorder
 
 
 class RecorderCallback:
-    """Args:
+    """Errors inside a callback are recorded in ``run.meta["recorder_errors"]``, never raised
+    into training.
+
+    Args:
         run_dir: where the run is written (default ``runs/<time>``); with several processes each
             rank writes its own store in it.
         every: per-layer statistics exactly every ``every`` optimizer steps; None (the

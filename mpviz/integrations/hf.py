@@ -13,8 +13,7 @@ On ``on_train_begin`` a :class:`mpviz.Recorder` is attached to the Trainer's mod
 its loss is the one the Trainer logs: the model's ``loss`` output of each micro-batch, summed
 when the Trainer normalised it over the whole step (``num_items_in_batch``), averaged otherwise.
 Unlike the Trainer's log, a nan/inf loss is recorded as it was (``logging_nan_inf_filter`` does
-not apply). Errors inside the callback are recorded in ``run.meta["recorder_errors"]``, never
-raised into training. ``pip install "mpviz[hf]"``.
+not apply). ``pip install "mpviz[hf]"``.
 """
 from __future__ import annotations
 

@@ -11,12 +11,9 @@ optimizer (``trainer.optimizers[0]``) and the precision plugin's GradScaler when
 (``trainer.precision_plugin.scaler``: ``precision="16-mixed"``; ``"bf16-mixed"`` has none). A
 recorded step is one optimizer step; its loss is the mean of the ``training_step`` losses of its
 micro-batches (Lightning divides them by ``accumulate_grad_batches``; this undoes it). Recorded
-per layer: the LightningModule's submodules, whether ``training_step`` calls the module itself
-(``self(x)``) or a child (``self.net(x)``); gradients as backward produced them, before
-Lightning's clipping. Manual
-optimization and several optimizers: only the first optimizer's steps are recorded.
-Errors inside the callback are recorded in ``run.meta["recorder_errors"]``, never raised into
-training. ``pip install "mpviz[lightning]"``.
+per layer: the LightningModule's submodules, whether ``training_step`` calls ``self(x)`` or a
+child (``self.net(x)``); gradients before Lightning's clipping. Manual optimization and several
+optimizers: only the first optimizer's steps are recorded. ``pip install "mpviz[lightning]"``.
 """
 from __future__ import annotations
 

@@ -1,24 +1,15 @@
-"""Diagnostics measured while training (read back with ``run.lost_updates()`` / ``run.shadow()``,
-judged by :func:`mpviz.diagnose`):
+"""Diagnostics measured while training (``run.lost_updates()``, ``run.shadow()``; judged by
+:func:`mpviz.diagnose`). Neither changes training: tensors are only read and copied, and the RNG
+state is put back.
 
-- **lost updates** (``Recorder(lost_updates=...)``; default: on when the model holds bf16/fp16
-  parameters, as in ``model.to(torch.bfloat16)``): on statistics steps, around
-  ``optimizer.step()``, per layer, the fraction of the elements with a nonzero gradient whose
-  stored value did not change (the update was smaller than half a unit in the last place, so
-  rounding to the weight's format threw it away). The pre-step copy is taken on statistics
-  steps only, of low-precision parameters only; one host read per statistics step.
-- **fp32 shadow** (``Recorder(shadow=["fc1", "blocks.*.mlp"], shadow_every=50)``): every
-  ``shadow_every`` steps each chosen layer is rerun in fp32 (a hook-free fp32 copy, autocast
-  off) on the very inputs its forward received (upcast), with the RNG state its forward started
-  from (dropout draws the same mask) and restored after; the relative error and SQNR of its
-  output against that are stored; and for the backward, when the upstream gradient of the
-  layer's output arrives, the fp32 copy computes the weight gradients from that very gradient,
-  compared with the layer's own weight gradients of that backward (``grad_rel_err``,
-  ``grad_sqnr_db``).
-
-Neither changes training: tensors are only read and copied, and the RNG state is put back
-(``tests/test_twin.py`` keeps passing with the defaults; ``tests/test_diagnosis.py`` checks
-training with both on against one without).
+- **lost updates** (on by default when the model holds bf16/fp16 parameters): on statistics
+  steps, per layer, the fraction of elements with a nonzero gradient whose stored value
+  ``optimizer.step()`` left unchanged (the update was below half a unit in the last place).
+  One host read per statistics step.
+- **fp32 shadow** (``shadow=["fc1"], shadow_every=50``): a hook-free fp32 copy of each chosen
+  layer reruns its forward on the very inputs (upcast) and RNG state it saw: relative error and
+  SQNR of the output; when the layer's upstream gradient arrives, the copy's weight gradients
+  from that very gradient against the layer's own (``grad_rel_err``, ``grad_sqnr_db``).
 """
 from __future__ import annotations
 

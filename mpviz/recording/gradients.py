@@ -80,12 +80,17 @@ class Gradients:
         scale = read.scale if read is not None else None
         scaled = None if scale is None else (
             len(act_tensors), len(act_tensors) + len(present), scale)
-        if self.on_host:  # the rest is computed on the writer thread
-            values = HostSample.take(tensors, scaled, cache=self.views,
-                                     stable_from=len(act_tensors) + len(present), offset=step)
-        else:
-            values = tensor_stats_device(tensors, scaled, offset=step)
+        values = self._stats(tensors, scaled, len(act_tensors) + len(present), step)
         return Measured(step, values, owners, act_rows)
+
+    def _stats(self, tensors: list[torch.Tensor], scaled: tuple[int, int, Any] | None,
+               params_from: int, step: int) -> Any:
+        """``[n, ROW]`` statistics rows of ``tensors`` (mpviz.stats), or on the CPU a
+        HostSample that makes them on the writer thread."""
+        if self.on_host:
+            return HostSample.take(tensors, scaled, cache=self.views, stable_from=params_from,
+                                   offset=step)
+        return tensor_stats_device(tensors, scaled, offset=step)
 
     def nonfinite_layers(self, read: GradRead | None) -> dict[int, int]:
         """Layer -> inf/nan elements of its gradients, in parameter order (bad steps only)."""

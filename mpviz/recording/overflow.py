@@ -1,17 +1,12 @@
 """Which layer produced the inf/nan? Found by replaying the bad step's forward with checks on.
 
-Clean steps pay nothing for this. When a step's loss or gradients are non-finite, the recorder
-replays that step's forward once (same inputs, same autocast state, same RNG state, no grad;
-eagerly, also for a compiled model, whose RNG state is not known: dropout may differ) with
-a check on every module's output. Forward hooks fire when a module *finishes*, so the first module
-reported is the innermost one whose output went non-finite.
-
-The replay leaves no trace: every buffer (BatchNorm's running statistics and
-``num_batches_tracked``), the CPU and CUDA RNG states and every module's train/eval flag are put
-back as they were. What it cannot undo: side effects of the user's own code in the forward
-(Python attributes it sets, other forward hooks it registered, generators other than the default
-ones) and in-place changes to the inputs made after the forward. With gradient accumulation the
-last micro-batch's forward is the one replayed.
+Clean steps pay nothing. A step whose loss or gradients are non-finite has its forward replayed
+once (same inputs, autocast and RNG state, no grad, eagerly even when compiled, where dropout may
+differ) with a check on every module's output; forward hooks fire when a module finishes, so the
+first module reported is the innermost one that went non-finite. Buffers (BatchNorm's running
+statistics), RNG states and train/eval flags are put back. Not undone: side effects of the user's
+own forward code, and in-place changes to the inputs after the forward. With gradient
+accumulation the last micro-batch's forward is replayed.
 """
 from __future__ import annotations
 
@@ -31,13 +26,9 @@ def _nonfinite(obj: Any) -> int:
 def replay_forward(modules: list[nn.Module], inputs: tuple[int, tuple, dict],
                    autocast: tuple[bool, torch.dtype] | None, rng: Any, device: torch.device,
                    check: bool = True) -> list[tuple[int, int]]:
-    """Re-run one forward of ``modules[inputs[0]]`` (the module the loop called) eagerly, also
-    when it is compiled; with ``check``, return ``(module index, non-finite count)`` in the
-    order modules finished (without, the caller's own hooks watch it).
-
-    Buffers, RNG states and train/eval flags are restored afterwards, so training continues
-    exactly as it would have.
-    """
+    """Rerun one forward of ``modules[inputs[0]]`` (the module the loop called) eagerly; with
+    ``check``, return ``(module index, non-finite count)`` in the order modules finished
+    (without, the caller's own hooks watch it)."""
     found: list[tuple[int, int]] = []
     seen: set[int] = set()
 

@@ -122,6 +122,15 @@ class Recorder:
     is removed and the run (if its store was created) is marked ``failed``.
     """
 
+    # its parts, made at attach
+    _layers: Layers
+    _grads: Gradients
+    _watch: ForwardWatch
+    _replay: Replay
+    _entries: Entries
+    _boundary: MicroBatches
+    _plan: StepPlan
+
     run_dir = _setting("run_dir")
     name = _setting("name")
     every = _setting("every")
@@ -174,14 +183,6 @@ class Recorder:
         self._writer: RunWriter | None = None
         self._run: Run | None = None
         self._state: StepState | None = None
-        # the parts, made at attach
-        self._layers: Layers
-        self._grads: Gradients
-        self._watch: ForwardWatch
-        self._replay: Replay
-        self._entries: Entries
-        self._boundary: MicroBatches
-        self._plan: StepPlan
         self._origin: distributed.OriginWatch | None = None
         self._steering: Any = None  # recording.steering.Steering while attached
         self._autocast_known = False  # autocast_dtype written to run.meta
@@ -332,9 +333,13 @@ class Recorder:
             return
         self._closed = True
         undo, self._undo = self._undo, None
-        if undo is not None:  # what attach did, undone in reverse; the run's status last
-            undo.__exit__(*((type(error), error, error.__traceback__) if error is not None
-                            else (None, None, None)))
+        if undo is None:
+            return
+        # what attach did, undone in reverse order; the run's status (_end_run) last
+        if error is None:
+            undo.close()
+        else:
+            undo.__exit__(type(error), error, error.__traceback__)
 
     def _end_run(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         """The run's status, then the store closes: at close, or when attach failed."""
@@ -501,15 +506,10 @@ class Recorder:
 
     # ----------------------------------------------------------------- 4. the step ends
     def step(self, loss: Any = None, samples: int | None = None) -> int:
-        """Close the current training step (or micro-batch) and record it. Returns its index.
-
-        With an optimizer, a step is one ``optimizer.step()``: a call with no optimizer step
-        since the last one (gradient accumulation) adds its loss and samples to the step and
-        records nothing yet; a step GradScaler skipped is recorded as skipped.
-
-        On an accelerator, one host copy: loss, loss scale, non-finite flags and this step's
-        statistics together. On the CPU these are read where they lie (no copy is needed).
-        """
+        """Close the current training step (or micro-batch) and record it; returns its index.
+        A call with no optimizer step since the last one adds its loss and samples to the step
+        (gradient accumulation), unless GradScaler skipped the step. On an accelerator, one
+        host copy (loss, scale, flags, statistics)."""
         if self._undo is None:
             raise RuntimeError("Recorder.step() called outside the recorder: use `with rec:` "
                                "(or rec.attach()) before training")

@@ -1,36 +1,18 @@
-"""Which steps take per-layer statistics.
+"""Which steps take per-layer statistics, and which steps are watched.
 
-- ``Recorder(every=N)``: exactly the multiples of ``N``.
-- ``Recorder()`` (the default, ``every=None``): at most every ``DEFAULT_EVERY`` (10) steps, on
-  multiples of it, and only while what statistics have cost so far stays within
-  ``stats_budget`` (default ``DEFAULT_BUDGET``, 3%) of the training time without them. A cheap
-  statistics step (a big model, a GPU) is taken every 10 steps; an expensive one relative to the
-  step (a tiny model on the CPU) is taken less often, so recording never costs much more than the
-  budget whatever the model. (In a distributed job the default is exactly every 10 steps: each
-  rank measures its own costs, and ranks would take statistics on different steps.)
+``every=N``: exactly the multiples of ``N``. The default: at most every ``DEFAULT_EVERY`` steps,
+on its multiples, while what statistics cost so far stays within ``stats_budget`` (3%) of the
+training time without them; a statistics step that is expensive relative to the step (a tiny
+model on the CPU) is taken less often. (In a distributed job, exactly every 10: each rank
+measures its own costs, and ranks would take statistics on different steps.)
 
-What a statistics step costs is measured, not guessed:
-- on the training thread: the CPU time of each statistics step, from its first forward to
-  ``rec.step()`` (the thread's own clock, so a step another process delayed does not count,
-  nor data loading or an evaluation between steps), less the median of recent plain steps'
-  (module hooks, copying the samples);
-- on the writer thread: its CPU time (finishing the statistics, writing SQLite; counted whole,
-  although part of it is the every-step rows). The writer commits every ``flush_every_s``:
-  statistics steps it has not finished yet are charged what its finished ones cost on average
-  (before its first commit, twice what they cost on the training thread, about what was
-  measured on the CPU).
-The plain training time is the steps so far times the median duration of a plain step. A
-statistics step is taken when the statistics so far cost at most the budget times that: a
-running balance, so the share converges to the budget, and an unusually expensive statistics
-step is paid back by a longer wait, once. Not measured: the first step (its warm-up) and steps
-whose forward was replayed to find an inf/nan.
-
-Which steps were statistics steps is what ``run.layer_stats`` holds; ``run.meta`` keeps
-``every`` (the period the steps are multiples of), ``stats_budget`` and, at the end,
-``stats_cost`` (what the schedule measured).
-
-Everything else (loss, loss scale, skips, inf/nan events and the layer that caused them, dtypes)
-is recorded on every step whatever the schedule.
+The cost is measured, not guessed: on the training thread, a statistics step's CPU time from its
+first forward to ``rec.step()`` (the thread's own clock: no data loading, no other process) less
+the median of recent plain steps'; on the writer thread, its whole CPU time, with the steps it
+has not finished yet charged its average (before its first commit, twice the training thread's
+cost). A running balance against the steps so far times the median plain step, so the share
+converges to the budget. The first step (warm-up) and replayed steps are not measured.
+``run.meta["stats_cost"]`` keeps what was measured.
 """
 from __future__ import annotations
 
@@ -43,11 +25,8 @@ DEFAULT_BUDGET = 0.03
 
 
 class StatsSchedule:
-    """Decides, step by step, whether the next step takes statistics (see the module docstring).
-
-    ``writer``: the run's :class:`mpviz.store.RunWriter` (its ``busy_s`` and ``later_done``),
-    set once the store is open.
-    """
+    """``writer``: the run's :class:`mpviz.store.RunWriter` (its ``busy_s`` and ``later_done``),
+    set once the store is open."""
 
     def __init__(self, every: int, budget: float | None = None, writer: Any = None) -> None:
         if int(every) < 1:
