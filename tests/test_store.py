@@ -258,3 +258,65 @@ def test_histogram_names_what_is_wrong_instead_of_an_empty_frame(tmp_path):
         run.histogram("fc1", "grad", step=99)
     with pytest.raises(ValueError, match=r"no weight histogram of 'act1' .*\(it has activation\)"):
         run.histogram("act1", "weight")
+
+
+def test_the_views_the_apps_draw_agree_with_the_recorded_tables(tmp_path):
+    """Run's bucketed and per-layer reads (what the explorer, the report and advise show) equal
+    the same reductions done with pandas over the full tables the recorder wrote."""
+    import numpy as np
+
+    from helpers.training import record_demo
+
+    run = mpviz.load_run(record_demo(tmp_path / "r", task="mlp", precision="fp16", steps=23, every=2))
+    steps, stats = run.steps, run.layer_stats
+    lo, hi, k = 3, 20, 4
+    got = run.step_buckets(lo, hi, k)
+    part = steps[steps["step"].between(lo, hi)]
+    want = part.groupby((part["step"] - lo) // k).agg(step=("step", "min"), loss=("loss", "mean"),
+                                                       loss_scale=("loss_scale", "min"))
+    assert got["step"].tolist() == want["step"].tolist()
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-12)
+    np.testing.assert_array_equal(got["loss_scale"], want["loss_scale"])
+    assert run.step_range() == (0, 22)
+    assert run.stats_steps(lo, hi).tolist() == sorted(set(stats["step"]) & set(range(lo, hi + 1)))
+
+    grads = stats[(stats["tensor"] == "grad") & stats["step"].between(lo, hi)]
+    names = run.layer_names()
+    cells = run.grad_norm_buckets(lo, hi, k)
+    got = {(names[i], b): v for i, b, v in zip(cells["idx"], cells["b"], cells["norm"])}
+    want = grads.groupby(["layer", (grads["step"] - lo) // k])["norm"].max().to_dict()
+    assert got == want
+    at = [4, 10]
+    cells = run.grad_norms_at(at)
+    assert sorted((names[i], s, v) for i, s, v in zip(cells["idx"], cells["step"], cells["norm"])) == \
+        sorted(zip(*[stats.loc[(stats["tensor"] == "grad") & stats["step"].isin(at), c]
+                     for c in ("layer", "step", "norm")]))
+
+    acts = stats[(stats["tensor"] == "activation") & ~stats["step"].isin([0, 2])]
+    peaks = run.peak_max_abs("activation", skip_steps=[0, 2])
+    want = acts.groupby("layer", sort=False)["max_abs"].max()
+    assert peaks["layer"].tolist() == want.index.tolist()
+    assert peaks["max_abs"].tolist() == want.tolist()
+
+    latest = run.latest_stats().set_index(["layer", "tensor"])
+    last = stats.sort_values("step").groupby(["layer", "tensor"]).last()
+    assert latest["norm"].to_dict() == last["norm"].to_dict()
+
+    drill = run.layer_buckets("fc1", lo, hi, k)
+    g = stats[(stats["layer"] == "fc1") & (stats["tensor"] == "grad") & stats["step"].between(lo, hi)]
+    g = g.groupby((g["step"] - lo) // k).agg(step=("step", "min"), norm=("norm", "mean"),
+                                             max_abs=("max_abs", "max"))
+    d = drill[drill["tensor"] == "grad"]
+    assert d["step"].tolist() == g["step"].tolist()
+    np.testing.assert_allclose(d["norm"], g["norm"], rtol=1e-12)
+    assert d["max_abs"].tolist() == g["max_abs"].tolist()
+
+    have = run.histogram_steps("fc1", "grad", lo, hi)
+    assert have == sorted(grads.loc[grads["layer"] == "fc1", "step"])
+    got_steps, counts = run.histograms_of("fc1", "grad", have)
+    assert got_steps == have
+    numel = grads.loc[grads["layer"] == "fc1", "numel"].iloc[0]
+    for s, row in zip(have, counts):
+        assert row[row > 0].tolist() == run.histogram("fc1", "grad", step=s)["count"].tolist()
+        assert row.sum() == numel
+    run.close()
