@@ -36,6 +36,9 @@ _EXPORTS = {
     "headroom": "mpviz.diagnosis",
     "Diagnosis": "mpviz.diagnosis",
     "Finding": "mpviz.diagnosis",
+    "estimate": "mpviz.cost",
+    "Estimate": "mpviz.cost",
+    "devices": "mpviz.cost",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

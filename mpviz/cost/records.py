@@ -1,0 +1,141 @@
+"""What a counted training step leaves: plain records of its ops, module calls and saved tensors
+(no torch).
+
+:func:`mpviz.cost.counting.count` makes them from one real forward and backward;
+:func:`mpviz.cost.pricing.predict` prices them for any per-layer precision and GPU, so a stored
+:class:`Counts` (``to_dict`` is JSON) is enough to predict again without the model.
+
+The step is counted in the model's own dtypes, without autocast. The records keep which tensor
+each op reads and writes (an id per storage), so that ``predict`` can follow the dtype each
+tensor would have under a policy: where autocast would cast it, and what the cast costs.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+__all__ = ["Tensor", "OpCount", "Call", "Saved", "LayerCount", "Counts", "LOSS"]
+
+LOSS = "(loss)"  # where ops outside the model's modules go: the loss, and a forward='s own code
+
+# A floating tensor an op reads or writes: (id of its storage, elements touched, torch dtype
+# name as counted, requires grad).
+Tensor = tuple[int, int, str, bool]
+
+
+@dataclass(frozen=True)
+class OpCount:
+    """One aten op, at the innermost module that ran it.
+
+    ``kind``: ``"linear"`` (a GEMM with a weight, or in the backward of one), ``"matmul"``,
+    ``"conv"``, ``"attention"`` (tensor-core work), ``"other"``, or ``"view"`` (runs no kernel:
+    views and allocations). ``node``: the sequence number of the autograd node the op made (in
+    the forward) or runs in (in the backward). ``inputs``: floating tensors read that are not
+    parameters (activations, gradients); ``params``: parameters read; ``outputs``: floating
+    tensors written; ``fixed_bytes``: integer and bool tensors read and written (indices, masks),
+    whose size no precision changes.
+    """
+
+    layer: str
+    phase: str  # "forward" | "backward"
+    op: str     # the aten op, e.g. "mm", "native_layer_norm"
+    kind: str
+    flops: int
+    node: int | None
+    inputs: tuple[Tensor, ...]
+    params: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    fixed_bytes: int
+
+
+@dataclass(frozen=True)
+class Call:
+    """One forward call of a module: ``Counts.ops[start:end]`` ran inside it (its children's
+    too); the floating tensors it was given and returned."""
+
+    layer: str
+    start: int
+    end: int
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A floating tensor autograd saved for backward (``elements``: of its whole storage), in the
+    forward of ``layer``, for the node ``node``; ``param``: a parameter (under autocast, a
+    16-bit copy of it is saved instead)."""
+
+    layer: str
+    node: int | None
+    id: int
+    elements: int
+    dtype: str
+    param: bool
+
+
+@dataclass(frozen=True)
+class LayerCount:
+    """One module (``named_modules()`` name, shared modules once).
+
+    ``calls``: forward calls (0: a container that is iterated, not called). ``params`` and
+    ``param_bytes``: its own parameters (a shared one counts at its first owner);
+    ``trainable``, ``trainable_bytes``, ``trainable_tensors``: those that require grad;
+    ``saved_fixed_bytes``: integer/bool tensors it saved for backward.
+    """
+
+    name: str
+    type: str
+    calls: int
+    params: int = 0
+    param_bytes: int = 0
+    trainable: int = 0
+    trainable_bytes: int = 0
+    trainable_tensors: int = 0
+    buffer_bytes: int = 0
+    saved_fixed_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Counts:
+    """A counted training step: its layers (model order, then :data:`LOSS`), ops, module calls
+    and saved tensors; ``device``: where it ran (``"meta"``: shapes only)."""
+
+    model: str
+    device: str
+    layers: tuple[LayerCount, ...]
+    ops: tuple[OpCount, ...]
+    calls: tuple[Call, ...]
+    saved: tuple[Saved, ...]
+
+    def layer(self, name: str) -> LayerCount:
+        for lc in self.layers:
+            if lc.name == name:
+                return lc
+        raise KeyError(name)
+
+    def flops(self, phase: str | None = None, layer: str | None = None) -> int:
+        """FLOPs of the step, or of one ``phase`` (``"forward"``, ``"backward"``) or ``layer``."""
+        return sum(o.flops for o in self.ops
+                   if (phase is None or o.phase == phase) and (layer is None or o.layer == layer))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists and numbers (JSON): ``Counts.from_dict(json.loads(json.dumps(c.to_dict())))``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Counts":
+        def tensors(xs: Any) -> tuple[Tensor, ...]:
+            return tuple((int(i), int(n), str(dt), bool(g)) for i, n, dt, g in xs)
+
+        def build(kind: type, x: dict[str, Any]) -> Any:
+            known = {f.name for f in fields(kind)}
+            x = {k: v for k, v in x.items() if k in known}
+            for k in ("inputs", "params", "outputs"):
+                if kind in (OpCount, Call) and k in x:
+                    x[k] = tensors(x[k])
+            return kind(**x)
+
+        return cls(d["model"], d["device"], tuple(build(LayerCount, x) for x in d["layers"]),
+                   tuple(build(OpCount, x) for x in d["ops"]), tuple(build(Call, x) for x in d["calls"]),
+                   tuple(build(Saved, x) for x in d["saved"]))
