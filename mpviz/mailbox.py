@@ -1,33 +1,20 @@
-"""The steering mailbox: the ``requests`` table of ``run_dir/steer.db`` (``mpviz.steer``).
+"""The steering mailbox: the ``requests`` table of ``run_dir/steer.db``, beside the ``run.db``
+that only the recorder writes. No socket, no server, no torch.
 
     >>> rid = mpviz.steer("runs/exp1", {"head": "fp32"})     # doctest: +SKIP
     >>> mpviz.steer_status("runs/exp1", rid)["status"]        # doctest: +SKIP
     'applied'
 
-The job records with ``mpviz.Recorder(..., steerable=True)``; any process that can write its run
-directory (a terminal, the explorer app, another notebook) posts ``{layer or glob: precision}``
-requests (``None`` removes a rule). No socket, no server: requests go into ``run_dir/steer.db``,
-a small SQLite file beside the run's ``run.db`` (which only the recorder writes). At the end of
-each step the recorder looks for new requests (one ``PRAGMA data_version``, ~2 us), checks each
-exactly as :meth:`mpviz.precision.PolicyHandle.update` does (unknown layer, with close matches;
-unknown precision or one the device cannot run; removing a rule that does not exist), and either
-applies it from the next step on (recorded in ``run.policy_changes`` at that step) or refuses it
-with the reason. Each request's fate is in :func:`steer_status` / ``run.steer_requests``:
-``pending`` → ``applied`` (``step``: the first step computed with it) or ``refused``
-(``reason``). ``run.policy_changes`` shows an applied change once the recorder's writer commits
-it (within ``flush_every_s``).
-
-Who can steer: whoever can write the run directory (file permissions are the access control).
+Any process that can write the run directory posts ``{layer or glob: precision or None}``
+(:func:`post`, through ``mpviz.steer``); a job recorded with ``Recorder(..., steerable=True)``
+looks at the end of each step (:class:`Inbox`, one ``PRAGMA data_version``), checks each request
+as ``PolicyHandle.update`` does, and marks it ``applied`` (``step``: the first step computed with
+it) or ``refused`` (``reason``). File permissions are the access control.
 
 Local filesystems only: SQLite's WAL mode shares memory between the processes that open the
-file, which network filesystems (NFS, SMB/CIFS, sshfs, most cloud-drive mounts) do not provide.
-On such a mount the two sides may not see each other's writes, or may corrupt the file. Keep run
-directories on a local disk of the machine that trains, and run the explorer on that machine
-(reach it from elsewhere through an SSH tunnel).
-
-Both ends use this module: :func:`post` (``mpviz.steer``, :mod:`mpviz.steering`) and
-:class:`Inbox` (the recorder, :mod:`mpviz.recording.steering`). No torch import, and no read of
-the run's own store (``mpviz.run`` reads this one for ``run.steer_requests``).
+file, which network filesystems (NFS, SMB, sshfs, cloud-drive mounts) do not provide; the two
+sides may then miss each other's writes or corrupt the file. Run the explorer on the machine that
+trains (reach it through an SSH tunnel).
 """
 from __future__ import annotations
 
@@ -79,11 +66,9 @@ def connect(run_dir: str | os.PathLike, timeout_s: float = 5.0) -> sqlite3.Conne
 
 
 def process_gone(meta: dict[str, Any]) -> bool:
-    """True when a run says "running" but its recording process is gone (killed: SIGKILL, OOM,
-    a closed terminal) - known only on the host that recorded it, on POSIX. False when it is
-    alive or when this cannot be told (another host, no pid). A pid reused by a later process
-    does not count as alive (see `_same_process`). The one liveness check of the steering
-    mailbox, ``mpviz info`` and the apps."""
+    """True when a run says "running" but its recording process is gone (SIGKILL, OOM, a closed
+    terminal; a reused pid does not count as alive). Known only on the recording host, on POSIX:
+    False when it cannot be told. The one liveness check of steering, ``mpviz info`` and the apps."""
     if meta.get("status") != "running" or os.name != "posix":
         return False
     pid, host = meta.get("pid"), meta.get("host")

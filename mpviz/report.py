@@ -1,20 +1,12 @@
-"""``mpviz report``: one self-contained HTML file of a run, for a pull request, an issue or a chat.
+"""``mpviz report RUN -o run.html``: one self-contained HTML file of a run (plotly.js inlined, no
+network request when opened): the loss, loss scale, samples/s, dtype map and gradient heatmap in
+one figure, then the diagnosis, the advice, overflow events, precision changes and metadata.
 
-    python -m mpviz report runs/exp1 -o exp1.html
-
-    >>> from mpviz.report import write_report
     >>> write_report("runs/exp1", "exp1.html")                  # doctest: +SKIP
 
-The file holds plotly.js (inlined once, ~4.6 MB) and one figure with subplots: the loss (× on top
-where it was nan/inf, ★ at precision changes), the loss scale (× at skipped steps, hover: the
-culprit layer), samples/s, the dtype map and the gradient-norm heatmap; then small HTML tables:
-the diagnosis and advice (:func:`mpviz.diagnose`, :func:`mpviz.advise`), overflow events,
-precision changes and the run's metadata. It makes no network request when opened.
-
-Its size is bounded whatever the run length: the lines are the dashboards' own decimated views
-(``queries.snapshot``: at most ``max_points`` bucket averages), skipped steps and precision changes
-are thinned to at most ``MAX_MARKS`` marks (one per bucket, its hover text says how many), hover
-texts are cut at ``MAX_HOVER`` characters, the heatmap has at most ``queries.MAX_HEATMAP_CELLS`` cells and the tables at most ``TABLE_ROWS`` rows.
+Its size is bounded whatever the run length: the lines are the apps' decimated views, marks are
+thinned to ``MAX_MARKS``, hover texts cut at ``MAX_HOVER`` characters, the heatmap has at most
+``queries.MAX_HEATMAP_CELLS`` cells, the tables at most ``TABLE_ROWS`` rows.
 """
 from __future__ import annotations
 

@@ -1,17 +1,13 @@
-"""``Run``: read a recorded run (finished, or still being written) as pandas DataFrames.
+"""``Run``: read a recorded run (finished, or still being written) as pandas DataFrames. Every
+read re-reads the store, so a live run grows between reads. No torch import.
 
     >>> run = mpviz.load_run("runs/exp1")            # doctest: +SKIP
     >>> run.steps[["step", "loss", "loss_scale"]]     # doctest: +SKIP
 
-Every read re-reads the store, so a live run grows between reads. No torch import. The only
-module, with the writer (``store.py``), that knows the tables: the apps, the diagnosis and the
-report read through the named methods below; ``query`` is raw SQL for users.
-
-A distributed job writes one store per rank (``run.db`` for rank 0, ``run-rank{r}.db`` for rank
-r). ``load_run(run_dir)`` reads every rank found: the per-step tables (steps, layer_stats,
-overflows, dtypes, policy_changes, layer_history) get a ``rank`` column; ``rank=r`` reads one
-rank. Everything else (``layers``, ``meta``, histograms, the apps' views, ``query``) reads one
-store: the selected rank's, or the lowest rank found (rank 0).
+With the writer (``store.py``), the one module that knows the tables: the apps, the diagnosis and
+the report use its named reads; ``query`` is raw SQL for users. A distributed job has one store
+per rank (``run.db``, ``run-rank{r}.db``): the per-step tables get a ``rank`` column (``rank=r``:
+one rank); everything else reads one store, the selected rank's or the lowest (rank 0).
 """
 from __future__ import annotations
 
@@ -347,7 +343,7 @@ class Run:
         return steer_requests(self.run_dir)
 
     # The named reads of the apps, the diagnosis and the report (one store). Step lists are
-    # inlined as integers we computed; the comments say which index a query is shaped for.
+    # inlined: integers we computed.
 
     def _layer_idx(self, layer: str) -> int | None:
         idx = self._scalar("SELECT idx FROM layers WHERE layer = ?", (layer,))
@@ -377,8 +373,8 @@ class Run:
         return df.iloc[0].to_dict()
 
     def step_buckets(self, lo: int, hi: int, size: int) -> pd.DataFrame:
-        """Steps ``lo..hi`` in buckets of ``size`` steps: ``step`` (the first), the mean
-        ``loss`` and ``samples_per_s``, the smallest ``loss_scale``, the last ``wall_time``."""
+        """Steps ``lo..hi`` in buckets of ``size``: first step, mean loss and samples/s, the
+        smallest loss scale (back-offs stay visible), the last wall time."""
         return self.query(
             "SELECT MIN(step) AS step, AVG(loss) AS loss, AVG(samples_per_s) AS samples_per_s, "
             "MIN(loss_scale) AS loss_scale, MAX(wall_time) AS wall_time "
@@ -386,8 +382,7 @@ class Run:
             (lo, hi, lo, size))
 
     def skipped_steps(self, lo: int, hi: int) -> pd.DataFrame:
-        """Skipped steps in ``lo..hi`` with their first non-finite layers: ``step, loss_scale,
-        layer, tensor, phase`` (a row per culprit; NA when none was recorded)."""
+        """``step, loss_scale, layer, tensor, phase``: skipped steps, a row per culprit (or NA)."""
         return self.query(
             "SELECT s.step AS step, s.loss_scale AS loss_scale, l.layer AS layer, "
             "o.tensor AS tensor, o.phase AS phase FROM steps s "
@@ -406,8 +401,7 @@ class Run:
         return int(self._scalar("SELECT COUNT(*) FROM overflows") or 0)
 
     def latest_overflows(self, limit: int) -> pd.DataFrame:
-        """The newest ``limit`` overflow events: ``step, layer, tensor, phase, first, nonfinite,
-        skipped`` (first culprits first within a step)."""
+        """The newest ``limit`` overflow events (first culprits first within a step)."""
         return self.query(
             "SELECT o.step AS step, l.layer AS layer, o.tensor AS tensor, o.phase AS phase, "
             "o.first AS first, o.nonfinite AS nonfinite, o.skipped AS skipped FROM overflows o "
@@ -429,8 +423,7 @@ class Run:
         return None if last is None else int(last)
 
     def grad_norm_buckets(self, lo: int, hi: int, size: int) -> pd.DataFrame:
-        """``idx, b, norm``: each layer's largest gradient norm per bucket ``b`` of ``size``
-        steps from ``lo`` (every row of ``lo..hi`` read)."""
+        """``idx, b, norm``: each layer's largest gradient norm per bucket ``b`` of ``size`` steps."""
         return self.query(
             "SELECT layer_idx AS idx, (step - ?) / ? AS b, MAX(norm) AS norm FROM layer_stats "
             "WHERE tensor = 'grad' AND step BETWEEN ? AND ? GROUP BY layer_idx, b",
@@ -453,7 +446,7 @@ class Run:
                             f"step IN ({_ints(steps)}) LIMIT 1", (tensor,)) is not None
 
     def zero_fractions(self, tensor: str) -> pd.DataFrame:
-        """``layer, z``: the fraction of exact zeros of each statistics row of ``tensor``."""
+        """``layer, z``: the share of exact zeros in each statistics row of ``tensor``."""
         return self.query("SELECT l.layer, CAST(s.zeros AS REAL) / s.numel AS z FROM layer_stats s "
                           "JOIN layers l ON l.idx = s.layer_idx WHERE s.tensor = ?", (tensor,))
 
@@ -465,8 +458,8 @@ class Run:
                           % ",".join("?" * len(layers)), (tensor, *layers))
 
     def peak_max_abs(self, tensor: str, skip_steps: Iterable[int] = ()) -> pd.DataFrame:
-        """``layer, max_abs``: each layer's largest max |x| of ``tensor`` over the statistics
-        steps not in ``skip_steps``, in the order layers first appear."""
+        """``layer, max_abs``: each layer's largest max |x| outside ``skip_steps``, in the
+        order the layers first appear."""
         # NOT INDEXED: one pass over the table; the (layer_idx, ...) index would fetch each of
         # a long run's millions of rows from a random page
         return self.query(
@@ -503,9 +496,8 @@ class Run:
             (upto if upto is not None else 2**62,))
 
     def layer_buckets(self, layer: str, lo: int, hi: int, size: int) -> pd.DataFrame:
-        """One layer's statistics in ``lo..hi`` per tensor and bucket of ``size`` steps:
-        ``step, tensor``, mean ``norm``, largest ``max_abs``, smallest ``min_abs_nonzero``,
-        mean ``zero_frac``, summed ``nonfinite``, mean ``underflow_fp16`` (a fraction)."""
+        """One layer's statistics in ``lo..hi`` per tensor and bucket of ``size`` steps (means,
+        extremes of max/min |x|, summed non-finite counts)."""
         idx = self._layer_idx(layer)
         if idx is None:
             raise ValueError(f"no layer {layer!r} in this run")
@@ -519,8 +511,8 @@ class Run:
             "GROUP BY tensor, (step - ?) / ? ORDER BY tensor, step", (idx, lo, hi, lo, size))
 
     def layer_summary(self) -> pd.DataFrame:
-        """Per layer and tensor over the whole run: mean ``norm``, largest ``max_abs``, summed
-        ``nonfinite``, mean ``underflow_fp16`` fraction."""
+        """Per layer and tensor over the whole run: mean norm, largest max |x|, summed
+        non-finite count, mean fp16 underflow fraction."""
         return self.query(
             "SELECT l.layer AS layer, ls.tensor AS tensor, AVG(ls.norm) AS norm, "
             "MAX(ls.max_abs) AS max_abs, SUM(ls.nonfinite) AS nonfinite, "
@@ -536,8 +528,7 @@ class Run:
                           (idx, tensor, lo, hi))["step"].tolist()
 
     def histograms_of(self, layer: str, tensor: str, steps: list[int]) -> tuple[list[int], np.ndarray]:
-        """(steps, ``(len(steps), N_BINS)`` counts) of this layer's ``tensor`` histograms at
-        ``steps`` (those that have one)."""
+        """(the steps that have one, their ``(n, N_BINS)`` counts) of this layer's histograms."""
         idx = self._layer_idx(layer)
         if idx is None or not steps:
             return [], np.zeros((0, N_BINS), dtype=np.int64)
@@ -555,16 +546,14 @@ class Run:
             "h.tensor = 'grad' AND h.step = s.step) ORDER BY s.step")["step"]
 
     def grad_histograms_at(self, steps: Iterable[int]) -> pd.DataFrame:
-        """``step, layer, lo, counts`` (stored form: :func:`hist_chunks` reads it) of every
-        gradient histogram at ``steps``."""
+        """``step, layer, lo, counts`` (stored form: :func:`hist_chunks`) of gradients at ``steps``."""
         return self.query("SELECT h.step, l.layer, h.lo, h.counts FROM layers l CROSS JOIN "
                           "histograms h ON h.layer_idx = l.idx WHERE h.tensor = 'grad' AND "
                           f"h.step IN ({_ints(steps)}) ORDER BY h.step, h.layer_idx")
 
     def stats_with_histograms(self, tensors: list[str], step: int | None = None) -> pd.DataFrame:
-        """``step, layer, tensor, max_abs, lo, counts, loss_scale`` of every statistics row of
-        ``tensors`` (at ``step`` only, if given), with its histogram (stored form, NA where
-        none) and the step's loss scale."""
+        """Every statistics row of ``tensors`` (at ``step`` only, if given) with its histogram
+        (stored form, NA where none) and the step's loss scale."""
         where = "WHERE s.tensor IN (%s)" % ",".join("?" * len(tensors))
         params: list[Any] = list(tensors)
         if step is not None:
@@ -584,10 +573,8 @@ class Run:
 
 
 def load_run(path: str | Path, rank: int | None = None) -> Run:
-    """Open a run directory written by :class:`mpviz.Recorder` (while it trains, or later).
-
-    A distributed job's run holds one store per rank: all are read, and the per-step tables
-    have a ``rank`` column; ``rank=r`` reads rank r only.
+    """Open a run directory written by :class:`mpviz.Recorder` (while it trains, or later);
+    every rank of a distributed job (``rank=r``: one).
 
     >>> run = mpviz.load_run("runs/exp1")   # doctest: +SKIP
     >>> run.overflows.query("origin")       # doctest: +SKIP

@@ -1,9 +1,5 @@
-"""``mpviz.steer``: post a precision change to a job that records elsewhere.
-
-The run directory is the mailbox (:mod:`mpviz.mailbox` explains the whole round trip); this
-module checks that the run is a live steerable job and turns :func:`mpviz.advise`'s policy into
-the one request that applies it. No torch import.
-"""
+"""``mpviz.steer``: check that a run is a live steerable job, then post a request to its
+mailbox (:mod:`mpviz.mailbox`); advice becomes the one request that applies it."""
 from __future__ import annotations
 
 import os
@@ -42,14 +38,11 @@ def check_steerable(run_dir: str | os.PathLike) -> None:
 
 
 def steer(run_dir: str | os.PathLike, rules: Mapping[str, str | None] | Any) -> int:
-    """Ask the job recording ``run_dir`` to change per-layer precision; returns the request id.
-
-    ``rules`` is ``{layer name or glob: precision}`` (``None`` removes that rule), as for
-    ``PolicyHandle.update``, or the policy :func:`mpviz.advise` returns: then one request carries
-    only the layers it keeps in high precision whose precision in force differs
-    (:func:`mpviz.diagnosis.advise.advice_rules`). The job applies it at its next step boundary;
-    follow it with :func:`mpviz.steer_status`. Raises :class:`SteerError` if the run is missing,
-    not steerable, finished, or its process is gone, or if the advice changes nothing.
+    """Ask the job recording ``run_dir`` to change per-layer precision; returns the request id
+    (follow it with :func:`mpviz.steer_status`). ``rules``: ``{layer or glob: precision}``
+    (``None`` removes a rule), or :func:`mpviz.advise`'s policy, sent as the layers it keeps in
+    high precision whose precision differs. :class:`SteerError` if the run is missing, not
+    steerable, finished or killed, or the advice changes nothing.
 
         >>> rid = mpviz.steer("runs/exp1", {"encoder.*.norm*": "fp32"})   # doctest: +SKIP
         >>> rid = mpviz.steer("runs/exp1", mpviz.advise("runs/exp1"))     # doctest: +SKIP

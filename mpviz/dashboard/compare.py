@@ -1,11 +1,10 @@
 """Compare runs: loss vs step and vs wall time, throughput, loss scale, and where layers differ.
+Drawn when the selection changes or on Refresh (no thread).
 
 >>> from mpviz.dashboard import compare_app
 >>> cmp = compare_app(runs_dir="runs")                              # doctest: +SKIP
 >>> cmp.select(["runs/digits-fp32", "runs/digits-fp16"])             # doctest: +SKIP
 >>> cmp.differences().head()                                         # doctest: +SKIP
-
-No thread: the comparison is drawn when the selection changes or on Refresh.
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
-"""The Diagnosis panel: what :func:`mpviz.diagnose` says about a run, in the explorer and the lab.
-
-It shows the findings worst first (severity colour, kind, steps, layers, message, suggestion),
-the last loss-scale backoffs with their cause and layers, the suggested GradScaler settings and
-the headroom notes. ``refresh(run)`` re-diagnoses only when the run grew, at most every
-``min_interval_s`` and never more than 10% of the time (``COST_SHARE``: a long run's diagnosis
-takes longer, so it is re-read less often), so the apps can call it on every redraw;
-``refresh_later(run)`` does the same on a thread of its own (the explorer: its plots are drawn
-without waiting for the diagnosis). Given ``on_apply``, an "Apply advice"
-button calls it (the lab applies :func:`mpviz.advise` to its running model; the explorer sends it
-to a live steerable run, see :class:`~mpviz.dashboard.steer_panel.SteerPanel`) and shows what it
-changed. The diagnosis covers the whole run, whatever step range a plot shows. No torch.
+"""The Diagnosis panel of the explorer and the lab: :func:`mpviz.diagnose`'s findings worst
+first, the last loss-scale backoffs, the suggested GradScaler settings and the headroom notes,
+for the whole run. Re-diagnosed only when the run grew, at most every ``min_interval_s`` and at
+most ``COST_SHARE`` of the time (``refresh``; ``refresh_later`` on a thread of its own). An
+"Apply advice" button calls ``on_apply`` (the lab's model, or a live steerable job). No torch.
 """
 
 from __future__ import annotations
@@ -112,14 +105,9 @@ def advice_html(changed: dict[str, str], reasons: dict[str, str], estimate: dict
 
 
 class DiagnosisPanel:
-    """``mpviz.diagnose(run)`` as a short list, refreshed live (rate-limited).
-
-    ``on_apply() -> (changed, reasons, estimate)`` (or the HTML to show): shows an "Apply
-    advice" button that calls it, then shows what it changed (see :func:`advice_html`).
-    ``offer(run, diagnosis) -> (enabled, why)``, called with each new diagnosis, enables the
-    button or disables it with ``why`` in its tooltip and beside it; ``advice``: the HTML widget
-    to show the outcome in (default: the panel's own).
-    """
+    """``mpviz.diagnose(run)`` as a short list, refreshed live (rate-limited). ``on_apply() ->
+    (changed, reasons, estimate)`` or HTML: the "Apply advice" button; ``offer(run, diagnosis)
+    -> (enabled, why)`` enables it with each new diagnosis; ``advice``: where the outcome shows."""
 
     def __init__(self, min_interval_s: float = 2.0, backoffs: int = SHOWN_BACKOFFS,
                  on_apply: Callable[[], tuple[dict, dict, dict] | str] | None = None,

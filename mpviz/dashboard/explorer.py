@@ -4,10 +4,9 @@
 >>> ex = explorer_app(runs_dir="runs")          # doctest: +SKIP
 >>> ex.open("runs/exp1"); ex.set_range(0, 500)  # doctest: +SKIP
 
-A follower thread polls `run.steps_since(last)` and, when rows arrived, re-reads decimated views
-(`queries`, SQL GROUP BY buckets) so even 100k steps x 200 layers draw in about a second. It ends
-when the run is finished, after `idle_timeout_s` without new steps, after `max_follow_s`, or on
-`close()`/unticking Follow, so an abandoned page does not pin a kernel forever.
+Following a live run, a `Follower` thread polls `run.steps_since(last)` and redraws from the
+decimated views (`queries`). It ends when the run does, after `idle_timeout_s` without new steps,
+after `max_follow_s`, or on `close()`/unticking Follow: an abandoned page does not pin a kernel.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
-"""Turning a run name into an open run, for the apps: confined to the runs folder, and every
-way a store can be unreadable turned into one sentence for the page.
-
-The apps open whatever is in their runs folder (`ui.runs_root`), and may be given a `run_dir`
-(an app argument; later a path box or a URL parameter). `confine` accepts only paths that,
-resolved (`..` and symlinks followed), lie under the resolved root. `open_run` then opens the
-store and reads it once, so a store that is empty, foreign, corrupt, truncated or newer than this
-mpviz fails here, with `RunUnavailable` saying which and what to do, not a traceback.
+"""A run name to an open run, for the apps: confined to the runs folder (`confine`: `..`,
+absolute paths and symlinks that resolve outside it are refused), and read once (`open_run`), so
+that an empty, foreign, corrupt, truncated or too new store fails there with `RunUnavailable`:
+one sentence for the page saying which, and what to do.
 
 >>> confine("runs", "../etc")    # doctest: +SKIP
 Traceback (most recent call last):

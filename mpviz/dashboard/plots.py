@@ -1,15 +1,8 @@
-"""Figures of the apps: a `go.Figure` built once and updated in place under a lock; its page
-view is a `LivePlot` (liveplot.py, drawn from synced state) or, in the explorer, a static copy
-in an `Output` (see liveplot.py's "Known limit").
-
-One `LivePlot` per app (each ships plotly.js, ~5 MB, like a FigureWidget). The run figure's
-live lines (loss, samples/s, loss scale) are that widget; its heatmaps (dtype map, gradient
-norms) are a static `go.Figure` in an `Output` (`show_static`, ~20 B per cell), re-sent only when
-their data changed: every redraw of the live lines redraws its whole figure.
-
-What one update of the lines costs is bounded by the number of points the caller gives
-(`queries.snapshot(max_points=...)`): arrays travel as float64 binary buffers; an update in
-which no trace changed sends nothing.
+"""Figures of the apps: a `go.Figure` built once and updated in place under a lock, drawn by a
+`LivePlot` (one per app: each ships plotly.js, ~5 MB) or, in the explorer, as a static copy in an
+`Output` (see liveplot.py's "Known limit"). The run figure's heatmaps are a static figure
+(`show_static`, ~20 B per cell), re-sent only when their data changed. An update costs what the
+caller's points cost (`queries.snapshot(max_points=...)`); one that changes no trace sends nothing.
 
 >>> from mpviz.dashboard.plots import RunFigure
 >>> fig = RunFigure(n_slots=2)
@@ -237,13 +230,9 @@ def _detail_figure(height: int) -> go.Figure:
 
 
 class RunFigure(_Pushed):
-    """Loss, samples/s, loss scale (+ skipped steps) of up to `n_slots` runs in `figure`, drawn
-    by `widget` (a LivePlot), and the dtype map and grad-norm heatmap of the first run in a static figure
-    below it (`detail`, shown in `detail_out`). Put `view` (both) in an app's layout.
-    Thread-safe: every mutation holds `self.lock`.
-
-    `max_heat_cells`: the heatmap's columns are merged (max) until it has at most this many
-    cells, so one update of it stays small (~20 B per cell as JSON)."""
+    """Loss, samples/s, loss scale (+ skipped steps) of up to `n_slots` runs (`figure`, drawn by
+    `widget`) and the first run's dtype map and gradient heatmap (`detail`, in `detail_out`,
+    columns merged to at most `max_heat_cells`). Put `view` (both) in a layout. Thread-safe."""
 
     def __init__(self, n_slots: int = 1, height: int = 900, width: int | None = None,
                  max_heat_cells: int = queries.MAX_HEATMAP_CELLS, detail_every_s: float = 0.0,

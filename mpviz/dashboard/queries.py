@@ -1,12 +1,7 @@
-"""Plot-ready views of a run, decimated by the store (`mpviz.Run`'s bucketed reads) so a
-100k-step run opens in well under a second.
-
-Every function takes a `mpviz.Run` and a step range, and returns small pandas/numpy data: how
-many points, which steps, the labels. Lines are downsampled by averaging buckets of steps;
+"""Plot-ready views of a run: how many points, which steps, what labels, over `mpviz.Run`'s
+bucketed reads (a 100k-step run opens in well under a second). Lines average buckets of steps;
 skipped steps and overflow events are never downsampled (they are what a user looks for).
 
->>> import mpviz
->>> from mpviz.dashboard import queries
 >>> run = mpviz.load_run("runs/demo")                        # doctest: +SKIP
 >>> queries.step_view(run, 0, run.last_step, max_points=500)  # doctest: +SKIP
 """

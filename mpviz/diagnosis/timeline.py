@@ -57,16 +57,9 @@ def scale_timeline(steps: pd.DataFrame, overflows: pd.DataFrame) -> pd.DataFrame
 
 def scale_advice(steps: pd.DataFrame, timeline: pd.DataFrame,
                  settings: dict[str, Any] | None) -> dict[str, Any]:
-    """Suggested GradScaler ``init_scale`` and ``growth_interval`` from the scale's history.
-
-    - ``init_scale``: the scale the warm-up settled on (the scale of the first step that was not
-      skipped), when the warm-up skipped steps: starting there saves them.
-    - ``growth_interval``: if after the warm-up the scale keeps growing into an overflow and
-      backing off (more than 1% of steps skipped), a longer interval (x4) skips fewer steps; if
-      it never backed off after growing and the gradients are far from overflow, the default
-      is fine.
-    A forward overflow is not the scaler's business: no advice is given for those steps.
-    """
+    """Suggested GradScaler settings: ``init_scale``, the scale the warm-up settled on (when it
+    skipped steps); ``growth_interval`` x4 when, after the warm-up, the scale keeps growing into
+    overflows (more than 1% of steps skipped). Forward overflows are not the scaler's business."""
     if not settings or not settings.get("enabled") or not len(steps):
         return {}
     out: dict[str, Any] = {"init_scale": None, "growth_interval": None, "reason": ""}
