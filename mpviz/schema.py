@@ -12,7 +12,7 @@ from typing import Any, Callable, ClassVar
 SCHEMA_VERSION = 1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MetaRow:
     TABLE: ClassVar[str] = "meta"
     KEY: ClassVar[str] = "key"
@@ -20,7 +20,7 @@ class MetaRow:
     value: str  # JSON
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LayerRow:
     TABLE: ClassVar[str] = "layers"
     KEY: ClassVar[str] = "idx"
@@ -33,7 +33,7 @@ class LayerRow:
     is_leaf: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StepRow:
     TABLE: ClassVar[str] = "steps"
     KEY: ClassVar[str] = "step"
@@ -49,7 +49,7 @@ class StepRow:
     wall_time: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LayerStatRow:
     TABLE: ClassVar[str] = "layer_stats"
     INDEXES: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -71,7 +71,7 @@ class LayerStatRow:
     numel: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DtypeRow:
     TABLE: ClassVar[str] = "dtypes"
     step: int
@@ -80,7 +80,7 @@ class DtypeRow:
     dtype: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OverflowRow:
     TABLE: ClassVar[str] = "overflows"
     step: int
@@ -93,7 +93,7 @@ class OverflowRow:
     origin: int  # this rank's own values were non-finite (before an all-reduce)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HistogramRow:
     TABLE: ClassVar[str] = "histograms"
     INDEXES: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -105,7 +105,7 @@ class HistogramRow:
     counts: bytes  # little-endian int64, trimmed to the nonzero bins
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PolicyChangeRow:
     TABLE: ClassVar[str] = "policy_changes"
     step: int
@@ -114,7 +114,7 @@ class PolicyChangeRow:
     rule: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DiagnosticRow:
     TABLE: ClassVar[str] = "diagnostics"
     step: int

@@ -182,7 +182,7 @@ def _resume(path: Path, meta: dict[str, Any], layers: list[tuple], start: int) -
 
 
 # ---------------------------------------------------------------- what the writer queue carries
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Rows:
     """Rows of one table, each a tuple in the table's column order."""
 
@@ -203,12 +203,12 @@ class Rows:
         return cls(table.TABLE, list(zip(*(columns[n] for n in names))))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Meta:
     values: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Later:
     """An item that ``make_rows`` turns into rows on the writer thread, with others of its kind.
     These are the statistics, which a failing store drops first."""

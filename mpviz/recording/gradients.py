@@ -20,7 +20,7 @@ from .layers import Layers
 from .rows import Measured
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class GradRead:
     grads: list[torch.Tensor | None]  # each parameter's .grad, still multiplied by the scale
     scale: Any  # the loss scale: a float (CPU), a device tensor, or None without GradScaler

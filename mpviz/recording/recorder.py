@@ -526,19 +526,18 @@ class Recorder:
 
     def _close_step(self, s: StepState, loss: Any, samples: int | None) -> int:
         s.add_micro_batch(loss, samples)
-        scale_now = compat.scaler_scale(self.scaler)
-        if not self._boundary.step_ends(s, self._grads.scaling(), scale_now, self.scaler):
+        scaling, scale_now = self._grads.scaling(), compat.scaler_scale(self.scaler)
+        if not self._boundary.step_ends(s, scaling, scale_now, self.scaler):
             return s.index  # a micro-batch: the step goes on
-        self._read_late(s)
+        self._read_late(s, scaling)
         end = self._read_end(s, scale_now)
         record = finish_step(s, end)
         self._write(s, record)
         self._next_step(s, end)
         return s.index
 
-    def _read_late(self, s: StepState) -> None:
+    def _read_late(self, s: StepState, scaling: bool) -> None:
         """What no hook read: gradients of a statistics step, a forward without backward."""
-        scaling = self._grads.scaling()
         if s.grads is None and s.stats_step and not scaling and self._grads.any_present():
             self._errors.contained("gradients", self._gradients_ready)()  # nobody read them yet
         if s.grads is None:
@@ -566,14 +565,15 @@ class Recorder:
             dtypes = self._watch.dtype_rows(s.index, layers.params, layers.param_layer,
                                             s.grads.grads if s.grads is not None else [])
         culprits, rank_layers = [], None
-        if bad_grads or host.loss_bad:
+        bad = bool(bad_grads) or host.loss_bad
+        if bad:
             culprits = s.precheck
             if culprits is None:
                 culprits = self._errors.contained("overflow", self._culprits)() or []
             if origin is not None:
                 rank_layers = self._errors.contained("overflow origin", origin.bad_layers)() or set()
         return StepEnd(host, skipped, bad_grads, culprits, rank_layers, self._watch.fwd_order,
-                       dtypes, self._watch.last_dtypes, t_end, wall_time)
+                       dtypes, self._watch.last_dtypes, t_end, wall_time, bad)
 
     def _write(self, s: StepState, record: StepRecord) -> None:
         w = self._writer

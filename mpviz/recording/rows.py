@@ -11,7 +11,7 @@ from ..stats import HostSample, by_layer
 from ..store import Rows, pack_hists
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Measured:
     """A statistics step's numbers, and the layer each row belongs to."""
 

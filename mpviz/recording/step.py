@@ -117,7 +117,7 @@ class MicroBatches:
         return not self.calls_are_steps and s.optim_steps == 0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class HostValues:
     """A step's values after its one host copy."""
 
@@ -125,17 +125,12 @@ class HostValues:
     scale_after: float | None
     grads_bad: bool  # our own inf/nan check (no GradScaler) found one
     rank_bad: bool  # DDP: this rank's own gradients went inf/nan before the all-reduce
-    losses: list[float]
+    loss: float | None  # the mean of the micro-batches' losses
     stats: Any  # numpy rows, a HostSample (whose rows the writer thread computes), or None
 
     @property
-    def loss(self) -> float | None:
-        return sum(self.losses) / len(self.losses) if self.losses else None
-
-    @property
     def loss_bad(self) -> bool:
-        loss = self.loss
-        return loss is not None and not math.isfinite(loss)
+        return self.loss is not None and not math.isfinite(self.loss)
 
     @property
     def backed_off(self) -> bool:
@@ -170,11 +165,13 @@ def to_host(s: StepState, scale_now: Any, rank_flag: torch.Tensor | None, on_hos
             pos += v is not None
         if stats is not None:
             stats = host[pos:].astype(np.float64).reshape(-1, ROW)
-    floats = [float(l) for l in s.losses if l is not None and not isinstance(l, torch.Tensor)]
-    return HostValues(vals[0], vals[1], bool(vals[2]), bool(vals[3]), vals[4:] + floats, stats)
+    losses = vals[4:] + [float(l) for l in s.losses
+                         if l is not None and not isinstance(l, torch.Tensor)]
+    return HostValues(vals[0], vals[1], bool(vals[2]), bool(vals[3]),
+                      sum(losses) / len(losses) if losses else None, stats)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StepEnd:
     """What ``rec.step()`` read when the step ended."""
 
@@ -188,14 +185,10 @@ class StepEnd:
     dtypes_now: dict[tuple[int, str], str]  # every (layer, role)'s dtype, for the statistics
     t_end: float  # perf_counter() once the step's values were read (before any replay)
     wall_time: float
-
-    @property
-    def bad(self) -> bool:
-        """Inf/nan in the gradients or the loss."""
-        return bool(self.bad_grads) or self.host.loss_bad
+    bad: bool  # inf/nan in the gradients or the loss
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StepRecord:
     step: StepRow
     dtypes: list[DtypeRow]
