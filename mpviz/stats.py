@@ -146,23 +146,7 @@ class HostSample:
             for r, k in enumerate(keep):
                 if i <= k < j:
                     div[r] = float(scale)
-        # Sampled tensors: norm and max over every element, now (the tensors change after the
-        # optimizer step). float32 with numpy (BLAS dot, SIMD max/min); other dtypes with torch
-        # (numpy's float16 math is slow).
-        exact: dict[int, tuple[float, float]] = {}
-        in_torch = []
-        for r, k in enumerate(keep):
-            if numel[k] > SAMPLE_CAP:
-                full = views[r][1]
-                if full is None:
-                    in_torch.append(r)
-                else:
-                    exact[r] = (math.sqrt(float(np.dot(full, full))) / div[r],
-                                max(float(full.max()), -float(full.min())) / div[r])
-        if in_torch:
-            norms, maxes = _norm_max([tensors[keep[r]].detach() for r in in_torch])
-            for r, nm, mx in zip(in_torch, norms.tolist(), maxes.tolist()):
-                exact[r] = (nm / div[r], mx / div[r])
+        exact = _exact_host(tensors, keep, numel, views, div)
         return cls(numel, keep, lengths, groups, {r: d for r, d in enumerate(div) if d != 1.0},
                    exact)
 
@@ -212,6 +196,28 @@ class HostSample:
         out[rows, 4] = lengths
         out[rows, N_HEAD:] = hist.reshape(len(keep), N_BINS)
         return out
+
+
+def _exact_host(tensors: list[torch.Tensor], keep: list[int], numel: list[int], views: list[Any],
+                div: list[float]) -> dict[int, tuple[float, float]]:
+    """Sampled tensors' norm and max |x| over every element, taken now (the tensors change after
+    the optimizer step): float32 with numpy (BLAS dot, SIMD max/min), other dtypes with torch
+    (numpy's float16 math is slow)."""
+    exact: dict[int, tuple[float, float]] = {}
+    in_torch = []
+    for r, k in enumerate(keep):
+        if numel[k] > SAMPLE_CAP:
+            full = views[r][1]
+            if full is None:
+                in_torch.append(r)
+            else:
+                exact[r] = (math.sqrt(float(np.dot(full, full))) / div[r],
+                            max(float(full.max()), -float(full.min())) / div[r])
+    if in_torch:
+        norms, maxes = _norm_max([tensors[keep[r]].detach() for r in in_torch])
+        for r, nm, mx in zip(in_torch, norms.tolist(), maxes.tolist()):
+            exact[r] = (nm / div[r], mx / div[r])
+    return exact
 
 
 def _norm_max(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,17 +281,24 @@ def tensor_stats_device(tensors: list[torch.Tensor], scaled: tuple[int, int, Any
     mins = torch.where((mins > 0) & torch.isfinite(mins), mins, float("inf"))
     norms = (m * m).sum(1).sqrt_()
     maxes = m.amax(1)
-    big = [k for k in range(n) if numel[k] > SAMPLE_CAP]
-    if big:  # norm and max over every element, not the sample (fp32 accumulation)
-        full = [flat[k] for k in big]
-        idx = _index(tuple(big), device)   # cached: a fresh host -> device copy blocks
-        big_norms, big_maxes = _norm_max(full)
-        if scaled is not None:
-            d = torch.where((idx >= i) & (idx < j), scale, 1.0)
-            big_norms, big_maxes = big_norms / d, big_maxes / d
-        norms[idx], maxes[idx] = big_norms, big_maxes
+    _exact_big(norms, maxes, flat, numel, scaled)
     head = torch.stack([norms, maxes, mins, _const(numel, device), _const(lengths, device)], dim=1)
     return torch.cat([head, hist], dim=1)
+
+
+def _exact_big(norms: torch.Tensor, maxes: torch.Tensor, flat: list[torch.Tensor],
+               numel: tuple[int, ...], scaled: tuple[int, int, Any] | None) -> None:
+    """Norm and max of sampled tensors over every element, not the sample (fp32 accumulation)."""
+    big = [k for k in range(len(flat)) if numel[k] > SAMPLE_CAP]
+    if not big:
+        return
+    idx = _index(tuple(big), norms.device)   # cached: a fresh host -> device copy blocks
+    big_norms, big_maxes = _norm_max([flat[k] for k in big])
+    if scaled is not None:
+        i, j, scale = scaled
+        d = torch.where((idx >= i) & (idx < j), scale, 1.0)
+        big_norms, big_maxes = big_norms / d, big_maxes / d
+    norms[idx], maxes[idx] = big_norms, big_maxes
 
 
 @functools.lru_cache(maxsize=64)
