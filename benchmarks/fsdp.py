@@ -2,18 +2,20 @@
 
 For each model (``tests``: a 3-block GPT-2 of width 16, the size of tests/test_fsdp.py's;
 ``gpt2``: GPT-2 small, 124M parameters), per-block ``fully_shard`` and the root, AdamW, each rank
-trains in blocks of steps, arms interleaved (A/B/C, the same processes and data):
+trains one step of each arm per round, in a rotating order (the same processes and data):
 
 - ``plain``: FSDP alone;
 - ``hooks``: with mpviz's two FSDP hooks (:class:`LocalGradCheck`: each local gradient checked
-  before the reduce-scatter; :class:`ReducedGrads`: one end-of-backward callback), no statistics;
+  before the reduce-scatter; :class:`ReducedGrads`: one end-of-backward callback), no statistics
+  (the time inside the check's hooks is also summed per step: ``local check ms``);
 - ``sampled``: the hooks, and on every step the statistics of every sharded gradient and weight
   (:func:`sharded_stats` on both lists at once, at the end of backward), histograms and
   smallest nonzero from ``SAMPLE_CAP`` elements per tensor as mpviz.stats takes them - what
   ``every=1`` costs;
 - ``exact``: the same with every element in the histograms (``sample=None``).
 
-Printed per model: the median step time of each arm, the statistics calls alone (median), and the
+Printed per model: the median plain step, each arm's median ratio to the plain step of its round,
+the statistics calls alone (median), and the
 collectives it adds per statistics step (counted by wrapping ``torch.distributed``'s calls
 during it) with their bytes per rank, next to the bytes that gathering the full tensors would
 move. GPT-2 small computes in fp32 by default: on a CPU without bf16 matrix units bf16 matmuls
@@ -21,7 +23,7 @@ are emulated and would make the step, not mpviz, the measurement (``--param-dtyp
 changes it; the statistics read the fp32 shards either way).
 
     python benchmarks/fsdp.py                      # both models (about 6 minutes here)
-    python benchmarks/fsdp.py --models tests --steps 40
+    python benchmarks/fsdp.py --models tests --steps 100
 """
 from __future__ import annotations
 
@@ -86,7 +88,23 @@ class Counted:
             setattr(dist, n, fn)
 
 
-def measure(name: str, steps: int, blocks: int, param_dtype: torch.dtype) -> dict:
+def timed_check(model, spent: list[float]):
+    """A LocalGradCheck whose hooks add the time they take to ``spent[0]``."""
+    from mpviz.recording.fsdp_hooks import LocalGradCheck
+
+    class Timed(LocalGradCheck):
+        def _checker(self, name):
+            check = super()._checker(name)
+
+            def timed(p):
+                t0 = time.perf_counter()
+                check(p)
+                spent[0] += time.perf_counter() - t0
+            return timed
+    return Timed(model)
+
+
+def measure(name: str, steps: int, param_dtype: torch.dtype) -> dict:
     from mpviz.recording.fsdp_hooks import LocalGradCheck, ReducedGrads
     from mpviz.recording.sharded import sharded_stats
 
@@ -115,27 +133,32 @@ def measure(name: str, steps: int, blocks: int, param_dtype: torch.dtype) -> dic
             step[0] += 1
         return take
 
-    attached = {arm: [LocalGradCheck(arms[arm]).attach(),
+    spent = [0.0]
+    check_times: list[float] = []
+    attached = {arm: [(timed_check(arms[arm], spent) if arm == "hooks" else LocalGradCheck(arms[arm])).attach(),
                       ReducedGrads(arms[arm], stats_of(arm) if arm in samples else lambda: None
                                    ).attach()]
                 for arm in ("hooks", *samples)}
+    # One step of each arm per round, in a rotating order, so that every arm meets the same
+    # load (this machine's cores are shared); each round's ratio to its plain step.
     times: dict[str, list[float]] = {arm: [] for arm in arms}
-    per_block = max(1, steps // blocks)
     order = list(arms)
-    for b in range(blocks):
-        for arm in order[b % len(order):] + order[:b % len(order)]:  # rotate the first arm
+    for r in range(steps):
+        ids = data[r]
+        for arm in order[r % len(order):] + order[:r % len(order)]:
             model, opt = arms[arm], opts[arm]
-            for i in range(per_block):
-                ids = data[(b * per_block + i) % steps]
-                dist.barrier()
-                t0 = time.perf_counter()
-                loss = model(ids, labels=ids).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                times[arm].append(time.perf_counter() - t0)
-                for h in attached.get(arm, [])[:1]:  # the LocalGradCheck: a new step
-                    h.end_step()
+            dist.barrier()
+            t0 = time.perf_counter()
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            times[arm].append(time.perf_counter() - t0)
+            for h in attached.get(arm, [])[:1]:  # the LocalGradCheck: a new step
+                h.end_step()
+            if arm == "hooks":
+                check_times.append(spent[0])
+                spent[0] = 0.0
     for hs in attached.values():
         for h in hs:
             h.remove()
@@ -148,6 +171,9 @@ def measure(name: str, steps: int, blocks: int, param_dtype: torch.dtype) -> dic
         "model": name, "rank": rank, "params": n_params, "tensors": n_tensors,
         "param_dtype": str(param_dtype).removeprefix("torch."),
         "ms": {arm: 1e3 * statistics.median(t[skip:]) for arm, t in times.items()},
+        "ratio": {arm: statistics.median(a / b for a, b in zip(t[skip:], times["plain"][skip:]))
+                  for arm, t in times.items()},
+        "check_ms": 1e3 * statistics.median(check_times[skip:]),
         "stats_ms": {arm: 1e3 * statistics.median(t[skip:]) for arm, t in stat_times.items()},
         "collectives": counted[-1],
         "gather_bytes": full_bytes,
@@ -162,31 +188,32 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
     rows = []
     for name in args["models"]:
         dtype = DTYPES[args["param_dtype"] or MODELS[name][3]]
-        rows.append(measure(name, args["steps"][name], args["blocks"], dtype))
+        rows.append(measure(name, args["steps"][name], dtype))
     Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
     dist.destroy_process_group()
 
 
-def run(models: list[str], steps: dict[str, int], blocks: int = 3, param_dtype: str | None = None,
+def run(models: list[str], steps: dict[str, int], param_dtype: str | None = None,
         world: int = 2) -> list[list[dict]]:
     """Each rank's rows, one per model."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as out:
-        args = {"models": models, "steps": steps, "blocks": blocks, "param_dtype": param_dtype}
+        args = {"models": models, "steps": steps, "param_dtype": param_dtype}
         mp.spawn(_worker, args=(world, port, args, out), nprocs=world, join=True)
         return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
 
 
 def table(per_rank: list[list[dict]]) -> str:
-    lines = ["| model | params | compute | rank | FSDP step ms | + hooks | + statistics every step "
+    lines = ["| model | params | compute | rank | FSDP step ms | + hooks | local check ms | "
+             "+ statistics every step "
              "(sampled / exact) | statistics call ms (sampled / exact) | collectives per "
              "statistics step | bytes sent per rank | gathering the full tensors instead |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for rows in zip(*per_rank):
         for r in rows:
-            ms = r["ms"]
+            ms, ratio = r["ms"], r["ratio"]
             kinds = {}
             for kind, nbytes in r["collectives"]:
                 n, b = kinds.get(kind, (0, 0))
@@ -196,8 +223,8 @@ def table(per_rank: list[list[dict]]) -> str:
             lines.append(
                 f"| {r['model']} | {r['params'] / 1e6:.2f}M ({r['tensors']} tensors) | "
                 f"{r['param_dtype']} | {r['rank']} | {ms['plain']:.1f} | "
-                f"{ms['hooks'] / ms['plain']:.2f}x | {ms['sampled'] / ms['plain']:.2f}x / "
-                f"{ms['exact'] / ms['plain']:.2f}x | {r['stats_ms']['sampled']:.1f} / "
+                f"{ratio['hooks']:.2f}x | {r['check_ms']:.1f} | {ratio['sampled']:.2f}x / "
+                f"{ratio['exact']:.2f}x | {r['stats_ms']['sampled']:.1f} / "
                 f"{r['stats_ms']['exact']:.1f} | {calls} | {sent / 1024:.1f} KiB | "
                 f"{r['gather_bytes'] / 2**20:.1f} MiB |")
     return "\n".join(lines)
@@ -207,11 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--steps", type=int, default=None, help="steps per arm (default: 60 tests, 6 gpt2)")
-    p.add_argument("--blocks", type=int, default=3)
     p.add_argument("--param-dtype", choices=list(DTYPES), default=None)
     a = p.parse_args(argv)
     steps = {m: a.steps or {"tests": 60, "gpt2": 6}[m] for m in a.models}
-    print(table(run(a.models, steps, a.blocks, a.param_dtype)))
+    print(table(run(a.models, steps, a.param_dtype)))
     return 0
 
 

@@ -12,7 +12,7 @@ measures its own shard and two all-reduces combine the parts:
 That is ``n * (3 + N_BINS + 2) * 8`` bytes per rank (about 2 KiB per tensor), whatever the
 tensors' sizes. By default every element is measured (the rows say ``sampled == numel``), so
 counts and histograms are exact; ``sample=`` bounds the work on big tensors as mpviz.stats does.
-Norm and max |x| are always over every element (the norm to float32 rounding of each shard's).
+Norm and max |x| are always over every element.
 Every rank of the shard group must call it with the same tensors (it is a collective).
 
 :func:`fsdp_units` reports each FSDP unit's ``MixedPrecisionPolicy`` as it acts (the dtype it
@@ -81,8 +81,9 @@ def sharded_stats(tensors: list[torch.Tensor], group: Any = None,
       the shards in proportion to their sizes and moved along by ``offset`` (the step), as
       :mod:`mpviz.stats` does above ``SAMPLE_CAP``; norm and max |x| stay exact.
 
-    Two collectives (a SUM and a MAX) whatever the number of tensors; no host sync of its own
-    on an accelerator.
+    Two collectives (a SUM and a MAX) whatever the number of tensors. Written to need no host
+    sync on an accelerator (device-side reductions, cached index tensors); the tests run on the
+    CPU.
 
         >>> grads = [p.grad for p in fsdp_model.parameters()]     # doctest: +SKIP
         >>> rows = sharded_stats(grads)                            # doctest: +SKIP
@@ -122,16 +123,17 @@ def local_parts(local: list[torch.Tensor], full_numel: list[int],
     maxes = torch.full((n, 2), -math.inf, dtype=torch.float64, device=device)
     maxes[:, 0] = 0.0
     present = [k for k in range(n) if local[k].numel()]
-    counts = [[t.numel(), 0] for t in local]  # numel, elements measured
+    numel = tuple(t.numel() for t in local)
+    measured = [0] * n
     if not present:
-        sums[:, 1:3] = torch.tensor(counts, dtype=torch.float64, device=device)
+        sums[:, 1] = _const(numel, device, torch.float64)
         return sums, maxes
     div = torch.ones(n, dtype=torch.float64, device=device)
     if scaled is not None:  # a scale on the device is read there, without a sync
         i, j, scale = scaled
         div[i:j] = scale
     div32 = div.float()
-    idx = torch.tensor(present, device=device)
+    idx = _const(tuple(present), device)
     flat = [local[k].reshape(-1) for k in present]
     # every element: norm and max |x| (inf and nan propagate)
     norms, tops = _norms(flat)
@@ -148,17 +150,18 @@ def local_parts(local: list[torch.Tensor], full_numel: list[int],
             if f.numel() > cap:
                 stride = -(-f.numel() // cap)
                 f = f[offset % stride::stride][: f.numel() // stride]
-        counts[k][1] = f.numel()
+        measured[k] = f.numel()
         samples.append(f)
     for rows in _batches([s.numel() for s in samples]):
+        at = _const(tuple(present[r] for r in rows), device)
         hist, zeros, mins = _bins([samples[r] for r in rows],
-                                  div32[idx[rows]] if scaled is not None else None)
-        at = idx[rows]
+                                  div32[at] if scaled is not None else None)
         sums[at, 3] = zeros
         sums[at, 4] = hist[:, 0] - zeros
         sums[at, 5:] = hist[:, 1:]
         maxes[at, 1] = -mins.double()
-    sums[:, 1:3] = torch.tensor(counts, dtype=torch.float64, device=device)
+    sums[:, 1] = _const(numel, device, torch.float64)
+    sums[:, 2] = _const(tuple(measured), device, torch.float64)
     return sums, maxes
 
 
@@ -218,6 +221,12 @@ def _bins(samples: list[torch.Tensor], div: torch.Tensor | None
     mins = (low + 1).view(torch.float32)
     mins = torch.where((mins > 0) & torch.isfinite(mins), mins, math.inf)
     return hist.view(m, 256), zeros, mins
+
+
+@functools.lru_cache(maxsize=256)
+def _const(values: tuple, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A small constant tensor, cached: a fresh host -> device copy would wait for the device."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=16)
