@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..formats import N_BINS, dtype_name
-from ..stats import N_HEAD, ROW, _norm_max
+from ..stats import N_HEAD, ROW
 
 __all__ = ["sharded_stats", "shard_group", "FSDPUnit", "fsdp_units"]
 
@@ -255,8 +255,9 @@ def _norms(flat: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     if flat[0].device.type != "cpu":
         norms = torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float64))
         return norms, torch.stack(torch._foreach_norm(flat, math.inf, dtype=torch.float32))
-    norms32, tops = _norm_max(flat)
-    norms = norms32.double()
+    norms = torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float32)).double()
+    # (an inf-norm is much slower than aminmax on the CPU; nan propagates through both)
+    tops = torch.stack([torch.stack(torch.aminmax(t)) for t in flat]).float().abs().amax(1)
     for r, m in enumerate(tops.tolist()):
         if 0 < m < 2.0 ** -30 or 2.0 ** 50 < m < math.inf:
             norms[r] = torch.linalg.vector_norm(flat[r], dtype=torch.float64)
