@@ -23,6 +23,8 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
+import mpviz
+
 from .dashboard import queries, ui
 from .diagnosis.advise import advice_target
 from .dashboard.diagnosis_panel import _scale, diagnosis_html
@@ -230,8 +232,6 @@ def summary_html(run: Any) -> str:
 
 def report_html(run: Any, max_points: int = MAX_POINTS, title: str | None = None) -> str:
     """The report of `run` (a :class:`mpviz.Run` or a run directory) as one HTML string."""
-    import mpviz
-
     own = not isinstance(run, mpviz.Run)
     run = mpviz.load_run(run) if own else run
     try:

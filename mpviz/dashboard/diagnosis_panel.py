@@ -16,7 +16,8 @@ from typing import Any, Callable
 import ipywidgets as widgets
 import numpy as np
 
-from ..formats import FORMATS, NONFINITE_BIN, ZERO_BIN, bin_of
+import mpviz   # the diagnosis reads the store with pandas; no torch
+from mpviz.formats import FORMATS, NONFINITE_BIN, ZERO_BIN, bin_of
 from . import ui
 
 COLORS = {"error": "#c62828", "warning": "#ef6c00", "info": "#607d8b"}
@@ -185,8 +186,6 @@ class DiagnosisPanel:
 
     def _diagnose(self, run: Any) -> tuple[Any, str, tuple[bool, str] | None]:
         """(the diagnosis or None, the panel's HTML, the offer or None); never raises."""
-        import mpviz   # mpviz.diagnosis reads the store with pandas; no torch
-
         t0 = time.monotonic()
         try:
             d = mpviz.diagnose(run)
@@ -210,8 +209,6 @@ class DiagnosisPanel:
 
     def _serve(self) -> None:
         """The thread of :meth:`refresh_later`: the newest request, until none is left."""
-        import mpviz
-
         while True:
             with self._lock:
                 request, self._request = self._request, None

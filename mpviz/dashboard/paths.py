@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from mpviz.run import is_foreign_store
+from mpviz.run import is_foreign_store, load_run
 from mpviz.store import DB_NAME, RunStoreError, db_path
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -58,11 +58,9 @@ def confine(root: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
 def open_run(root: str | os.PathLike, run_dir: str | os.PathLike) -> Any:
     """`mpviz.load_run` of a confined `run_dir`, read once (meta, layers, last step) so that an
     unreadable store fails here. Raises `RunUnavailable` with the message to show."""
-    import mpviz
-
     path = confine(root, run_dir)
     try:
-        run = mpviz.load_run(path)
+        run = load_run(path)
     except STORE_ERRORS as e:
         raise RunUnavailable(describe(path, e)) from None
     try:

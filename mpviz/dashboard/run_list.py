@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from mpviz.run import list_runs, load_run
+
 from . import paths
 
 
@@ -13,9 +15,7 @@ def scan(runs_dir: str | Path, given: Sequence[str | Path] = (),
          given_first: bool = False) -> tuple[list[Path], list[str]]:
     """(the run directories to list, one message per given run that is refused). The given
     ones not under ``runs_dir`` already come after the listed ones (``given_first``: before)."""
-    import mpviz   # mpviz.run reads SQLite; no torch
-
-    found = [Path(p) for p in mpviz.list_runs(runs_dir)]
+    found = [Path(p) for p in list_runs(runs_dir)]
     extra: list[Path] = []
     refused = []
     for p in given:
@@ -31,11 +31,9 @@ def scan(runs_dir: str | Path, given: Sequence[str | Path] = (),
 
 def newest_with_steps(runs: list[Path]) -> Path | None:
     """The first of ``runs`` (newest first) that has a recorded step; None if none has."""
-    import mpviz
-
     for path in runs:
         try:
-            run = mpviz.load_run(path)
+            run = load_run(path)
             try:
                 if run.last_step >= 0:
                     return path
