@@ -68,7 +68,8 @@ def build(name: str, param_dtype: torch.dtype):
 class Counted:
     """Counts the collectives (and their bytes) torch.distributed runs while on."""
 
-    NAMES = ("all_reduce", "reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+    NAMES = ("all_reduce", "reduce", "all_gather", "all_gather_into_tensor",
+             "reduce_scatter_tensor",
              "broadcast")
 
     def __init__(self) -> None:
@@ -135,7 +136,8 @@ def measure(name: str, steps: int, param_dtype: torch.dtype) -> dict:
 
     spent = [0.0]
     check_times: list[float] = []
-    attached = {arm: [(timed_check(arms[arm], spent) if arm == "hooks" else LocalGradCheck(arms[arm])).attach(),
+    attached = {arm: [(timed_check(arms[arm], spent) if arm == "hooks"
+                       else LocalGradCheck(arms[arm])).attach(),
                       ReducedGrads(arms[arm], stats_of(arm) if arm in samples else lambda: None
                                    ).attach()]
                 for arm in ("hooks", *samples)}
@@ -165,7 +167,8 @@ def measure(name: str, steps: int, param_dtype: torch.dtype) -> dict:
     model = arms["plain"]
     n_params = sum(p.numel() for p in model.parameters())
     n_tensors = sum(1 for _ in model.parameters())
-    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) * 2  # grads + weights
+    # grads + weights, as gathering them would move
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) * 2
     skip = 1  # the first step of each arm pays the lazy init
     return {
         "model": name, "rank": rank, "params": n_params, "tensors": n_tensors,
@@ -233,7 +236,8 @@ def table(per_rank: list[list[dict]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--steps", type=int, default=None, help="steps per arm (default: 60 tests, 6 gpt2)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps per arm (default: 60 tests, 6 gpt2)")
     p.add_argument("--param-dtype", choices=list(DTYPES), default=None)
     a = p.parse_args(argv)
     steps = {m: a.steps or {"tests": 60, "gpt2": 6}[m] for m in a.models}

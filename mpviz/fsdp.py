@@ -147,7 +147,8 @@ def shard_plan(model: nn.Module, policy: PrecisionPolicy | Mapping[str, str] | s
             why=chosen[first], rule=rules.get(first)))
     # fully_shard goes bottom-up: deeper modules first, then in model order.
     plan.sort(key=lambda u: (-max(n.count(".") for n in u.modules), index[u.modules[0]]))
-    plan.append(Unit(modules=("",), param_dtype=dtype[""], reduce_dtype=_reduce(dtype[""], reduce_dtype),
+    plan.append(Unit(modules=("",), param_dtype=dtype[""],
+                     reduce_dtype=_reduce(dtype[""], reduce_dtype),
                      why="root"))
     return plan
 

@@ -38,7 +38,8 @@ def test_sharded_statistics_are_the_full_tensors(reports):
         assert sorted(map(int, rep["stats"])) == list(STATS_STEPS)
         for step, st in rep["stats"].items():
             for kind in ("grad", "weight"):
-                rows, refs, stats_py = st[kind]["mpviz"], st[kind]["reference"], st[kind]["stats_py"]
+                rows, refs = st[kind]["mpviz"], st[kind]["reference"]
+                stats_py = st[kind]["stats_py"]
                 assert len(rows) == len(refs) == 45
                 for got, ref, sp in zip(rows, refs, stats_py):
                     assert got["numel"] == got["sampled"] == ref["numel"] == sp[3] == sp[4]
@@ -52,7 +53,8 @@ def test_sharded_statistics_are_the_full_tensors(reports):
                         assert got["norm"] == pytest.approx(ref["norm"], rel=1e-5, abs=0)
             for got, ref in zip(st["scaled"]["mpviz"], st["scaled"]["reference"]):
                 assert got["hist"] == ref["hist"] and _same(got["max_abs"], ref["max_abs"])
-                assert _same(got["norm"], ref["norm"]) or got["norm"] == pytest.approx(ref["norm"], rel=1e-5)
+                assert _same(got["norm"], ref["norm"]) or \
+                    got["norm"] == pytest.approx(ref["norm"], rel=1e-5)
             assert (st["dst"] is None) == (rep["rank"] != 0) and st["dst_equal"]
     assert nan_rows == 2 * 45  # step 4's gradients, on both ranks
     assert reports[0]["stats"]["2"]["grad"]["mpviz"] == reports[1]["stats"]["2"]["grad"]["mpviz"]

@@ -297,7 +297,8 @@ def fsdp_units(model: nn.Module) -> list[FSDPUnit]:
     """Each FSDP2 unit of ``model`` (modules on which ``fully_shard`` was called, the root
     included), in ``named_modules()`` order; [] for a model without FSDP2.
 
-        >>> for u in fsdp_units(model): print(u.modules, u.param_dtype, u.reduce_dtype)  # doctest: +SKIP
+        >>> for u in fsdp_units(model):                                   # doctest: +SKIP
+        ...     print(u.modules, u.param_dtype, u.reduce_dtype)
         ('layers.0',) bfloat16 float32
     """
     try:
