@@ -1,11 +1,11 @@
 """How long ``mpviz.estimate`` itself takes: a GPT-2 built from a config, no download.
 
-Each run counts one forward and backward of the batch (on the CPU, computed for real) and
-prices it on an H100 in bf16; the median of the runs is printed, one line:
+Each run counts one forward and backward of a tokenizer-style batch (``input_ids``,
+``attention_mask``, ``labels``; the count runs on a meta copy of the model) and prices it on an
+H100 in bf16; the median of the runs is printed, one line:
 
     python benchmarks/estimate_speed.py                # GPT-2 small (12 layers, 768 wide), 8 x 512 tokens
-    python benchmarks/estimate_speed.py --meta         # the same model on the meta device (no weights)
-    python benchmarks/estimate_speed.py --llama7b      # a Llama-7B config on meta, 2,048 tokens
+    python benchmarks/estimate_speed.py --llama7b      # a Llama-7B config built on meta, 2,048 tokens
 """
 from __future__ import annotations
 
@@ -20,14 +20,13 @@ import mpviz
 
 
 def gpt2(layers: int = 12, width: int = 768, heads: int = 12, vocab: int = 50257, seq: int = 512,
-         batch: int = 8, device: str = "cpu") -> tuple[Any, dict[str, torch.Tensor]]:
+         batch: int = 8) -> tuple[Any, dict[str, torch.Tensor]]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     config = GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=vocab, n_positions=seq)
-    with torch.device(device):
-        model = GPT2LMHeadModel(config)
-    ids = torch.randint(0, vocab, (batch, seq), device=device)
+    model = GPT2LMHeadModel(config)
+    ids = torch.randint(0, vocab, (batch, seq))
     return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
@@ -55,16 +54,15 @@ def measure(model: Any, batch: Any, runs: int = 5) -> tuple[float, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--meta", action="store_true", help="GPT-2 on the meta device")
     p.add_argument("--llama7b", action="store_true", help="a Llama-7B config on the meta device instead")
     args = p.parse_args(argv)
-    torch.set_num_threads(1)  # one core: the figure does not depend on what else the machine runs
+    torch.set_num_threads(1)  # the figure does not depend on how many cores are free
     if args.llama7b:
         model, batch = llama7b()
         what = "Llama-7B config on meta, 1 x 2,048 tokens"
     else:
-        model, batch = gpt2(device="meta" if args.meta else "cpu")
-        what = f"GPT-2 small config{' on meta' if args.meta else ' on the CPU'}, 8 x 512 tokens"
+        model, batch = gpt2()
+        what = "GPT-2 small config, 8 x 512 tokens"
     measure(model, batch, runs=1)  # imports and first calls
     seconds, est = measure(model, batch, runs=args.runs)
     print(f"mpviz.estimate, {what}: {seconds:.2f} s (median of {args.runs}, one thread); "

@@ -85,6 +85,7 @@ def test_hugging_face_dict_batch_and_flops_of_a_gpt2():
     ids = torch.randint(0, 128, (2, 16))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     est = mpviz.estimate(model, batch, policy="bf16")
+    assert est.counts.device == "meta"  # the mask of all ones was left out: it means no mask
     with FlopCounterMode(display=False) as reference:
         model(**batch).loss.backward()
     model.zero_grad(set_to_none=True)
@@ -94,10 +95,15 @@ def test_hugging_face_dict_batch_and_flops_of_a_gpt2():
     assert set(rows["precision"]) == {"bf16", "fp32"}  # the model, and the optimizer row
 
     # SDPA (GPT-2's default): one fused kernel, counted as attention, as a GPU runs it.
-    counts = count(_gpt2(), {"input_ids": ids, "labels": ids})
+    sdpa = _gpt2()
+    counts = count(sdpa, batch)
     attention = [o for o in counts.ops if o.kind == "attention"]
     assert {o.layer for o in attention} == {"transformer.h.0.attn", "transformer.h.1.attn"}
     assert all(o.flops > 0 for o in attention) and counts.device == "meta"
+    # A padded batch: the model reads the mask's values to choose its path, so it runs for real.
+    padded = {**batch, "attention_mask": torch.ones_like(ids).index_fill_(1, torch.tensor([15]), 0)}
+    real = count(sdpa, padded)
+    assert real.device == "cpu" and real.flops() == counts.flops()
 
 
 def test_torch_transformer_with_a_forward():
@@ -322,7 +328,7 @@ def test_the_model_is_left_as_it_was():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     counts = count(model, batch)
-    real = mpviz.cost.counting._count(model, batch, None)  # the run on the model itself
+    real = count(model, batch, meta=False)  # the run on the model itself
     assert counts.device == "meta" and real.device == "cpu"
     assert counts.flops() == real.flops()
     assert all(p.grad is None for p in model.parameters())

@@ -9,10 +9,12 @@ Tensors are recorded by an id per storage (views share it), so that a later pric
 the dtype each would have under a policy. What autograd saves for backward is recorded with
 ``saved_tensors_hooks``, as :func:`mpviz.memory_report` measures it.
 
-On the meta device nothing is computed: the output shapes of an op seen before with the same
-input shapes are reused (torch's meta kernels are Python, most of a meta step's time), and
-``scaled_dot_product_attention`` runs the fused kernel a GPU would run instead of the math path
-the meta device takes. A Llama-7B step is counted without its 27 GB of weights.
+Only shapes matter, so the step runs on a copy of the model on the meta device: no weight data,
+nothing computed (a Llama-7B step is counted without its 27 GB of weights). There the output
+shapes of an op seen before with the same input shapes are reused (torch's meta kernels are
+Python, most of a meta step's time), and ``scaled_dot_product_attention`` runs the fused kernel a
+GPU would run instead of the math path the meta device takes. A model whose forward reads values
+runs for real instead.
 
 The model is left as it was: gradients are taken with ``torch.autograd.grad`` (no ``.grad`` is
 written); buffers (BatchNorm statistics), the RNG state and train/eval flags are restored.
@@ -96,11 +98,11 @@ def _op_info(func: Any) -> _OpInfo:
 
 
 def _kind(name: str, flops: int) -> str:
+    if not flops:
+        return "other"
     if "attention" in name:
         return "attention"
-    if "conv" in name:
-        return "conv"
-    return "matmul" if flops else "other"
+    return "conv" if "conv" in name else "matmul"
 
 
 def _flat(args: Any, kwargs: Any) -> list[Any]:
@@ -473,15 +475,28 @@ def _meta_copy(model: nn.Module) -> nn.Module:
 _DROPPED = object()
 
 
-def count(model: nn.Module, batch: Any, forward: Forward | None = None) -> Counts:
+def _meta_batch(model: nn.Module, batch: Any) -> Any:
+    """The batch for the meta copy. A Hugging Face model's ``attention_mask`` of all ones is left
+    out: it means no mask, and the model reads its values to find that out, which the meta
+    device cannot answer."""
+    hf = any(c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
+    if hf and isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.device.type != "meta" and bool(mask.all()):
+            return {k: v for k, v in batch.items() if k != "attention_mask"}
+    return batch
+
+
+def count(model: nn.Module, batch: Any, forward: Forward | None = None, meta: bool = True) -> Counts:
     """Run one training step's forward and backward of ``batch`` through ``model`` and record it
     (see the module docstring). Batches are taken as by :func:`mpviz.memory_report`; backward
     starts from the output's ``.loss``, else cross-entropy or MSE against the labels, else the
     output's sum. The step runs in train mode.
 
     Only shapes matter, so the step runs on a copy of the model on the meta device, without its
-    weights' data and in no time; a model whose forward reads values (``if mask.all():``, which
-    the meta device cannot answer) is run for real instead, on its own device.
+    weights' data and in no time; a model whose forward reads values (``if mask.any():``, which
+    the meta device cannot answer) is run for real instead, on its own device, as with
+    ``meta=False``.
 
         >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
         >>> c = count(model, (torch.randn(4, 16), torch.randint(0, 8, (4,))))
@@ -489,10 +504,10 @@ def count(model: nn.Module, batch: Any, forward: Forward | None = None) -> Count
         (6144, 6144, 264, 'meta')
     """
     model = compat.user_module(model)
-    if _device(model).type != "meta":
+    if meta and _device(model).type != "meta":
         try:
             with compat.force_eager():
-                return _count(_meta_copy(model), batch, forward)
+                return _count(_meta_copy(model), _meta_batch(model, batch), forward)
         except Exception:  # noqa: BLE001 - values were needed (or the copy failed): count for real
             pass
     return _count(model, batch, forward)

@@ -79,6 +79,13 @@ _FP32_OPS = frozenset({
     "kl_div", "cumsum", "cumprod", "sum", "prod", "dist", "_cdist_forward", "_pdist_forward", "renorm",
     "logsumexp", "soft_margin_loss", "multi_margin_loss", "multilabel_margin_loss_forward",
 })
+# Normalizations take weights (and running statistics) in fp32 with 16-bit inputs, and write
+# their input's dtype.
+_INPUT_DTYPE_OPS = frozenset({
+    "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+    "_native_batch_norm_legit_functional", "cudnn_batch_norm", "miopen_batch_norm",
+    "native_layer_norm", "native_group_norm", "_fused_rms_norm",
+})
 # Bytes a GEMM reads per operand element and writes per result element, per compute precision.
 _OPERAND = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 _RESULT = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
@@ -212,10 +219,13 @@ class _Replay:
         self.activations: dict[str, int] = defaultdict(int)
 
     def now(self, t: Tensor) -> str:
+        return self._dtype_of(t[0], t[2])
+
+    def _dtype_of(self, tid: int, counted: str) -> str:
         for o in reversed(self.overrides):
-            if t[0] in o:
-                return o[t[0]]
-        return self.dtype.get(t[0], t[2])
+            if tid in o:
+                return o[tid]
+        return self.dtype.get(tid, counted)
 
     # --------------------------------------------------------------- module calls
     def enter(self, call: Call) -> None:
@@ -253,7 +263,7 @@ class _Replay:
                 if t[0] not in in_ids:  # a new allocation: like its input (empty_like), or as counted
                     same = op.inputs and op.inputs[0][2] == t[2]
                     self.dtype[t[0]] = first if same else t[2]
-            self._made(op, None, first, {}, None)
+            self._made(op, None, first, {})
             return
         gemm = op.kind in _GEMMS
         fp8 = p == "fp8" and op.kind == "linear"
@@ -285,8 +295,11 @@ class _Replay:
         else:
             # Without autocast an op computes in the widest of its inputs' dtypes, unless it
             # produced another dtype in the count too (a cast written in the model's code).
-            out = target or (_promote(used) if _promote(counted) in (as_counted, None) else as_counted) \
-                or as_counted
+            if target is None and op.op in _INPUT_DTYPE_OPS and ins:
+                out = ins[0]
+            else:
+                out = target or (_promote(used) if _promote(counted) in (as_counted, None) else as_counted) \
+                    or as_counted
             cp = _PRECISION.get(out, "fp32")
             if gemm and cp == "fp32" and (p == "tf32" or op.kind == "conv"):
                 cp = "tf32"
@@ -300,10 +313,9 @@ class _Replay:
         row.kernel(op.flops, reads + writes + op.fixed_bytes, self.dev.peak(cp) if gemm else None)
         if fp8:
             _fp8_casts(row, op)
-        self._made(op, cp if gemm else None, out, copies, target)
+        self._made(op, cp if gemm else None, out, copies)
 
-    def _made(self, op: OpCount, cp: str | None, dtype: str | None, copies: dict[int, str],
-              target: str | None) -> None:
+    def _made(self, op: OpCount, cp: str | None, dtype: str | None, copies: dict[int, str]) -> None:
         """The op made autograd node ``op.node`` (the first op to carry it): what its backward
         computes in, and what it saved, in the dtype saved."""
         if op.node is None or op.node in self.nodes:
@@ -316,7 +328,7 @@ class _Replay:
                     continue
                 key = (s.id, copies[s.id])
             else:
-                key = (s.id, copies.get(s.id) or self.dtype.get(s.id, s.dtype))
+                key = (s.id, copies.get(s.id) or self._dtype_of(s.id, s.dtype))
             self._keep(s, key)
 
     def _keep(self, s: Saved, key: tuple[int, str]) -> None:
