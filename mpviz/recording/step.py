@@ -165,9 +165,9 @@ def to_host(s: StepState, scale_now: Any, rank_flag: torch.Tensor | None, on_hos
             pos += v is not None
         if stats is not None:
             stats = host[pos:].astype(np.float64).reshape(-1, ROW)
-    losses = vals[4:] + [float(l) for l in s.losses
-                         if l is not None and not isinstance(l, torch.Tensor)]
-    return HostValues(vals[0], vals[1], bool(vals[2]), bool(vals[3]),
+    (scale_used, scale_after, bad, rank_bad), losses = vals[:4], vals[4:]
+    losses += [float(l) for l in s.losses if l is not None and not isinstance(l, torch.Tensor)]
+    return HostValues(scale_used, scale_after, bool(bad), bool(rank_bad),
                       sum(losses) / len(losses) if losses else None, stats)
 
 
@@ -197,6 +197,7 @@ class StepRecord:
 
 
 def finish_step(s: StepState, end: StepEnd) -> StepRecord:
+    """The step's rows, from its state and what its end read (no side effects)."""
     h = end.host
     seconds = end.t_end - s.t_start
     step = StepRow(s.index, h.loss, h.scale_used, h.scale_after, int(end.skipped),
