@@ -338,13 +338,17 @@ def test_the_model_is_left_as_it_was():
     assert not any(getattr(m, d, None) for m in model.modules() for d in HOOK_DICTS)
 
 
-def test_a_compiled_model_is_counted_as_its_own_module():
+def test_a_compiled_model_or_one_under_a_policy_is_counted_as_its_own_module():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
     batch = (torch.randn(4, 8), torch.randint(0, 2, (4,)))
     eager = mpviz.estimate(model, batch, policy={"*": "bf16", "2": "fp32"})
     compiled = mpviz.estimate(torch.compile(model), batch, policy={"*": "bf16", "2": "fp32"})
     assert compiled.layers.equals(eager.layers)
+    # A policy applied for training does not change what is counted: the estimate's policy rules.
+    with mpviz.apply_policy(model, {"*": "fp16"}, device_type="cpu"):
+        applied = mpviz.estimate(model, batch, policy={"*": "bf16", "2": "fp32"})
+    assert applied.layers.equals(eager.layers)
 
 
 def test_stored_counts_predict_the_same_without_the_model_or_torch():

@@ -47,8 +47,9 @@ def estimate(model: nn.Module, batch: Any, policy: str | Mapping[str, str] | Pre
     ``policy``: None (fp32), a precision for the whole model (``"bf16"``, ``"fp16"``, ``"fp8"``,
     ``"tf32"``), or per-layer rules as :class:`mpviz.PrecisionPolicy` takes them. ``device``: a
     name from :func:`mpviz.devices`. ``optimizer``: ``"adamw"`` (torch's default, foreach),
-    ``"adamw_fused"``, ``"adam"``, ``"sgd"``, ``"sgd_momentum"`` or None. Batches are taken as by :func:`mpviz.memory_report`: ``(x, y)``,
-    a dict of keyword arguments, the one input, or anything ``forward(model, batch)`` handles.
+    ``"adamw_fused"``, ``"adam"``, ``"sgd"``, ``"sgd_momentum"`` or None. Batches are taken as by
+    :func:`mpviz.memory_report`: ``(x, y)``, a dict of keyword arguments, the one input, or
+    anything ``forward(model, batch)`` handles.
 
     It is an estimate from datasheet figures, not a measurement: see ``est.layers`` for where the
     time goes and what bounds it. The model is left as it was (no ``.grad``, buffers, RNG).

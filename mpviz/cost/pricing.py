@@ -33,8 +33,9 @@ parameters' dtype), ``activations`` (what autograd saves for backward, in the dt
 with the 16-bit copies of weights autocast saves), ``total`` (their sum: the peak at the start of
 backward of a step after the first, without the allocator's fragmentation and workspaces).
 
-What the count cannot see: casts written in the model's code (``x.float()`` is no op on an fp32
-count), and kernels fused by ``torch.compile``.
+Not in the estimate: casts written in the model's code (``x.float()`` is no op on an fp32
+count), kernels fused by ``torch.compile``, and eager PyTorch's host time per op (a few µs, which
+a small model's kernels do not hide: it runs slower than predicted).
 
     >>> from mpviz.cost.records import Counts, LayerCount, OpCount
     >>> n = 4096
@@ -171,7 +172,7 @@ class _Tally:
         return max(self.time, key=self.time.get) if self.seconds else None
 
 
-@dataclass
+@dataclass(eq=False)
 class Estimate:
     """What a training step is predicted to cost on one GPU (see :func:`mpviz.estimate`).
 
