@@ -180,7 +180,8 @@ class Estimate:
     ``layer, type, precision, flops, bytes, time_s, bound, activation_bytes``. Each op counts
     once, at the innermost module that ran it (a block's row holds its own ops, not its
     children's), with the casts it makes; ``bound`` is what most of the row's time waits on
-    (``compute``, ``memory``, ``overhead``: the floor per kernel), None for a row without kernels.
+    (``compute``, ``memory``, ``overhead``: the floor per kernel), missing (NaN) for a row
+    without kernels.
     ``step_time_s`` is the sum of ``time_s``. ``counts``: the records it was priced from
     (:func:`predict` prices them again for another policy or GPU).
     """
