@@ -20,11 +20,11 @@ from typing import Any
 
 from mpviz.cost.gpus import COST_PRECISIONS, DEVICES, Device, devices, get_device
 from mpviz.cost.pricing import OPTIMIZERS, Estimate, cost_precision, predict
-from mpviz.cost.records import Counts, LayerCount, OpCount
+from mpviz.cost.records import Counts, LayerCount, OpCount, load_counts, save_counts
 
 __all__ = ["estimate", "Estimate", "count", "predict", "devices", "get_device", "Device", "DEVICES",
            "COST_PRECISIONS", "OPTIMIZERS", "Counts", "LayerCount", "OpCount", "cost_precision",
-           "layer_precisions"]
+           "layer_precisions", "save_counts", "load_counts"]
 
 _TORCH = {"estimate": "mpviz.cost.estimating", "layer_precisions": "mpviz.cost.estimating",
           "count": "mpviz.cost.counting"}

@@ -11,10 +11,15 @@ tensor would have under a policy: where autocast would cast it, and what the cas
 """
 from __future__ import annotations
 
+import gzip
+import json
+import os
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
-__all__ = ["Tensor", "OpCount", "Call", "Saved", "LayerCount", "Counts", "LOSS"]
+__all__ = ["Tensor", "OpCount", "Call", "Saved", "LayerCount", "Counts", "LOSS", "COUNTS_FILE",
+           "save_counts", "load_counts"]
 
 LOSS = "(loss)"  # where ops outside the model's modules go: the loss, and a forward='s own code
 
@@ -139,3 +144,27 @@ class Counts:
         return cls(d["model"], d["device"], tuple(build(LayerCount, x) for x in d["layers"]),
                    tuple(build(OpCount, x) for x in d["ops"]), tuple(build(Call, x) for x in d["calls"]),
                    tuple(build(Saved, x) for x in d["saved"]))
+
+
+COUNTS_FILE = "counts.json.gz"  # beside the run's store: written once, read without torch
+
+
+def save_counts(counts: Counts, run_dir: str | os.PathLike) -> Path:
+    """Keep ``counts`` with the run in ``run_dir``, so ``mpviz.advise(run, device=...)`` and the
+    apps can price policies later without the model. Written whole or not at all (a temporary
+    file renamed over), so a killed process never leaves half a file."""
+    path = Path(run_dir) / COUNTS_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        json.dump(counts.to_dict(), f, separators=(",", ":"))
+    os.replace(tmp, path)
+    return path
+
+
+def load_counts(run_dir: str | os.PathLike) -> Counts | None:
+    """The counts kept with the run in ``run_dir``, or None if it has none."""
+    path = Path(run_dir) / COUNTS_FILE
+    if not path.exists():
+        return None
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return Counts.from_dict(json.load(f))
