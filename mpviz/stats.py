@@ -211,8 +211,11 @@ def _exact_host(tensors: list[torch.Tensor], keep: list[int], numel: list[int], 
             if full is None:
                 in_torch.append(r)
             else:
-                exact[r] = (math.sqrt(float(np.dot(full, full))) / div[r],
-                            max(float(full.max()), -float(full.min())) / div[r])
+                top = max(float(full.max()), -float(full.min()))
+                # float32 squares vanish below ~1e-19 and overflow above ~1e19
+                sq = float(np.dot(full, full)) if _squares_fit(top) else \
+                    float(np.dot(full.astype(np.float64), full.astype(np.float64)))
+                exact[r] = (math.sqrt(sq) / div[r], top / div[r])
     if in_torch:
         norms, maxes = _norm_max([tensors[keep[r]].detach() for r in in_torch])
         for r, nm, mx in zip(in_torch, norms.tolist(), maxes.tolist()):
@@ -220,11 +223,25 @@ def _exact_host(tensors: list[torch.Tensor], keep: list[int], numel: list[int], 
     return exact
 
 
+def _squares_fit(top: float) -> bool:
+    """Whether float32 squares of values up to ``top`` neither vanish nor overflow (inf and nan
+    come out right either way)."""
+    return not (0 < top < 2.0 ** -30 or 2.0 ** 50 < top < math.inf)
+
+
 def _norm_max(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Norm and max |x| of each tensor over every element: float32 tensors on their device."""
-    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    """Norm and max |x| of each tensor over every element: float32 tensors on their device.
+    The squares are summed in float64 where float32 ones would vanish or overflow: on the CPU
+    only for tensors whose max |x| says so (reading it is no sync), elsewhere for all (one fused
+    pass)."""
     # (an inf-norm is ~20x slower than aminmax on the CPU)
     maxes = torch.stack([torch.stack(torch.aminmax(t)) for t in tensors]).float().abs().amax(1)
+    if tensors[0].device.type != "cpu":
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).float(), maxes
+    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    for r, top in enumerate(maxes.tolist()):
+        if not _squares_fit(top):
+            norms[r] = torch.linalg.vector_norm(tensors[r], dtype=torch.float64).float()
     return norms, maxes
 
 
@@ -279,8 +296,11 @@ def tensor_stats_device(tensors: list[torch.Tensor], scaled: tuple[int, int, Any
     # so the minimum skips zeros.
     mins = (((bits - 1) & 0x7FFFFFFF).amin(1) + 1).view(torch.float32)
     mins = torch.where((mins > 0) & torch.isfinite(mins), mins, float("inf"))
-    norms = (m * m).sum(1).sqrt_()
     maxes = m.amax(1)
+    # Each row divided by its max |x| before squaring: float32 squares of values below ~1e-19
+    # would vanish and above ~1e19 overflow (inf and nan rows keep their inf/nan norm).
+    unit = torch.where((maxes > 0) & torch.isfinite(maxes), maxes, 1.0)
+    norms = (m / unit[:, None]).square_().sum(1).sqrt_().mul_(unit)
     _exact_big(norms, maxes, flat, numel, scaled)
     head = torch.stack([norms, maxes, mins, _const(numel, device), _const(lengths, device)], dim=1)
     return torch.cat([head, hist], dim=1)

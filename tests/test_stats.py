@@ -203,3 +203,30 @@ def test_recorded_gradient_fractions_match_a_cast_of_the_same_gradients(tmp_path
             totals[col] += cast[col]
     # each threshold was really straddled by real gradients
     assert all(n > 0 for n in totals.values()), totals
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_norms_of_tiny_and_huge_tensors_match_float64(backend):
+    """Norms whose float32 squares would vanish (values near 1e-30, fp32 subnormals) or overflow
+    (near 1e25), below and above SAMPLE_CAP, in float32 and bf16, against numpy in float64.
+    (The accelerator path's rows are float32: a norm itself above float32's max would be inf.)"""
+    g = torch.Generator().manual_seed(1)
+    tensors = []
+    for scale in (1e-30, 1e-42, 1e25, 1e35):
+        for n in (100, 3 * SAMPLE_CAP):
+            tensors.append(torch.randn(n, generator=g) * scale)
+    tensors += [torch.randn(200, generator=g).bfloat16() * 1e-25,
+                (torch.randn(3 * SAMPLE_CAP, generator=g) * 1e30).bfloat16()]
+    rows = tensor_stats(tensors, backend=backend)
+    rows = rows if isinstance(rows, np.ndarray) else rows.double().numpy()
+    for row, t in zip(rows, tensors):
+        a = t.float().numpy().astype(np.float64)
+        assert np.isfinite(np.linalg.norm(a)) and np.linalg.norm(a) > 0
+        assert row[0] == pytest.approx(np.linalg.norm(a), rel=1e-5), (t.dtype, t.numel(), a.max())
+        assert row[1] == pytest.approx(np.abs(a).max(), rel=1e-6)
+    # scaled (a loss scale): measured divided by it, still in range
+    rows = tensor_stats(tensors[:2], (0, 2, 2.0 ** 16), backend=backend)
+    rows = rows if isinstance(rows, np.ndarray) else rows.double().numpy()
+    for row, t in zip(rows, tensors[:2]):
+        a = t.numpy().astype(np.float64) / 2.0 ** 16
+        assert row[0] == pytest.approx(np.linalg.norm(a), rel=1e-5)
