@@ -142,6 +142,48 @@ def test_lab_race_trains_the_same_data_interleaved(dash_runs):
         lab.close()
 
 
+def test_lab_shows_the_predicted_speed_beside_the_measured_one(dash_runs):
+    """The estimate panel: this machine's measured speed, labelled so, and an estimate for the GPU
+    picked of the policy in force and of fp32: `mpviz.cost.predict` over the counts saved with
+    the run, for the policy written out by hand. The layer table shows each layer's share of it."""
+    from mpviz.cost import load_counts, predict
+    from mpviz.dashboard.estimate_panel import share_html, step_time
+
+    lab = lab_app(task="text", precision="fp32", every=5)
+    try:
+        lab.batch.value = 128              # big enough that an A100 and an H100 differ
+        assert "Press Start" in lab.live.estimate.text.value
+        assert lab.add_rule("head", "bf16")
+        lab.start(max_steps=4)
+        lab.worker.join(300)
+        assert lab.worker.reason == "step limit"
+        run_dir = lab.trainers[0].run_dir
+        counts = load_counts(run_dir)
+        policy = {"": "fp32", "head": "bf16"}
+        steps = mpviz.load_run(run_dir).steps
+        here = f"measured here (CPU)</b>: <span class=\"mpviz-measured\">{step_time(steps['step_time_s'].median())}/step"
+        shown = {}
+        for gpu, title in (("h100", "NVIDIA H100 SXM 80GB"), ("a100", "NVIDIA A100 SXM 80GB")):
+            lab.set_gpu(gpu)
+            text = lab.live.estimate.text.value
+            est, fp32 = predict(counts, policy, gpu), predict(counts, "fp32", gpu)
+            assert here in text and f"<b>estimate for {title}</b>" in text
+            assert f"policy in force (mixed) <span class=\"mpviz-predicted\">{step_time(est.step_time_s)}/step" in text
+            assert f"fp32 <span class=\"mpviz-predicted-fp32\">{step_time(fp32.step_time_s)}/step" in text
+            assert f"{fp32.step_time_s / est.step_time_s:.2f}× fp32" in text
+            shown[gpu] = est
+            rows = est.layers.set_index("layer")
+            for name, (cell, _) in lab.live.table.rows.items():
+                bound = rows.loc[name, "bound"]
+                share = share_html(rows.loc[name, "time_s"] / est.step_time_s,
+                                   bound if isinstance(bound, str) else None)
+                assert cell.value.endswith(share) if share else "mpviz-share" not in cell.value
+        assert shown["a100"].step_time_s > shown["h100"].step_time_s
+        assert "<b>bf16</b>" in lab.live.table.rows["head"][0].value
+    finally:
+        lab.close()
+
+
 def test_lab_pause_stop_and_time_limit_end_the_thread(dash_runs):
     lab = lab_app(task="mlp", precision="fp32")
     try:

@@ -126,3 +126,66 @@ def test_a_bad_rule_is_refused_with_the_reason_and_loses_nothing(tmp_path):
         assert sorted(changes) == [("fc1", "bf16", "fc*"), ("fc2", "bf16", "fc*"), ("fc3", "bf16", "fc*")]
     finally:
         s.end()
+
+
+def test_a_session_counts_its_step_and_predicts_the_policy_in_force_on_the_gpu_picked(tmp_path):
+    """The step counted at the first step is kept with the run (the same count as on a fresh
+    model and that batch); the session's estimates are `mpviz.cost.predict`'s for the policy
+    written out by hand, on the GPU picked; a race lane's too."""
+    from mpviz.cost import count, load_counts, predict
+    from mpviz.cost.pricing import OPTIMIZER_ROW
+    from mpviz.cost.records import LOSS
+    from mpviz.tasks import demo_parts
+
+    s = LabSession(tmp_path, task="text", every=5)
+    try:
+        s.prepare(batch_size=128)      # big enough that an A100 and an H100 differ
+        assert s.speed() is None       # nothing counted before a run
+        s.start("fp32", alongside=("bf16",), max_steps=4, pause_at=2)
+        assert wait_for(lambda: s.state == "paused")
+        assert s.set_layer("head", "bf16")
+        s.toggle_pause()
+        s.worker.join(300)
+        assert s.state == "done" and s.worker.rounds == 4, s.worker.reason
+        main, lane = s.trainers
+        counts = load_counts(main.run_dir)
+        assert counts is not None and load_counts(lane.run_dir) is not None
+
+        def fresh_count():
+            parts = demo_parts("text", 0, 128, None)
+            return count(parts["model"], next(iter(parts["data"])), parts["loss_fn"])
+        ref = torch_thread.call(fresh_count)
+        assert counts.flops() == ref.flops() > 0 and len(counts.ops) == len(ref.ops)
+
+        policy = {"": "fp32", "head": "bf16"}       # the precision in force, written out
+        h100 = s.speed()
+        assert s.gpu == "h100" and h100.gpu == "NVIDIA H100 SXM 80GB"
+        assert h100.policy.step_time_s == predict(counts, policy, "h100").step_time_s
+        assert h100.fp32.step_time_s == predict(counts, "fp32", "h100").step_time_s
+        (label, bf16), = h100.lanes
+        assert label == "bf16 (alongside)"
+        assert bf16.step_time_s == predict(counts, "bf16", "h100").step_time_s
+        assert h100.speedup(bf16) == pytest.approx(h100.fp32.step_time_s / bf16.step_time_s)
+
+        s.gpu = "a100"
+        a100 = s.speed()
+        assert a100.policy.step_time_s == predict(counts, policy, "a100").step_time_s
+        assert a100.policy.step_time_s > h100.policy.step_time_s
+        assert a100.fp32.step_time_s > h100.fp32.step_time_s
+
+        # Each layer's share of the predicted step: with the loss and the optimizer step, 1.
+        shares = a100.shares()
+        layers = [lc.name for lc in counts.layers if lc.name != LOSS]
+        assert set(shares) == {*layers, LOSS, OPTIMIZER_ROW}
+        assert sum(v for v, _ in shares.values()) == pytest.approx(1.0)
+        rows = predict(counts, policy, "a100").layers.set_index("layer")["time_s"]
+        model = sum(shares[name][0] for name in layers)
+        assert model == pytest.approx(rows[layers].sum() / rows.sum())
+        assert shares["head"][1] in ("compute", "memory", "overhead")
+
+        m = s.measured()
+        speeds = _rows(main.run_dir, "SELECT samples_per_s FROM steps")
+        assert m.device == "cpu" and m.samples == 128
+        assert m.samples_per_s == pytest.approx(float(np.median([v for v, in speeds])))
+    finally:
+        s.end()

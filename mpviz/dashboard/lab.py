@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +27,7 @@ from ..formats import PRECISIONS
 from ..scenarios import SCENARIOS, Scenario
 from . import queries, ui
 from .diagnosis_panel import DiagnosisPanel
+from .estimate_panel import EstimatePanel, share_html
 from .plots import RunFigure
 from .policy_widgets import INHERIT, PrecisionTable, RuleBox
 from .session import MAX_ALONGSIDE, NO_STEP_LIMIT, SESSION_S, LabSession, scaler_settings
@@ -41,6 +43,9 @@ LIVE_POINTS = 600      # points per line while training (the plots are ~400-800 
 LIVE_HEAT_CELLS = 6000  # cells of the live gradient heatmap (columns merged beyond)
 PRESS_START = ("Press <b>Start</b> to train: the loss, samples/s and loss scale are drawn here, "
                "step by step")
+NOT_COUNTED_YET = "the speed estimate comes once the first step is counted"
+NOT_COUNTED = ("no speed estimate: this model's step could not be counted (the reason is in the "
+               "run's recorder_errors)")
 
 
 class Lab(ui.App):
@@ -173,7 +178,7 @@ class Lab(ui.App):
                           widgets.VBox([self.max_steps, self.max_seconds, self.pause_at])],
                          layout=widgets.Layout(flex_flow="row wrap")),   # narrow: limits below
             widgets.HBox([self.grad_scaler, self.init_scale, self.growth_interval, self.amp_note]),
-            self.bar.widget,
+            self.bar.widget, self.live.estimate.widget,
         ])
         side = widgets.VBox([widgets.HTML("<b>Layers</b> <span class='mpviz-muted'>(precision "
                                           "applies at the next step)</span>"),
@@ -345,6 +350,10 @@ class Lab(ui.App):
             self.init_scale.options = list(self.init_scale.options) + [(f"{v:g}", v)]
         self.init_scale.value = v
 
+    def set_gpu(self, name: str) -> None:
+        """Predict the speed on GPU ``name`` (one of `mpviz.devices()`; the "predicted on" menu)."""
+        self.live.estimate.gpu.value = name   # observed: LiveView redraws the estimates
+
     def session_policy(self) -> dict[str, str]:
         """The rules a new session starts with: the rule box's, then the table's per-layer ones."""
         return self.session.policy()
@@ -512,7 +521,11 @@ class LiveView:
         self.table = PrecisionTable(
             on_pick, "mpviz-layer-row", "mpviz-toggle",
             header='<span class="mpviz-muted">layer · type · params &nbsp;|&nbsp; precision in '
-                   'force · last |grad| · headroom (binades)</span>')
+                   'force · last |grad| · headroom (binades) · share of the predicted step '
+                   '(bound)</span>')
+        self.estimate = EstimatePanel(self._gpu_picked)
+        self._cells: dict[str, str] = {}   # each layer's cell without its predicted share
+        self._cell_lock = threading.Lock()  # the worker's redraw and a GPU picked on the page
         self.table.widget.add_class("mpviz-layer-table")
         self.overflows = widgets.HTML()
         self.overflows.add_class("mpviz-overflows")
@@ -531,6 +544,9 @@ class LiveView:
         self.fig.set_labels(labels)
         self._eval_shown = -1
         if placeholder is not None:
+            with self._cell_lock:
+                self._cells = {}
+            self.estimate.say(f"Press Start: {NOT_COUNTED_YET}.")
             self.overflows.value = ""
             self.diagnosis.clear()
             self.eval_out.outputs = ()
@@ -568,14 +584,36 @@ class LiveView:
         base = self.session.base_precision()
         self.on_base(base)
         table = self.session.layer_table(base)
+        cells = {}
         for name, prec, g, head in zip(table["layer"], table["precision"], table["grad_norm"],
                                        table["headroom"]):
             if name in self.table.rows:
                 bad = ' class="mpviz-bad"' if head < 1 else ""  # under one binade left (or overflowed)
-                self.table.set_cell(name, f'<b>{html.escape(prec)}</b> · {ui.fmt(g) or "–"} · '
-                                          f'<span{bad}>{ui.binades(head)}</span>')
+                cells[name] = (f'<b>{html.escape(prec)}</b> · {ui.fmt(g) or "–"} · '
+                               f'<span{bad}>{ui.binades(head)}</span>')
+        with self._cell_lock:
+            self._cells = cells
+        self.show_speed()
         df, total = queries.overflow_table(self.session.readers[0], limit=15)
         self.overflows.value = ui.overflow_html(df, total)
+
+    def _gpu_picked(self, name: str) -> None:
+        self.session.gpu = name
+        self.show_speed()
+
+    def show_speed(self) -> None:
+        """The estimate panel and each layer's share of the predicted step (`LabSession.speed`:
+        predicted again only when the policy or the GPU changed). Under the lock, so that the
+        last drawn is for the GPU picked last."""
+        s = self.session
+        with self._cell_lock:
+            speed, measured = s.speed(), s.measured()
+            waiting = NOT_COUNTED if measured is not None else NOT_COUNTED_YET
+            self.estimate.show(speed, measured, waiting)
+            shares = speed.shares() if speed is not None else {}
+            for name, cell in self._cells.items():
+                share = share_html(*shares[name]) if name in shares else ""
+                self.table.set_cell(name, f"{cell} · {share}" if share else cell)
 
     def _evals(self) -> None:
         """The eval metric of each run (eval_fn every eval_every steps, or on the worker's

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 from ..formats import AUTOCAST_PRECISIONS, DTYPE_PRECISION, did_you_mean
 from ..scenarios import Scenario, get_scenario
 from . import queries
+from .speed import DEFAULT_GPU, Measured, Predictor, Speed, in_force, load_counts, measured
 from .worker import IDLE, PAUSED, RUNNING, TrainingWorker, make_trainer, torch_thread
 
 MAX_ALONGSIDE = 2      # race: the main run + up to two more
@@ -52,6 +53,8 @@ class LabSession:
         self.readers: list[Any] = []         # an mpviz.Run of each, same order
         self.labels: list[str] = []          # the legend of each
         self.worker: TrainingWorker | None = None
+        self.gpu = DEFAULT_GPU               # the speed estimates are for this GPU
+        self._predictor: Predictor | None = None   # the main run's counted step, priced
         self._next: dict[str, Any] | None = None   # the parts the next session trains
         self._created: list[Path] = []   # run dirs made here (removed again if never stepped)
         self._home_every = every
@@ -150,6 +153,7 @@ class LabSession:
             self.end()
             main = self._new_trainer(precision, policy, amp or {})
             self.trainers, self.readers = [main], [_open_run(main)]
+            self._predictor = None
             if extra:  # every lane steps with its own copy of one RNG state: same dropout masks
                 torch_thread.call(main.own_rng)
             for p in extra:
@@ -318,6 +322,27 @@ class LabSession:
         run = self.readers[0]
         last = run.steps_since(run.last_step - 20)["samples_per_s"]
         return float(last.median()) if len(last) else None
+
+    def measured(self) -> Measured | None:
+        """The main run's speed on this machine: medians of its last 20 steps."""
+        return measured(self.readers[0]) if self.readers else None
+
+    def speed(self, gpu: str | None = None) -> Speed | None:
+        """The predicted step time on ``gpu`` (default: `gpu`) of the policy in force, of fp32
+        and of each race lane, from the step the main run counted at its first step (None
+        before it). Predicted again only when a policy or the GPU changed."""
+        if not self.trainers:
+            return None
+        if self._predictor is None:
+            counts = load_counts(self.trainers[0].run_dir)
+            if counts is None:
+                return None
+            self._predictor = Predictor(counts)
+        main, *lanes = self.trainers
+        policy = in_force(main.precision_in_force(), self.base_precision())
+        race = [(label, in_force(t.precision_in_force(), t.precision))
+                for label, t in zip(self.labels[1:], lanes)]
+        return self._predictor.speed(policy, gpu or self.gpu, race)
 
     def evals(self) -> list[tuple[str, list[tuple[int, float]]]]:
         """``(label, [(step, metric), ...])`` of each run's evaluations so far."""

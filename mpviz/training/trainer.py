@@ -93,6 +93,8 @@ class Trainer:
         self.evals: list[tuple[int, float]] = []   # (step, eval metric) from run_eval()
         self.recorder: Any = None
         self.policy_handle: Any = None
+        self.counts: Any = None   # the step as `mpviz.cost.count` saw it, once the first step ran
+        self._counts_from: "Trainer | None" = None   # a race lane: its main trainer counted it
         # step() and evaluate() may be called from different threads (a dashboard's worker and
         # its UI); the lock keeps evaluate() from reading weights halfway through an update.
         self._lock = threading.Lock()
@@ -255,6 +257,8 @@ class Trainer:
         if self.device.type != "cpu":
             batch = tree.map_tensors(lambda t: t.to(self.device, non_blocking=True), batch)
         self._batches.last = batch
+        if self.recorder is not None and self._step == 0:
+            self._count_step(batch)
         with self._own_rng():
             if self.train_step is not None:
                 loss = self.train_step(self.model, batch)
@@ -279,6 +283,26 @@ class Trainer:
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         return {"step": int(index), "loss": value}
 
+    def _count_step(self, batch: Any) -> None:
+        """Count one step on the first batch (`mpviz.cost.count`) and keep it with the run, so
+        that the apps can predict its speed on a GPU without the model. Counted on a hook-free
+        copy: the recorder and the policy must not see this forward. A failure is recorded as
+        the recorder's error (with a warning) and training goes on."""
+        try:
+            from mpviz.cost import count, save_counts
+
+            lead = self._counts_from
+            counts = lead.counts if lead is not None else None
+            if counts is None:
+                counts = count(compat.bare_copy(compat.user_module(self.model)), batch,
+                               self.loss_fn if self.owns_step else None)
+            save_counts(counts, self.run_dir)
+            self.counts = counts
+        except Exception as e:  # noqa: BLE001 - no estimate, but never a stopped training
+            self.recorder.record_error("counts", RuntimeError(
+                f"this model's step could not be counted, so the apps show no speed estimate for "
+                f"it ({type(e).__name__}: {e})"), internal=False)
+
     def fork(self, precision: str, **kwargs: Any) -> "Trainer":
         """A race lane: a new Trainer over copies of this one's model and optimizer state (now),
         the same loss, data source and evaluation, at another ``precision``. ``kwargs`` go to
@@ -296,6 +320,7 @@ class Trainer:
                        data=self.data, eval_fn=self.eval_fn, eval_data=self.eval_data,
                        seed=self.seed, **{"meta": meta, **kwargs})
         lane._rng = self._rng   # the same RNG state (if any): the same dropout masks
+        lane._counts_from = self   # the same model: counted once
         return lane
 
     # ------------------------------------------------------------------ evaluation
