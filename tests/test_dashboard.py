@@ -434,6 +434,41 @@ def test_the_explorer_opens_the_newest_run_that_has_steps(dash_runs):
         ex.close()
 
 
+def test_the_explorer_predicts_a_runs_speed_from_the_step_counted_with_it(dash_runs):
+    """A run of `Trainer` carries its counted step: the explorer shows the estimate of its
+    precision in force (written out by hand) and of fp32 on the GPU picked, `predict`'s; a run
+    recorded without one says so in one line, no error."""
+    from mpviz.cost import load_counts, predict
+    from mpviz.dashboard.estimate_panel import step_time
+    from mpviz.dashboard.explorer import NO_COUNTS
+
+    counted = record_demo(dash_runs / "counted", task="text", precision="bf16", steps=3, every=5,
+                          policy={"head": "fp32"})
+    plain = dash_runs / "plain"
+    _overflowing_run(plain, set(), steps=3)     # mpviz.Recorder alone: no count
+    counts = load_counts(counted)
+    assert counts is not None and load_counts(plain) is None
+    policy = {"": "bf16", "head": "fp32"}
+    ex = explorer_app(run_dir=counted, follow=False)
+    try:
+        measured = mpviz.load_run(counted).steps["step_time_s"].median()
+        for gpu, title in (("h100", "NVIDIA H100 SXM 80GB"), ("l4", "NVIDIA L4 24GB")):
+            ex.estimate.gpu.value = gpu
+            text = ex.estimate.text.value
+            est, fp32 = predict(counts, policy, gpu), predict(counts, "fp32", gpu)
+            assert f"measured in this run (CPU)</b>: <span class=\"mpviz-measured\">{step_time(measured)}/step" in text
+            assert f"<b>estimate for {title}</b>" in text
+            assert f"policy in force (mixed) <span class=\"mpviz-predicted\">{step_time(est.step_time_s)}/step" in text
+            assert f"fp32 <span class=\"mpviz-predicted-fp32\">{step_time(fp32.step_time_s)}/step" in text
+        ex.open(plain)
+        assert NO_COUNTS in ex.estimate.text.value and ex.estimate.gpu.layout.display == "none"
+        assert ">3</span> steps" in ex.info.value and "mpviz-problem" not in ex.info.value
+        ex.open(counted)
+        assert "estimate for NVIDIA L4 24GB" in ex.estimate.text.value
+    finally:
+        ex.close()
+
+
 def test_process_gone_tells_a_reused_pid_from_the_runs_writer():
     from mpviz import mailbox
 

@@ -189,3 +189,45 @@ def test_a_session_counts_its_step_and_predicts_the_policy_in_force_on_the_gpu_p
         assert m.samples_per_s == pytest.approx(float(np.median([v for v, in speeds])))
     finally:
         s.end()
+
+
+def test_a_step_that_cannot_be_counted_leaves_no_estimate_and_trains_on(tmp_path):
+    """A batch only the user's train_step understands: the count fails, which is recorded as the
+    recorder's error; every step is still trained and recorded, and the session has no estimate."""
+    import torch
+    from torch import nn
+
+    from mpviz.cost import load_counts
+
+    class Batch:   # neither (x, y), a dict nor a tensor: the counter cannot call the model on it
+        def __init__(self, i: int) -> None:
+            g = torch.Generator().manual_seed(i)
+            self.x, self.y = torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train_step(model, b):
+        loss = nn.functional.cross_entropy(model(b.x), b.y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    parts = {"model": model, "optimizer": opt, "train_step": train_step,
+             "data": [Batch(i) for i in range(4)]}
+    s = LabSession(tmp_path, task="custom", parts=parts)
+    try:
+        s.prepare()
+        s.start("fp32", max_steps=5)
+        s.worker.join(300)
+        assert s.state == "done" and s.worker.rounds == 5, s.worker.reason
+        run_dir = s.trainers[0].run_dir
+        assert [r[0] for r in _rows(run_dir, "SELECT step FROM steps ORDER BY step")] == list(range(5))
+        assert load_counts(run_dir) is None and s.speed() is None
+        errors = s.readers[0].meta["recorder_errors"]
+        assert [e["part"] for e in errors] == ["counts"]
+        assert "could not be counted" in errors[0]["error"]
+    finally:
+        s.end()

@@ -21,14 +21,19 @@ from typing import Any, Callable
 
 import ipywidgets as widgets
 
+from ..diagnosis.advise import precision_in_force
 from . import paths, queries, run_list, ui
 from .diagnosis_panel import DiagnosisPanel, exponent_figure
+from .estimate_panel import EstimatePanel
 from .plots import RunFigure, layer_history_figure, show_static
+from .speed import Predictor, load_counts, measured
 from .steer_panel import SteerPanel
 from .worker import UI_SHARE, share_wait
 
 DRILL_EVERY_S = 2.0  # the drill-down chart re-renders at most this often while following
 NO_LAYER = [("(pick a layer)", "")]
+NO_COUNTS = ("No speed estimate for this run: its step was not counted (runs of the lab and of "
+             "mpviz demo are; or save one with mpviz.cost.save_counts).")
 
 
 class Follower:
@@ -114,6 +119,7 @@ class Explorer(ui.App):
                                  self._follow_ended, poll_s, idle_timeout_s, max_follow_s)
         self._own_slider_change = self._own_rank_change = False
         self._drill_at = 0.0
+        self._predictor: Predictor | None = None   # the run's counted step, priced
         self._make_widgets(follow)
         self.rescan(select=run_dir)
 
@@ -144,6 +150,8 @@ class Explorer(ui.App):
         # is being updated can freeze that widget (liveplot.py); an Output never does.
         self.fig = RunFigure(n_slots=1, static=True)
         self.fig.widget.add_class("mpviz-figure")
+        self.estimate = EstimatePanel(self._gpu_picked,
+                                      measured_label="measured in this run")
         self.steer = SteerPanel()  # shown for a live run recorded with steerable=True
         # mpviz.diagnose(run) after each draw, on its own thread, at most every 2 s (or 10x its
         # cost); "Apply advice" steers a live steerable run
@@ -162,7 +170,7 @@ class Explorer(ui.App):
         self.widget = widgets.VBox([
             ui.title("mpviz run explorer", "open a run, finished or still training"),
             widgets.HBox([self.picker, self.rank_pick, rescan, self.follow]),
-            self.info, self.meta, self.range, self.fig.view, self.steer.widget,
+            self.info, self.meta, self.estimate.widget, self.range, self.fig.view, self.steer.widget,
             widgets.HBox([widgets.VBox([self.layer, self.drill, self.exponents], layout=column(width="60%")),
                           widgets.VBox([self.overflows, self.diagnosis.widget], layout=column(width="40%"))]),
         ])
@@ -213,6 +221,7 @@ class Explorer(ui.App):
             self._show_ranks()
             self.last_seen = self.run.last_step
             self._show_meta(self.run.meta)
+            self._predictor = None
             self.layer.options = NO_LAYER + [(queries.layer_label(n), n) for n in self.run.layers["layer"]]
             self.fig.clear()
             self.steer.show(self.run)
@@ -317,6 +326,7 @@ class Explorer(ui.App):
                 run.close()
             self.fig.clear()
             self.meta.value = self.overflows.value = ""
+            self.estimate.say("")
             self.drill.outputs = self.exponents.outputs = ()
             self.steer.hide()
             self.diagnosis.clear()
@@ -339,6 +349,7 @@ class Explorer(ui.App):
             df, total = queries.overflow_table(run, limit=20)
             self.overflows.value = ui.overflow_html(df, total)
             self.steer.refresh(run)
+            self._show_speed(run)
             now = time.monotonic()
             if self.layer.value and (drill or now - self._drill_at >= DRILL_EVERY_S):
                 self._drill_at = now
@@ -349,6 +360,35 @@ class Explorer(ui.App):
             self.diagnosis.refresh_later(run, force=drill or run.meta.get("status") != "running")
             self.refresh_cost_s = time.perf_counter() - t0
             self._show_info()
+
+    def _gpu_picked(self, _: str) -> None:
+        with self._lock:
+            run = self.run
+            if run is None:
+                return
+            try:
+                self._show_speed(run)
+            except paths.STORE_ERRORS as e:
+                self._show_problem(paths.describe(run.run_dir, e))
+
+    def _show_speed(self, run: Any) -> None:
+        """The speed measured in the run beside the estimate, on the GPU picked, of the precision
+        in force and of fp32, from the step counted with the run (one line when it has none)."""
+        if self._predictor is None:
+            try:
+                counts = load_counts(run.run_dir)
+            except (OSError, ValueError, KeyError, TypeError) as e:   # a damaged counts file
+                self.estimate.say(f"No speed estimate: this run's counts.json.gz is unreadable ({e}).")
+                self.estimate.gpu.layout.display = "none"
+                return
+            if counts is None:   # a live run counts its first step: it may come later
+                self.estimate.say(NO_COUNTS)
+                self.estimate.gpu.layout.display = "none"
+                return
+            self._predictor = Predictor(counts)
+            self.estimate.gpu.layout.display = None
+        speed = self._predictor.speed(precision_in_force(run), self.estimate.gpu.value)
+        self.estimate.show(speed, measured(run))
 
     def _show_info(self) -> None:
         run = self.run
