@@ -154,6 +154,7 @@ def test_lab_shows_the_predicted_speed_beside_the_measured_one(dash_runs):
         lab.batch.value = 128              # big enough that an A100 and an H100 differ
         assert "Press Start" in lab.live.estimate.text.value
         assert lab.add_rule("head", "bf16")
+        lab.alongside.value = ("bf16",)     # a race lane: its predicted speed against fp32
         lab.start(max_steps=4)
         lab.worker.join(300)
         assert lab.worker.reason == "step limit"
@@ -170,7 +171,9 @@ def test_lab_shows_the_predicted_speed_beside_the_measured_one(dash_runs):
             assert here in text and f"<b>estimate for {title}</b>" in text
             assert f"policy in force (mixed) <span class=\"mpviz-predicted\">{step_time(est.step_time_s)}/step" in text
             assert f"fp32 <span class=\"mpviz-predicted-fp32\">{step_time(fp32.step_time_s)}/step" in text
-            assert f"{fp32.step_time_s / est.step_time_s:.2f}× fp32" in text
+            assert f"{fp32.step_time_s / est.step_time_s:.2f}× the speed of fp32" in text
+            lane = predict(counts, "bf16", gpu)
+            assert f"race, predicted speed vs fp32: bf16 (alongside) {fp32.step_time_s / lane.step_time_s:.2f}×" in text
             shown[gpu] = est
             rows = est.layers.set_index("layer")
             for name, (cell, _) in lab.live.table.rows.items():

@@ -49,6 +49,9 @@ class EstimatePanel:
 
 def speed_html(speed: Speed | None, measured: Measured | None, label: str = "measured here",
                waiting: str = "") -> str:
+    """The panel's lines: measured (``label``, the device), the estimates, the race lanes' speed
+    against fp32, and notes (a precision the GPU lacks; a step mostly bound by the floor per
+    kernel)."""
     parts = []
     if measured is not None:
         rate = f", {rate_text(measured.samples_per_s)} samples/s" if measured.samples_per_s else ""
@@ -57,32 +60,31 @@ def speed_html(speed: Speed | None, measured: Measured | None, label: str = "mea
     if speed is None:
         if waiting:
             parts.append(f'<span class="mpviz-muted">{html.escape(waiting)}</span>')
-        return " · ".join(parts)
+        return "<br>".join(parts)
     samples = measured.samples if measured is not None else None
     est = [f"<b>estimate for {html.escape(speed.gpu)}</b>:"]
     if speed.policy is not None:
         est.append(f'policy in force ({html.escape(speed.policy.precision)}) '
                    f'<span class="mpviz-predicted">{step_time(speed.policy.step_time_s)}/step</span>'
-                   f'{_rate(samples, speed.policy.step_time_s)},')
+                   f'{_rate(samples, speed.policy.step_time_s)} ·')
     est.append(f'fp32 <span class="mpviz-predicted-fp32">{step_time(speed.fp32.step_time_s)}/step'
                f'</span>{_rate(samples, speed.fp32.step_time_s)}')
     x = speed.speedup(speed.policy)
     if x is not None:
-        est.append(f'· <span class="mpviz-speedup">{x:.2f}× fp32</span>')
+        est.append(f'· <span class="mpviz-speedup">{x:.2f}× the speed of fp32</span>')
     parts.append(" ".join(est))
     if speed.lanes:
         lanes = ", ".join(f"{html.escape(label)} {_times(speed.speedup(e))}" for label, e in speed.lanes)
-        parts.append(f'<span class="mpviz-lanes">race, predicted vs fp32: {lanes}</span>')
+        parts.append(f'<span class="mpviz-lanes">race, predicted speed vs fp32: {lanes}</span>')
     notes = []
     if speed.problem:
         notes.append(html.escape(speed.problem))
     if speed.policy is not None and _launch_share(speed) > LAUNCH_BOUND:
         notes.append("most of this step is the floor per GPU kernel (its kernels are small): lower "
                      "precision buys little on a GPU until the model or batch is larger")
-    line = " · ".join(parts)
     if notes:
-        line += '<br><span class="mpviz-muted">' + "; ".join(notes) + "</span>"
-    return line
+        parts.append('<span class="mpviz-muted">' + "; ".join(notes) + "</span>")
+    return "<br>".join(parts)
 
 
 def share_html(share: float, bound: str | None) -> str:
@@ -90,9 +92,11 @@ def share_html(share: float, bound: str | None) -> str:
     layer that runs no kernel of its own: a container)."""
     if not share and not bound:
         return ""
-    pct = "<1%" if 0 < share < 0.005 else f"{share:.0%}"
+    pct = "&lt;1%" if 0 < share < 0.005 else f"{share:.0%}"
     what = f" {bound}" if bound else ""
-    return f'<span class="mpviz-share" title="share of the predicted step{what}">{pct}{what}</span>'
+    why = f", {bound}-bound" if bound else ""
+    return (f'<span class="mpviz-share" style="white-space:nowrap" '
+            f'title="share of the predicted step{why}">{pct}{what}</span>')
 
 
 def step_time(seconds: float) -> str:

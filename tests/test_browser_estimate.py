@@ -1,0 +1,57 @@
+"""The lab's speed estimate in a real browser (Voila + Chromium): train a few steps, read this
+machine's measured speed and the estimate for an H100, pick an A100 in the "predicted on" menu
+and see the estimate change to the A100's. The figures are checked against `mpviz.cost.predict`
+over the counts saved with the run. The harness is tests/helpers/browser.py."""
+
+from __future__ import annotations
+
+import mpviz
+from mpviz.cost import load_counts, predict
+from mpviz.dashboard.estimate_panel import step_time
+from helpers.browser import Page, fill, voila
+
+
+def test_lab_shows_the_predicted_speed_for_the_gpu_picked(browser, shots, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    with voila("lab.ipynb", runs) as url:
+        p = Page(browser, url, shots)
+        page = p.page
+        page.wait_for_selector(".mpviz-lab", timeout=180_000)
+        status, panel = page.locator(".mpviz-status"), page.locator(".mpviz-estimate")
+        p.wait(lambda: "Press Start" in panel.inner_text(), what="the estimate panel before Start")
+        # The text model at batch 128 in fp32: big enough that an A100 and an H100 differ.
+        for menu, value in ((".mpviz-task", "text"), (".mpviz-precision", "fp32")):
+            page.locator(f"{menu} select").select_option(value)
+        page.locator(".widget-dropdown", has_text="batch").locator("select").select_option("128")
+        p.wait(lambda: "ready: text, fp32" in status.inner_text(), what="the text model in fp32")
+        fill(page, ".mpviz-max-steps", 3)
+        page.get_by_role("button", name="Start").click()
+        p.wait(lambda: "done" in status.inner_text(), what="the step limit")
+
+        run_dir = next(runs.glob("lab-*-text-fp32*"))
+        counts = load_counts(run_dir)
+        assert counts is not None
+        measured = mpviz.load_run(run_dir).steps["step_time_s"].median()
+        predicted = page.locator(".mpviz-estimate .mpviz-predicted")
+        for gpu, title in (("h100", "NVIDIA H100 SXM 80GB"), ("a100", "NVIDIA A100 SXM 80GB")):
+            if gpu != "h100":
+                page.locator(".mpviz-gpu select").select_option(label=title)
+            want = f"{step_time(predict(counts, 'fp32', gpu).step_time_s)}/step"
+            p.wait(lambda: f"estimate for {title}" in panel.inner_text()
+                   and predicted.inner_text() == want, what=f"the estimate for the {gpu}")
+            text = panel.inner_text()
+            assert f"measured here (CPU): {step_time(measured)}/step" in text
+            assert "1.00× the speed of fp32" in text   # the policy in force is fp32
+        assert predict(counts, "fp32", "a100").step_time_s > predict(counts, "fp32", "h100").step_time_s
+        # Each layer's share of the predicted step on the GPU picked, in the layer table.
+        est = predict(counts, "fp32", "a100")
+        rows = est.layers.set_index("layer")
+        share = f"{rows.loc['head', 'time_s'] / est.step_time_s:.0%} {rows.loc['head', 'bound']}"
+        head = page.locator(".mpviz-layer-row").filter(has=page.get_by_text("head", exact=True))
+        p.wait(lambda: head.locator(".mpviz-share").inner_text() == share, what="head's share")
+        p.shoot(".mpviz-lab", "lab-estimate.png")
+        p.no_python_errors_shown()
+        assert not p.our_errors(), p.our_errors()
+        p.offline_ok()
+        page.close()
