@@ -7,6 +7,8 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from ..cost import Device, get_device, load_counts, predict
+from ..cost.records import COUNTS_FILE
 from ..formats import AUTOCAST_PRECISIONS, DTYPE_PRECISION
 from ..run import Run, load_run
 from .diagnose import SHADOW_REL_ERR, diagnose
@@ -26,7 +28,8 @@ def _covers(kept: list[str], layer: str) -> bool:
 
 
 def advise(run: Any, target: str = "fp16", keep: str = "fp32", margin_bits: float = 1.0,
-           shadow_threshold: float = SHADOW_REL_ERR, diagnosis: Diagnosis | None = None) -> Any:
+           shadow_threshold: float = SHADOW_REL_ERR, diagnosis: Diagnosis | None = None,
+           device: str | Device | None = None, optimizer: str | None = "adamw") -> Any:
     """A :class:`mpviz.PrecisionPolicy` ``{"*": target, layer: keep, ...}`` keeping in ``keep``
     precision only the layers the run shows need it: a forward overflow (any step); the first
     layer to overflow in backward on repeated GradScaler skips after warm-up; activations within
@@ -37,15 +40,39 @@ def advise(run: Any, target: str = "fp16", keep: str = "fp32", margin_bits: floa
     activation memory that stays in ``keep`` (:data:`ESTIMATE_METHOD`). ``diagnosis``:
     :func:`mpviz.diagnose` of this run, if you have it.
 
-        >>> policy = mpviz.advise("runs/exp1")          # doctest: +SKIP
-        >>> policy.rules, policy.reasons                 # doctest: +SKIP
-        ({'*': 'fp16', 'fc3': 'fp32'}, {'fc3': 'output overflowed fp16 in the forward (steps 1-79)'})
+    ``device`` (a name from :func:`mpviz.devices`): ``policy.estimate`` also predicts what the
+    advice buys on that GPU against fp32 everywhere (:func:`mpviz.cost.predict` of the step
+    counted with the run, ``counts.json.gz``, with ``optimizer``): ``step_time_s``,
+    ``fp32_step_time_s``, ``speedup``, ``memory_gb``, ``fp32_memory_gb``, ``fits``.
+
+        >>> import tempfile, torch, mpviz
+        >>> from mpviz.scenarios import overflow_model
+        >>> model = overflow_model(n_in=16, hidden=32, n_out=4)   # 'big' overflows fp16
+        >>> x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+        >>> opt, scaler = torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cpu")
+        >>> run_dir = tempfile.mkdtemp()
+        >>> with mpviz.Recorder(model, optimizer=opt, scaler=scaler, run_dir=run_dir,
+        ...                     policy={"*": "fp16"}) as rec:
+        ...     for _ in range(5):
+        ...         loss = torch.nn.functional.cross_entropy(model(x), y)
+        ...         scaler.scale(loss).backward()
+        ...         scaler.step(opt); scaler.update(); opt.zero_grad()
+        ...         _ = rec.step(loss=loss)
+        >>> _ = mpviz.cost.save_counts(mpviz.cost.count(model, (x, y)), run_dir)
+        >>> policy = mpviz.advise(run_dir, device="h100")
+        >>> policy.rules
+        {'*': 'fp16', 'big': 'fp32'}
+        >>> policy.reasons["big"][:40]
+        'output overflowed float16 in the forward'
+        >>> policy.estimate["speedup"] > 0, policy.estimate["fits"]
+        (True, True)
     """
     from ..precision import PrecisionPolicy   # imports torch: only once advice is asked for
 
     own = not isinstance(run, Run)
     run = load_run(run) if own else run
     try:
+        counts = _counts_for(run, device) if device is not None else None  # refused before any work
         if diagnosis is not None and diagnosis.run_dir != str(run.run_dir):
             raise ValueError(f"diagnosis is of {diagnosis.run_dir}, not of {run.run_dir}")
         reasons = _overflow_reasons(diagnosis if diagnosis is not None else diagnose(run))
@@ -59,6 +86,8 @@ def advise(run: Any, target: str = "fp16", keep: str = "fp32", margin_bits: floa
         policy = PrecisionPolicy({"*": target, **{l: keep for l in kept}})
         policy.reasons = reasons  # type: ignore[attr-defined]
         policy.estimate = _estimate(run, layers, kept)  # type: ignore[attr-defined]
+        if counts is not None:
+            policy.estimate.update(_predicted(counts, target, keep, kept, device, optimizer))
         return policy
     finally:
         if own:
@@ -124,6 +153,33 @@ def _estimate(run: Run, layers: pd.DataFrame, kept: list[str]) -> dict[str, Any]
     return {"time_share": kept_params / total if total else float("nan"),
             "memory_share": a_kept / a_total if a_total else float("nan"),
             "method": ESTIMATE_METHOD}
+
+
+def _counts_for(run: Run, device: str | Device) -> Any:
+    """The counted step kept with ``run``; a clear error naming the fix if it has none."""
+    dev = get_device(device)  # an unknown GPU is refused with the known ones
+    counts = load_counts(run.run_dir)
+    if counts is None:
+        where = str(run.run_dir)
+        raise ValueError(
+            f"Cannot predict the advice's speed on the {dev.title}: the run in {where!r} holds no "
+            f"counted step ({COUNTS_FILE}). Count the model's training step once and keep it with "
+            f"the run: mpviz.cost.save_counts(mpviz.cost.count(model, batch), {where!r}); runs of "
+            "the lab, `python -m mpviz demo` and mpviz.search carry one. Or call advise without "
+            "device=.")
+    return counts
+
+
+def _predicted(counts: Any, target: str, keep: str, kept: list[str], device: str | Device,
+               optimizer: str | None) -> dict[str, Any]:
+    """The advice against fp32 everywhere, both priced on ``device`` (``""`` is the whole model;
+    a kept layer's children inherit its precision, as the policy's rules do)."""
+    advice = predict(counts, {"": target, **{l: keep for l in kept}}, device, optimizer)
+    fp32 = predict(counts, "fp32", device, optimizer)
+    return {"device": advice.device.name, "step_time_s": advice.step_time_s,
+            "fp32_step_time_s": fp32.step_time_s, "speedup": fp32.step_time_s / advice.step_time_s,
+            "memory_gb": advice.memory["total"] / 1e9, "fp32_memory_gb": fp32.memory["total"] / 1e9,
+            "fits": advice.fits}
 
 
 # ---------------------------------------------------------------- applying advice to a live job
