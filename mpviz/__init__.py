@@ -39,6 +39,7 @@ _EXPORTS = {
     "estimate": "mpviz.cost",
     "Estimate": "mpviz.cost",
     "devices": "mpviz.cost",
+    "search": "mpviz.searching",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
