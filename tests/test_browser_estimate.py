@@ -47,7 +47,8 @@ def test_lab_shows_the_predicted_speed_for_the_gpu_picked(browser, shots, tmp_pa
         # Each layer's share of the predicted step on the GPU picked, in the layer table.
         est = predict(counts, "fp32", "a100")
         rows = est.layers.set_index("layer")
-        share = f"{rows.loc['head', 'time_s'] / est.step_time_s:.0%} {rows.loc['head', 'bound']}"
+        word = {"compute": "compute", "memory": "memory", "overhead": "launch"}[rows.loc["head", "bound"]]
+        share = f"{rows.loc['head', 'time_s'] / est.step_time_s:.0%} {word}"
         head = page.locator(".mpviz-layer-row").filter(has=page.get_by_text("head", exact=True))
         p.wait(lambda: head.locator(".mpviz-share").inner_text() == share, what="head's share")
         p.shoot(".mpviz-lab", "lab-estimate.png")

@@ -15,6 +15,8 @@ import ipywidgets as widgets
 from .speed import DEFAULT_GPU, Measured, Speed, gpu_choices
 
 LAUNCH_BOUND = 0.5   # above this share of kernel-floor time, say that precision buys little
+# The estimate's "overhead" is its floor per kernel: "launch-bound", as GPU people say.
+BOUND_WORDS = {"compute": "compute", "memory": "memory", "overhead": "launch"}
 
 
 class EstimatePanel:
@@ -80,8 +82,9 @@ def speed_html(speed: Speed | None, measured: Measured | None, label: str = "mea
     if speed.problem:
         notes.append(html.escape(speed.problem))
     if speed.policy is not None and _launch_share(speed) > LAUNCH_BOUND:
-        notes.append("most of this step is the floor per GPU kernel (its kernels are small): lower "
-                     "precision buys little on a GPU until the model or batch is larger")
+        notes.append("launch-bound: most of this step is the floor per GPU kernel (its kernels are "
+                     "small), so lower precision buys little on a GPU until the model or batch is "
+                     "larger")
     if notes:
         parts.append('<span class="mpviz-muted">' + "; ".join(notes) + "</span>")
     return "<br>".join(parts)
@@ -93,8 +96,9 @@ def share_html(share: float, bound: str | None) -> str:
     if not share and not bound:
         return ""
     pct = "&lt;1%" if 0 < share < 0.005 else f"{share:.0%}"
-    what = f" {bound}" if bound else ""
-    why = f", {bound}-bound" if bound else ""
+    word = BOUND_WORDS.get(bound or "", bound)
+    what = f" {word}" if word else ""
+    why = f", {word}-bound" if word else ""
     return (f'<span class="mpviz-share" style="white-space:nowrap" '
             f'title="share of the predicted step{why}">{pct}{what}</span>')
 
