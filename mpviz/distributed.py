@@ -10,8 +10,10 @@ DDP takes one communication hook per model and cannot remove it: after ``Recorde
 hook only does the plain all-reduce (a later Recorder takes it over), and a model with a hook of
 its own is refused at attach, with the fix (:func:`checked`).
 
-FSDP is refused at attach (:func:`check_supported`). Statistics on a sample of ranks:
-``stats_ranks=[0, 7]`` or ``"sample:8"`` (:func:`stats_ranks`); docs/SCALE.md.
+Under FSDP2 (``fully_shard``) each rank's local gradients are checked before the reduce-scatter
+(:class:`ShardOrigin`, over :class:`mpviz.recording.fsdp_hooks.LocalGradCheck`); FSDP1
+(``FullyShardedDataParallel``) is refused at attach (:func:`check_supported`). Statistics on a
+sample of ranks: ``stats_ranks=[0, 7]`` or ``"sample:8"`` (:func:`stats_ranks`); docs/SCALE.md.
 """
 from __future__ import annotations
 
@@ -55,33 +57,31 @@ def stats_ranks(spec: Any, world_size: int) -> list[int]:
 
 
 def check_supported(model: nn.Module) -> None:
-    """Refuse, before anything is attached, what mpviz cannot record: FSDP, and a DDP model
+    """Refuse, before anything is attached, what mpviz cannot record: FSDP1, and a DDP model
     with a communication hook of the user's own (see :func:`checked`)."""
     if is_ddp(model):
         _registered(model)
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):  # FSDP needs a process group
-        return
-    fsdp_types: tuple[type, ...] = ()
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
-
-        fsdp_types += (FullyShardedDataParallel,)
     except ImportError:  # torch built without distributed
-        pass
+        return
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise NotImplementedError(
+            "mpviz does not record FSDP1 models (FullyShardedDataParallel): their parameters are "
+            "flat 1-D slices of the layers (FlatParameter), not the layers' own tensors, and its "
+            "hooks are not FSDP2's. mpviz records FSDP2: call "
+            "torch.distributed.fsdp.fully_shard(block, mp_policy=MixedPrecisionPolicy(...)) on "
+            "each block and then on the model (or mpviz.fsdp.shard(model, policy)) instead of "
+            "wrapping the model in FullyShardedDataParallel.")
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` (FSDP2) was called on the model or one of its modules."""
     try:
         from torch.distributed.fsdp import FSDPModule
-
-        fsdp_types += (FSDPModule,)
     except ImportError:
-        pass
-    if fsdp_types and any(isinstance(m, fsdp_types) for m in model.modules()):
-        raise NotImplementedError(
-            "mpviz does not record FSDP models yet (torch.distributed.fsdp fully_shard / "
-            "FullyShardedDataParallel): parameters and gradients are shards (DTensor or flat "
-            "parameters) that mpviz's per-layer statistics do not read. Losses and steps alone "
-            "can be recorded from the unwrapped model on one rank with another tool; record with "
-            "DistributedDataParallel (each rank holds whole layers) to use mpviz.")
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def is_ddp(model: nn.Module) -> bool:
@@ -209,10 +209,41 @@ def checked(hook: Callable) -> Callable:
     return _hook_of(OriginWatch(), hook)
 
 
-def watch(model: nn.Module, parts: Any) -> OriginWatch | None:
-    """Check each DDP bucket's local gradients for the recorder whose ``parts``
-    (:class:`mpviz.recording.step.Parts`) are given (None: not a DDP model).
-    Called by the Recorder at attach; ``OriginWatch.remove()`` stops it."""
+class ShardOrigin:
+    """FSDP2: each rank's local gradients checked before the reduce-scatter, with
+    :class:`OriginWatch`'s interface (``flag``, ``bad_layers``, ``end_step``, ``remove``)."""
+
+    def __init__(self, model: nn.Module, layers: Any,
+                 contained: Callable[[str, Callable], Callable]) -> None:
+        from .recording.fsdp_hooks import LocalGradCheck
+
+        self.index = layers.index
+        self.check = LocalGradCheck(model, wrap=lambda fn: contained("overflow origin", fn))
+        self.check.attach()
+
+    @property
+    def flag(self) -> Any:
+        return self.check.flag()
+
+    def bad_layers(self) -> set[int]:
+        """Layers whose local gradients on this rank were non-finite (on a CPU no copy; on an
+        accelerator one host copy: call on bad steps only)."""
+        found = (self.index.get(name.rpartition(".")[0]) for name in self.check.bad_params())
+        return {i for i in found if i is not None}
+
+    def end_step(self, flagged: bool) -> None:
+        self.check.end_step()
+
+    def remove(self) -> None:
+        self.check.remove()
+
+
+def watch(model: nn.Module, parts: Any) -> "OriginWatch | ShardOrigin | None":
+    """Check each DDP bucket's (or FSDP2 unit's) local gradients for the recorder whose
+    ``parts`` (:class:`mpviz.recording.step.Parts`) are given (None: neither DDP nor FSDP2).
+    Called by the Recorder at attach; ``remove()`` stops it."""
+    if is_fsdp(model):
+        return ShardOrigin(model, parts.layers, parts.contained)
     if not is_ddp(model):
         return None
     w = _registered(model)

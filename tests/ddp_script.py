@@ -12,7 +12,7 @@ references, measured on the plain run by this script's own code: each step's los
 unscaled gradient norm (after DDP's all-reduce: the sqrt of the sum of squares of the layer's
 weight and bias gradients over the loss scale in force), each module's output dtype (its own
 forward hooks), which layers' local gradients went non-finite (a plain copy of the model), and
-what mpviz says about a user's own comm hook and about FSDP. The recorded run is OUT_DIR/run.
+what mpviz says about a user's own comm hook and about FSDP1. The recorded run is OUT_DIR/run.
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def train(rank: int, run_dir: str | None, out: dict) -> list[torch.Tensor]:
 
 
 def refusals(out_dir: Path, out: dict) -> None:
-    """What mpviz says about a user's own comm hook, a checked() one, and FSDP."""
+    """What mpviz says about a user's own comm hook, a checked() one, and FSDP1."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     ddp = nn.parallel.DistributedDataParallel(make_model())
@@ -149,18 +149,19 @@ def refusals(out_dir: Path, out: dict) -> None:
         rec.step()
     out["chained_errors"] = rec.errors
 
-    try:
-        from torch.distributed.fsdp import fully_shard
+    try:  # FSDP1 (FSDP2, fully_shard, is recorded: tests/test_fsdp.py)
+        from torch.distributed.fsdp import FullyShardedDataParallel
 
-        model = make_model()
-        fully_shard(model)
+        model = FullyShardedDataParallel(make_model(), use_orig_params=True,
+                                         device_id=torch.device("cpu"))
         try:
             mpviz.Recorder(model, run_dir=str(out_dir / "fsdp")).attach()
             out["fsdp"] = "attached"
         except NotImplementedError as e:
             out["fsdp"] = str(e)
+        out["fsdp_run_created"] = (out_dir / "fsdp").exists()
     except Exception as e:  # noqa: BLE001 - what this torch allows on the CPU, recorded
-        out["fsdp"] = f"fully_shard itself failed here: {type(e).__name__}: {e}"
+        out["fsdp"] = f"FullyShardedDataParallel itself failed here: {type(e).__name__}: {e}"
 
 
 def torchrun(out_dir: Path, timeout: float = 180) -> list[dict]:

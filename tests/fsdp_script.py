@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import socket
 import subprocess
@@ -40,6 +41,8 @@ BAD_RANK, BAD_STEP, STEPS = 1, 4, 6
 # parameters before it (inp, blocks.0, blocks.1) get non-finite local gradients.
 BACKWARD_BAD_STEP = 1
 STATS_STEPS = (0, 2, 4, 5)  # 4: the non-finite gradients
+RECORD_EVERY = 2  # the Recorder's statistics steps: 0, 2, 4
+CLIP = 0.5  # below every finite gradient norm here: clipping changes every step's gradients
 D, VOCAB, N_IN, SEQ, BATCH = 16, 33, 8, 6, 4  # 33: shards of unequal size
 POLICY = {"*": "bf16", "blocks.1.ln1": "fp32", "blocks.0.act": "fp32", "head": "fp32"}
 
@@ -84,12 +87,12 @@ def make_model() -> Model:
     return Model()
 
 
-def fsdp_model() -> Model:
+def fsdp_model(param_dtype: torch.dtype = torch.bfloat16) -> Model:
     """Per-block fully_shard, then the root: bf16 compute, fp32 gradient reduction."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     model = make_model()
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for b in model.blocks:
         fully_shard(b, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -178,9 +181,12 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 # ------------------------------------------------------------------ training
 
-def train(rank: int, watched: bool, out: dict) -> list[torch.Tensor]:
-    """STEPS steps; with ``watched``, mpviz's hooks and statistics and this script's
-    references on. Returns the final local shards of the parameters and of AdamW's state."""
+def train(rank: int, mode: str, out: dict, run_dir: Path | None = None) -> list[torch.Tensor]:
+    """STEPS steps. ``mode``: "plain" (no mpviz), "hooks" (mpviz's standalone FSDP hooks and
+    statistics, and this script's references), "recorder" (``mpviz.Recorder`` as a user
+    attaches it, every RECORD_EVERY steps, and this script's references). Gradients are clipped;
+    a step whose gradient norm is not finite updates nothing. Returns the final local shards of
+    the parameters and of AdamW's state."""
     from torch.distributed.tensor import DTensor
 
     from mpviz.recording.fsdp_hooks import LocalGradCheck, ReducedGrads
@@ -192,6 +198,7 @@ def train(rank: int, watched: bool, out: dict) -> list[torch.Tensor]:
     params = [p for _, p in model.named_parameters()]
     seen: dict = {}
     step_of = [0]
+    watched = mode == "hooks"
 
     def at_end_of_backward() -> None:
         """mpviz's read of the gradients the optimizer sees (ReducedGrads' callback)."""
@@ -206,6 +213,7 @@ def train(rank: int, watched: bool, out: dict) -> list[torch.Tensor]:
             seen["dst_rows"] = sharded_stats(grads, dst=0)
 
     hooks = []
+    rec = None
     if watched:
         out["hooks_before"] = hook_count(model)
         # rank 1 takes the accelerator's path (max |g| kept on the device, read at the end)
@@ -215,9 +223,17 @@ def train(rank: int, watched: bool, out: dict) -> list[torch.Tensor]:
         out["units"] = [u.__dict__ | {"modules": list(u.modules), "params": list(u.params)}
                         for u in fsdp_units(model)]
         out["param_names"] = names
+    if mode == "recorder":
+        import mpviz
+
+        rec = mpviz.Recorder(model, opt, run_dir=run_dir, every=RECORD_EVERY)
+        rec.attach()
+        out.update(references={}, reference_bad={}, clip_norms=[], units=[
+            [u.modules, u.param_dtype, u.reduce_dtype, u.output_dtype, u.storage_dtype]
+            for u in fsdp_units(model)])
     for step, (x, y) in enumerate(batches(rank)):
         step_of[0] = step
-        if watched and step in (BAD_STEP, BACKWARD_BAD_STEP):  # every rank gathers
+        if mode != "plain" and step in (BAD_STEP, BACKWARD_BAD_STEP):  # every rank gathers
             full = {n: p.full_tensor() for n, p in model.named_parameters()}
             if rank == BAD_RANK:
                 out["reference_bad"][step] = plain_local_bad(full, x, y, step)
@@ -236,21 +252,64 @@ def train(rank: int, watched: bool, out: dict) -> list[torch.Tensor]:
                 full_g = [p.grad.full_tensor() for p in params]
                 full_w = [p.full_tensor() for p in params]
                 out["stats"][step] = compare(seen, full_g, full_w, rank)
-        norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if rec is not None and step % RECORD_EVERY == 0:  # what the optimizer will see
+            out["references"][step] = layer_references(model)
+        norm = nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-        if torch.isfinite(norm):
-            opt.step()
+        if rec is not None:
+            out["clip_norms"].append(float(norm))
+        if not torch.isfinite(norm):
+            opt.zero_grad()  # nothing to update (the optimizer still steps: one step each)
+        opt.step()
         opt.zero_grad()
+        if rec is not None:
+            rec.step(loss)
     for h in hooks:
         h.remove()
     if watched:
         out["hooks_after_remove"] = hook_count(model)
         out["hooks_fresh"] = hook_count(fsdp_model())
+    if rec is not None:
+        rec.close()
+        out["recorder_errors"] = rec.errors
+        out["hooks_after_close"] = hook_count(model)
+    return final_state(model, opt)
+
+
+def final_state(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The local shards of the parameters and of the optimizer's state."""
+    from torch.distributed.tensor import DTensor
+
     state = [p.to_local().clone() for p in model.parameters()]
     for s in opt.state.values():
         state += [v.to_local().clone() if isinstance(v, DTensor) else v.clone()
                   for v in s.values() if isinstance(v, torch.Tensor)]
     return state
+
+
+def layer_references(model: nn.Module, scale: float = 1.0) -> dict:
+    """Each layer's gradient (divided by ``scale``) and weight statistics over its parameters,
+    from the gathered tensors (``DTensor.full_tensor()``), in float64 numpy: norm, elements,
+    zeros, non-finite. A parameter's layer is the module that holds it."""
+    out: dict = {"grad": {}, "weight": {}}
+    for name, p in model.named_parameters():
+        layer = name.rpartition(".")[0]
+        for kind, t in (("grad", p.grad), ("weight", p)):
+            if t is None:
+                continue
+            a = t.full_tensor().detach().float().numpy().astype(np.float64).reshape(-1)
+            if kind == "grad":
+                a = a / scale
+            acc = out[kind].setdefault(layer, {"sumsq": 0.0, "numel": 0, "zeros": 0,
+                                               "nonfinite": 0})
+            acc["sumsq"] += float(np.sum(a * a))
+            acc["numel"] += a.size
+            acc["zeros"] += int((a == 0).sum())
+            acc["nonfinite"] += int((~np.isfinite(a)).sum())
+    for kind in out.values():
+        for acc in kind.values():
+            acc["norm"] = math.sqrt(acc.pop("sumsq"))
+    return out
 
 
 def hook_count(model: nn.Module) -> list[int]:
@@ -290,10 +349,12 @@ def compare(seen: dict, full_g: list, full_w: list, rank: int) -> dict:
 
 # ------------------------------------------------------------------ shard(model, policy)
 
-def under_policy(rank: int, out: dict) -> None:
-    """shard(model, POLICY) and two training steps; each module's compute dtypes are seen by
-    this script's own hooks: the weight and input dtypes as its forward starts (after FSDP has
-    gathered and cast), its output's before FSDP casts it back."""
+def under_policy(rank: int, out: dict, run_dir: Path) -> None:
+    """shard(model, POLICY) and two training steps, recorded (statistics on rank 1 only); each
+    module's compute dtypes are seen by this script's own hooks: the weight and input dtypes as
+    its forward starts (after FSDP has gathered and cast), its output's before FSDP casts it
+    back."""
+    import mpviz
     from mpviz.fsdp import shard
     from mpviz.recording.sharded import fsdp_units
 
@@ -321,15 +382,170 @@ def under_policy(rank: int, out: dict) -> None:
             mod.register_forward_hook(post(name), prepend=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
-    for x, y in batches(rank)[:2]:
-        loss = loss_of(model, x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    out["policy"] = {"leaves": seen, "losses": losses,
+    with mpviz.Recorder(model, opt, run_dir=run_dir, every=1, stats_ranks=[1]) as rec:
+        for x, y in batches(rank)[:2]:
+            loss = loss_of(model, x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+            rec.step(loss)
+    out["policy"] = {"leaves": seen, "losses": losses, "recorder_errors": rec.errors,
                      "units": [u.__dict__ | {"modules": list(u.modules), "params": list(u.params)}
                                for u in fsdp_units(model)]}
+
+
+# ------------------------------------------------------------------ the recorder, more
+
+def with_scaler(rank: int, kind: str, run_dir: Path) -> dict:
+    """fp16 compute under a GradScaler (torch.amp's, or FSDP's ShardedGradScaler), recorded;
+    rank 1's inf at BAD_STEP makes both ranks skip. The scale used and whether each step was
+    skipped, as the scaler says, and the references of the unscaled gradients."""
+    import mpviz
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    model = fsdp_model(torch.float16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if kind == "amp" else
+              ShardedGradScaler(device="cpu", init_scale=2.0 ** 10))
+    out: dict = {"scale": [], "skipped": [], "references": {}}
+    with mpviz.Recorder(model, opt, scaler=scaler, run_dir=run_dir, every=RECORD_EVERY) as rec:
+        for step, (x, y) in enumerate(batches(rank)):
+            loss = loss_of(model, x, y)
+            scaler.scale(loss).backward()
+            scale = scaler.get_scale()
+            if step % RECORD_EVERY == 0:
+                out["references"][step] = layer_references(model, scale)
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            out["scale"].append(scale)
+            out["skipped"].append(scaler.get_scale() < scale)
+            rec.step(loss)
+    out["recorder_errors"] = rec.errors
+    return out
+
+
+def failing(rank: int, run_dir: Path) -> dict:
+    """Every step a statistics step; on rank 1 mpviz's own gradient read fails from step 1 on
+    and its shards' statistics from step 3 on (injected): the errors are recorded, training
+    goes on, and no rank waits for a collective the other does not join."""
+    import mpviz
+
+    model = fsdp_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rec = mpviz.Recorder(model, opt, run_dir=run_dir, every=1).attach()
+    if rank == BAD_RANK:
+        grads = rec._grads
+        read, local = grads.read, grads.sharded._local
+
+        def failing_read(*a, **k):
+            if rec._state.index >= 1:
+                raise RuntimeError("injected: reading the gradients failed")
+            return read(*a, **k)
+
+        def failing_local(*a, **k):
+            if rec._state.index >= 3:
+                raise RuntimeError("injected: the shards' statistics failed")
+            return local(*a, **k)
+
+        grads.read, grads.sharded._local = failing_read, failing_local
+    steps = 0
+    for x, y in batches(0)[:5]:
+        loss_of(model, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+        rec.step()
+        steps += 1
+    rec.close()
+    return {"steps": steps, "errors": [e["part"] for e in rec.errors]}
+
+
+def all_hooks(model: nn.Module) -> int:
+    return sum(len(getattr(m, a)) for m in model.modules() for a in (
+        "_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks")) + \
+        sum(len(p._post_accumulate_grad_hooks or {}) + len(p._backward_hooks or {})
+            for p in model.parameters())
+
+
+def refusals(out_dir: Path) -> dict:
+    """FSDP1 (FullyShardedDataParallel) and a measured statistics budget under FSDP2: refused at
+    attach, nothing left on the model or disk, and it trains as before."""
+    import mpviz
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = fsdp_model()
+    try:
+        mpviz.Recorder(model, run_dir=out_dir / "budget", stats_budget=0.05).attach()
+        budget = "attached"
+    except ValueError as e:
+        budget = str(e)
+    budget_left = {"run_created": (out_dir / "budget").exists(), "hooks": all_hooks(model),
+                   "fresh_hooks": all_hooks(fsdp_model())}
+
+    model = FullyShardedDataParallel(make_model(), use_orig_params=True, device_id=torch.device("cpu"))
+    before = all_hooks(model)
+    try:
+        mpviz.Recorder(model, run_dir=out_dir / "fsdp1").attach()
+        message = "attached"
+    except NotImplementedError as e:
+        message = str(e)
+    x, y = batches(0)[0]
+    loss_of(model, x, y).backward()
+    return {"message": message, "run_created": (out_dir / "fsdp1").exists(),
+            "hooks_unchanged": all_hooks(model) == before,
+            "trains": all(p.grad is not None for p in model.parameters() if p.numel()),
+            "budget": budget, "budget_left": budget_left}
+
+
+def lightning_run(rank: int, run_dir: Path) -> dict | None:
+    """Lightning's ModelParallelStrategy (FSDP2 in ``configure_model``) on the CPU, recorded by
+    mpviz's Lightning callback; references of the gradients the optimizer will see, taken in
+    ``on_before_optimizer_step`` (before Lightning would clip). None without Lightning."""
+    try:
+        import lightning.pytorch as pl
+        from lightning.pytorch.strategies import ModelParallelStrategy
+    except ImportError:
+        return None
+    from mpviz.integrations.lightning import MpvizCallback
+
+    out: dict = {"references": {}}
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_model()
+
+        def configure_model(self) -> None:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            mesh = self.device_mesh["data_parallel"]
+            for b in self.net.blocks:
+                fully_shard(b, mesh=mesh, mp_policy=mp)
+            fully_shard(self.net, mesh=mesh, mp_policy=mp)
+
+        def training_step(self, batch: tuple, i: int) -> torch.Tensor:
+            return loss_of(self.net, *batch)
+
+        def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+            if self.trainer.global_step % RECORD_EVERY == 0:
+                out["references"][self.trainer.global_step] = layer_references(self)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    data = batches(rank)[:4]
+    trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=len(data),
+                         strategy=ModelParallelStrategy(data_parallel_size=2,
+                                                        tensor_parallel_size=1),
+                         callbacks=[MpvizCallback(run_dir=run_dir, every=RECORD_EVERY)],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=None))
+    return out
 
 
 # ------------------------------------------------------------------ launch
@@ -352,11 +568,19 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     out: dict = {"rank": rank, "world_size": dist.get_world_size()}
-    plain = train(rank, False, {})
-    watched = train(rank, True, out)
+    plain = train(rank, "plain", {})
+    watched = train(rank, "hooks", out)
     out["identical"] = len(plain) == len(watched) and all(
         same_bits(a, b) for a, b in zip(plain, watched))
-    under_policy(rank, out)
+    out["recorder"] = {}
+    recorded = train(rank, "recorder", out["recorder"], out_dir / "run")
+    out["recorder"]["identical"] = len(plain) == len(recorded) and all(
+        same_bits(a, b) for a, b in zip(plain, recorded))
+    under_policy(rank, out, out_dir / "policy")
+    out["scalers"] = {kind: with_scaler(rank, kind, out_dir / kind) for kind in ("amp", "sharded")}
+    out["failing"] = failing(rank, out_dir / "failing")
+    out["fsdp1"] = refusals(out_dir)
+    out["lightning"] = lightning_run(rank, out_dir / "lightning")  # last: it sets global state
     (out_dir / f"rank{rank}.json").write_text(json.dumps(out))
     dist.destroy_process_group()
 

@@ -80,13 +80,14 @@ def test_ddp_training_is_bit_identical_with_the_hook(job):
         assert rep["recorder_errors"] == [] and rep["second_recorder_errors"] == []
 
 
-def test_user_comm_hook_refused_or_chained_and_fsdp_refused(job):
+def test_user_comm_hook_refused_or_chained_and_fsdp1_refused(job):
     out, reports = job
     for rep in reports:
         assert "mpviz.distributed.checked(your_hook)" in rep["user_hook"]
         assert not rep["user_hook_run_created"]  # refused before anything touched the disk
         assert rep["chained_watch_used"] and rep["chained_errors"] == []
-        assert rep["fsdp"].startswith("mpviz does not record FSDP models yet")
+        assert rep["fsdp"].startswith("mpviz does not record FSDP1 models")
+        assert "fully_shard" in rep["fsdp"] and not rep["fsdp_run_created"]
     # the check chained before torch's allreduce_hook, on its CPU path: rank 1's inf is its own
     chained = mpviz.load_run(out / "chained").overflows
     grads = chained[chained["phase"] == "backward"]

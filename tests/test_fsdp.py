@@ -1,8 +1,12 @@
 """FSDP2 (fully_shard), started the way users start it: `torchrun --nproc-per-node 2` on gloo/CPU
-(tests/fsdp_script.py, launched once for the module): sharded statistics against the gathered
-tensors, the per-unit dtype report, the local inf/nan check before the reduce-scatter, the
-end-of-backward read, bit-identical training, and mpviz.fsdp.shard. The plan's rules and
-refusals are checked without a process group."""
+(tests/fsdp_script.py, launched once for the module). The standalone pieces: sharded statistics
+against the gathered tensors, the per-unit dtype report, the local inf/nan check before the
+reduce-scatter, the end-of-backward read, bit-identical training, and mpviz.fsdp.shard. The
+Recorder on the same job, as a user attaches it and read back with mpviz.load_run per rank:
+per-layer statistics of the whole gradients and weights, dtypes, where an inf was born,
+bit-identical training, advice kept in fp32, fp16 with both GradScalers, a failure on one rank,
+FSDP1 refused, Lightning's ModelParallelStrategy. The plan's rules and refusals are checked
+without a process group."""
 from __future__ import annotations
 
 import math
@@ -12,17 +16,26 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import mpviz
 from mpviz.fsdp import shard, shard_plan
 
-from fsdp_script import (BACKWARD_BAD_STEP, BAD_RANK, BAD_STEP, POLICY, STATS_STEPS, STEPS,
-                         reference_stats, torchrun)
+from fsdp_script import (BACKWARD_BAD_STEP, BAD_RANK, BAD_STEP, CLIP, POLICY, RECORD_EVERY,
+                         STATS_STEPS, STEPS, reference_stats, torchrun)
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory):
-    return torchrun(tmp_path_factory.mktemp("fsdp"))
+def job(tmp_path_factory):
+    """The torchrun job's output folder (one recorded run per sub-folder) and each rank's
+    report."""
+    out = tmp_path_factory.mktemp("fsdp")
+    return out, torchrun(out)
+
+
+@pytest.fixture(scope="module")
+def reports(job):
+    return job[1]
 
 
 def _same(a: float, b: float) -> bool:
@@ -172,6 +185,195 @@ def test_partial_reductions_equal_whole_tensor_statistics():
     ref = reference_stats(big)
     assert 900 <= row[4] <= 1003 and sum(row[N_HEAD:]) == row[4] and row[3] == 10_000
     assert row[0] == pytest.approx(ref["norm"], rel=1e-6) and row[1] == ref["max_abs"]
+
+
+# ------------------------------------------------------------------ the Recorder
+
+def _matches(stats, references: dict, what: str) -> None:
+    """Recorded layer_stats rows equal the references of the gathered tensors: every layer with
+    parameters, its norm to 1e-5 (NaN where the tensors held NaN), element, zero and non-finite
+    counts exactly."""
+    assert sorted(map(int, references)) == sorted(set(stats["step"])), what
+    for step, kinds in references.items():
+        for kind, layers in kinds.items():
+            got = stats[(stats["step"] == int(step)) & (stats["tensor"] == kind)]
+            got = got.set_index("layer")
+            assert sorted(got.index) == sorted(layers), (what, step, kind)
+            for layer, ref in layers.items():
+                row = got.loc[layer]
+                where = (what, step, kind, layer)
+                assert row["numel"] == ref["numel"], where
+                assert round(row["zero_frac"] * row["numel"]) == ref["zeros"], where
+                assert row["nonfinite"] == ref["nonfinite"], where
+                if math.isnan(ref["norm"]):
+                    assert math.isnan(row["norm"]), where
+                else:
+                    assert row["norm"] == pytest.approx(ref["norm"], rel=1e-5, abs=0), where
+
+
+def test_recorder_statistics_are_the_whole_gradients_the_optimizer_sees(job):
+    """The Recorder's per-layer gradient and weight statistics (every 2 steps, each rank's run)
+    equal those of the gathered tensors after the reduce-scatter and before clipping (the clip
+    changed every finite step's gradients), on the step whose gradients are NaN too."""
+    out, reports = job
+    for rep in reports:
+        rec = rep["recorder"]
+        assert rec["recorder_errors"] == []
+        stats = mpviz.load_run(out / "run", rank=rep["rank"]).layer_stats
+        _matches(stats[stats["tensor"] != "activation"], rec["references"], "recorder")
+        assert sorted(set(stats["step"])) == list(range(0, STEPS, RECORD_EVERY))
+        finite = [n for n in rec["clip_norms"] if math.isfinite(n)]
+        assert len(finite) == STEPS - 2 and min(finite) > CLIP
+        # the layers' norms put together are the clip's total norm (before it clipped)
+        for step in (0, 2):
+            grads = stats[(stats["step"] == step) & (stats["tensor"] == "grad")]
+            total = math.sqrt((grads["norm"] ** 2).sum())
+            assert total == pytest.approx(rec["clip_norms"][step], rel=1e-5)
+    # both ranks measured the same whole tensors
+    a, b = (mpviz.load_run(out / "run", rank=r).layer_stats.query("tensor == 'grad'")
+            for r in (0, 1))
+    assert a["norm"].tolist()[:10] == b["norm"].tolist()[:10]
+
+
+def test_recorder_records_the_dtypes_fsdp_computes_in(job):
+    """Each layer's weight as it computes (the unit's bf16 param_dtype, not the fp32 storage),
+    its inputs and outputs in bf16, its gradients as the optimizer gets them (fp32); per unit,
+    run.meta["fsdp_units"] has what fully_shard was given and the storage dtype."""
+    out, reports = job
+    for rep in reports:
+        run = mpviz.load_run(out / "run", rank=rep["rank"])
+        units = run.meta["fsdp_units"]
+        assert [u["modules"] for u in units] == [[""], ["blocks.0"], ["blocks.1"], ["blocks.2"]]
+        for u in units:
+            assert (u["param_dtype"], u["reduce_dtype"], u["output_dtype"],
+                    u["storage_dtype"]) == ("bfloat16", "float32", None, "float32")
+        dtypes = run.dtype_map()
+        layers = run.layers.set_index("layer")
+        with_params = [n for n in layers.index if layers.loc[n, "n_params"] > 0]
+        assert len(with_params) == 24
+        for name in with_params:
+            assert layers.loc[name, "param_dtype"] == "float32"  # the sharded storage
+            assert (dtypes.loc[name, "weight"], dtypes.loc[name, "grad"]) == \
+                ("bfloat16", "float32"), name
+        leaves = layers.index[layers["is_leaf"]]
+        assert len(leaves) == 24
+        for name in leaves:
+            assert (dtypes.loc[name, "input"], dtypes.loc[name, "output"]) == \
+                ("bfloat16", "bfloat16"), name
+        assert layers.loc["blocks.1", "type"] == "Block"  # the user's class, not FSDPBlock
+        assert run.meta["fsdp"]["replay"].startswith("off")
+
+
+def test_recorder_names_the_rank_where_an_inf_was_born(job):
+    """Rank 1's own gradients went non-finite at steps 1 (an inf gradient at blocks.1's output)
+    and 4 (an inf input): its rows there have origin True, for exactly the layers a plain bf16
+    copy of the model says. Rank 0 got NaN only through the reduce-scatter: origin False."""
+    out, reports = job
+    ov = mpviz.load_run(out / "run").overflows
+    ov = ov[ov["phase"] == "backward"]
+    r0, r1 = ov[ov["rank"] == 0], ov[ov["rank"] == 1]
+    assert set(r0["step"]) == set(r1["step"]) == {BACKWARD_BAD_STEP, BAD_STEP}
+    assert not r0["origin"].any()
+    ref = reports[BAD_RANK]["recorder"]["reference_bad"]
+    for step in (BACKWARD_BAD_STEP, BAD_STEP):
+        rows = r1[r1["step"] == step]
+        want = {n.rpartition(".")[0] for n in ref[str(step)]}
+        assert set(rows.loc[rows["origin"], "layer"]) == want, step
+    assert len({n.rpartition(".")[0] for n in ref[str(BACKWARD_BAD_STEP)]}) == 15  # inp, 2 blocks
+    assert r1["first"].sum() == 2
+
+
+def test_recorder_leaves_fsdp_training_bit_identical_and_comes_off(reports):
+    for rep in reports:
+        assert rep["recorder"]["identical"]
+        assert rep["recorder"]["hooks_after_close"] == [4, 0, 0]  # FSDP's own pre-hooks only
+
+
+def test_recorded_dtypes_keep_exactly_the_advised_layers_in_fp32(job):
+    """shard(model, POLICY) recorded: each leaf's recorded input, output and weight dtypes are
+    those the script's own hooks saw, and exactly the POLICY's fp32 layers ran in fp32. Rank 0
+    stores no statistics (stats_ranks=[1]) but joined rank 1's collectives."""
+    out, reports = job
+    fp32 = {n for n, p in POLICY.items() if p == "fp32"}
+    for rep in reports:
+        pol = rep["policy"]
+        assert pol["recorder_errors"] == []
+        run = mpviz.load_run(out / "policy", rank=rep["rank"])
+        dtypes = run.dtype_map()
+        for name, seen in pol["leaves"].items():
+            got = dtypes.loc[name]
+            assert (got["input"], got["output"]) == (seen["input"], seen["output"]), name
+            if seen["weight"] is not None:
+                assert got["weight"] == seen["weight"], name
+        assert set(dtypes.index[dtypes["output"] == "float32"]) - {""} == fp32
+        stats = run.layer_stats
+        assert (len(stats) > 0) == (rep["rank"] == 1)
+    rows = mpviz.load_run(out / "policy", rank=1).layer_stats
+    assert sorted(set(rows["step"])) == [0, 1] and rows["norm"].notna().all()
+
+
+@pytest.mark.parametrize("kind", ["amp", "sharded"])
+def test_fp16_with_a_grad_scaler(job, kind):
+    """fp16 compute with torch.amp.GradScaler or FSDP's ShardedGradScaler: the loss scale and the
+    skipped step (rank 1's inf at step 4 makes both ranks skip) as the scaler had them, and the
+    gradients recorded unscaled."""
+    out, reports = job
+    for rep in reports:
+        ref = rep["scalers"][kind]
+        assert ref["recorder_errors"] == []
+        run = mpviz.load_run(out / kind, rank=rep["rank"])
+        steps = run.steps
+        assert steps["loss_scale"].tolist() == ref["scale"]
+        assert steps["skipped"].tolist() == ref["skipped"] == [s == BAD_STEP for s in range(STEPS)]
+        stats = run.layer_stats
+        _matches(stats[stats["tensor"] != "activation"], ref["references"], kind)
+        dtypes = run.dtype_map()
+        assert set(dtypes["weight"].dropna()) == {"float16"}
+
+
+def test_a_failure_on_one_rank_stops_the_statistics_on_every_rank(job):
+    """Rank 1's gradient read fails from step 1 on and its shards' statistics from step 3 on:
+    both ranks recorded every step (no rank waited on a collective), both took gradient and
+    weight statistics up to step 2 and none after, each says why."""
+    out, reports = job
+    assert reports[0]["failing"] == {"steps": 5, "errors": ["sharded statistics"]}
+    assert reports[1]["failing"] == {"steps": 5, "errors": ["gradients", "sharded statistics"]}
+    for r in (0, 1):
+        run = mpviz.load_run(out / "failing", rank=r)
+        assert run.steps["step"].tolist() == list(range(5))
+        stats = run.layer_stats
+        for kind in ("grad", "weight"):
+            assert sorted(set(stats.loc[stats["tensor"] == kind, "step"])) == [0, 1, 2]
+        acts = sorted(set(stats.loc[stats["tensor"] == "activation", "step"]))
+        assert acts == ([0] if r == 1 else list(range(5)))
+        errors = run.meta["recorder_errors"]
+        assert ("failed on 1 other rank" in errors[-1]["error"]) == (r == 0)
+
+
+def test_fsdp1_and_a_measured_budget_are_refused_at_attach(reports):
+    for rep in reports:
+        ref = rep["fsdp1"]
+        assert ref["message"].startswith("mpviz does not record FSDP1 models")
+        assert "fully_shard(" in ref["message"] and "mpviz.fsdp.shard" in ref["message"]
+        assert not ref["run_created"] and ref["hooks_unchanged"] and ref["trains"]
+        assert "pass every=N" in ref["budget"]
+        left = ref["budget_left"]
+        assert not left["run_created"] and left["hooks"] == left["fresh_hooks"]
+
+
+def test_lightning_model_parallel_strategy_is_recorded(job):
+    """Lightning's ModelParallelStrategy (FSDP2 in configure_model), mpviz's Lightning callback:
+    the whole gradients and weights the optimizer steps with, on both ranks."""
+    pytest.importorskip("lightning")
+    out, reports = job
+    for rep in reports:
+        run = mpviz.load_run(out / "lightning", rank=rep["rank"])
+        assert run.steps["step"].tolist() == [0, 1, 2, 3]
+        assert "recorder_errors" not in run.meta or run.meta["recorder_errors"] == []
+        assert len(run.meta["fsdp_units"]) == 4
+        stats = run.layer_stats
+        _matches(stats[stats["tensor"] != "activation"], rep["lightning"]["references"],
+                 "lightning")
 
 
 # ------------------------------------------------------------------ the plan, no process group

@@ -27,8 +27,11 @@ class ForwardWatch:
     """Module hooks, on during watched steps (which ones: :class:`.schedule.StepPlan`)."""
 
     def __init__(self, modules: list[nn.Module], wrap: Callable[[Callable], Callable],
-                 compiled: bool) -> None:
+                 compiled: bool, first: set[int] | None = None) -> None:
         self.modules, self.wrap = modules, wrap
+        # modules whose hook goes before their other forward hooks: the model's, and FSDP2
+        # units' (whose own hook casts outputs to output_dtype: the layer computed before that)
+        self.first = {0} | (first or set())
         self.handles: list[Any] = []
         self.fwd_dtypes: dict[int, tuple[torch.dtype | None, torch.dtype | None]] = {}
         self.fwd_order: list[int] | None = None  # modules in the order they finished, once
@@ -79,7 +82,8 @@ class ForwardWatch:
     def _hook(self, on: bool) -> None:
         on = on and (not self.compiled or self.rerunning)
         if on and not self.handles:
-            self.handles = [m.register_forward_hook(self.wrap(self._make_hook(i)), prepend=i == 0)
+            self.handles = [m.register_forward_hook(self.wrap(self._make_hook(i)),
+                                                    prepend=i in self.first)
                             for i, m in enumerate(self.modules)]
         elif not on and self.handles:
             self.remove()
@@ -125,11 +129,12 @@ class ForwardWatch:
             h.remove()
         self.handles = []
 
-    def dtype_rows(self, step: int, params: list[nn.Parameter], param_layer: list[int],
+    def dtype_rows(self, step: int, weights: list[Any], param_layer: list[int],
                    grads: list[torch.Tensor | None]) -> list[DtypeRow]:
-        """Rows for the dtypes that changed since they were last recorded."""
-        seen = (self.fwd_dtypes, [p.dtype for p in params],
-                [None if g is None else g.dtype for g in grads])
+        """Rows for the dtypes that changed since they were last recorded. ``weights``: each
+        parameter's dtype as its layer computes with it (its own, or under FSDP its unit's
+        ``param_dtype``)."""
+        seen = (self.fwd_dtypes, list(weights), [None if g is None else g.dtype for g in grads])
         if seen == self.dtypes_seen:  # the common case: nothing changed
             return []
         self.dtypes_seen = (dict(self.fwd_dtypes), seen[1], seen[2])
@@ -139,9 +144,9 @@ class ForwardWatch:
                 current[(idx, "input")] = dtype_name(i_dt)
             if o_dt is not None:
                 current[(idx, "output")] = dtype_name(o_dt)
-        for i, p in enumerate(params):
+        for i, w in enumerate(weights):
             layer = param_layer[i]
-            current.setdefault((layer, "weight"), dtype_name(p.dtype))
+            current.setdefault((layer, "weight"), w if isinstance(w, str) else dtype_name(w))
             g = grads[i] if i < len(grads) else None
             if g is not None:
                 current.setdefault((layer, "grad"), dtype_name(g.dtype))

@@ -51,13 +51,15 @@ class LocalGradCheck:
         ...     check.bad_params()     # ['layers.3.mlp.weight'] if this rank made an inf
     """
 
-    def __init__(self, model: nn.Module, on_host: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, on_host: bool | None = None,
+                 wrap: Callable[[Callable], Callable] = lambda fn: fn) -> None:
         self.model = model
         self.units = fsdp_modules(model)
         if not self.units:
             raise ValueError("LocalGradCheck needs an FSDP2 model (fully_shard on its blocks and "
                              "root)")
         self.on_host = on_host
+        self.wrap = wrap  # each hook goes through it (the Recorder: errors contained)
         self._pre: list[Any] = []
         self._grad_hooks: dict[int, Any] = {}  # id(unsharded parameter) -> its hook's handle
         self._found: list[str] = []  # names found non-finite (CPU)
@@ -65,7 +67,7 @@ class LocalGradCheck:
 
     def attach(self) -> "LocalGradCheck":
         for name, mod in self.units:
-            self._pre.append(mod.register_forward_pre_hook(self._finder(name)))
+            self._pre.append(mod.register_forward_pre_hook(self.wrap(self._finder(name))))
         return self
 
     def _finder(self, unit: str) -> Callable:
@@ -80,7 +82,7 @@ class LocalGradCheck:
                 if id(p) in self._grad_hooks or isinstance(p, DTensor) or not p.requires_grad:
                     continue
                 self._grad_hooks[id(p)] = p.register_post_accumulate_grad_hook(
-                    self._checker(prefix + pname))
+                    self.wrap(self._checker(prefix + pname)))
         return find_unsharded
 
     def _checker(self, name: str) -> Callable:
@@ -107,6 +109,14 @@ class LocalGradCheck:
             for k in (~torch.isfinite(vals)).nonzero().flatten().tolist():
                 out.append(self._maxes[k][0])
         return sorted(set(out))
+
+    def flag(self) -> float | torch.Tensor:
+        """Nonzero if a local gradient held inf/nan since the last :meth:`end_step`: a float
+        once checked on the host, else a device tensor (no sync)."""
+        if self._found or not self._maxes:
+            return float(bool(self._found))
+        vals = torch.stack([m.float() for _, m in self._maxes])
+        return (~torch.isfinite(vals)).any().float()
 
     def end_step(self) -> None:
         self._found.clear()

@@ -6,6 +6,11 @@ backward, from a callback queued by a post-accumulate-grad hook on one parameter
 the model (so also when the model is compiled, or the loop calls a child module). Where no
 backward was seen: in the optimizer's step pre-hook; after ``optimizer.step(closure)`` (LBFGS);
 on a statistics step whose gradients nobody read, in ``rec.step()``.
+
+FSDP2: ``.grad`` is a sharded DTensor, written by the reduce-scatter (FSDP calls the
+parameters' post-accumulate-grad hooks after it, so the end-of-backward read sees every one).
+The inf/nan checks read each rank's own shards; statistics of the whole gradients and weights
+come from :meth:`Gradients.join` (collectives every rank joins), activations stay local.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import torch
 from .. import compat
 from ..stats import HostSample, tensor_stats_device
 from .layers import Layers
-from .rows import Measured
+from .rows import Joined, Measured
 
 
 @dataclass(slots=True)
@@ -28,9 +33,16 @@ class GradRead:
     bad: torch.Tensor | None  # our own inf/nan flag (only without GradScaler)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's own part of a tensor (a DTensor's shard), read without a collective."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
 class Gradients:
-    def __init__(self, layers: Layers, scaler: Any) -> None:
+    def __init__(self, layers: Layers, scaler: Any, sharded: Any = None) -> None:
         self.params, self.param_layer, self.scaler = layers.params, layers.param_layer, scaler
+        self.sharded = sharded  # recording.sharded.ShardedStats under FSDP2
         # CPU tensors are read in place and measured with numpy; on an accelerator statistics
         # are kernels there and one host copy per step (tests switch this off on the CPU).
         self.on_host = layers.device.type == "cpu"
@@ -55,7 +67,7 @@ class Gradients:
             # No GradScaler watches for inf/nan: check here (on device, no sync). Which
             # gradients are bad is worked out on a bad step only (nonfinite_layers).
             bad = self.found_inf  # zero but after a bad step (clear_flag)
-            compat.check_nonfinite(present, bad)
+            compat.check_nonfinite([_local(g) for g in present], bad)
         return GradRead(grads, scale, token, bad)
 
     def clear_flag(self) -> None:
@@ -64,8 +76,8 @@ class Gradients:
     def measure(self, step: int, acts: dict[int, torch.Tensor],
                 read: GradRead | None) -> Measured | None:
         """Activations, (unscaled) gradients and weights of a statistics step, in one batched
-        computation."""
-        grads = read.grads if read is not None else []
+        computation (under FSDP activations only: :meth:`join` adds the others)."""
+        grads = read.grads if read is not None and self.sharded is None else []
         present = [g for g in grads if g is not None]
         owners = {"activation": list(acts),
                   "grad": [self.param_layer[i] for i, g in enumerate(grads) if g is not None],
@@ -92,9 +104,43 @@ class Gradients:
                                    offset=step)
         return tensor_stats_device(tensors, scaled, offset=step)
 
+    def join(self, m: Measured | None, step: int, keep: bool,
+             on_error: Any) -> Measured | None:
+        """FSDP2: the statistics collectives of a statistics step, which every rank joins (also
+        where ``m`` is None or ``keep`` is False: a rank that stores no statistics). Returns
+        ``m`` with the whole gradients' (unscaled) and weights' rows after its activations'."""
+        params, n = self.params, len(self.params)
+        grads = [p.grad for p in params]
+
+        def tensors() -> tuple[list[Any], Any]:
+            scale = compat.scaler_scale(self.scaler) if self.scaling() else None
+            return grads + params, (0, n, scale) if scale is not None else None
+
+        rows = self.sharded.rows(tensors, 2 * n, self.found_inf.device, step, on_error)
+        if rows is None or not keep:
+            return m
+        present = [i for i, g in enumerate(grads) if g is not None]
+        if not present:
+            return m
+        rows = rows[present + list(range(n, 2 * n))]
+        if m is None:
+            m = Measured(step, None, {"activation": []}, [])
+        m.owners["grad"] = [self.param_layer[i] for i in present]
+        m.owners["weight"] = list(self.param_layer)
+        acts = m.values
+        if acts is None:
+            m.values = rows.cpu().numpy() if self.on_host else rows
+        elif isinstance(acts, HostSample):
+            m.values = Joined(acts, rows.cpu().numpy())
+        else:
+            m.values = torch.cat([acts.double(), rows])
+        return m
+
     def nonfinite_layers(self, read: GradRead | None) -> dict[int, int]:
-        """Layer -> inf/nan elements of its gradients, in parameter order (bad steps only)."""
+        """Layer -> inf/nan elements of its gradients, in parameter order (bad steps only;
+        under FSDP, in this rank's shards)."""
         grads = read.grads if read is not None else []
+        grads = [None if g is None else _local(g) for g in grads]
         present = [i for i, g in enumerate(grads) if g is not None]
         if not present:
             return {}

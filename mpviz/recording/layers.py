@@ -46,8 +46,21 @@ class Layers:
         rows = []
         for i, (name, m) in enumerate(zip(self.names, self.modules)):
             ps = list(m.parameters(recurse=False))
-            rows.append(LayerRow(i, name, type(m).__name__, sum(p.numel() for p in ps),
+            rows.append(LayerRow(i, name, _type_name(m), sum(p.numel() for p in ps),
                                  dtype_name(ps[0].dtype) if ps else None,
                                  0 if name == "" else name.count(".") + 1,
                                  int(not any(True for _ in m.children()))))
         return rows
+
+
+def _type_name(m: nn.Module) -> str:
+    """The module's class name; for an FSDP2 unit the user's class (``fully_shard`` swaps
+    ``Block`` for a ``FSDPBlock`` subclass)."""
+    cls = type(m)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return cls.__name__
+    if isinstance(m, FSDPModule):
+        cls = next((b for b in cls.__mro__ if not issubclass(b, FSDPModule)), cls)
+    return cls.__name__

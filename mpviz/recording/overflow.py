@@ -69,14 +69,20 @@ def replay_forward(modules: list[nn.Module], inputs: tuple[int, tuple, dict],
 
 class Replay:
     """Reruns of the step's forward, for the module hooks (a compiled model's dtypes and
-    activations) or with checks on (the inf/nan culprit)."""
+    activations) or with checks on (the inf/nan culprit).
 
-    def __init__(self, modules: list[nn.Module], device: torch.device, watch: Any) -> None:
+    ``enabled=False`` (FSDP): no rerun. An FSDP forward all-gathers each unit's parameters, a
+    collective that a rerun on one rank alone would wait on forever; there each rank's local
+    gradients are checked before the reduce-scatter instead (``overflows.origin``)."""
+
+    def __init__(self, modules: list[nn.Module], device: torch.device, watch: Any,
+                 enabled: bool = True) -> None:
         self.modules, self.device, self.watch = modules, device, watch
+        self.enabled = enabled
         self.active = False  # a rerun is under way: not the user's forward
 
     def run(self, s: Any, check: bool) -> list[tuple[int, int]] | None:
-        if s.inputs is None:
+        if s.inputs is None or not self.enabled:
             return None
         self.active = True
         try:
@@ -94,13 +100,17 @@ def overflow_rows(step: int, culprits: list[tuple[int, int]], bad_grads: dict[in
     non-finite, the first in backward order marked ``first``.
 
     ``origin``: forward rows are always this rank's own; a gradient row is when its layer's
-    gradients on this rank were (``rank_layers``; None: no all-reduce, every gradient is)."""
+    gradients on this rank were (``rank_layers``; None: no all-reduce, every gradient is).
+    Under FSDP a rank keeps a shard of each reduced gradient, which may hold none of the inf/nan
+    its own local gradient had: such a layer gets a row with ``nonfinite`` 0 and ``origin``."""
     rows = [OverflowRow(step, layer, "activation", "forward", int(k == 0), count, int(skipped), 1)
             for k, (layer, count) in enumerate(culprits)]
     # Backward runs in reverse forward order: the first layer to receive a non-finite
     # gradient is the one that ran last in the forward pass.
     order = {l: k for k, l in enumerate(fwd_order or [])}
-    for k, layer in enumerate(sorted(bad_grads, key=lambda l: -order.get(l, -1))):
-        rows.append(OverflowRow(step, layer, "grad", "backward", int(k == 0), bad_grads[layer],
-                                int(skipped), int(rank_layers is None or layer in rank_layers)))
+    layers = [*bad_grads, *sorted(set(rank_layers or ()) - set(bad_grads))]
+    for k, layer in enumerate(sorted(layers, key=lambda l: -order.get(l, -1))):
+        rows.append(OverflowRow(step, layer, "grad", "backward", int(k == 0),
+                                bad_grads.get(layer, 0), int(skipped),
+                                int(rank_layers is None or layer in rank_layers)))
     return rows

@@ -24,6 +24,13 @@ What it costs, and where the host syncs are:
 - statistics steps (:mod:`.schedule`): activation, gradient and weight statistics;
 - steps with inf/nan: the step's forward is replayed once with checks on.
 Rows go to a background writer thread (:mod:`mpviz.store`); nothing is written on this thread.
+
+FSDP2 (``fully_shard``; FSDP1 is refused): gradient and weight statistics are the whole
+tensors', from each rank's shards (:mod:`.sharded`: two all-reduces per statistics step, which
+every rank joins, so ``every`` is fixed); the dtypes are each layer's compute dtype and
+``run.meta["fsdp_units"]`` has each unit's policy; each rank's local gradients are checked
+before the reduce-scatter (:mod:`mpviz.distributed`); forwards are never replayed (a replay
+would all-gather on one rank alone). Every rank must attach a Recorder.
 """
 from __future__ import annotations
 
@@ -54,6 +61,7 @@ from .layers import Layers
 from .overflow import Replay
 from .rows import stat_rows
 from .schedule import DEFAULT_BUDGET, DEFAULT_EVERY, StatsSchedule, StepPlan
+from .sharded import Sharding, ShardedStats
 from .step import MicroBatches, Parts, StepEnd, StepRecord, StepState, finish_step, to_host
 
 
@@ -99,7 +107,8 @@ class Recorder:
             every 10, so that ranks take the same steps). Loss, scale, skips, overflow events
             with their layers, dtypes and timing are recorded every step either way.
         stats_budget: the share of training time statistics may cost (default 0.03 when
-            ``every`` is None in a single process; otherwise no budget unless given).
+            ``every`` is None in a single process; otherwise no budget unless given; refused
+            under FSDP, where ranks must take statistics on the same steps).
             ``run.meta["stats_cost"]`` says what they cost.
         policy: an :class:`mpviz.PrecisionPolicy` (or its rules dict) to apply while recording;
             its changes are recorded in ``run.policy_changes``.
@@ -111,7 +120,8 @@ class Recorder:
             ``resume``, a ``run_dir`` that holds a run is refused.
         start_step: the index of the first step recorded (the checkpoint's step when resuming).
         stats_ranks: in a distributed job, the ranks that take per-layer statistics: a list
-            (``[0, 7]``), ``"sample:K"`` (K ranks spread evenly), or None (every rank).
+            (``[0, 7]``), ``"sample:K"`` (K ranks spread evenly), or None (every rank). Under
+            FSDP every rank still joins the statistics collectives; only these store rows.
         lost_updates: on statistics steps, the fraction of each bf16/fp16 weight's elements
             whose update was rounded away (``run.lost_updates()``); None (default): on when the
             model holds bf16/fp16 parameters. See :mod:`.diagnostics`.
@@ -183,7 +193,8 @@ class Recorder:
         self._writer: RunWriter | None = None
         self._run: Run | None = None
         self._state: StepState | None = None
-        self._origin: distributed.OriginWatch | None = None
+        self._origin: distributed.OriginWatch | distributed.ShardOrigin | None = None
+        self._sharding: Sharding | None = None  # FSDP2 models, from attach on
         self._steering: Any = None  # recording.steering.Steering while attached
         self._autocast_known = False  # autocast_dtype written to run.meta
 
@@ -211,8 +222,12 @@ class Recorder:
         return self
 
     def _attach(self, undo: contextlib.ExitStack) -> None:
-        distributed.check_supported(self.model)  # FSDP: refused before anything is attached
+        distributed.check_supported(self.model)  # FSDP1: refused before anything is attached
         self._layers = Layers.of(self.model)
+        layers, st = self._layers, self.settings
+        self._sharding = Sharding.of(self.model, layers.modules, layers.params)  # FSDP2
+        self._plan = StepPlan(self._schedule, st.rank in st.stats_ranks,
+                              sharded=self._sharding is not None)
         policy = self._checked_policy()  # a bad rule fails before anything is on the model or disk
         self._open_store(undo)
         self._make_parts(undo)
@@ -243,6 +258,7 @@ class Recorder:
             "host": socket.gethostname(), "pid": os.getpid(), "python": platform.python_version(),
             "rank": st.rank, "world_size": st.world_size, "steerable": st.steerable,
             "stats_ranks": st.stats_ranks,
+            **self._sharded_meta(),
             **st.meta,
         }
         self._writer = RunWriter(db_path(st.run_dir, st.rank), meta,
@@ -252,21 +268,38 @@ class Recorder:
         undo.push(self._end_run)
         self._schedule.writer = self._writer
 
+    def _sharded_meta(self) -> dict[str, Any]:
+        if self._sharding is None:
+            return {}
+        return {"fsdp_units": self._sharding.meta(), "fsdp": {
+            "statistics": "gradients and weights measured as whole tensors from each rank's "
+                          "shards (two all-reduces per statistics step, joined by every rank); "
+                          "activations per rank",
+            "replay": "off: a rerun of the forward would all-gather on one rank alone; the "
+                      "local gradients are checked before the reduce-scatter instead (origin)",
+            "lost_updates": "off: measuring them on sharded weights would add a collective in "
+                            "the optimizer step; FSDP keeps the weights in their storage dtype "
+                            "(fp32 with a usual MixedPrecisionPolicy), where updates are not "
+                            "rounded to bf16/fp16"}}
+
     def _make_parts(self, undo: contextlib.ExitStack) -> None:
         layers, st, contained = self._layers, self.settings, self._errors.contained
-        self._grads = Gradients(layers, self.scaler)
+        sharding = self._sharding
+        self._grads = Gradients(layers, self.scaler,
+                                ShardedStats(sharding.group) if sharding is not None else None)
         undo.callback(self._grads.views.clear)
         # A compiled model's module hooks do not run as Python: its per-layer dtypes and
         # activations come from an eager rerun of the same batch.
         compiled = compat.is_compiled_wrapper(self.model) or \
             getattr(self.model, "_compiled_call_impl", None) is not None
-        self._watch = ForwardWatch(layers.modules, lambda fn: contained("layers", fn), compiled)
+        self._watch = ForwardWatch(layers.modules, lambda fn: contained("layers", fn), compiled,
+                                   first=sharding.fsdp_modules if sharding is not None else None)
         undo.callback(self._watch.remove)
         undo.callback(setattr, self, "_state", None)
-        self._replay = Replay(layers.modules, layers.device, self._watch)
+        self._replay = Replay(layers.modules, layers.device, self._watch,
+                              enabled=sharding is None)
         self._entries = Entries(layers, self._on_forward, lambda: self._replay.active, contained)
         self._boundary = MicroBatches(self.optimizer is not None)
-        self._plan = StepPlan(self._schedule, st.rank in st.stats_ranks)
         self._new_state(st.start_step)
 
     def _hook_model(self, undo: contextlib.ExitStack) -> None:
@@ -279,9 +312,11 @@ class Recorder:
         # Gradients are read when backward has accumulated them, before the loop clips or
         # unscales them: a hook on one parameter of each top-level part of the model queues the
         # read at the end of backward (whichever part the loop calls, compiled or not).
+        # (under FSDP not stopped by a failure in "gradients": every rank must go on joining the
+        # statistics collectives, which it does from the end of backward)
+        part = "gradients" if self._sharding is None else "backward"
         for p in _backward_markers(self._layers.modules[0]):
-            keep(p.register_post_accumulate_grad_hook(
-                contained("gradients", self._on_grad_accumulated)))
+            keep(p.register_post_accumulate_grad_hook(contained(part, self._on_grad_accumulated)))
         if self.optimizer is not None:
             keep(self.optimizer.register_step_pre_hook(
                 contained("optimizer", self._on_optimizer_step)))
@@ -290,11 +325,13 @@ class Recorder:
         parts = Parts(self._layers, lambda: self._state, lambda: self._replay.active,
                       self._writer.write, contained)
         st = self.settings
-        attach_diagnostics(parts, self.optimizer, keep, st.lost_updates, st.shadow,
+        attach_diagnostics(parts, self.optimizer, keep,
+                           st.lost_updates if self._sharding is None else False, st.shadow,
                            st.shadow_every)
         if self._watch.compiled:
             self._compiled_found()
-        self._origin = distributed.watch(self.model, parts)  # DDP: each rank's own inf/nan
+        # DDP, FSDP2: each rank's own inf/nan
+        self._origin = distributed.watch(self.model, parts)
         if self._origin is not None:
             undo.callback(self._origin.remove)
 
@@ -406,8 +443,8 @@ class Recorder:
 
     # ----------------------------------------------------------------- the step's phases
     def _new_state(self, index: int) -> None:
-        stats_step, watching = self._plan.begin(index)
-        self._state = StepState(index, stats_step, watching)
+        stats_step, watching, joins = self._plan.begin(index)
+        self._state = StepState(index, stats_step, watching, joins)
         self._watch.begin_step(self._state)
 
     def _on_forward(self, idx: int, args: tuple, kwargs: dict) -> None:
@@ -457,9 +494,38 @@ class Recorder:
         if s is not None and not s.backward_queued:
             s.backward_queued = True
             # Re-queue from inside the first final callback so ours runs after every callback
-            # queued during backward, e.g. DDP's, which writes the all-reduced gradients.
-            ready = self._errors.contained("gradients", self._gradients_ready)
-            compat.queue_backward_callback(lambda: compat.queue_backward_callback(ready))
+            # queued during backward, e.g. DDP's, which writes the all-reduced gradients, or
+            # FSDP's, which reduce-scatters the root unit's.
+            done = self._backward_done
+            compat.queue_backward_callback(lambda: compat.queue_backward_callback(done))
+
+    def _backward_done(self) -> None:
+        s = self._state
+        if s is not None:
+            s.backward_queued = False
+        self._errors.contained("gradients", self._gradients_ready)()
+        if s is not None and s.joins:
+            self._join(s)
+
+    def _join(self, s: StepState) -> None:
+        """FSDP: the statistics collectives, joined by every rank whatever failed on it (they
+        stop on every rank at once if they fail on one: ShardedStats)."""
+        sharded = self._grads.sharded
+        if sharded.stopped:
+            return
+        on_error = lambda e: self._errors.record("sharded statistics", e)  # noqa: E731
+        try:
+            s.stats = self._grads.join(s.stats if s.stats_step else None, s.index, s.stats_step,
+                                       on_error)
+        except Exception as e:  # noqa: BLE001 - the collective itself: stop here
+            sharded.stopped = True
+            on_error(e)
+            return
+        if sharded.stopped and "sharded statistics" not in self._errors.broken:
+            self._errors.record("sharded statistics", RuntimeError(
+                f"statistics of gradients and weights failed on {sharded.failed_ranks} other "
+                "rank(s) (their run.meta['recorder_errors'] say why): stopped on every rank"),
+                internal=False)
 
     def _gradients_ready(self) -> None:
         """2. Every ``.grad`` of this backward is accumulated."""
@@ -562,10 +628,14 @@ class Recorder:
         dtypes = []
         if s.watching and "layers" not in self._errors.broken:
             layers = self._layers
-            dtypes = self._watch.dtype_rows(s.index, layers.params, layers.param_layer,
+            weights = ([p.dtype for p in layers.params] if self._sharding is None
+                       else self._sharding.compute_dtypes)
+            dtypes = self._watch.dtype_rows(s.index, weights, layers.param_layer,
                                             s.grads.grads if s.grads is not None else [])
         culprits, rank_layers = [], None
-        bad = bool(bad_grads) or host.loss_bad
+        # (under DDP a rank's own inf/nan always reaches its all-reduced gradients; under FSDP
+        # its shard of the reduced ones may hold none of it)
+        bad = bool(bad_grads) or host.loss_bad or host.rank_bad
         if bad:
             culprits = s.precheck
             if culprits is None:

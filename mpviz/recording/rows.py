@@ -12,11 +12,27 @@ from ..store import Rows, pack_hists
 
 
 @dataclass(slots=True)
+class Joined:
+    """Rows in two parts: a HostSample's (activations, finished on the writer thread), then rows
+    already made (FSDP: the gradients and weights the statistics collectives returned)."""
+
+    first: HostSample
+    rest: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.first.nbytes + self.rest.nbytes
+
+    def rows(self) -> np.ndarray:
+        return np.concatenate([self.first.rows(), self.rest])
+
+
+@dataclass(slots=True)
 class Measured:
     """A statistics step's numbers, and the layer each row belongs to."""
 
     step: int
-    values: Any  # a HostSample (CPU), a device tensor, or after the host copy numpy rows
+    values: Any  # a HostSample or Joined (CPU), a device tensor, or after the host copy numpy rows
     owners: dict[str, list[int]]  # kind -> the layer of each row
     act_rows: list[int]  # activation -> its row (a tensor shared by modules is measured once)
     dtypes: dict[tuple[int, str], str] = field(default_factory=dict)  # (layer, role) -> dtype
@@ -29,7 +45,7 @@ def stat_rows(items: list[Measured]) -> list[Rows]:
     role = {"activation": "output", "grad": "grad", "weight": "weight"}
     blocks, keys, steps, dts = [], [], [], []
     for n, m in enumerate(items):
-        stats = m.values.rows() if isinstance(m.values, HostSample) else m.values
+        stats = m.values.rows() if isinstance(m.values, (HostSample, Joined)) else m.values
         n_act = max(m.act_rows, default=-1) + 1
         # activations of a tensor shared by several modules: the same row for each
         blocks += [stats[:n_act][m.act_rows], stats[n_act:]]

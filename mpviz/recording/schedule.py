@@ -98,18 +98,31 @@ class StepPlan:
     """The one place that decides where a step's statistics and dtypes come from: whether it
     takes statistics (this rank, the schedule), whether its module hooks are on ("watched":
     statistics steps, the first step, after a policy change, and a forward whose autocast state
-    or input dtype changed), and whether a compiled forward is rerun eagerly for them."""
+    or input dtype changed), and whether a compiled forward is rerun eagerly for them.
 
-    def __init__(self, schedule: StatsSchedule, stats_rank: bool) -> None:
-        self.schedule, self.stats_rank = schedule, stats_rank
+    ``sharded`` (FSDP2): the statistics of gradients and weights are collectives, so every rank
+    joins them on the schedule's steps ("joins"), also a rank that stores no statistics; the
+    schedule must then be a fixed ``every`` (no measured budget, which each rank would decide on
+    its own), and no forward is rerun (it would all-gather on this rank alone)."""
+
+    def __init__(self, schedule: StatsSchedule, stats_rank: bool, sharded: bool = False) -> None:
+        if sharded and schedule.budget is not None:
+            raise ValueError(
+                "stats_budget= lets each rank pick its statistics steps from its own measured "
+                "costs, but under FSDP the statistics of gradients and weights are collectives "
+                "that every rank must join on the same steps: pass every=N instead (and "
+                "stats_budget=None)")
+        self.schedule, self.stats_rank, self.sharded = schedule, stats_rank, sharded
         self.watch_next = True
         self.key: Any = None  # (autocast state, input dtype) of the last watched forward
 
-    def begin(self, index: int) -> tuple[bool, bool]:
-        """(statistics step, watched) of the step that begins."""
-        stats = self.stats_rank and self.schedule.is_stats_step(index)
+    def begin(self, index: int) -> tuple[bool, bool, bool]:
+        """(statistics step, watched, joins the statistics collectives) of the step that
+        begins."""
+        scheduled = self.schedule.is_stats_step(index)
+        stats = self.stats_rank and scheduled
         watching, self.watch_next = stats or self.watch_next, False
-        return stats, watching
+        return stats, watching, self.sharded and scheduled
 
     def forward(self, watching: bool, autocast: Any, input_dtype: Any) -> bool:
         """Whether the step is watched from this training forward on."""
@@ -123,7 +136,8 @@ class StepPlan:
     def policy_changed(self) -> None:
         self.watch_next = True
 
-    @staticmethod
-    def rerun(s: Any) -> bool:
-        """Module hooks do not run in compiled code: a watched step reruns its forward eagerly."""
-        return s.compiled and s.watching and s.inputs is not None and not s.rerun
+    def rerun(self, s: Any) -> bool:
+        """Module hooks do not run in compiled code: a watched step reruns its forward eagerly
+        (not under FSDP)."""
+        return (s.compiled and s.watching and s.inputs is not None and not s.rerun
+                and not self.sharded)

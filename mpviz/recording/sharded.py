@@ -17,6 +17,10 @@ Every rank of the shard group must call it with the same tensors (it is a collec
 
 :func:`fsdp_units` reports each FSDP unit's ``MixedPrecisionPolicy`` as it acts (the dtype it
 computes in, reduces gradients in, casts outputs to) and its sharded parameters' storage dtype.
+
+The Recorder's FSDP2 path: :class:`Sharding` (what it needs to know of the model, at attach) and
+:class:`ShardedStats` (its statistics collectives, which every rank joins on the same steps, and
+which stop on every rank at once if they fail on one).
 """
 from __future__ import annotations
 
@@ -29,9 +33,9 @@ import torch
 from torch import nn
 
 from ..formats import N_BINS, dtype_name
-from ..stats import N_HEAD, ROW
+from ..stats import N_HEAD, ROW, SAMPLE_CAP
 
-__all__ = ["sharded_stats", "shard_group", "FSDPUnit", "fsdp_units"]
+__all__ = ["sharded_stats", "shard_group", "FSDPUnit", "fsdp_units", "Sharding", "ShardedStats"]
 
 _SUMS = 3 + N_BINS  # sum of squares, numel, elements measured, histogram
 
@@ -347,3 +351,119 @@ def _managing_state(model: nn.Module, param_name: str, unit_of: dict[int, int]) 
         mod = getattr(mod, p)
         found = unit_of.get(id(mod), found)
     return found
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """An FSDP2 model as the Recorder sees it: its units, the dtype each parameter's layer
+    computes with (its unit's ``param_dtype``; not the sharded storage dtype), the modules
+    ``fully_shard`` was called on (their activation hooks go before FSDP's output cast), and the
+    process group the parameters are sharded over."""
+
+    units: list[FSDPUnit]
+    compute_dtypes: list[str]  # per parameter (in the order given to :meth:`of`)
+    fsdp_modules: set[int]  # indices (in the order given to :meth:`of`)
+    group: Any
+
+    @classmethod
+    def of(cls, model: nn.Module, modules: list[nn.Module],
+           params: list[torch.Tensor]) -> "Sharding | None":
+        """None for a model without FSDP2."""
+        try:
+            from torch.distributed.fsdp import FSDPModule
+            from torch.distributed.tensor import DTensor
+        except ImportError:
+            return None
+        fsdp_mods = {i for i, m in enumerate(modules) if isinstance(m, FSDPModule)}
+        if not fsdp_mods:
+            return None
+        units = fsdp_units(model)
+        compute = {n: u.param_dtype for u in units for n in u.params}
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        dtypes = [compute.get(name_of.get(id(p), ""), None) or dtype_name(p.dtype) for p in params]
+        group = shard_group([p for p in params if isinstance(p, DTensor)])
+        return cls(units, dtypes, fsdp_mods, group)
+
+    def meta(self) -> list[dict[str, Any]]:
+        """The units for ``run.meta["fsdp_units"]`` (plain JSON)."""
+        return [{"modules": list(u.modules), "param_dtype": u.param_dtype,
+                 "reduce_dtype": u.reduce_dtype, "output_dtype": u.output_dtype,
+                 "storage_dtype": u.storage_dtype, "cast_forward_inputs": u.cast_forward_inputs,
+                 "n_params": len(u.params), "numel": u.numel} for u in self.units]
+
+
+class ShardedStats:
+    """Statistics of an FSDP2 model's gradients and weights as whole tensors, for the Recorder:
+    :func:`sharded_stats` over every parameter at once, with the rules a collective needs.
+
+    - Every rank of the group calls :meth:`rows` on the same steps (the Recorder's statistics
+      steps, a fixed ``every``), also ranks that store no statistics, and always with the same
+      number of rows: one per parameter's gradient (an absent gradient adds nothing) and one
+      per weight.
+    - What a rank computes alone (its shards' parts) can fail; it then joins the collectives
+      anyway, with a flag in the summed tensor. Every rank reads the summed flag, so all stop
+      together (``stopped``) and no rank waits for a collective that will not come.
+    - Parameters outside every FSDP unit (plain tensors, the same on every rank) are counted
+      once, from the group's first rank.
+
+    Reading the flag is the one host read it adds (a sync on an accelerator, per statistics
+    step). Histograms and smallest nonzero |x| of tensors above ``sample`` elements are taken
+    from a strided sample, as :mod:`mpviz.stats` does; norms, max |x| and counts of elements
+    are exact."""
+
+    def __init__(self, group: Any, sample: int | None = SAMPLE_CAP) -> None:
+        import torch.distributed as dist
+
+        self.group, self.sample = group, sample
+        self.first = dist.get_rank(group) == 0
+        self.stopped = False  # the same on every rank
+        self.failed_ranks = 0
+
+    def rows(self, make: Any, n: int, device: torch.device, offset: int,
+             on_error: Any) -> torch.Tensor | None:
+        """float64 ``[n, ROW]`` rows of the ``n`` tensors ``make()`` returns as
+        ``(tensors, scaled)`` (a tensor may be None: no rows from it), or None once the
+        statistics stopped. ``on_error(exc)``: this rank's own failure, told before it joins."""
+        import torch.distributed as dist
+
+        if self.stopped:
+            return None
+        failed = 0.0
+        try:
+            tensors, scaled = make()
+            if len(tensors) != n:
+                raise ValueError(f"{len(tensors)} tensors to measure, {n} expected")
+            sums, maxes = self._local(tensors, scaled, device, offset)
+        except Exception as e:  # noqa: BLE001 - joined anyway (the others wait for it)
+            on_error(e)
+            failed = 1.0
+            sums = torch.zeros(n, _SUMS, dtype=torch.float64, device=device)
+            maxes = torch.zeros(n, 2, dtype=torch.float64, device=device)
+        flag = torch.zeros(1, _SUMS, dtype=torch.float64, device=device)
+        flag[0, 0] = failed
+        sums = torch.cat([sums, flag])
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group)
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=self.group)
+        self.failed_ranks = int(sums[n, 0].item())
+        if self.failed_ranks:
+            self.stopped = True
+            return None
+        return combine(sums[:n], maxes)
+
+    def _local(self, tensors: list[torch.Tensor | None], scaled: Any, device: torch.device,
+               offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from torch.distributed.tensor import DTensor
+
+        none = torch.zeros(0, device=device)
+        local, full = [], []
+        for t in tensors:
+            if t is None:
+                local.append(none)
+                full.append(0)
+            elif isinstance(t, DTensor):
+                local.append(t.to_local().detach())
+                full.append(t.numel())
+            else:  # not sharded: counted once
+                local.append(t.detach() if self.first else t.detach().reshape(-1)[:0])
+                full.append(t.numel())
+        return local_parts(local, full, scaled, self.sample, offset)

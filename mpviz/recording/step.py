@@ -36,6 +36,7 @@ class StepState:
     index: int
     stats_step: bool  # per-layer statistics on this step
     watching: bool  # module hooks on (statistics, or dtypes that may change)
+    joins: bool = False  # FSDP: joins the statistics collectives (every rank, statistics steps)
     t_start: float = field(default_factory=time.perf_counter)
     cpu_start: float | None = None  # this thread's CPU time at the step's first forward
     cpu_begin: float = field(default_factory=time.thread_time)  # ... where no forward is seen
