@@ -1,8 +1,8 @@
 """On a GPU: does the recorder add host syncs, and what does it cost? One short script.
 
-Run it on a machine with a CUDA GPU (about 2 minutes on an H100-class card):
+Run it on a machine with a CUDA GPU (a few minutes on an H100-class card):
 
-    python benchmarks/gpu_check.py                     # sync check + overhead table
+    python benchmarks/gpu_check.py                     # sync check, overhead, prediction check
     python benchmarks/gpu_check.py --device cpu --tiny # dry run of every code path (no sync check)
 
 On a machine without CUDA it prints that it skipped and exits 0.
@@ -23,10 +23,18 @@ On a machine without CUDA it prints that it skipped and exits 0.
    bf16: plain AMP, ``every=10`` (the default) and ``every=1``, A/B interleaved in blocks of
    steps (order rotated each round, ``torch.cuda.synchronize()`` and the recorder's flush
    charged to the block); ratio = median block time / plain's.
+3. **Prediction.** The same model trained plainly (no recorder) in fp32, bf16 and fp16 +
+   GradScaler, interleaved the same way, against ``mpviz.estimate`` of its step on this GPU
+   (``torch.cuda.get_device_name()``, or ``--gpu``; Adam, as trained): predicted and measured
+   step times and speedups over fp32, and whether each predicted speedup is within ±25% of the
+   measured one (the target of #21). fp32 is priced as tf32 when
+   ``torch.get_float32_matmul_precision()`` lets matmuls use it. On the CPU dry run the "measured"
+   figures are the CPU's and the comparison means nothing.
 
 Exit status: 0 when the recorder stays within its one sync per step (or on a skip), 1 when it
 adds more (each extra one is printed with where it comes from), 2 when syncs could not be
-counted (GradScaler's own sync was not seen: the check would prove nothing).
+counted (GradScaler's own sync was not seen: the check would prove nothing). The prediction
+check prints its verdict and does not change the exit status.
 """
 from __future__ import annotations
 
@@ -47,12 +55,15 @@ import torch  # noqa: E402
 
 import mpviz  # noqa: E402
 from mpviz import tree  # noqa: E402
+from mpviz.cost import get_device  # noqa: E402
 from overhead import gpt2_trainer  # noqa: E402
 
 SMALL = {"n_layer": 12, "n_embd": 768, "n_head": 12, "seq": 512, "batch": 8, "vocab": 50257}
 TINY = {"n_layer": 2, "n_embd": 32, "n_head": 2, "seq": 16, "batch": 4, "vocab": 256}
 PHASES = ("forward+backward", "scaler/optimizer", "rec.step")
 PRECISIONS = ("fp16", "bf16")
+PREDICTED = ("fp32", "bf16", "fp16")
+TOLERANCE = 0.25  # #21's target: a predicted speedup within 25% of the measured one
 ARMS = ("plain", "every=10", "every=1")
 # Syncs per step the recorder may add (recorder.py's docstring): the one host copy in rec.step();
 # without a GradScaler (bf16) also its inf/nan check before the optimizer's step, which must
@@ -207,12 +218,72 @@ def overhead(precision: str, size: dict[str, int], device: str, root: Path, roun
             **{f"{arm} ratio": med[arm] / med["plain"] for arm in ARMS[1:]}}
 
 
+def prediction(size: dict[str, int], device: str, gpu: str, rounds: int, block: int,
+               warmup: int) -> list[dict[str, Any]]:
+    """Measured (median of interleaved blocks, plain training) and predicted seconds per step of
+    fp32, bf16 and fp16 + GradScaler, and the speedups over fp32."""
+    made = {p: make("plain", p, size, device, Path()) for p in PREDICTED}
+    data = {p: batches(t, block, device) for p, (t, _) in made.items()}
+    fp32 = "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    predicted = {p: mpviz.estimate(t.model, data[p][0], policy=fp32 if p == "fp32" else p,
+                                   device=gpu, optimizer="adam", forward=t.loss_fn).step_time_s
+                 for p, (t, _) in made.items()}
+    off = SyncCounter(False)
+    times: dict[str, list[float]] = {p: [] for p in PREDICTED}
+
+    def block_of(p: str, n: int) -> float:
+        t = made[p][0]
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(n):
+            train_step(t, None, data[p][i % block], off)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    try:
+        for p in PREDICTED:
+            block_of(p, warmup)
+        for r in range(rounds):
+            k = r % len(PREDICTED)
+            for p in PREDICTED[k:] + PREDICTED[:k]:
+                times[p].append(block_of(p, block) / block)
+    finally:
+        for t, _ in made.values():
+            t.close()
+    measured = {p: statistics.median(v) for p, v in times.items()}
+    rows = []
+    for p in PREDICTED:
+        pred, meas = predicted["fp32"] / predicted[p], measured["fp32"] / measured[p]
+        rows.append({"precision": p, "predicted s": predicted[p], "measured s": measured[p],
+                     "predicted speedup": pred, "measured speedup": meas,
+                     "within": abs(pred / meas - 1) <= TOLERANCE})
+    return rows
+
+
+def print_prediction(rows: list[dict[str, Any]], title: str) -> None:
+    print(f"\npredicted (mpviz.estimate, {title}) vs measured step time, plain training")
+    print("| precision | predicted ms | measured ms | predicted speedup | measured speedup | "
+          f"within ±{TOLERANCE:.0%} |\n|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        prec = "fp16 + GradScaler" if r["precision"] == "fp16" else r["precision"]
+        verdict = "-" if r["precision"] == "fp32" else ("yes" if r["within"] else "NO")
+        print(f"| {prec} | {r['predicted s'] * 1e3:.2f} | {r['measured s'] * 1e3:.2f} | "
+              f"{r['predicted speedup']:.2f}x | {r['measured speedup']:.2f}x | {verdict} |")
+    ok = all(r["within"] for r in rows)
+    print(f"prediction check: {'PASS' if ok else 'FAIL'} (predicted speedups over fp32 within "
+          f"±{TOLERANCE:.0%} of the measured ones)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (a dry run)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model and few steps (dry run)")
     p.add_argument("--rounds", type=int, default=8, help="turns per arm (default 8)")
     p.add_argument("--block", type=int, default=20, help="steps per turn (default 20)")
+    p.add_argument("--gpu", default=None, help="the GPU to predict for, a name from "
+                   "mpviz.devices() (default: torch.cuda.get_device_name(); the CPU dry run: h100)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device: skipped (run it on a machine with a GPU; "
@@ -242,6 +313,14 @@ def main(argv: list[str] | None = None) -> int:
                 if over or s.get("strict", "").startswith("FAILED") or s.get("recorder_errors"):
                     status = max(status, 1)
             costs.append(overhead(prec, size, args.device, Path(tmp) / prec, rounds, block, warmup))
+    gpu = args.gpu or (torch.cuda.get_device_name() if args.device == "cuda" else "h100")
+    try:
+        title = get_device(gpu).title
+    except ValueError as e:  # a GPU mpviz has no datasheet figures for
+        title = str(e)
+        predicted = []
+    else:
+        predicted = prediction(size, args.device, gpu, rounds, block, warmup)
     print("\nhost syncs per step, recorded (every=10) minus plain; budget: fp16 "
           "0 / 0 / 1, bf16 0 / 1 / 1 (the one copy; bf16: + the check before the optimizer step)")
     print("| precision | " + " | ".join(PHASES) + " | strict re-run | where (recorded) |")
@@ -258,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     for c in costs:
         prec = "fp16 + GradScaler" if c["precision"] == "fp16" else c["precision"]
         print(f"| {prec} | {c['plain ms']:.1f} | {c['every=10 ratio']:.3f}x | {c['every=1 ratio']:.3f}x |")
+    if predicted:
+        print_prediction(predicted, title + ("" if args.device == "cuda" else
+                                             "; measured on the CPU: a dry run"))
+    else:
+        print(f"\nprediction check: skipped: {title} Pass --gpu NAME to compare anyway.")
     print(f"\n{time.perf_counter() - t_start:.0f} s; exit status {status} "
           "(0: within budget, 1: extra syncs or errors, 2: syncs not countable)")
     return status

@@ -45,8 +45,8 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "distributed":  # a submodule that imports torch: mpviz.distributed.checked(...)
-        return importlib.import_module("mpviz.distributed")
+    if name in ("distributed", "cost"):  # mpviz.distributed.checked(...), mpviz.cost.count(...)
+        return importlib.import_module(f"mpviz.{name}")
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'mpviz' has no attribute {name!r}")
