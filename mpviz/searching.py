@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 from mpviz import compat, tree
-from mpviz.cost import Device, Estimate, count, get_device, predict, save_counts
+from mpviz.cost import OPTIMIZERS, Device, Estimate, count, get_device, predict, save_counts
 from mpviz.cost.estimating import layer_precisions
-from mpviz.cost.pricing import _check_optimizer
 from mpviz.diagnosis import advise
 from mpviz.precision import PrecisionPolicy, resolve_policy, supported_precisions
 from mpviz.recording import Recorder
@@ -97,8 +96,8 @@ def search(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn | None = No
     fp16 with a GradScaler; ``"advised"``: :func:`mpviz.advise` of the fp16 probe, trained as a
     probe of its own; ``"fp8 linears"``: emulated fp8 on every ``nn.Linear``, bf16 elsewhere, as
     torchao trains, left out with a note where this torch or ``device`` has no fp8), a subset of
-    those names, or ``{name: policy}`` of your own (a PrecisionPolicy, its rules, a precision, or
-    None for fp32). fp32 is always probed: it is what the others are measured against.
+    those names, or ``{name: policy}`` of your own (a PrecisionPolicy, its rules, a precision,
+    None for fp32, or ``"advised"``). fp32 is always probed: the others are measured against it.
 
     ``optimizer`` (a name from :data:`mpviz.cost.OPTIMIZERS`) and ``lr`` build each probe's
     optimizer and price its step. Speed and memory are predicted for one step of
@@ -124,10 +123,9 @@ def search(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn | None = No
         {'*': 'fp16', 'big': 'fp32'}
     """
     dev = get_device(device)  # bad input is refused before any probe trains
-    _check_optimizer(optimizer)
-    if optimizer is None:
-        raise ValueError("search trains its probes: optimizer must name one, e.g. 'adamw' "
-                         "(see mpviz.cost.OPTIMIZERS)")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {optimizer!r}: the probes train with one of "
+                         f"{', '.join(OPTIMIZERS)} (mpviz.cost.OPTIMIZERS), priced as it runs.")
     if (loss_fn is None) == (train_step is None):
         raise ValueError("pass exactly one of loss_fn(model, batch) -> loss (the probe does "
                          "GradScaler, backward and the optimizer step) or train_step(model, "

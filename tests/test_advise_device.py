@@ -28,7 +28,8 @@ def _batch():
 
 def _priced_batch():
     """The batch a GPU would train on: its step is counted on the meta device (shapes only)."""
-    return torch.randn(16384, 16, device="meta"), torch.zeros(16384, dtype=torch.long, device="meta")
+    rows = 16384
+    return torch.randn(rows, 16, device="meta"), torch.zeros(rows, dtype=torch.long, device="meta")
 
 
 @pytest.fixture(scope="module")
@@ -103,4 +104,5 @@ def test_a_run_without_counts_or_an_unknown_gpu_is_refused_with_the_fix(fp16_run
 def test_advise_still_imports_no_torch():
     code = ("import sys, mpviz.diagnosis.advise, mpviz.cost; "
             "assert 'torch' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

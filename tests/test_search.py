@@ -58,7 +58,8 @@ def loss_fn(model, batch):
 
 
 def priced_batch():
-    return torch.randn(16384, 16, device="meta"), torch.zeros(16384, dtype=torch.long, device="meta")
+    rows = 16384
+    return torch.randn(rows, 16, device="meta"), torch.zeros(rows, dtype=torch.long, device="meta")
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,8 @@ def test_each_probe_is_a_recorded_run_from_the_same_start(searched):
         run = mpviz.load_run(row.run_dir)
         assert run.steps["step"].tolist() == list(range(STEPS)), row.policy
         assert run.meta["search"]["policy"] == row.policy and run.meta["status"] == "finished"
-        assert np.array_equal(run.steps["loss"].to_numpy(float), front.losses[row.policy], equal_nan=True)
+        recorded = run.steps["loss"].to_numpy(float)
+        assert np.array_equal(recorded, front.losses[row.policy], equal_nan=True)
         assert load_counts(row.run_dir) is not None  # the explorer can price it
     # The policy was in force: the advised probe ran big in fp32 and the rest in fp16.
     dt = mpviz.load_run(front.table.set_index("policy").loc["advised", "run_dir"]).dtypes
@@ -169,7 +171,8 @@ def test_a_train_step_and_policies_of_ones_own(tmp_path):
         opt.zero_grad()
         return loss
 
-    a = mpviz.search(model, batches, loss_fn=loss_fn, policies=mine, steps=3, run_root=tmp_path / "a")
+    a = mpviz.search(model, batches, loss_fn=loss_fn, policies=mine, steps=3,
+                     run_root=tmp_path / "a")
     b = mpviz.search(model, batches, train_step=train_step, policies=mine, steps=3,
                      run_root=tmp_path / "b", forward=loss_fn)
     assert a.table["policy"].tolist() == ["fp32", "half", "brain"]
@@ -185,7 +188,8 @@ def test_fp8_is_left_out_with_a_note_on_a_gpu_without_it(tmp_path, monkeypatch):
     front = mpviz.search(model, batches, loss_fn=loss_fn, policies=["fp8 linears", "fp32"],
                          steps=1, device="a100")
     assert front.table["policy"].tolist() == ["fp32"]
-    assert front.notes == ["fp8 linears: left out: the NVIDIA A100 SXM 80GB has no fp8 tensor cores"]
+    assert front.notes == [
+        "fp8 linears: left out: the NVIDIA A100 SXM 80GB has no fp8 tensor cores"]
     assert front.table["run_dir"].tolist() == [str(tmp_path / "runs" / "search" / "fp32")]
     # A policy of one's own with fp8 on that GPU is refused before anything trains.
     with pytest.raises(ValueError, match="no fp8 peak.*h100"):
@@ -198,11 +202,9 @@ def test_bad_input_is_refused_before_any_probe(tmp_path):
     model, batches = offset_model(hidden=16), make_batches(n=1, rows=8)
     root = tmp_path / "runs"
 
-    def refused(exc, match, **kw):
-        args = {"loss_fn": loss_fn, "run_root": root, **kw}
+    def refused(exc, match, batches=batches, **kw):
         with pytest.raises(exc, match=match):
-            mpviz.search(model, kw.pop("batches", batches), **{k: v for k, v in args.items()
-                                                               if k != "batches"})
+            mpviz.search(model, batches, **{"loss_fn": loss_fn, "run_root": root, **kw})
 
     refused(ValueError, r"Unknown device 'h10'.*Known GPUs: a100, h100", device="h10")
     refused(ValueError, "batches is empty", batches=[])
@@ -211,8 +213,10 @@ def test_bad_input_is_refused_before_any_probe(tmp_path):
     refused(ValueError, "exactly one of loss_fn", train_step=lambda m, b, o, s: 0.0)
     refused(ValueError, r"Unknown candidate 'fp64'.*fp32, bf16, fp16, advised, fp8 linears",
             policies=["fp64"])
-    refused(ValueError, "Policy rule 'bigg' is not a layer name.*'big'", policies={"x": {"bigg": "fp32"}})
-    refused(ValueError, "Unknown optimizer 'adam_w'", optimizer="adam_w")
+    refused(ValueError, "Policy rule 'bigg' is not a layer name.*'big'",
+            policies={"x": {"bigg": "fp32"}})
+    refused(ValueError, "Unknown optimizer 'adam_w'.*adamw", optimizer="adam_w")
+    refused(ValueError, "Unknown optimizer None", optimizer=None)
     refused(ValueError, "steps must be at least 1", steps=0)
     assert not root.exists()  # nothing trained, nothing written
 
