@@ -57,3 +57,13 @@ def test_compiled_benchmark_runs_and_mpviz_adds_no_graph_break_or_graph():
     c = m["counts"]
     assert c["plain"][1] >= 1  # it compiled
     assert c["recdef"] == c["rec1"] == c["plain"]  # attached after compiling: nothing more
+
+
+def test_gpu_check_prediction_runs_on_the_cpu():
+    import gpu_check
+
+    rows = gpu_check.prediction(gpu_check.TINY, "cpu", "h100", rounds=1, block=2, warmup=1)
+    by = {r["precision"]: r for r in rows}
+    assert set(by) == set(gpu_check.PREDICTED)
+    assert all(r["measured s"] > 0 and r["predicted s"] > 0 for r in rows)
+    assert by["fp32"]["predicted speedup"] == 1.0 and by["bf16"]["predicted speedup"] > 1
