@@ -66,4 +66,4 @@ def test_gpu_check_prediction_runs_on_the_cpu():
     by = {r["precision"]: r for r in rows}
     assert set(by) == set(gpu_check.PREDICTED)
     assert all(r["measured s"] > 0 and r["predicted s"] > 0 for r in rows)
-    assert by["fp32"]["predicted speedup"] == 1.0 and by["bf16"]["predicted speedup"] > 1
+    assert by["fp32"]["predicted speedup"] == 1.0 == by["fp32"]["measured speedup"]
