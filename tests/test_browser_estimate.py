@@ -1,7 +1,8 @@
 """The lab's speed estimate in a real browser (Voila + Chromium): train a few steps, read this
 machine's measured speed and the estimate for an H100, pick an A100 in the "predicted on" menu
 and see the estimate change to the A100's. The figures are checked against `mpviz.cost.predict`
-over the counts saved with the run. The harness is tests/helpers/browser.py."""
+over the counts saved with the run. Then the trade-off front: its button, its scatter. The
+harness is tests/helpers/browser.py."""
 
 from __future__ import annotations
 
@@ -52,6 +53,24 @@ def test_lab_shows_the_predicted_speed_for_the_gpu_picked(browser, shots, tmp_pa
         head = page.locator(".mpviz-layer-row").filter(has=page.get_by_text("head", exact=True))
         p.wait(lambda: head.locator(".mpviz-share").inner_text() == share, what="head's share")
         p.shoot(".mpviz-lab", "lab-estimate.png")
+
+        # The trade-off front of the MLP (seconds of probes here): a scatter with the front.
+        page.locator(".mpviz-task select").select_option("mlp")
+        p.wait(lambda: "ready: mlp, fp32" in status.inner_text(), what="the MLP")
+        page.get_by_role("button", name="Search the trade-off front").click()
+        front = """() => { const gd = document.querySelector('.mpviz-front-plot .js-plotly-plot');
+                       if (!gd || !gd.data) return null;
+                       return gd.data.map(t => [t.meta, Array.from(t.text || []), Array.from(t.x || [])]); }"""
+        p.wait(lambda: page.evaluate(front), timeout=300, what="the trade-off front's scatter")
+        drawn = {name: (meta, x) for meta, text, xs in page.evaluate(front)
+                 for label, x in zip(text, xs) for name in label.split(", ")}
+        assert drawn["fp32"] == ("front:on the front", 1.0)
+        assert {"fp32", "bf16", "fp16", "advised"} <= set(drawn)
+        table = page.locator(".mpviz-front-table")
+        assert "predicted speedup" in table.inner_text() and "fp8 linears" in table.inner_text()
+        assert "estimate for NVIDIA A100 SXM 80GB" in page.locator(".mpviz-front-status").inner_text()
+        page.wait_for_timeout(800)
+        p.shoot(".mpviz-lab", "lab-front.png")
         p.no_python_errors_shown()
         assert not p.our_errors(), p.our_errors()
         p.offline_ok()

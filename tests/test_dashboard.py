@@ -187,6 +187,44 @@ def test_lab_shows_the_predicted_speed_beside_the_measured_one(dash_runs):
         lab.close()
 
 
+def test_lab_draws_the_trade_off_front_of_its_probes(dash_runs):
+    """The front panel's button probes each policy (`mpviz.search`, through the session) with
+    Start held back meanwhile; the scatter has one labelled point per policy, at its predicted
+    speedup and loss gap, the front apart; the probes are runs the explorer lists."""
+    lab = lab_app(task="mlp", precision="fp32")
+    try:
+        lab.front.button.click()
+        assert lab.front.busy and lab.bar.start.disabled and lab.front.button.disabled
+        front = lab.front.future.result(300)
+        assert _wait(lambda: "probe steps each" in lab.front.status.value)
+        assert not lab.bar.start.disabled and not lab.front.button.disabled
+        fig = lab.front.out.outputs[0]["data"]["application/vnd.plotly.v1+json"]
+        t = front.table.set_index("policy")
+        drawn = {}
+        for trace in fig["data"]:
+            for x, y, label in zip(trace["x"], trace["y"], trace["text"]):
+                for name in label.split(", "):   # policies on the same point share it
+                    drawn[name] = (trace["meta"], x, y)
+        assert set(drawn) == set(t.index)
+        for name, (group, x, y) in drawn.items():
+            assert x == pytest.approx(t.loc[name, "speedup"])
+            if not t.loc[name, "diverged"]:
+                assert y == pytest.approx(100 * t.loc[name, "loss_gap"])   # in %
+            want = ("front:diverged" if t.loc[name, "diverged"] else
+                    "front:on the front" if t.loc[name, "on_front"] else "front:off the front")
+            assert group == want
+        assert drawn["fp32"] == ("front:on the front", 1.0, 0.0)
+        assert "estimate for NVIDIA H100 SXM 80GB" in lab.front.status.value
+        ex = explorer_app(follow=False)
+        try:
+            listed = {Path(v).name for _, v in ex.picker.options}
+            assert {Path(r).name for r in t["run_dir"]} <= listed
+        finally:
+            ex.close()
+    finally:
+        lab.close()
+
+
 def test_lab_pause_stop_and_time_limit_end_the_thread(dash_runs):
     lab = lab_app(task="mlp", precision="fp32")
     try:

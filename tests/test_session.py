@@ -231,3 +231,36 @@ def test_a_step_that_cannot_be_counted_leaves_no_estimate_and_trains_on(tmp_path
         assert "could not be counted" in errors[0]["error"]
     finally:
         s.end()
+
+
+def test_the_trade_off_front_probes_the_sessions_model_on_the_gpu_picked(tmp_path):
+    """`search_front` runs `mpviz.search` on the torch thread for what the next session trains:
+    the probes are runs in the session's runs folder (listed as the explorer lists runs), each
+    with the counted step; speed is priced on the GPU picked (an A100: no fp8 tensor cores, so
+    fp8 linears are left out, with the reason); refused while a session trains."""
+    import mpviz
+    from mpviz.cost import load_counts, predict
+
+    s = LabSession(tmp_path, task="mlp")
+    try:
+        s.prepare()
+        s.gpu = "a100"
+        front = s.search_front(steps=6).result(300)
+        t = front.table
+        assert front.device.name == "a100"
+        assert list(t["policy"]) == ["fp32", "bf16", "fp16", "advised"]
+        assert any("fp8 linears: left out" in n and "A100" in n for n in front.notes)
+        listed = {p.name for p in mpviz.list_runs(tmp_path)}
+        assert {Path(r).name for r in t["run_dir"]} <= listed and all(
+            Path(r).parent == tmp_path for r in t["run_dir"])
+        counts = load_counts(t["run_dir"][0])
+        bf16 = t.set_index("policy").loc["bf16"]
+        assert bf16["speedup"] == pytest.approx(predict(counts, "fp32", "a100", "adam").step_time_s
+                                                / predict(counts, "bf16", "a100", "adam").step_time_s)
+        assert all(len(v) == 6 for v in front.losses.values())
+        s.start("fp32", max_steps=10**6, pause_at=1)
+        assert wait_for(lambda: s.state == "paused")
+        with pytest.raises(RuntimeError, match="stop the session first"):
+            s.search_front()
+    finally:
+        s.end()

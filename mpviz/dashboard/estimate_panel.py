@@ -58,7 +58,8 @@ def speed_html(speed: Speed | None, measured: Measured | None, label: str = "mea
     if measured is not None:
         rate = f", {rate_text(measured.samples_per_s)} samples/s" if measured.samples_per_s else ""
         parts.append(f'<b>{html.escape(label)} ({html.escape(_device(measured.device))})</b>: '
-                     f'<span class="mpviz-measured">{step_time(measured.step_time_s)}/step{rate}</span>')
+                     f'<span class="mpviz-measured">{step_time(measured.step_time_s)}/step'
+                     f'{rate}</span>')
     if speed is None:
         if waiting:
             parts.append(f'<span class="mpviz-muted">{html.escape(waiting)}</span>')
@@ -76,7 +77,8 @@ def speed_html(speed: Speed | None, measured: Measured | None, label: str = "mea
         est.append(f'· <span class="mpviz-speedup">{x:.2f}× the speed of fp32</span>')
     parts.append(" ".join(est))
     if speed.lanes:
-        lanes = ", ".join(f"{html.escape(label)} {_times(speed.speedup(e))}" for label, e in speed.lanes)
+        lanes = ", ".join(f"{html.escape(label)} {_times(speed.speedup(e))}"
+                          for label, e in speed.lanes)
         parts.append(f'<span class="mpviz-lanes">race, predicted speed vs fp32: {lanes}</span>')
     notes = []
     if speed.problem:

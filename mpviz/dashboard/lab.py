@@ -28,6 +28,7 @@ from ..scenarios import SCENARIOS, Scenario
 from . import queries, ui
 from .diagnosis_panel import DiagnosisPanel
 from .estimate_panel import EstimatePanel, share_html
+from .front_panel import FrontPanel
 from .plots import RunFigure
 from .policy_widgets import INHERIT, PrecisionTable, RuleBox
 from .session import MAX_ALONGSIDE, NO_STEP_LIMIT, SESSION_S, LabSession, scaler_settings
@@ -91,6 +92,7 @@ class Lab(ui.App):
                              REMOVE, "layer or glob, e.g. encoder.*.norm*")
         self.live = LiveView(self.session, self._picked, self.apply_advice, self._show_base,
                              redraw_s)
+        self.front = FrontPanel(self.session.search_front, on_busy=self._sync)
         self.widget = self._layout()
         if scenario:
             self.load_scenario(scenario)
@@ -187,7 +189,7 @@ class Lab(ui.App):
                             layout=widgets.Layout(flex="1 1 420px", overflow="auto"))
         page = widgets.VBox([
             ui.title("mpviz precision lab", "mixed-precision training, live, layer by layer"),
-            controls, ui.wrap_row(self.live.fig.view, side)])
+            controls, ui.wrap_row(self.live.fig.view, side), self.front.widget])
         page.add_class("mpviz-app")
         page.add_class("mpviz-lab")
         return page
@@ -441,6 +443,13 @@ class Lab(ui.App):
         s, owns_step = self.state, self.session.owns_step
         busy = s in (RUNNING, PAUSED)
         self.bar.sync(s)
+        searching = self.front.busy   # the probes hold the torch thread until they end
+        if searching:
+            self.bar.start.disabled = True
+        self.front.button.disabled = busy or searching or not owns_step
+        if not owns_step:
+            self.front.status.value = ('<span class="mpviz-muted">the trade-off front needs '
+                                       'loss_fn: a train_step drives its own optimizer</span>')
         for w in (self.batch, self.lr, self.alongside, self.scenario, self.scenario_fixed):
             w.disabled = busy
         self.task.disabled = busy or self.session.own is not None or self.session.scenario is not None

@@ -10,9 +10,11 @@ scenarios, and the reads the page draws from. Torch runs only on `worker.torch_t
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -25,6 +27,7 @@ from .worker import IDLE, PAUSED, RUNNING, TrainingWorker, make_trainer, torch_t
 MAX_ALONGSIDE = 2      # race: the main run + up to two more
 SESSION_S = 600        # a default session: until Stop, or this long (a kernel must not train forever)
 NO_STEP_LIMIT = 2**62  # the worker's step limit when max_steps is 0
+FRONT_STEPS = 20       # probe steps per policy of the trade-off front: seconds on a CPU
 RACE_NEEDS_LOSS_FN = ("a race needs loss_fn: a train_step drives its own optimizer and scaler, "
                       "which a copy of the model cannot share. Clear 'alongside', or build the "
                       "lab with loss_fn=")
@@ -298,6 +301,28 @@ class LabSession:
             changed[layer] = keep
         return changed, dict(policy.reasons), dict(policy.estimate)
 
+    # ------------------------------------------------------------------ the trade-off front
+    def search_front(self, steps: int = FRONT_STEPS) -> Future:
+        """`mpviz.search` for what the next session trains (fresh weights of a demo or a
+        scenario, your model as it is), on the torch thread: a short probe per precision policy,
+        each recorded under `runs_dir`, priced on `gpu`. The Future's result is the front.
+        Refused while a session trains (the torch thread is its)."""
+        if self.state in (RUNNING, PAUSED):
+            raise RuntimeError("stop the session first: the probes train on the same thread")
+        if not self.owns_step:
+            raise ValueError("the trade-off front needs loss_fn: a train_step drives its own "
+                             "optimizer, which each probe's copy of the model cannot share")
+        if self.scenario is not None:
+            sc, seed, lr = self.scenario, self.seed, self.lr
+            build: Callable[[], dict[str, Any]] = lambda: sc.parts(seed, lr)   # noqa: E731
+        elif self.own is not None:
+            own = self.own
+            build = lambda: own   # noqa: E731
+        else:
+            task, seed, bs, lr = self.task, self.seed, self.batch_size, self.lr
+            build = lambda: _demo_parts(task, seed, bs, lr)   # noqa: E731
+        return torch_thread.submit(_search, build, steps, self.gpu, self.runs_dir, self.seed)
+
     # ------------------------------------------------------------------ reading the runs
     def flush(self) -> None:
         """Commit every run's last steps, so that a read sees them."""
@@ -365,6 +390,30 @@ def _demo_parts(task: str, seed: int, batch_size: int | None, lr: float | None) 
     from mpviz.tasks import demo_parts
 
     return demo_parts(task, seed, batch_size, lr)
+
+
+def _search(build: Callable[[], dict[str, Any]], steps: int, gpu: str, runs_dir: Path,
+            seed: int) -> Any:
+    """`mpviz.search` over ``build()``'s parts with their optimizer's kind and learning rate."""
+    from mpviz.searching import search
+
+    parts = build()
+    batches = list(itertools.islice(iter(parts["data"]), steps))
+    name, lr = _optimizer_kind(parts["optimizer"])
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    return search(parts["model"], batches, parts["loss_fn"], steps=steps, device=gpu,
+                  optimizer=name, lr=lr, seed=seed, run_root=runs_dir)
+
+
+def _optimizer_kind(opt: Any) -> tuple[str, float]:
+    """The name `mpviz.search` builds (and prices) an optimizer like ``opt`` by, and its lr."""
+    group = opt.param_groups[0]
+    kind = type(opt).__name__
+    if kind == "SGD":
+        name = "sgd_momentum" if group.get("momentum") else "sgd"
+    else:
+        name = {"Adam": "adam"}.get(kind, "adamw")   # AdamW, and the others priced as it
+    return name, float(group["lr"])
 
 
 def _model_layers(model: Any) -> Layers:
