@@ -1,4 +1,4 @@
-"""What mpviz's FSDP2 statistics and hooks cost: 2 gloo ranks on the CPU, HF GPT-2 models.
+"""What mpviz costs an FSDP2 job: 2 gloo ranks on the CPU, HF GPT-2 models.
 
 For each model (``tests``: a 3-block GPT-2 of width 16, the size of tests/test_fsdp.py's;
 ``gpt2``: GPT-2 small, 124M parameters), per-block ``fully_shard`` and the root, AdamW, each rank
@@ -12,18 +12,25 @@ trains one step of each arm per round, in a rotating order (the same processes a
   (:func:`sharded_stats` on both lists at once, at the end of backward), histograms and
   smallest nonzero from ``SAMPLE_CAP`` elements per tensor as mpviz.stats takes them - what
   ``every=1`` costs;
-- ``exact``: the same with every element in the histograms (``sample=None``).
+- ``exact``: the same with every element in the histograms (``sample=None``);
+- ``mpviz``: ``mpviz.Recorder(model, optimizer, run_dir=...)`` at its defaults (under FSDP:
+  statistics exactly every 10 steps), ``rec.step(loss)`` after each step;
+- ``mpviz every=1``: the Recorder with statistics on every step.
 
-Printed per model: the median plain step, each arm's median ratio to the plain step of its round,
-the statistics calls alone (median), and the
-collectives it adds per statistics step (counted by wrapping ``torch.distributed``'s calls
-during it) with their bytes per rank, next to the bytes that gathering the full tensors would
-move. GPT-2 small computes in fp32 by default: on a CPU without bf16 matrix units bf16 matmuls
+Printed per model, first table (the pieces): the median plain step, each arm's median ratio to
+the plain step of its round, the statistics calls alone (median), and the collectives they add
+per statistics step (counted by wrapping ``torch.distributed``'s calls during them) with their
+bytes per rank, next to the bytes that gathering the full tensors would move. Second table (the
+Recorder): its median ratio on steps without statistics (``mpviz``) and on statistics steps
+(``mpviz every=1``), what the defaults cost over periods of 10 steps (one statistics step
+each: the median period), and the
+collectives a recorded step adds to the plain step's (both counted whole, on the last round). GPT-2 small computes in fp32 by default: on a CPU without bf16 matrix units bf16 matmuls
 are emulated and would make the step, not mpviz, the measurement (``--param-dtype bf16``
 changes it; the statistics read the fp32 shards either way).
 
-    python benchmarks/fsdp.py                      # both models (about 6 minutes here)
+    python benchmarks/fsdp.py                      # both models, every arm (long, ~12 GB)
     python benchmarks/fsdp.py --models tests --steps 100
+    python benchmarks/fsdp.py --models gpt2 --steps 8 --arms plain mpviz "mpviz every=1"
 """
 from __future__ import annotations
 
@@ -40,6 +47,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import mpviz
+from mpviz.recording.schedule import DEFAULT_EVERY
 from mpviz.stats import SAMPLE_CAP
 
 MODELS = {
@@ -49,6 +58,8 @@ MODELS = {
     "gpt2": (dict(), 1, 64, "fp32"),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+ARMS = ("plain", "hooks", "sampled", "exact", "mpviz", "mpviz every=1")
+RECORDED = {"mpviz": None, "mpviz every=1": 1}  # arm -> Recorder(every=...)
 
 
 def build(name: str, param_dtype: torch.dtype):
@@ -105,16 +116,20 @@ def timed_check(model, spent: list[float]):
     return Timed(model)
 
 
-def measure(name: str, steps: int, param_dtype: torch.dtype) -> dict:
+def measure(name: str, steps: int, param_dtype: torch.dtype, arm_names: list[str],
+            run_dir: str) -> dict:
     from mpviz.recording.fsdp_hooks import LocalGradCheck, ReducedGrads
     from mpviz.recording.sharded import sharded_stats
 
     rank = dist.get_rank()
     _, batch, seq, _ = MODELS[name]
     vocab = MODELS[name][0].get("vocab_size", 50257)
-    samples = {"sampled": SAMPLE_CAP, "exact": None}
-    arms = {arm: build(name, param_dtype) for arm in ("plain", "hooks", *samples)}
+    samples = {a: n for a, n in (("sampled", SAMPLE_CAP), ("exact", None)) if a in arm_names}
+    arms = {arm: build(name, param_dtype) for arm in arm_names}
     opts = {arm: torch.optim.AdamW(m.parameters(), lr=1e-4) for arm, m in arms.items()}
+    recs = {arm: mpviz.Recorder(arms[arm], opts[arm], run_dir=Path(run_dir, name, arm),
+                                every=RECORDED[arm]).attach()
+            for arm in arm_names if arm in RECORDED}
     g = torch.Generator().manual_seed(100 + rank)
     data = [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(steps)]
     stat_times: dict[str, list[float]] = {arm: [] for arm in samples}
@@ -140,22 +155,27 @@ def measure(name: str, steps: int, param_dtype: torch.dtype) -> dict:
                        else LocalGradCheck(arms[arm])).attach(),
                       ReducedGrads(arms[arm], stats_of(arm) if arm in samples else lambda: None
                                    ).attach()]
-                for arm in ("hooks", *samples)}
+                for arm in ("hooks", *samples) if arm in arm_names}
     # One step of each arm per round, in a rotating order, so that every arm meets the same
     # load (this machine's cores are shared); each round's ratio to its plain step.
     times: dict[str, list[float]] = {arm: [] for arm in arms}
+    step_calls: dict[str, list[tuple[str, int]]] = {}  # the last round's collectives, per arm
     order = list(arms)
     for r in range(steps):
         ids = data[r]
         for arm in order[r % len(order):] + order[:r % len(order)]:
             model, opt = arms[arm], opts[arm]
             dist.barrier()
-            t0 = time.perf_counter()
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            times[arm].append(time.perf_counter() - t0)
+            with Counted() as c:
+                t0 = time.perf_counter()
+                loss = model(ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                if arm in recs:
+                    recs[arm].step(loss)
+                times[arm].append(time.perf_counter() - t0)
+            step_calls[arm] = c.calls
             for h in attached.get(arm, [])[:1]:  # the LocalGradCheck: a new step
                 h.end_step()
             if arm == "hooks":
@@ -164,21 +184,35 @@ def measure(name: str, steps: int, param_dtype: torch.dtype) -> dict:
     for hs in attached.values():
         for h in hs:
             h.remove()
+    for rec in recs.values():
+        rec.close()
     model = arms["plain"]
     n_params = sum(p.numel() for p in model.parameters())
     n_tensors = sum(1 for _ in model.parameters())
     # grads + weights, as gathering them would move
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) * 2
     skip = 1  # the first step of each arm pays the lazy init
+    ratios = {arm: [a / b for a, b in zip(t, times["plain"])] for arm, t in times.items()}
+    every = DEFAULT_EVERY
     return {
         "model": name, "rank": rank, "params": n_params, "tensors": n_tensors,
-        "param_dtype": str(param_dtype).removeprefix("torch."),
+        "steps": steps, "param_dtype": str(param_dtype).removeprefix("torch."),
         "ms": {arm: 1e3 * statistics.median(t[skip:]) for arm, t in times.items()},
-        "ratio": {arm: statistics.median(a / b for a, b in zip(t[skip:], times["plain"][skip:]))
-                  for arm, t in times.items()},
-        "check_ms": 1e3 * statistics.median(check_times[skip:]),
+        "ratio": {arm: statistics.median(r[skip:]) for arm, r in ratios.items()},
+        # the Recorder at its defaults: steps without statistics, and whole periods of `every`
+        # steps (one statistics step each; the median of their time ratios), when there are some
+        "ratio_plain_steps": statistics.median(
+            r for k, r in enumerate(ratios["mpviz"]) if k >= skip and k % every)
+        if "mpviz" in ratios else None,
+        "ratio_mean": statistics.median(
+            sum(times["mpviz"][k:k + every]) / sum(times["plain"][k:k + every])
+            for k in range(every, steps - every + 1, every))
+        if "mpviz" in ratios and steps >= 2 * every else None,
+        "check_ms": 1e3 * statistics.median(check_times[skip:]) if check_times else None,
         "stats_ms": {arm: 1e3 * statistics.median(t[skip:]) for arm, t in stat_times.items()},
-        "collectives": counted[-1],
+        "collectives": counted[-1] if counted else [],
+        "step_calls": step_calls,
+        "last_round_stats": (steps - 1) % every == 0,
         "gather_bytes": full_bytes,
     }
 
@@ -191,21 +225,66 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
     rows = []
     for name in args["models"]:
         dtype = DTYPES[args["param_dtype"] or MODELS[name][3]]
-        rows.append(measure(name, args["steps"][name], dtype))
+        rows.append(measure(name, args["steps"][name], dtype, args["arms"], out))
     Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
     dist.destroy_process_group()
 
 
 def run(models: list[str], steps: dict[str, int], param_dtype: str | None = None,
-        world: int = 2) -> list[list[dict]]:
+        world: int = 2, arms: list[str] | None = None) -> list[list[dict]]:
     """Each rank's rows, one per model."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    arms = ["plain", *[a for a in (arms or ARMS) if a != "plain"]]
     with tempfile.TemporaryDirectory() as out:
-        args = {"models": models, "steps": steps, "param_dtype": param_dtype}
+        args = {"models": models, "steps": steps, "param_dtype": param_dtype, "arms": arms}
         mp.spawn(_worker, args=(world, port, args, out), nprocs=world, join=True)
         return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def _kinds(calls: list[tuple[str, int]]) -> dict[str, tuple[int, int]]:
+    kinds: dict[str, tuple[int, int]] = {}
+    for kind, nbytes in calls:
+        n, b = kinds.get(kind, (0, 0))
+        kinds[kind] = (n + 1, b + nbytes)
+    return kinds
+
+
+def _extra(calls: list[tuple[str, int]], plain: list[tuple[str, int]]) -> str:
+    """The collectives a step adds to the plain step's: count of each kind, bytes per rank."""
+    mine, base = _kinds(calls), _kinds(plain)
+    parts, sent = [], 0
+    for kind, (n, b) in mine.items():
+        n0, b0 = base.get(kind, (0, 0))
+        if n != n0 or b != b0:
+            parts.append(f"{n - n0} {kind}")
+            sent += b - b0
+    return f"{', '.join(parts) or 'none'} ({sent / 1024:.1f} KiB)"
+
+
+def recorder_table(per_rank: list[list[dict]]) -> str:
+    lines = ["| model | rank | FSDP step ms | mpviz, steps without statistics | mpviz every=1 "
+             "(statistics steps) | mpviz defaults (periods of 10 steps) | extra collectives, "
+             "statistics step (bytes per rank) | extra collectives, other steps |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for rows in zip(*per_rank):
+        for r in rows:
+            if "mpviz every=1" not in r["ratio"] or "mpviz" not in r["ratio"]:
+                continue
+            calls, plain = r["step_calls"], r["step_calls"]["plain"]
+            stats_ratio = r["ratio"]["mpviz every=1"]
+            mean = r["ratio_mean"]
+            mean = (f"{mean:.2f}x measured" if mean is not None else
+                    f"{(9 * r['ratio_plain_steps'] + stats_ratio) / 10:.2f}x (9 of the first + "
+                    f"1 of the second)")
+            other = ("(last round was a statistics step)" if r["last_round_stats"]
+                     else _extra(calls["mpviz"], plain))
+            lines.append(
+                f"| {r['model']} | {r['rank']} | {r['ms']['plain']:.1f} | "
+                f"{r['ratio_plain_steps']:.2f}x | {stats_ratio:.2f}x | {mean} | "
+                f"{_extra(calls['mpviz every=1'], plain)} | {other} |")
+    return "\n".join(lines)
 
 
 def table(per_rank: list[list[dict]]) -> str:
@@ -217,6 +296,8 @@ def table(per_rank: list[list[dict]]) -> str:
     for rows in zip(*per_rank):
         for r in rows:
             ms, ratio = r["ms"], r["ratio"]
+            if not {"hooks", "sampled", "exact"} <= set(ratio):
+                continue
             kinds = {}
             for kind, nbytes in r["collectives"]:
                 n, b = kinds.get(kind, (0, 0))
@@ -239,9 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None,
                    help="steps per arm (default: 60 tests, 6 gpt2)")
     p.add_argument("--param-dtype", choices=list(DTYPES), default=None)
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     a = p.parse_args(argv)
     steps = {m: a.steps or {"tests": 60, "gpt2": 6}[m] for m in a.models}
-    print(table(run(a.models, steps, a.param_dtype)))
+    per_rank = run(a.models, steps, a.param_dtype, arms=a.arms)
+    print(table(per_rank))
+    print()
+    print(recorder_table(per_rank))
     return 0
 
 

@@ -471,8 +471,9 @@ def all_hooks(model: nn.Module) -> int:
 
 
 def refusals(out_dir: Path) -> dict:
-    """FSDP1 (FullyShardedDataParallel) and a measured statistics budget under FSDP2: refused at
-    attach, nothing left on the model or disk, and it trains as before."""
+    """FSDP1 (FullyShardedDataParallel), and under FSDP2 a measured statistics budget or a
+    precision policy: refused at attach, nothing left on the model or disk, and it trains as
+    before."""
     import mpviz
     from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -482,8 +483,14 @@ def refusals(out_dir: Path) -> dict:
         budget = "attached"
     except ValueError as e:
         budget = str(e)
-    budget_left = {"run_created": (out_dir / "budget").exists(), "hooks": all_hooks(model),
-                   "fresh_hooks": all_hooks(fsdp_model())}
+    try:
+        mpviz.Recorder(model, run_dir=out_dir / "with_policy", policy={"head": "fp32"}).attach()
+        policy = "attached"
+    except ValueError as e:
+        policy = str(e)
+    budget_left = {"run_created": (out_dir / "budget").exists() or
+                   (out_dir / "with_policy").exists(),
+                   "hooks": all_hooks(model), "fresh_hooks": all_hooks(fsdp_model())}
 
     model = FullyShardedDataParallel(make_model(), use_orig_params=True, device_id=torch.device("cpu"))
     before = all_hooks(model)
@@ -497,7 +504,7 @@ def refusals(out_dir: Path) -> dict:
     return {"message": message, "run_created": (out_dir / "fsdp1").exists(),
             "hooks_unchanged": all_hooks(model) == before,
             "trains": all(p.grad is not None for p in model.parameters() if p.numel()),
-            "budget": budget, "budget_left": budget_left}
+            "budget": budget, "policy": policy, "budget_left": budget_left}
 
 
 def lightning_run(rank: int, run_dir: Path) -> dict | None:

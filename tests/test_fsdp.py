@@ -350,13 +350,14 @@ def test_a_failure_on_one_rank_stops_the_statistics_on_every_rank(job):
         assert ("failed on 1 other rank" in errors[-1]["error"]) == (r == 0)
 
 
-def test_fsdp1_and_a_measured_budget_are_refused_at_attach(reports):
+def test_fsdp1_a_measured_budget_and_a_policy_are_refused_at_attach(reports):
     for rep in reports:
         ref = rep["fsdp1"]
         assert ref["message"].startswith("mpviz does not record FSDP1 models")
         assert "fully_shard(" in ref["message"] and "mpviz.fsdp.shard" in ref["message"]
         assert not ref["run_created"] and ref["hooks_unchanged"] and ref["trains"]
         assert "pass every=N" in ref["budget"]
+        assert "mpviz.fsdp.shard(model, policy)" in ref["policy"]
         left = ref["budget_left"]
         assert not left["run_created"] and left["hooks"] == left["fresh_hooks"]
 

@@ -240,6 +240,12 @@ class Recorder:
         policy = self.settings.policy
         if policy is None:
             return None
+        if self._sharding is not None:
+            raise ValueError("policy= (or steerable=True, which applies one) under FSDP: each "
+                             "FSDP unit computes in its own "
+                             "MixedPrecisionPolicy's param_dtype, which a per-layer autocast "
+                             "cannot change. Shard the model with mpviz.fsdp.shard(model, policy) "
+                             "instead, and record it without policy=")
         from ..precision import PrecisionPolicy, validate_rules
 
         if not isinstance(policy, PrecisionPolicy):
@@ -325,6 +331,9 @@ class Recorder:
         parts = Parts(self._layers, lambda: self._state, lambda: self._replay.active,
                       self._writer.write, contained)
         st = self.settings
+        if self._sharding is not None and st.lost_updates:
+            warnings.warn(f"mpviz: lost_updates is {self._sharded_meta()['fsdp']['lost_updates']}",
+                          RuntimeWarning, stacklevel=4)
         attach_diagnostics(parts, self.optimizer, keep,
                            st.lost_updates if self._sharding is None else False, st.shadow,
                            st.shadow_every)
