@@ -506,6 +506,15 @@ def test_the_explorer_predicts_a_runs_speed_from_the_step_counted_with_it(dash_r
         assert ">3</span> steps" in ex.info.value and "mpviz-problem" not in ex.info.value
         ex.open(counted)
         assert "estimate for NVIDIA L4 24GB" in ex.estimate.text.value
+        # A run of the command line (`mpviz demo`) carries its counted step too.
+        cli = dash_runs / "cli"
+        proc = demo_process(cli, task="mlp", precision="bf16", steps=3)
+        assert proc.wait(300) == 0, proc.stderr.read().decode()
+        cli_counts = load_counts(cli)
+        assert cli_counts is not None and cli_counts.model == "MLP"
+        ex.open(cli)
+        est = predict(cli_counts, "bf16", "l4")
+        assert f"policy in force (bf16) <span class=\"mpviz-predicted\">{step_time(est.step_time_s)}/step" in ex.estimate.text.value
     finally:
         ex.close()
 
