@@ -228,6 +228,8 @@ def train(rank: int, mode: str, out: dict, run_dir: Path | None = None) -> list[
 
         rec = mpviz.Recorder(model, opt, run_dir=run_dir, every=RECORD_EVERY)
         rec.attach()
+        if rank == BAD_RANK:  # the local check's accelerator path (max |g| kept, read at the end)
+            rec._origin.check.on_host = False
         out.update(references={}, reference_bad={}, clip_norms=[], units=[
             [u.modules, u.param_dtype, u.reduce_dtype, u.output_dtype, u.storage_dtype]
             for u in fsdp_units(model)])
@@ -398,9 +400,10 @@ def under_policy(rank: int, out: dict, run_dir: Path) -> None:
 # ------------------------------------------------------------------ the recorder, more
 
 def with_scaler(rank: int, kind: str, run_dir: Path) -> dict:
-    """fp16 compute under a GradScaler (torch.amp's, or FSDP's ShardedGradScaler), recorded;
-    rank 1's inf at BAD_STEP makes both ranks skip. The scale used and whether each step was
-    skipped, as the scaler says, and the references of the unscaled gradients."""
+    """fp16 compute under a GradScaler (torch.amp's, or FSDP's ShardedGradScaler, recorded on
+    the accelerator's path), recorded; rank 1's inf at BAD_STEP makes both ranks skip. The scale
+    used and whether each step was skipped, as the scaler says, and the references of the
+    unscaled gradients."""
     import mpviz
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
@@ -410,6 +413,8 @@ def with_scaler(rank: int, kind: str, run_dir: Path) -> dict:
               ShardedGradScaler(device="cpu", init_scale=2.0 ** 10))
     out: dict = {"scale": [], "skipped": [], "references": {}}
     with mpviz.Recorder(model, opt, scaler=scaler, run_dir=run_dir, every=RECORD_EVERY) as rec:
+        if kind == "sharded":  # the accelerator's path: statistics kept as a device tensor
+            rec._grads.on_host = False
         for step, (x, y) in enumerate(batches(rank)):
             loss = loss_of(model, x, y)
             scaler.scale(loss).backward()
