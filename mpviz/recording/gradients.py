@@ -113,7 +113,7 @@ class Gradients:
         grads = [p.grad for p in params]
 
         def tensors() -> tuple[list[Any], Any]:
-            scale = compat.scaler_scale(self.scaler) if self.scaling() else None
+            scale = compat.scaler_scale(self.scaler)  # None without an enabled GradScaler
             return grads + params, (0, n, scale) if scale is not None else None
 
         rows = self.sharded.rows(tensors, 2 * n, self.found_inf.device, step, on_error)

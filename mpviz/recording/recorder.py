@@ -35,6 +35,7 @@ would all-gather on one rank alone). Every rank must attach a Recorder.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import socket
@@ -522,7 +523,7 @@ class Recorder:
         sharded = self._grads.sharded
         if sharded.stopped:
             return
-        on_error = lambda e: self._errors.record("sharded statistics", e)  # noqa: E731
+        on_error = functools.partial(self._errors.record, "sharded statistics")
         try:
             s.stats = self._grads.join(s.stats if s.stats_step else None, s.index, s.stats_step,
                                        on_error)

@@ -73,7 +73,8 @@ class StepState:
 
 @dataclass(frozen=True)
 class Parts:
-    """What the recorder's parts (diagnostics, the DDP hook) may use of it."""
+    """What the recorder's parts (diagnostics, the DDP hook, the FSDP local check) may use of
+    it."""
 
     layers: Layers
     state: Callable[[], StepState | None]  # the step under way
