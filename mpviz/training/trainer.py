@@ -41,7 +41,9 @@ class Trainer:
     ``precision``: ``"fp32"`` (no autocast), ``"bf16"``, ``"fp16"`` (autocast on the model's
     device), ``"fp8_e4m3"``/``"fp8_e5m2"`` (emulated through the policy ``{"*": precision}``).
     A precision policy is always applied (possibly empty), so ``t.set_rules({"head": "fp32"})``
-    toggles a layer live from any thread. Batches are moved to the model's device.
+    toggles a layer live from any thread. Batches are moved to the model's device. A recording
+    trainer counts its first step (`mpviz.cost.count`) and keeps it with the run
+    (``counts.json.gz``): the apps price it for any policy on a named GPU.
 
         >>> t = Trainer(task="mlp", precision="bf16", record=False, seed=0)
         >>> first = t.step()["loss"]
