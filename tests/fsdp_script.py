@@ -476,9 +476,9 @@ def all_hooks(model: nn.Module) -> int:
 
 
 def refusals(out_dir: Path) -> dict:
-    """FSDP1 (FullyShardedDataParallel), and under FSDP2 a measured statistics budget or a
-    precision policy: refused at attach, nothing left on the model or disk, and it trains as
-    before."""
+    """FSDP1 (FullyShardedDataParallel), and under FSDP2 a measured statistics budget, a
+    precision policy or an fp32 shadow of a unit: refused at attach, nothing left on the model
+    (nor on disk, but for the shadow's run, marked failed), and it trains as before."""
     import mpviz
     from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -493,6 +493,11 @@ def refusals(out_dir: Path) -> dict:
         policy = "attached"
     except ValueError as e:
         policy = str(e)
+    try:
+        mpviz.Recorder(model, run_dir=out_dir / "shadow", shadow=["blocks.1"]).attach()
+        shadow = "attached"
+    except ValueError as e:
+        shadow = str(e)
     budget_left = {"run_created": (out_dir / "budget").exists() or
                    (out_dir / "with_policy").exists(),
                    "hooks": all_hooks(model), "fresh_hooks": all_hooks(fsdp_model())}
@@ -509,7 +514,7 @@ def refusals(out_dir: Path) -> dict:
     return {"message": message, "run_created": (out_dir / "fsdp1").exists(),
             "hooks_unchanged": all_hooks(model) == before,
             "trains": all(p.grad is not None for p in model.parameters() if p.numel()),
-            "budget": budget, "policy": policy, "budget_left": budget_left}
+            "budget": budget, "policy": policy, "shadow": shadow, "budget_left": budget_left}
 
 
 def lightning_run(rank: int, run_dir: Path) -> dict | None:

@@ -306,6 +306,9 @@ def test_recorded_dtypes_keep_exactly_the_advised_layers_in_fp32(job):
             if seen["weight"] is not None:
                 assert got["weight"] == seen["weight"], name
         assert set(dtypes.index[dtypes["output"] == "float32"]) - {""} == fp32
+        units = {u["modules"][0]: u for u in run.meta["fsdp_units"]}
+        assert {n for n, u in units.items() if u["param_dtype"] == "float32"} == fp32
+        assert all(units[n]["output_dtype"] == "bfloat16" for n in fp32)
         stats = run.layer_stats
         assert (len(stats) > 0) == (rep["rank"] == 1)
     rows = mpviz.load_run(out / "policy", rank=1).layer_stats
@@ -350,7 +353,7 @@ def test_a_failure_on_one_rank_stops_the_statistics_on_every_rank(job):
         assert ("failed on 1 other rank" in errors[-1]["error"]) == (r == 0)
 
 
-def test_fsdp1_a_measured_budget_and_a_policy_are_refused_at_attach(reports):
+def test_fsdp1_and_what_fsdp2_cannot_do_are_refused_at_attach(reports):
     for rep in reports:
         ref = rep["fsdp1"]
         assert ref["message"].startswith("mpviz does not record FSDP1 models")
@@ -358,6 +361,7 @@ def test_fsdp1_a_measured_budget_and_a_policy_are_refused_at_attach(reports):
         assert not ref["run_created"] and ref["hooks_unchanged"] and ref["trains"]
         assert "pass every=N" in ref["budget"]
         assert "mpviz.fsdp.shard(model, policy)" in ref["policy"]
+        assert "FSDP units ('blocks.1')" in ref["shadow"] and "'blocks.1.*'" in ref["shadow"]
         left = ref["budget_left"]
         assert not left["run_created"] and left["hooks"] == left["fresh_hooks"]
 

@@ -99,6 +99,14 @@ def _bare_fp32_copy(module: nn.Module) -> nn.Module:
     return c
 
 
+def _is_fsdp_unit(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(module, FSDPModule)
+
+
 class Shadow:
     """Forward (pre-)hooks on chosen layers that rerun them in fp32 every ``every`` steps."""
 
@@ -115,6 +123,12 @@ class Shadow:
                                  + (f"; {close}" if close else "")
                                  + ". Patterns are fnmatch globs over named_modules() names.")
             self.layers += [i for i in hit if i not in self.layers]
+        units = [names[i] for i in self.layers if _is_fsdp_unit(rec.layers.modules[i])]
+        if units:
+            raise ValueError(f"shadow= names FSDP units ({', '.join(map(repr, units))}), which "
+                             "cannot be copied (FSDP refuses deepcopy): name the layers inside "
+                             f"them instead, e.g. '{units[0]}.*'" if units[0] else
+                             "shadow= names the FSDP root, which cannot be copied: name layers")
         self.rec, self.every = rec, int(every)
         self.copies: dict[int, nn.Module] = {}
         self.rng: dict[int, Any] = {}
