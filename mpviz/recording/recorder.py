@@ -228,7 +228,7 @@ class Recorder:
         layers, st = self._layers, self.settings
         self._sharding = Sharding.of(self.model, layers.modules, layers.params)  # FSDP2
         self._plan = StepPlan(self._schedule, st.rank in st.stats_ranks,
-                              sharded=self._sharding is not None)
+                              sharded=self._sharding is not None, world_size=st.world_size)
         policy = self._checked_policy()  # a bad rule fails before anything is on the model or disk
         self._open_store(undo)
         self._make_parts(undo)

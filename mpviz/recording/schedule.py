@@ -105,8 +105,9 @@ class StepPlan:
     schedule must then be a fixed ``every`` (no measured budget, which each rank would decide on
     its own), and no forward is rerun (it would all-gather on this rank alone)."""
 
-    def __init__(self, schedule: StatsSchedule, stats_rank: bool, sharded: bool = False) -> None:
-        if sharded and schedule.budget is not None:
+    def __init__(self, schedule: StatsSchedule, stats_rank: bool, sharded: bool = False,
+                 world_size: int = 1) -> None:
+        if sharded and world_size > 1 and schedule.budget is not None:
             raise ValueError(
                 "stats_budget= lets each rank pick its statistics steps from its own measured "
                 "costs, but under FSDP the statistics of gradients and weights are collectives "
