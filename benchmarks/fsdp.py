@@ -23,10 +23,11 @@ per statistics step (counted by wrapping ``torch.distributed``'s calls during th
 bytes per rank, next to the bytes that gathering the full tensors would move. Second table (the
 Recorder): its median ratio on steps without statistics (``mpviz``) and on statistics steps
 (``mpviz every=1``), what the defaults cost over periods of 10 steps (one statistics step
-each: the median period), and the
-collectives a recorded step adds to the plain step's (both counted whole, on the last round). GPT-2 small computes in fp32 by default: on a CPU without bf16 matrix units bf16 matmuls
-are emulated and would make the step, not mpviz, the measurement (``--param-dtype bf16``
-changes it; the statistics read the fp32 shards either way).
+each: the median period), and the collectives a recorded step adds to the plain step's (both
+counted whole, on the last round). GPT-2 small computes in fp32 by default: on a CPU without
+bf16 matrix units bf16 matmuls are emulated and would make the step, not mpviz, the
+measurement (``--param-dtype bf16`` changes it; the statistics read the fp32 shards either
+way).
 
     python benchmarks/fsdp.py                      # both models, every arm (long, ~12 GB)
     python benchmarks/fsdp.py --models tests --steps 100

@@ -502,7 +502,8 @@ def refusals(out_dir: Path) -> dict:
                    (out_dir / "with_policy").exists(),
                    "hooks": all_hooks(model), "fresh_hooks": all_hooks(fsdp_model())}
 
-    model = FullyShardedDataParallel(make_model(), use_orig_params=True, device_id=torch.device("cpu"))
+    model = FullyShardedDataParallel(make_model(), use_orig_params=True,
+                                     device_id=torch.device("cpu"))
     before = all_hooks(model)
     try:
         mpviz.Recorder(model, run_dir=out_dir / "fsdp1").attach()
