@@ -19,6 +19,7 @@ import numpy as np
 import mpviz   # the diagnosis reads the store with pandas; no torch
 from mpviz.formats import FORMATS, NONFINITE_BIN, ZERO_BIN, bin_of
 from . import ui
+from .worker import share_wait
 
 COLORS = {"error": "#c62828", "warning": "#ef6c00", "info": "#607d8b"}
 SHOWN_BACKOFFS = 5
@@ -176,7 +177,8 @@ class DiagnosisPanel:
         # the status too: a run that ends without a new step is no longer one to steer
         key = (str(run.run_dir), getattr(run, "rank", None), run.last_step,
                (getattr(run, "meta", None) or {}).get("status"))
-        wait = max(self.min_interval_s, self.cost_s / COST_SHARE)
+        # started at most every cost + share_wait(cost): it takes at most COST_SHARE of the time
+        wait = max(self.min_interval_s, self.cost_s + share_wait(self.cost_s, COST_SHARE))
         if key == self._key or (not force and now - self._at < wait):
             return False
         with self._lock:
