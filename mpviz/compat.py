@@ -99,9 +99,10 @@ def _one(device: torch.device) -> torch.Tensor:
 _DROPPED = object()   # stands for a forward wrapper in deepcopy's memo: deleted from the copy
 
 
-def bare_copy(module: torch.nn.Module) -> torch.nn.Module:
+def bare_copy(module: torch.nn.Module, meta: bool = False) -> torch.nn.Module:
     """``copy.deepcopy(module)`` without module hooks, nor ``forward`` wrappers bound to another
     object (a recorder's, a precision policy's); a ``forward`` bound to the module itself stays.
+    ``meta=True``: parameters and buffers are empty tensors on the meta device (no data copied).
 
         >>> m = torch.nn.Linear(2, 2)
         >>> _ = m.register_forward_hook(lambda *a: None)
@@ -117,11 +118,23 @@ def bare_copy(module: torch.nn.Module) -> torch.nn.Module:
         forward = m.__dict__.get("forward")
         if isinstance(forward, types.MethodType) and forward.__self__ is not m:
             memo[id(forward)] = _DROPPED
+        if meta:
+            _meta_tensors(m, memo)
     out = copy.deepcopy(module, memo)
     for m in out.modules():
         if m.__dict__.get("forward") is _DROPPED:
             del m.__dict__["forward"]   # the class's own forward again
     return out
+
+
+def _meta_tensors(m: torch.nn.Module, memo: dict[int, Any]) -> None:
+    for p in m._parameters.values():
+        if p is not None and id(p) not in memo:
+            memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"),
+                                             requires_grad=p.requires_grad)
+    for b in m._buffers.values():
+        if b is not None and id(b) not in memo:
+            memo[id(b)] = torch.empty_like(b, device="meta")
 
 
 # ---------------------------------------------------------------- torch.compile

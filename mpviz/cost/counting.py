@@ -26,7 +26,6 @@ import copy
 import inspect
 import itertools
 import math
-import types
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -447,32 +446,6 @@ def _untouched(model: nn.Module, device: torch.device) -> Any:
             compat.set_rng_state(rng, device)
 
 
-def _meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose parameters and buffers are empty tensors on the meta device (no
-    data is copied), without module hooks or ``forward`` wrappers bound to another object (a
-    recorder's, a precision policy's): ``compat.bare_copy``'s copy, on meta."""
-    memo: dict[int, Any] = {}
-    for m in model.modules():
-        for name, value in vars(m).items():
-            if "hooks" in name and isinstance(value, dict):
-                memo[id(value)] = type(value)()
-        forward = m.__dict__.get("forward")
-        if isinstance(forward, types.MethodType) and forward.__self__ is not m:
-            memo[id(forward)] = _DROPPED
-        for p in m._parameters.values():
-            if p is not None and id(p) not in memo:
-                memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-        for b in m._buffers.values():
-            if b is not None and id(b) not in memo:
-                memo[id(b)] = torch.empty_like(b, device="meta")
-    out = copy.deepcopy(model, memo)
-    for m in out.modules():
-        if m.__dict__.get("forward") is _DROPPED:
-            del m.__dict__["forward"]
-    return out
-
-
-_DROPPED = object()
 
 
 def _meta_batch(model: nn.Module, batch: Any) -> Any:
@@ -507,7 +480,7 @@ def count(model: nn.Module, batch: Any, forward: Forward | None = None, meta: bo
     if meta and _device(model).type != "meta":
         try:
             with compat.force_eager():
-                return _count(_meta_copy(model), _meta_batch(model, batch), forward)
+                return _count(compat.bare_copy(model, meta=True), _meta_batch(model, batch), forward)
         except Exception:  # noqa: BLE001 - values were needed (or the copy failed): count for real
             pass
     return _count(model, batch, forward)
