@@ -296,8 +296,10 @@ class _Probe:
 
     def run(self, name: str, policy: PrecisionPolicy | None) -> list[float]:
         where = _device(self.model)
+        # "search-": in a folder shared with other runs (the lab's), a probe is told from a run
+        # trained by hand.
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "policy"
-        run_dir = new_run_dir(self.root, stem)
+        run_dir = new_run_dir(self.root, f"search-{stem}")
         self.dirs[name] = run_dir
         save_counts(self.counts, run_dir)
         rules = policy.rules if policy is not None else {}

@@ -190,7 +190,7 @@ def test_fp8_is_left_out_with_a_note_on_a_gpu_without_it(tmp_path, monkeypatch):
     assert front.table["policy"].tolist() == ["fp32"]
     assert front.notes == [
         "fp8 linears: left out: the NVIDIA A100 SXM 80GB has no fp8 tensor cores"]
-    assert front.table["run_dir"].tolist() == [str(tmp_path / "runs" / "search" / "fp32")]
+    assert front.table["run_dir"].tolist() == [str(tmp_path / "runs" / "search" / "search-fp32")]
     # A policy of one's own with fp8 on that GPU is refused before anything trains.
     with pytest.raises(ValueError, match="no fp8 peak.*h100"):
         mpviz.search(model, batches, loss_fn=loss_fn, policies={"f8": {"fc1": "fp8_e4m3"}},

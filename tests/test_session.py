@@ -264,3 +264,31 @@ def test_the_trade_off_front_probes_the_sessions_model_on_the_gpu_picked(tmp_pat
             s.search_front()
     finally:
         s.end()
+
+
+def test_a_launch_bound_step_shows_the_speedup_at_a_gpu_sized_batch():
+    """The text demo's batch is launch-bound on an H100 (bf16 slower than fp32); the panel adds
+    the smallest power-of-two multiple of the batch at which it is not, with bf16's speedup
+    there, as `predict` prices the count scaled that many times."""
+    from mpviz.cost import count, predict
+    from mpviz.dashboard.estimate_panel import speed_html
+    from mpviz.dashboard.speed import Measured, Predictor, launch_share
+    from mpviz.tasks import demo_parts
+
+    def counted():
+        parts = demo_parts("text", 0)
+        return count(parts["model"], next(iter(parts["data"])), parts["loss_fn"]), parts["meta"]["batch_size"]
+    counts, batch = torch_thread.call(counted)
+    speed = Predictor(counts).speed({"": "bf16"}, "h100")
+    assert speed.speedup(speed.policy) < 1
+    k = speed.scaled.factor
+    launch_bound = [launch_share(predict(counts.scaled(f), "bf16", "h100")) > 0.5 for f in (1, k // 2, k)]
+    assert launch_bound == [True, True, False] and k & (k - 1) == 0
+    x = predict(counts.scaled(k), "fp32", "h100").step_time_s / predict(counts.scaled(k), "bf16", "h100").step_time_s
+    assert x > 1
+    text = speed_html(speed, Measured(0.01, 1600.0, batch, "cpu"))
+    assert (f"estimate at a GPU-sized batch (×{k}, {k * batch:,} samples): bf16 {x:.2f}× the speed "
+            f"of fp32 on NVIDIA H100 SXM 80GB") in text
+    # An fp32 policy is shown what bf16 would buy; a batch already GPU-sized gets no such line.
+    assert Predictor(counts).speed("fp32", "h100").scaled.label == "bf16"
+    assert Predictor(counts.scaled(k)).speed({"": "bf16"}, "h100").scaled is None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,39 @@ class Counts:
         return sum(o.flops for o in self.ops
                    if (phase is None or o.phase == phase) and (layer is None or o.layer == layer))
 
+    def scaled(self, factor: int) -> "Counts":
+        """The same step with a batch ``factor`` times larger: FLOPs, activations, their
+        gradients, saved tensors and index/mask bytes times ``factor``; parameters, their
+        gradients (and so the optimizer step) unchanged.
+
+            >>> op = OpCount("fc", "forward", "mm", "linear", 2 * 8 * 16 * 4, 0,
+            ...              ((1, 8 * 16, "float32", False),), ((2, 16 * 4, "float32", True),),
+            ...              ((3, 8 * 4, "float32", False),), 0)
+            >>> c = Counts("M", "meta", (LayerCount("fc", "Linear", 1),), (op,), (), ()).scaled(4)
+            >>> c.ops[0].flops, c.ops[0].inputs[0][1], c.ops[0].params[0][1]
+            (4096, 512, 64)
+        """
+        if int(factor) != factor or factor < 1:
+            raise ValueError(f"factor must be a whole number >= 1, not {factor!r}")
+        k = int(factor)
+        fixed = _param_sized(self.ops)
+
+        def grow(ts: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            return tuple(t if t[0] in fixed else (t[0], t[1] * k, t[2], t[3]) for t in ts)
+
+        def op(o: OpCount) -> OpCount:
+            batched = any(t[0] not in fixed for t in (*o.inputs, *o.outputs))
+            return replace(o, flops=o.flops * k if batched else o.flops, inputs=grow(o.inputs),
+                           outputs=grow(o.outputs), fixed_bytes=o.fixed_bytes * k)
+
+        return replace(
+            self,
+            layers=tuple(replace(lc, saved_fixed_bytes=lc.saved_fixed_bytes * k) for lc in self.layers),
+            ops=tuple(op(o) for o in self.ops),
+            calls=tuple(replace(c, inputs=grow(c.inputs), outputs=grow(c.outputs)) for c in self.calls),
+            saved=tuple(s if s.param or s.id in fixed else replace(s, elements=s.elements * k)
+                        for s in self.saved))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain lists and numbers (JSON): ``Counts.from_dict(json.loads(json.dumps(c.to_dict())))``."""
         return asdict(self)
@@ -144,6 +177,31 @@ class Counts:
         return cls(d["model"], d["device"], tuple(build(LayerCount, x) for x in d["layers"]),
                    tuple(build(OpCount, x) for x in d["ops"]), tuple(build(Call, x) for x in d["calls"]),
                    tuple(build(Saved, x) for x in d["saved"]))
+
+
+def _param_sized(ops: tuple[OpCount, ...]) -> set[int]:
+    """Ids of the tensors whose size is not the batch's: the parameters, and the gradients of
+    the parameters. A parameter's gradient is made in the backward, has the elements of a
+    parameter, and is read by no later kernel except one that only adds it into another
+    parameter gradient of its size (a shared weight's two gradients). Gradients of activations
+    are read again by the backward of the layer before, so the rule tells them apart even when
+    their size happens to be a parameter's."""
+    ids = {t[0] for o in ops for t in o.params}
+    sizes = {t[1] for o in ops for t in o.params}
+    made_in_forward = {t[0] for o in ops if o.phase == "forward" for t in (*o.inputs, *o.outputs)}
+    backward = [o for o in ops if o.phase == "backward" and o.kind != "view"]
+    readers: dict[int, list[OpCount]] = {}
+    for o in backward:
+        for t in o.inputs:
+            readers.setdefault(t[0], []).append(o)
+    for o in reversed(backward):  # a gradient's readers come after it: decided first
+        for t in o.outputs:
+            if t[0] in ids or t[0] in made_in_forward or t[1] not in sizes:
+                continue
+            if all(all(u[0] in ids and u[1] == t[1] for u in r.outputs)
+                   for r in readers.get(t[0], ()) if r is not o):
+                ids.add(t[0])
+    return ids
 
 
 COUNTS_FILE = "counts.json.gz"  # beside the run's store: written once, read without torch

@@ -12,9 +12,7 @@ from typing import Callable
 
 import ipywidgets as widgets
 
-from .speed import DEFAULT_GPU, Measured, Speed, gpu_choices
-
-LAUNCH_BOUND = 0.5   # above this share of kernel-floor time, say that precision buys little
+from .speed import DEFAULT_GPU, LAUNCH_BOUND, Measured, Speed, gpu_choices, launch_share
 # The estimate's "overhead" is its floor per kernel: "launch-bound", as GPU people say.
 BOUND_WORDS = {"compute": "compute", "memory": "memory", "overhead": "launch"}
 
@@ -83,12 +81,18 @@ def speed_html(speed: Speed | None, measured: Measured | None, label: str = "mea
     notes = []
     if speed.problem:
         notes.append(html.escape(speed.problem))
-    if speed.policy is not None and _launch_share(speed) > LAUNCH_BOUND:
+    if speed.policy is not None and launch_share(speed.policy) > LAUNCH_BOUND:
         notes.append("launch-bound: most of this step is the floor per GPU kernel (its kernels are "
                      "small), so lower precision buys little on a GPU until the model or batch is "
                      "larger")
     if notes:
         parts.append('<span class="mpviz-muted">' + "; ".join(notes) + "</span>")
+    sc = speed.scaled
+    if sc is not None:
+        n = f", {sc.factor * samples:,} samples" if samples else ""
+        parts.append(f'<span class="mpviz-scaled">estimate at a GPU-sized batch (×{sc.factor}{n}): '
+                     f'{html.escape(sc.label)} {sc.speedup:.2f}× the speed of fp32 on '
+                     f'{html.escape(speed.gpu)}</span>')
     return "<br>".join(parts)
 
 
@@ -132,8 +136,3 @@ def _times(x: float | None) -> str:
 def _device(device: str) -> str:
     return device.upper() if device in ("cpu", "mps") else device
 
-
-def _launch_share(speed: Speed) -> float:
-    est = speed.policy
-    df = est.layers
-    return float(df.loc[df["bound"] == "overhead", "time_s"].sum()) / est.step_time_s
