@@ -85,60 +85,20 @@ def shard_plan(model: nn.Module, policy: PrecisionPolicy | Mapping[str, str] | s
     resolved = resolve_policy(model, policy)
     default = _default_dtype(PrecisionPolicy(policy) if not isinstance(policy, PrecisionPolicy)
                              else policy, param_dtype)
-    names, mods = resolved.names, resolved.modules
-    index = {n: i for i, n in enumerate(names)}
-
-    def own(name: str) -> torch.dtype | None:
-        """The dtype a rule of this module's own sets (the default rule '*' excepted)."""
-        d = resolved.decisions[name]
-        if d.inherited or d.rule is None or _catch_all(d.rule):
-            return None
-        if d.precision in FP8_PRECISIONS:
-            raise ValueError(
-                f"policy rule {d.rule!r} asks for {d.precision} on {name or '(model)'!r}: FSDP's "
-                "MixedPrecisionPolicy casts parameters to a torch dtype and mpviz's fp8 is "
-                "emulated per op. Use fp32, bf16 or fp16 here (mpviz.apply_policy emulates fp8 "
-                "without FSDP).")
-        return torch_dtype(d.precision)
-
-    # Each module's dtype: its own rule's, else its parent's (the root: the default).
-    dtype: dict[str, torch.dtype] = {}
-    for name in names:
-        parent = name.rpartition(".")[0] if name else None
-        dtype[name] = own(name) or (dtype[parent] if parent is not None else default)
-
-    # Units a rule makes: each module whose own rule differs from the dtype around it.
-    chosen: dict[str, str] = {}  # name -> why
-    rules: dict[str, str] = {}
-    for name in names:
-        if not name or own(name) is None:
-            continue
-        parent = name.rpartition(".")[0]
-        if dtype[name] == dtype[parent]:
-            continue  # runs in the precision around it anyway
-        rule = resolved.decisions[name].rule
-        for n in _callable_under(name, mods, f"policy rule {rule!r}"):
-            chosen.setdefault(n, f"policy rule {rule!r}")
-            rules[n] = rule
+    mods = resolved.modules
+    index = {n: i for i, n in enumerate(resolved.names)}
+    dtype = _module_dtypes(resolved, default)
+    chosen, rules = _rule_units(resolved, dtype)
     # The other units: those named, or the repeated blocks.
     for n in (_named_units(model, units, mods) if units is not None else _blocks(mods)):
         chosen.setdefault(n, "unit you named" if units is not None else "block")
     chosen.pop("", None)
 
-    groups = _tied_groups(sorted(chosen, key=index.__getitem__), mods, dtype)
-    # The unit around each unit (its output goes back to that one's dtype).
-    def enclosing(name: str) -> str:
-        while name:
-            name = name.rpartition(".")[0]
-            if name in chosen or not name:
-                return name
-        return ""
-
     plan = []
-    for group in groups:
+    for group in _tied_groups(sorted(chosen, key=index.__getitem__), mods, dtype):
         first = group[0]
         dt = dtype[first]
-        outer = dtype[enclosing(first)]
+        outer = dtype[_enclosing(first, chosen)]  # its output goes back to that unit's dtype
         by_rule = first in rules
         plan.append(Unit(
             modules=tuple(group), param_dtype=dt,
@@ -194,6 +154,58 @@ def shard(model: nn.Module, policy: PrecisionPolicy | Mapping[str, str] | str | 
         fully_shard(targets if len(targets) > 1 else targets[0], mesh=mesh,
                     mp_policy=unit.mp_policy(), **fully_shard_kwargs)
     return plan
+
+
+def _own_dtype(resolved: Any, name: str) -> torch.dtype | None:
+    """The dtype a rule of this module's own sets (the default rule '*' excepted)."""
+    d = resolved.decisions[name]
+    if d.inherited or d.rule is None or _catch_all(d.rule):
+        return None
+    if d.precision in FP8_PRECISIONS:
+        raise ValueError(
+            f"policy rule {d.rule!r} asks for {d.precision} on {name or '(model)'!r}: FSDP's "
+            "MixedPrecisionPolicy casts parameters to a torch dtype and mpviz's fp8 is "
+            "emulated per op. Use fp32, bf16 or fp16 here (mpviz.apply_policy emulates fp8 "
+            "without FSDP).")
+    return torch_dtype(d.precision)
+
+
+def _module_dtypes(resolved: Any, default: torch.dtype) -> dict[str, torch.dtype]:
+    """Each module's dtype: its own rule's, else its parent's (the root: the default)."""
+    dtype: dict[str, torch.dtype] = {}
+    for name in resolved.names:
+        parent = name.rpartition(".")[0] if name else None
+        dtype[name] = _own_dtype(resolved, name) or (
+            dtype[parent] if parent is not None else default)
+    return dtype
+
+
+def _rule_units(resolved: Any, dtype: dict[str, torch.dtype]
+                ) -> tuple[dict[str, str], dict[str, str]]:
+    """The units a rule makes, each module whose own rule differs from the dtype around it:
+    ({name: why}, {name: its rule})."""
+    chosen: dict[str, str] = {}
+    rules: dict[str, str] = {}
+    for name in resolved.names:
+        if not name or _own_dtype(resolved, name) is None:
+            continue
+        parent = name.rpartition(".")[0]
+        if dtype[name] == dtype[parent]:
+            continue  # runs in the precision around it anyway
+        rule = resolved.decisions[name].rule
+        for n in _callable_under(name, resolved.modules, f"policy rule {rule!r}"):
+            chosen.setdefault(n, f"policy rule {rule!r}")
+            rules[n] = rule
+    return chosen, rules
+
+
+def _enclosing(name: str, chosen: Mapping[str, str]) -> str:
+    """The unit around this one ("" for the root)."""
+    while name:
+        name = name.rpartition(".")[0]
+        if name in chosen or not name:
+            return name
+    return ""
 
 
 def _catch_all(pattern: str) -> bool:
