@@ -260,16 +260,33 @@ class _Replay:
         ins = [self.now(t) for t in op.inputs]
         in_ids = {t[0] for t in op.inputs} | {t[0] for t in op.params}
         if op.kind == "view":
-            first = ins[0] if ins else (op.params[0][2] if op.params else None)
-            for t in op.outputs:
-                if t[0] not in in_ids:  # a new allocation: like its input (empty_like), or as counted
-                    same = op.inputs and op.inputs[0][2] == t[2]
-                    self.dtype[t[0]] = first if same else t[2]
-            self._made(op, None, first, {})
+            self._view(op, ins, in_ids)
             return
         gemm = op.kind in _GEMMS
         fp8 = p == "fp8" and op.kind == "linear"
         target = (_AUTOCAST[p] if gemm else "float32" if op.op in _FP32_OPS else None) if p in _AUTOCAST else None
+        reads, copies, used, counted = self._read(op, ins, target, fp8)
+        cp, out = _computed_in(op, p, ins, target, fp8, used, counted)
+        writes = self._write(op, in_ids, out)
+        row.kernel(op.flops, reads + writes + op.fixed_bytes, self.dev.peak(cp) if gemm else None)
+        if fp8:
+            _fp8_casts(row, op)
+        self._made(op, cp if gemm else None, out, copies)
+
+    def _view(self, op: OpCount, ins: list[str], in_ids: set[int]) -> None:
+        first = ins[0] if ins else (op.params[0][2] if op.params else None)
+        for t in op.outputs:
+            if t[0] not in in_ids:  # a new allocation: like its input (empty_like), or as counted
+                same = op.inputs and op.inputs[0][2] == t[2]
+                self.dtype[t[0]] = first if same else t[2]
+        self._made(op, None, first, {})
+
+    def _read(self, op: OpCount, ins: list[str], target: str | None, fp8: bool
+              ) -> tuple[float, dict[int, str], list[str], list[str]]:
+        """The bytes the op reads, its inputs and weights cast to ``target`` first as autocast
+        does: (bytes, {tensor id: dtype of its cast copy}, dtypes it computes from, dtypes as
+        counted)."""
+        row = self.rows[op.layer]
         reads, copies, used, counted = 0.0, {}, [], []
         for t, d in zip(op.inputs, ins):
             if target and d != target and d in _SIZE:
@@ -291,20 +308,10 @@ class _Replay:
                 copies[pid] = d = target
             used.append(d)
             reads += n * _size(d)
-        as_counted = op.outputs[0][2] if op.outputs else "float32"
-        if fp8:
-            cp, out = "fp8", "bfloat16"
-        else:
-            # Without autocast an op computes in the widest of its inputs' dtypes, unless it
-            # produced another dtype in the count too (a cast written in the model's code).
-            if target is None and op.op in _INPUT_DTYPE_OPS and ins:
-                out = ins[0]
-            else:
-                out = target or (_promote(used) if _promote(counted) in (as_counted, None) else as_counted) \
-                    or as_counted
-            cp = _PRECISION.get(out, "fp32")
-            if gemm and cp == "fp32" and (p == "tf32" or op.kind == "conv"):
-                cp = "tf32"
+        return reads, copies, used, counted
+
+    def _write(self, op: OpCount, in_ids: set[int], out: str) -> float:
+        """The bytes the op writes; its new outputs take dtype ``out``."""
         writes = 0.0
         for t in op.outputs:
             if t[0] in in_ids:  # written in place: it keeps its dtype
@@ -312,10 +319,7 @@ class _Replay:
             else:
                 self.dtype[t[0]] = out
                 writes += t[1] * _size(out)
-        row.kernel(op.flops, reads + writes + op.fixed_bytes, self.dev.peak(cp) if gemm else None)
-        if fp8:
-            _fp8_casts(row, op)
-        self._made(op, cp if gemm else None, out, copies)
+        return writes
 
     def _made(self, op: OpCount, cp: str | None, dtype: str | None, copies: dict[int, str]) -> None:
         """The op made autograd node ``op.node`` (the first op to carry it): what its backward
@@ -358,6 +362,25 @@ class _Replay:
             for s in rest:
                 if not s.param:
                     self._keep(s, (s.id, self.dtype.get(s.id, s.dtype)))
+
+
+def _computed_in(op: OpCount, p: str, ins: list[str], target: str | None, fp8: bool,
+                 used: list[str], counted: list[str]) -> tuple[str, str]:
+    """(the precision a forward op computes in, the dtype of its outputs)."""
+    if fp8:
+        return "fp8", "bfloat16"
+    as_counted = op.outputs[0][2] if op.outputs else "float32"
+    # Without autocast an op computes in the widest of its inputs' dtypes, unless it
+    # produced another dtype in the count too (a cast written in the model's code).
+    if target is None and op.op in _INPUT_DTYPE_OPS and ins:
+        out = ins[0]
+    else:
+        out = target or (_promote(used) if _promote(counted) in (as_counted, None) else as_counted) \
+            or as_counted
+    cp = _PRECISION.get(out, "fp32")
+    if op.kind in _GEMMS and cp == "fp32" and (p == "tf32" or op.kind == "conv"):
+        cp = "tf32"
+    return cp, out
 
 
 def _fp8_casts(row: _Tally, op: OpCount) -> None:
@@ -432,6 +455,19 @@ def predict(counts: Counts, precisions: str | Mapping[str, str] | None = None,
     prec = _layer_precisions(counts, precisions)
     for p in set(prec.values()):
         dev.peak(p)  # refuses fp8 on a GPU without fp8 tensor cores
+    replay = _replayed(counts, prec, dev)
+    opt, states = _optimizer_tally(counts, prec, dev, optimizer)
+    layers = pd.DataFrame(_rows(counts, prec, replay, opt, optimizer))
+    memory = _memory(counts, states, int(layers["activation_bytes"].sum()))
+    model_prec = {prec[lc.name] for lc in counts.layers if lc.name != LOSS and (lc.calls or lc.params)}
+    word = model_prec.pop() if len(model_prec) == 1 else "mixed"
+    step = float(layers["time_s"].sum())
+    return Estimate(step, layers, memory, memory["total"] <= dev.memory_bytes, dev, word, counts)
+
+
+def _replayed(counts: Counts, prec: dict[str, str], dev: Device) -> _Replay:
+    """The ops replayed in order, each layer call entered before its first op and left after
+    its last."""
     replay = _Replay(counts, prec, dev)
     enters = defaultdict(list)
     leaves = defaultdict(list)
@@ -447,7 +483,13 @@ def predict(counts: Counts, precisions: str | Mapping[str, str] | None = None,
     for call in leaves.pop(len(counts.ops), ()):
         replay.leave(call)
     replay.finish()
+    return replay
 
+
+def _optimizer_tally(counts: Counts, prec: dict[str, str], dev: Device,
+                     optimizer: str | None) -> tuple[_Tally, int]:
+    """The optimizer step's kernels (GradScaler's unscale first when a layer is in fp16), and
+    how many states per parameter it keeps."""
     opt = _Tally(dev)
     states = 0
     if optimizer is not None:
@@ -455,7 +497,12 @@ def predict(counts: Counts, precisions: str | Mapping[str, str] | None = None,
         if "fp16" in prec.values():
             kernels = (_UNSCALE, *kernels)
         _optimizer_step(opt, counts, kernels)
+    return opt, states
 
+
+def _rows(counts: Counts, prec: dict[str, str], replay: _Replay, opt: _Tally,
+          optimizer: str | None) -> list[dict]:
+    """One row per layer, then the optimizer's."""
     rows = []
     for lc in counts.layers:
         t = replay.rows[lc.name]
@@ -464,17 +511,16 @@ def predict(counts: Counts, precisions: str | Mapping[str, str] | None = None,
                      "activation_bytes": replay.activations.get(lc.name, 0) + lc.saved_fixed_bytes})
     rows.append({"layer": OPTIMIZER_ROW, "type": optimizer or "", "precision": "fp32", "flops": 0,
                  "bytes": int(opt.bytes), "time_s": opt.seconds, "bound": opt.bound, "activation_bytes": 0})
-    layers = pd.DataFrame(rows)
+    return rows
 
+
+def _memory(counts: Counts, states: int, activations: int) -> dict[str, int]:
     trainable_bytes = sum(lc.trainable_bytes for lc in counts.layers)
     memory = {
         "weights": sum(lc.param_bytes + lc.buffer_bytes for lc in counts.layers),
         "grads": trainable_bytes,
         "optimizer": states * trainable_bytes,
-        "activations": int(layers["activation_bytes"].sum()),
+        "activations": activations,
     }
     memory["total"] = sum(memory.values())
-    model_prec = {prec[lc.name] for lc in counts.layers if lc.name != LOSS and (lc.calls or lc.params)}
-    word = model_prec.pop() if len(model_prec) == 1 else "mixed"
-    step = float(layers["time_s"].sum())
-    return Estimate(step, layers, memory, memory["total"] <= dev.memory_bytes, dev, word, counts)
+    return memory
