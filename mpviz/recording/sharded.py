@@ -128,7 +128,6 @@ def local_parts(local: list[torch.Tensor], full_numel: list[int],
     maxes[:, 0] = 0.0
     present = [k for k in range(n) if local[k].numel()]
     numel = tuple(t.numel() for t in local)
-    measured = [0] * n
     if not present:
         sums[:, 1] = _const(numel, device, torch.float64)
         return sums, maxes
@@ -146,16 +145,7 @@ def local_parts(local: list[torch.Tensor], full_numel: list[int],
     # whose handling of nan differs between backends: max |x| goes as inf, comes back nan.
     maxes[idx, 0] = torch.nan_to_num(tops.double() / div[idx], nan=math.inf, posinf=math.inf)
     # the (sampled) elements of each shard, binned in batches of small ones
-    samples = []
-    for r, k in enumerate(present):
-        f = flat[r]
-        if sample is not None:
-            cap = max(1, math.ceil(sample * f.numel() / full_numel[k]))
-            if f.numel() > cap:
-                stride = -(-f.numel() // cap)
-                f = f[offset % stride::stride][: f.numel() // stride]
-        measured[k] = f.numel()
-        samples.append(f)
+    samples, measured = _sampled(flat, present, n, full_numel, sample, offset)
     for rows in _batches([s.numel() for s in samples]):
         at = _const(tuple(present[r] for r in rows), device)
         hist, zeros, mins = _bins([samples[r] for r in rows],
@@ -167,6 +157,24 @@ def local_parts(local: list[torch.Tensor], full_numel: list[int],
     sums[:, 1] = _const(numel, device, torch.float64)
     sums[:, 2] = _const(tuple(measured), device, torch.float64)
     return sums, maxes
+
+
+def _sampled(flat: list[torch.Tensor], present: list[int], n: int, full_numel: list[int],
+             sample: int | None, offset: int) -> tuple[list[torch.Tensor], list[int]]:
+    """The elements to bin of each nonempty shard (all, or its share of about ``sample`` per
+    whole tensor, evenly strided from ``offset``), and how many are measured of each of the
+    ``n`` tensors."""
+    samples, measured = [], [0] * n
+    for r, k in enumerate(present):
+        f = flat[r]
+        if sample is not None:
+            cap = max(1, math.ceil(sample * f.numel() / full_numel[k]))
+            if f.numel() > cap:
+                stride = -(-f.numel() // cap)
+                f = f[offset % stride::stride][: f.numel() // stride]
+        measured[k] = f.numel()
+        samples.append(f)
+    return samples, measured
 
 
 _SMALL = 1 << 16  # shards (or samples) up to this size are binned together ...
