@@ -19,9 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -166,15 +163,9 @@ def refusals(out_dir: Path, out: dict) -> None:
 
 def torchrun(out_dir: Path, timeout: float = 180) -> list[dict]:
     """Run this script as a 2-rank torchrun job writing to ``out_dir``; each rank's report."""
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(port), __file__, str(out_dir)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    from helpers.distributed import torchrun as launch
+
+    return launch(__file__, out_dir, timeout)
 
 
 def main() -> None:
