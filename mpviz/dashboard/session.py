@@ -344,9 +344,8 @@ class LabSession:
 
     def samples_per_s(self) -> float | None:
         """The main run's median speed over its last 20 steps (None before a step)."""
-        run = self.readers[0]
-        last = run.steps_since(run.last_step - 20)["samples_per_s"]
-        return float(last.median()) if len(last) else None
+        m = self.measured()
+        return m.samples_per_s if m is not None else None
 
     def measured(self) -> Measured | None:
         """The main run's speed on this machine: medians of its last 20 steps."""
