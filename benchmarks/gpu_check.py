@@ -180,40 +180,49 @@ def check_syncs(precision: str, size: dict[str, int], device: str, root: Path,
     return result
 
 
-def overhead(precision: str, size: dict[str, int], device: str, root: Path, rounds: int,
-             block: int, warmup: int) -> dict[str, Any]:
-    made = {arm: make(arm, precision, size, device, root / "time",
-                      int(arm.split("=")[1]) if "=" in arm else 10) for arm in ARMS}
-    data = {arm: batches(made[arm][0], block, device) for arm in ARMS}
+def interleaved(made: dict[str, Any], data: dict[str, list[Any]], device: str, rounds: int,
+                block: int, warmup: int) -> dict[str, float]:
+    """Median seconds per step of each ``made[key] = (trainer, recorder or None)``, timed in
+    blocks of ``block`` steps, the order rotated each round (the recorder's flush charged to its
+    block)."""
     off = SyncCounter(False)
-    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    keys = list(made)
+    times: dict[str, list[float]] = {k: [] for k in keys}
 
-    def block_of(arm: str, n: int) -> float:
-        t, rec = made[arm]
+    def block_of(k: str, n: int) -> float:
+        t, rec = made[k]
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for i in range(n):
-            train_step(t, rec, data[arm][i % block], off)
+            train_step(t, rec, data[k][i % block], off)
         if device == "cuda":
             torch.cuda.synchronize()
         if rec is not None:
             rec.flush()
         return time.perf_counter() - t0
 
+    for k in keys:
+        block_of(k, warmup)
+    for r in range(rounds):
+        j = r % len(keys)
+        for k in keys[j:] + keys[:j]:
+            times[k].append(block_of(k, block) / block)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def overhead(precision: str, size: dict[str, int], device: str, root: Path, rounds: int,
+             block: int, warmup: int) -> dict[str, Any]:
+    made = {arm: make(arm, precision, size, device, root / "time",
+                      int(arm.split("=")[1]) if "=" in arm else 10) for arm in ARMS}
+    data = {arm: batches(made[arm][0], block, device) for arm in ARMS}
     try:
-        for arm in ARMS:
-            block_of(arm, warmup)
-        for r in range(rounds):
-            k = r % len(ARMS)
-            for arm in ARMS[k:] + ARMS[:k]:
-                times[arm].append(block_of(arm, block) / block)
+        med = interleaved(made, data, device, rounds, block, warmup)
     finally:
         for t, rec in made.values():
             if rec is not None:
                 rec.close()
             t.close()
-    med = {arm: statistics.median(v) for arm, v in times.items()}
     return {"precision": precision, **{f"{arm} ms": med[arm] * 1e3 for arm in ARMS},
             **{f"{arm} ratio": med[arm] / med["plain"] for arm in ARMS[1:]}}
 
@@ -228,31 +237,11 @@ def prediction(size: dict[str, int], device: str, gpu: str, rounds: int, block: 
     predicted = {p: mpviz.estimate(t.model, data[p][0], policy=fp32 if p == "fp32" else p,
                                    device=gpu, optimizer="adam", forward=t.loss_fn).step_time_s
                  for p, (t, _) in made.items()}
-    off = SyncCounter(False)
-    times: dict[str, list[float]] = {p: [] for p in PREDICTED}
-
-    def block_of(p: str, n: int) -> float:
-        t = made[p][0]
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for i in range(n):
-            train_step(t, None, data[p][i % block], off)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
     try:
-        for p in PREDICTED:
-            block_of(p, warmup)
-        for r in range(rounds):
-            k = r % len(PREDICTED)
-            for p in PREDICTED[k:] + PREDICTED[:k]:
-                times[p].append(block_of(p, block) / block)
+        measured = interleaved(made, data, device, rounds, block, warmup)
     finally:
         for t, _ in made.values():
             t.close()
-    measured = {p: statistics.median(v) for p, v in times.items()}
     rows = []
     for p in PREDICTED:
         pred, meas = predicted["fp32"] / predicted[p], measured["fp32"] / measured[p]
