@@ -1,10 +1,11 @@
 """Every torch-version and device quirk in one place, found by feature detection."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -69,6 +70,24 @@ def set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
+
+
+@contextlib.contextmanager
+def preserved(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """Afterwards each module's train/eval flag, the buffers' values and the RNG state as they
+    were: for work on the user's model that must leave no trace (a rerun, a count)."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers() if b.device.type != "meta"]
+    rng = get_rng_state(device)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, mode in modes:
+            m.training = mode
+        set_rng_state(rng, device)
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -184,6 +203,5 @@ def force_eager() -> Any:
     """A context in which compiled functions and modules run eagerly (with their hooks)."""
     set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
     if set_stance is None:
-        import contextlib
         return contextlib.nullcontext()
     return set_stance("force_eager")

@@ -427,25 +427,6 @@ def _param_table(named: list[tuple[str, nn.Module]]
     return table, own
 
 
-@contextlib.contextmanager
-def _untouched(model: nn.Module, device: torch.device) -> Any:
-    """Train mode for the step; afterwards the flags, buffers and RNG as they were."""
-    modes = {m: m.training for m in model.modules()}
-    buffers = [(b, b.detach().clone()) for b in model.buffers() if b.device.type != "meta"]
-    rng = compat.get_rng_state(device) if device.type in ("cpu", "cuda") else None
-    model.train()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-        if rng is not None:
-            compat.set_rng_state(rng, device)
-
-
 
 
 def _meta_batch(model: nn.Module, batch: Any) -> Any:
@@ -498,7 +479,8 @@ def _count(model: nn.Module, batch: Any, forward: Forward | None) -> Counts:
         counter = _Counter(table, ids)
         modules = _Modules(named, counter)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        with contextlib.ExitStack() as stack, _untouched(model, device):
+        with contextlib.ExitStack() as stack, compat.preserved(model, device):
+            model.train()   # the step as it trains; the flags go back afterwards
             modules.hooks(stack)
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(modules.pack, lambda t: t), \
                     _FusedAttention(), counter:

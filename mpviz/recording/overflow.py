@@ -40,30 +40,21 @@ def replay_forward(modules: list[nn.Module], inputs: tuple[int, tuple, dict],
                 found.append((i, n))
         return hook
 
-    model = modules[0]
-    saved_rng = compat.get_rng_state(device)
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    modes = [(m, m.training) for m in model.modules()]
     handles = []
     enabled, dtype = autocast if autocast is not None else (False, torch.float32)
     entry, args, kwargs = inputs
-    try:
-        if check:
-            handles = [m.register_forward_hook(make(i)) for i, m in enumerate(modules)]
-        if rng is not None:
-            compat.set_rng_state(rng, device)
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled), \
-                compat.force_eager():
-            modules[entry](*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-        for m, mode in modes:
-            m.training = mode
-        compat.set_rng_state(saved_rng, device)
+    with compat.preserved(modules[0], device):
+        try:
+            if check:
+                handles = [m.register_forward_hook(make(i)) for i, m in enumerate(modules)]
+            if rng is not None:
+                compat.set_rng_state(rng, device)
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled), \
+                    compat.force_eager():
+                modules[entry](*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
     return found
 
 
