@@ -307,12 +307,17 @@ class Explorer(ui.App):
     def refresh(self, drill: bool = False) -> None:
         """Re-read the run over the selected step range and update every view; a store that
         became unreadable (corrupt, deleted) shows one message instead."""
+        self._with_run(lambda run: self._draw(drill))
+
+    def _with_run(self, draw: Callable[[Any], None]) -> None:
+        """``draw(run)`` under the lock, if a run is open; a store that became unreadable
+        (corrupt, deleted) shows one message instead."""
         with self._lock:
             run = self.run
             if run is None:
                 return
             try:
-                self._draw(drill)
+                draw(run)
             except paths.STORE_ERRORS as e:
                 self._show_problem(paths.describe(run.run_dir, e))
 
@@ -362,14 +367,7 @@ class Explorer(ui.App):
             self._show_info()
 
     def _gpu_picked(self, _: str) -> None:
-        with self._lock:
-            run = self.run
-            if run is None:
-                return
-            try:
-                self._show_speed(run)
-            except paths.STORE_ERRORS as e:
-                self._show_problem(paths.describe(run.run_dir, e))
+        self._with_run(self._show_speed)
 
     def _show_speed(self, run: Any) -> None:
         """The speed measured in the run beside the estimate, on the GPU picked, of the precision
