@@ -338,6 +338,29 @@ def test_the_model_is_left_as_it_was():
     assert not any(getattr(m, d, None) for m in model.modules() for d in HOOK_DICTS)
 
 
+def test_a_real_count_leaves_a_recorder_on_the_model_nothing_to_see(tmp_path):
+    """A forward that reads values cannot run on meta: the count runs for real, on a copy, so
+    the user's hooks (here a recorder's) never see that extra forward and backward."""
+    class ReadsValues(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x if bool((x > 0).any()) else -x)
+
+    model = ReadsValues()
+    batch = (torch.randn(16, 8), torch.randint(0, 2, (16,)))
+    seen = []
+    model.fc.register_forward_hook(lambda *a: seen.append("forward"))
+    model.fc.weight.register_hook(lambda g: seen.append("backward"))
+    with mpviz.Recorder(model, run_dir=tmp_path / "run") as rec:
+        counts = count(model, batch)
+        assert counts.device == "cpu" and counts.flops("forward") == 2 * 16 * 8 * 2
+        rec.flush()
+        assert seen == [] and len(rec.run.steps) == 0
+
+
 def test_a_compiled_model_or_one_under_a_policy_is_counted_as_its_own_module():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))

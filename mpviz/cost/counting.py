@@ -449,8 +449,8 @@ def count(model: nn.Module, batch: Any, forward: Forward | None = None, meta: bo
 
     Only shapes matter, so the step runs on a copy of the model on the meta device, without its
     weights' data and in no time; a model whose forward reads values (``if mask.any():``, which
-    the meta device cannot answer) is run for real instead, on its own device, as with
-    ``meta=False``.
+    the meta device cannot answer) is run for real instead, on a hook-free copy on its own
+    device, as with ``meta=False``.
 
         >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
         >>> c = count(model, (torch.randn(4, 16), torch.randint(0, 8, (4,))))
@@ -464,7 +464,8 @@ def count(model: nn.Module, batch: Any, forward: Forward | None = None, meta: bo
                 return _count(compat.bare_copy(model, meta=True), _meta_batch(model, batch), forward)
         except Exception:  # noqa: BLE001 - values were needed (or the copy failed): count for real
             pass
-    return _count(model, batch, forward)
+    # For real, on a hook-free copy: a recorder or a policy on the model sees nothing of it.
+    return _count(compat.bare_copy(model), batch, forward)
 
 
 def _count(model: nn.Module, batch: Any, forward: Forward | None) -> Counts:

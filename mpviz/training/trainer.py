@@ -287,8 +287,8 @@ class Trainer:
 
     def _count_step(self, batch: Any) -> None:
         """Count one step on the first batch (`mpviz.cost.count`) and keep it with the run, so
-        that the apps can predict its speed on a GPU without the model. Counted on a hook-free
-        copy: the recorder and the policy must not see this forward. A failure is recorded as
+        that the apps can predict its speed on a GPU without the model (`count` works on a
+        hook-free copy: the recorder and the policy see nothing of it). A failure is recorded as
         the recorder's error (with a warning) and training goes on."""
         try:
             from mpviz.cost import count, save_counts
@@ -296,8 +296,7 @@ class Trainer:
             lead = self._counts_from
             counts = lead.counts if lead is not None else None
             if counts is None:
-                counts = count(compat.bare_copy(compat.user_module(self.model)), batch,
-                               self.loss_fn if self.owns_step else None)
+                counts = count(self.model, batch, self.loss_fn if self.owns_step else None)
             save_counts(counts, self.run_dir)
             self.counts = counts
         except Exception as e:  # noqa: BLE001 - no estimate, but never a stopped training
